@@ -30,6 +30,9 @@ fn main() {
     let git_dir = manifest_dir.join("../.git");
     if git_dir.join("HEAD").exists() {
         println!("cargo:rerun-if-changed={}", git_dir.join("HEAD").display());
-        println!("cargo:rerun-if-changed={}", git_dir.join("refs/heads").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            git_dir.join("refs/heads").display()
+        );
     }
 }

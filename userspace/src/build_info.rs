@@ -29,7 +29,10 @@ mod tests {
         let (name, rest) = info.split_once(' ').unwrap();
         assert_eq!(name, format!("xlb/{VERSION}"));
         let (sha, platform) = rest.split_once(' ').unwrap();
-        assert!(sha.starts_with('(') && sha.ends_with(')') && sha.len() > 2, "{sha}");
+        assert!(
+            sha.starts_with('(') && sha.ends_with(')') && sha.len() > 2,
+            "{sha}"
+        );
         assert!(platform.starts_with("linux/"), "{platform}");
         assert!(!platform.contains("x86_64"), "{platform}");
     }

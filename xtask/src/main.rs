@@ -1,1 +1,35 @@
-fn main() {}
+//! Project tasks: `cargo xtask <command>`. The README's two commands are `cargo xtask demo` and
+//! `cargo xtask test`; both install what they need on a fresh Debian 12 machine.
+
+mod build_ebpf;
+mod demo;
+mod exec;
+mod test;
+mod toolchain;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "xlb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the XDP program (installs Debian's eBPF toolchain and bpf-linker when missing).
+    BuildEbpf(build_ebpf::Options),
+    /// Reproduce the Interlock host-mode scenario on this machine, XDP attached.
+    Demo(demo::Options),
+    /// Run every test: unit, packet-level (BPF_PROG_TEST_RUN) and end to end (dockerd + Swarm).
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf(options) => build_ebpf::run(&options).map(|_| ()),
+        Command::Demo(options) => demo::run(&options),
+        Command::Test(options) => test::run(&options),
+    }
+}
