@@ -1,1 +1,110 @@
-//! (skeleton)
+//! Discovery: reads services, tasks and nodes from the Docker API (bollard) into a snapshot.
+//!
+//! Polling is the source of truth: task starts and stops raise no service event, so every
+//! `PollInterval` the whole state is read again and the route table rebuilt from it.
+
+use std::collections::HashMap;
+
+use bollard::{
+    models::{Node, Service, Task},
+    query_parameters::{ListNodesOptions, ListServicesOptions, ListTasksOptions},
+    Docker, API_DEFAULT_VERSION,
+};
+
+use crate::routes::LABEL_HOSTS;
+
+/// How long one Docker API call may take.
+const API_TIMEOUT_SECS: u64 = 10;
+
+/// What Swarm looked like at one moment: the input of [`crate::routes::route_table`].
+#[derive(Debug, Clone, Default)]
+pub struct SwarmSnapshot {
+    /// Services labelled `com.docker.lb.hosts`.
+    pub services: Vec<Service>,
+    /// Their tasks that Swarm wants running.
+    pub tasks: Vec<Task>,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("DockerURL {0:?} is neither unix:///path nor tcp://host:port")]
+    BadUrl(String),
+    #[error("cannot reach the Docker API at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("listing Swarm {what} failed (is this node a Swarm manager?)")]
+    List {
+        what: &'static str,
+        #[source]
+        source: bollard::errors::Error,
+    },
+}
+
+/// A connection to a Swarm manager's Docker API.
+#[derive(Debug, Clone)]
+pub struct Swarm {
+    docker: Docker,
+}
+
+impl Swarm {
+    /// Connects to `url` (`unix:///var/run/docker.sock` or `tcp://host:2375`) and agrees on an
+    /// API version with the engine.
+    pub async fn connect(url: &str) -> Result<Self, SwarmError> {
+        let connect_error = |source| SwarmError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let docker = if let Some(path) = url.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, API_TIMEOUT_SECS, API_DEFAULT_VERSION)
+        } else if let Some(addr) = url.strip_prefix("tcp://") {
+            Docker::connect_with_http(
+                &format!("http://{addr}"),
+                API_TIMEOUT_SECS,
+                API_DEFAULT_VERSION,
+            )
+        } else {
+            return Err(SwarmError::BadUrl(url.to_owned()));
+        }
+        .map_err(connect_error)?;
+        let docker = docker.negotiate_version().await.map_err(connect_error)?;
+        Ok(Self { docker })
+    }
+
+    /// Reads the labelled services, their tasks that should be running, and the nodes.
+    pub async fn snapshot(&self) -> Result<SwarmSnapshot, SwarmError> {
+        let list_error = |what| move |source| SwarmError::List { what, source };
+        let services = self
+            .docker
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filter("label", LABEL_HOSTS)),
+                ..Default::default()
+            }))
+            .await
+            .map_err(list_error("services"))?;
+        let tasks = self
+            .docker
+            .list_tasks(Some(ListTasksOptions {
+                filters: Some(filter("desired-state", "running")),
+            }))
+            .await
+            .map_err(list_error("tasks"))?;
+        let nodes = self
+            .docker
+            .list_nodes(None::<ListNodesOptions>)
+            .await
+            .map_err(list_error("nodes"))?;
+        Ok(SwarmSnapshot {
+            services,
+            tasks,
+            nodes,
+        })
+    }
+}
+
+fn filter(key: &str, value: &str) -> HashMap<String, Vec<String>> {
+    HashMap::from([(key.to_owned(), vec![value.to_owned()])])
+}
