@@ -1,11 +1,56 @@
-//! The `xlb` command line (skeleton).
+//! The `xlb` command line.
 
-#[derive(Debug, clap::Parser)]
-#[command(name = "xlb", version)]
-pub struct Cli {}
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::daemon;
+
+#[derive(Debug, Parser)]
+#[command(name = "xlb", version, about = "eBPF/XDP-accelerated load balancer for Docker Swarm host-mode services")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the load balancer: discovery, L7 proxy, XDP dataplane (as root).
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Interlock's config.toml.
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// The interface to attach the XDP program to (never chosen implicitly).
+    #[arg(long, short = 'i', required_unless_present = "no_xdp")]
+    pub interface: Option<String>,
+    /// Run the L7 proxy only, without the XDP program.
+    #[arg(long, conflicts_with = "interface")]
+    pub no_xdp: bool,
+    /// Which `[Extensions.<name>]` of the config to serve (default: the only one, or `default`).
+    #[arg(long)]
+    pub extension: Option<String>,
+    /// Overrides the config's DockerURL (e.g. a private engine's socket).
+    #[arg(long)]
+    pub docker_url: Option<String>,
+}
 
 impl Cli {
     pub fn exec(self) -> anyhow::Result<()> {
-        Ok(())
+        init_logging();
+        match self.command {
+            Command::Run(args) => daemon::run(args),
+        }
     }
+}
+
+/// Logs to stderr; `XLB_LOG` takes tracing's filter syntax (default `info`). Records of the
+/// `log` crate (aya-log's XDP records among them) are included.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
