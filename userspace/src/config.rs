@@ -215,8 +215,10 @@ impl Reader<'_> {
         let mut proxy = ProxyConfig::default();
         for entry in self.entries(sections)? {
             match entry.lowercase_name().as_str() {
-                "user" => proxy.user = Some(self.non_empty_string(&entry, "a user name")?.into()),
-                "pidpath" => proxy.pid_path = Some(self.non_empty_string(&entry, "a path")?.into()),
+                "user" => proxy.user = self.optional_string(&entry, "a user name")?.map(Into::into),
+                "pidpath" => {
+                    proxy.pid_path = self.optional_string(&entry, "a path")?.map(Into::into)
+                }
                 "rlimitnofile" => proxy.rlimit_nofile = Some(self.positive_integer(&entry)?),
                 "maxconnections" => proxy.max_connections = Some(self.positive_integer(&entry)?),
                 _ => self.ignore(&entry),
@@ -338,17 +340,14 @@ impl Reader<'_> {
             .ok_or_else(|| self.expected(entry, EXPECTED))
     }
 
-    fn non_empty_string<'d>(
+    /// Go decodes `""` as its zero value, which Interlock reads as "not set"; so does xlb.
+    fn optional_string<'d>(
         &self,
         entry: &Entry<'d, '_>,
         expected: &str,
-    ) -> Result<&'d str, ConfigError> {
+    ) -> Result<Option<&'d str>, ConfigError> {
         let text = self.string(entry, expected)?;
-        if text.is_empty() {
-            Err(self.expected(entry, expected))
-        } else {
-            Ok(text)
-        }
+        Ok(Some(text).filter(|text| !text.is_empty()))
     }
 
     fn string<'d>(&self, entry: &Entry<'d, '_>, expected: &str) -> Result<&'d str, ConfigError> {
@@ -491,7 +490,7 @@ fn nanos_of(whole: &str, fraction: &str, unit: &str) -> Option<u128> {
         "" => 0,
         digits => digits.parse::<u128>().ok()?.checked_mul(unit_nanos)?,
     };
-    // Digits past the 18th cannot add a nanosecond even to an hour, and would overflow.
+    // Go likewise stops reading fraction digits where an int64 would overflow.
     let fraction = &fraction[..fraction.len().min(18)];
     let fraction_nanos = match fraction {
         "" => 0,
@@ -571,12 +570,28 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_tables_are_ignored_in_file_order() {
-        let source = "TLSCert = 1\n[Metrics]\nOn = true\n[Extensions.e]\nLabels = { a = \"b\" }\n";
+        let source = r#"
+            TLSCert = 1
+            [Metrics]
+            On = true
+            [Extensions.e]
+            Constraints = ["node.platform.os==linux"]
+            [Extensions.e.Labels]
+            "com.docker.ucp.InstanceID" = "abc"
+            [Extensions.e.Config]
+            User = ""
+            KeepaliveTimeout = "75s"
+        "#;
         let config = parse(source, "config.toml").unwrap();
-        assert_eq!(
-            config.ignored_keys,
-            ["TLSCert", "Metrics", "Extensions.e.Labels"]
-        );
+        let ignored = [
+            "TLSCert",
+            "Metrics",
+            "Extensions.e.Constraints",
+            "Extensions.e.Labels",
+            "Extensions.e.Config.KeepaliveTimeout",
+        ];
+        assert_eq!(config.ignored_keys, ignored);
+        assert_eq!(config.extensions["e"].proxy.user, None);
     }
 
     #[test]
