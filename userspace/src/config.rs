@@ -1,6 +1,26 @@
-//! Interlock's `config.toml`, accepted as it is (skeleton: interface only, parser to come).
+//! Interlock's `config.toml`, accepted as it is.
+//!
+//! This module owns reading that file into [`Config`]: matching keys case-insensitively (Interlock's
+//! Go decoder does, so real files spell them every which way), checking the values xlb acts on, and
+//! reporting any problem as `file:line:col: what is wrong`. Keys xlb does not act on are accepted
+//! whatever their type and listed in [`Config::ignored_keys`], so an Interlock file works unchanged.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use toml::{
+    de::{DeInteger, DeString, DeTable, DeValue},
+    Spanned,
+};
+
+pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(3);
+pub const DEFAULT_PUBLISHED_PORT: u16 = 80;
 
 /// The parts of an Interlock configuration xlb acts on.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +36,18 @@ pub struct Config {
     /// Keys present in the file that xlb does not act on, as dotted paths in file order
     /// (`Extensions.default.Image`).
     pub ignored_keys: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen_addr: None,
+            docker_url: DEFAULT_DOCKER_URL.to_owned(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            extensions: BTreeMap::new(),
+            ignored_keys: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +68,17 @@ pub struct Extension {
     pub proxy: ProxyConfig,
 }
 
+impl Default for Extension {
+    fn default() -> Self {
+        Extension {
+            publish_mode: PublishMode::Host,
+            published_port: DEFAULT_PUBLISHED_PORT,
+            published_ssl_port: None,
+            proxy: ProxyConfig::default(),
+        }
+    }
+}
+
 /// `[Extensions.<name>.Config]`: the proxy's own settings.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProxyConfig {
@@ -43,4 +86,644 @@ pub struct ProxyConfig {
     pub pid_path: Option<PathBuf>,
     pub rlimit_nofile: Option<u64>,
     pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    /// A TOML syntax error, or a value xlb cannot use; `line` and `column` are 1-based.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// Reads and parses the configuration file at `path`, naming it as given in errors.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source = fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&source, &path.display().to_string())
+}
+
+/// Parses configuration text; `origin` names it in error messages.
+pub fn parse(source: &str, origin: &str) -> Result<Config, ConfigError> {
+    let reader = Reader {
+        source,
+        origin,
+        ignored: Vec::new(),
+    };
+    let document = DeTable::parse(source).map_err(|error| {
+        let offset = error.span().map_or(source.len(), |span| span.start);
+        let message = error.message().lines().map(str::trim).collect::<Vec<_>>();
+        reader.error_at(offset, message.join(" "))
+    })?;
+    reader.config(document.get_ref())
+}
+
+type Key<'i> = Spanned<DeString<'i>>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// One TOML table as written, with its dotted path. Case-insensitive matching makes one logical
+/// table of all spellings (`[Extensions.a]` and `[extensions.b]`), so readers take a slice of these.
+struct Section<'d, 'i> {
+    path: String,
+    table: &'d DeTable<'i>,
+}
+
+struct Entry<'d, 'i> {
+    path: String,
+    key: &'d Key<'i>,
+    value: &'d Value<'i>,
+}
+
+impl Entry<'_, '_> {
+    fn lowercase_name(&self) -> String {
+        self.key.get_ref().to_ascii_lowercase()
+    }
+}
+
+struct Reader<'s> {
+    source: &'s str,
+    origin: &'s str,
+    /// Dotted paths of ignored keys with their offsets, since sections are read out of file order.
+    ignored: Vec<(usize, String)>,
+}
+
+impl Reader<'_> {
+    fn config(mut self, document: &DeTable) -> Result<Config, ConfigError> {
+        let root = Section {
+            path: String::new(),
+            table: document,
+        };
+        let mut config = Config::default();
+        let mut extension_sections = Vec::new();
+        for entry in self.entries(&[root])? {
+            match entry.lowercase_name().as_str() {
+                "listenaddr" => config.listen_addr = Some(self.listen_addr(&entry)?),
+                "dockerurl" => config.docker_url = self.docker_url(&entry)?,
+                "pollinterval" => config.poll_interval = self.poll_interval(&entry)?,
+                "extensions" => extension_sections.push(self.section(&entry)?),
+                _ => self.ignore(&entry),
+            }
+        }
+        config.extensions = self.extensions(&extension_sections)?;
+        self.ignored.sort_by_key(|(offset, _)| *offset);
+        config.ignored_keys = self.ignored.into_iter().map(|(_, path)| path).collect();
+        Ok(config)
+    }
+
+    fn extensions(
+        &mut self,
+        sections: &[Section],
+    ) -> Result<BTreeMap<String, Extension>, ConfigError> {
+        let mut sections_by_name: BTreeMap<String, Vec<Section>> = BTreeMap::new();
+        for entry in self.entries(sections)? {
+            let section = self.section(&entry)?;
+            let name = entry.key.get_ref().to_string();
+            sections_by_name.entry(name).or_default().push(section);
+        }
+        sections_by_name
+            .into_iter()
+            .map(|(name, sections)| Ok((name, self.extension(&sections)?)))
+            .collect()
+    }
+
+    fn extension(&mut self, sections: &[Section]) -> Result<Extension, ConfigError> {
+        let mut extension = Extension::default();
+        let mut proxy_sections = Vec::new();
+        for entry in self.entries(sections)? {
+            match entry.lowercase_name().as_str() {
+                "publishmode" => extension.publish_mode = self.publish_mode(&entry)?,
+                "publishedport" => extension.published_port = self.port(&entry)?,
+                "publishedsslport" => extension.published_ssl_port = Some(self.port(&entry)?),
+                "config" => proxy_sections.push(self.section(&entry)?),
+                _ => self.ignore(&entry),
+            }
+        }
+        extension.proxy = self.proxy(&proxy_sections)?;
+        Ok(extension)
+    }
+
+    fn proxy(&mut self, sections: &[Section]) -> Result<ProxyConfig, ConfigError> {
+        let mut proxy = ProxyConfig::default();
+        for entry in self.entries(sections)? {
+            match entry.lowercase_name().as_str() {
+                "user" => proxy.user = self.optional_string(&entry, "a user name")?.map(Into::into),
+                "pidpath" => {
+                    proxy.pid_path = self.optional_string(&entry, "a path")?.map(Into::into)
+                }
+                "rlimitnofile" => proxy.rlimit_nofile = Some(self.positive_integer(&entry)?),
+                "maxconnections" => proxy.max_connections = Some(self.positive_integer(&entry)?),
+                _ => self.ignore(&entry),
+            }
+        }
+        Ok(proxy)
+    }
+
+    /// The entries of one logical table in file order. The same key in two spellings is refused
+    /// unless both are tables, which merge, because which one Interlock would use is unclear.
+    fn entries<'d, 'i>(
+        &self,
+        sections: &[Section<'d, 'i>],
+    ) -> Result<Vec<Entry<'d, 'i>>, ConfigError> {
+        let mut entries: Vec<Entry> = sections
+            .iter()
+            .flat_map(|section| {
+                section.table.iter().map(|(key, value)| Entry {
+                    path: match section.path.as_str() {
+                        "" => key.get_ref().to_string(),
+                        parent => format!("{parent}.{}", key.get_ref()),
+                    },
+                    key,
+                    value,
+                })
+            })
+            .collect();
+        entries.sort_by_key(|entry| entry.key.span().start);
+        let mut first_offsets = HashMap::new();
+        let values = entries
+            .iter()
+            .filter(|entry| !matches!(entry.value.get_ref(), DeValue::Table(_)));
+        for entry in values {
+            let offset = entry.key.span().start;
+            if let Some(first) = first_offsets.insert(entry.lowercase_name(), offset) {
+                let (line, column) = line_and_column(self.source, first);
+                let message = format!(
+                    "{}: set twice (keys are case-insensitive), first at {line}:{column}",
+                    entry.path
+                );
+                return Err(self.error_at(offset, message));
+            }
+        }
+        Ok(entries)
+    }
+
+    fn ignore(&mut self, entry: &Entry) {
+        self.ignored
+            .push((entry.key.span().start, entry.path.clone()));
+    }
+
+    fn section<'d, 'i>(&self, entry: &Entry<'d, 'i>) -> Result<Section<'d, 'i>, ConfigError> {
+        match entry.value.get_ref() {
+            DeValue::Table(table) => Ok(Section {
+                path: entry.path.clone(),
+                table,
+            }),
+            _ => Err(self.expected(entry, "a table")),
+        }
+    }
+
+    fn listen_addr(&self, entry: &Entry) -> Result<SocketAddr, ConfigError> {
+        const EXPECTED: &str = r#"a listen address like ":8080" or "127.0.0.1:8080""#;
+        let text = self.string(entry, EXPECTED)?;
+        parse_listen_addr(text).ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    fn docker_url(&self, entry: &Entry) -> Result<String, ConfigError> {
+        const EXPECTED: &str = "a URL starting with unix:// or tcp://";
+        let text = self.string(entry, EXPECTED)?;
+        let has_address = ["unix://", "tcp://"].iter().any(|scheme| {
+            text.strip_prefix(scheme)
+                .is_some_and(|rest| !rest.is_empty())
+        });
+        if has_address {
+            Ok(text.to_owned())
+        } else {
+            Err(self.expected(entry, EXPECTED))
+        }
+    }
+
+    fn poll_interval(&self, entry: &Entry) -> Result<Duration, ConfigError> {
+        const EXPECTED: &str = r#"a duration like "3s""#;
+        match parse_go_duration(self.string(entry, EXPECTED)?) {
+            Ok(interval) if !interval.is_zero() => Ok(interval),
+            Ok(_) | Err(DurationError::Negative) => {
+                Err(self.expected(entry, "a duration greater than zero"))
+            }
+            Err(DurationError::Malformed) => Err(self.expected(entry, EXPECTED)),
+        }
+    }
+
+    fn publish_mode(&self, entry: &Entry) -> Result<PublishMode, ConfigError> {
+        const EXPECTED: &str = r#""host" or "ingress""#;
+        let text = self.string(entry, EXPECTED)?;
+        match text.to_ascii_lowercase().as_str() {
+            "host" => Ok(PublishMode::Host),
+            "ingress" => Ok(PublishMode::Ingress),
+            _ => Err(self.expected(entry, EXPECTED)),
+        }
+    }
+
+    fn port(&self, entry: &Entry) -> Result<u16, ConfigError> {
+        const EXPECTED: &str = "a port number (1..=65535)";
+        let integer = self.integer(entry, EXPECTED)?;
+        u16::from_str_radix(integer.as_str(), integer.radix())
+            .ok()
+            .filter(|&port| port != 0)
+            .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    fn positive_integer<T: TryFrom<u64>>(&self, entry: &Entry) -> Result<T, ConfigError> {
+        const EXPECTED: &str = "a positive integer";
+        let integer = self.integer(entry, EXPECTED)?;
+        u64::from_str_radix(integer.as_str(), integer.radix())
+            .ok()
+            .filter(|&number| number > 0)
+            .and_then(|number| T::try_from(number).ok())
+            .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    /// Go decodes `""` as its zero value, which Interlock reads as "not set"; so does xlb.
+    fn optional_string<'d>(
+        &self,
+        entry: &Entry<'d, '_>,
+        expected: &str,
+    ) -> Result<Option<&'d str>, ConfigError> {
+        let text = self.string(entry, expected)?;
+        Ok(Some(text).filter(|text| !text.is_empty()))
+    }
+
+    fn string<'d>(&self, entry: &Entry<'d, '_>, expected: &str) -> Result<&'d str, ConfigError> {
+        match entry.value.get_ref() {
+            DeValue::String(text) => Ok(text),
+            _ => Err(self.expected(entry, expected)),
+        }
+    }
+
+    fn integer<'d, 'i>(
+        &self,
+        entry: &Entry<'d, 'i>,
+        expected: &str,
+    ) -> Result<&'d DeInteger<'i>, ConfigError> {
+        match entry.value.get_ref() {
+            DeValue::Integer(integer) => Ok(integer),
+            _ => Err(self.expected(entry, expected)),
+        }
+    }
+
+    /// `PATH: expected EXPECTED, found VALUE`, at the value, showing it as written.
+    fn expected(&self, entry: &Entry, expected: &str) -> ConfigError {
+        let span = entry.value.span();
+        let found = match entry.value.get_ref() {
+            DeValue::Array(_) => "an array",
+            DeValue::Table(_) => "a table",
+            _ => match self.source.get(span.clone()) {
+                Some(written) if !written.contains('\n') => written,
+                _ => "a multi-line value",
+            },
+        };
+        let message = format!("{}: expected {expected}, found {found}", entry.path);
+        self.error_at(span.start, message)
+    }
+
+    fn error_at(&self, offset: usize, message: String) -> ConfigError {
+        let (line, column) = line_and_column(self.source, offset);
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+/// 1-based line and column of a byte offset; columns count characters, as editors show them.
+fn line_and_column(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source.as_bytes()[..offset.min(source.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |newline| newline + 1);
+    let line = 1 + before.iter().filter(|&&byte| byte == b'\n').count();
+    let is_char_start = |byte: &&u8| **byte & 0b1100_0000 != 0b1000_0000;
+    let column = 1 + before[line_start..].iter().filter(is_char_start).count();
+    (line, column)
+}
+
+/// Go's `net.Listen` address for an IP literal: an empty host means every IPv4 address.
+fn parse_listen_addr(text: &str) -> Option<SocketAddr> {
+    match text.strip_prefix(':') {
+        Some(port) if port.bytes().all(|byte| byte.is_ascii_digit()) => Some(SocketAddr::new(
+            Ipv4Addr::UNSPECIFIED.into(),
+            port.parse().ok()?,
+        )),
+        Some(_) => None,
+        None => text.parse().ok(),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum DurationError {
+    Malformed,
+    /// Valid for Go, but a `Duration` cannot hold it.
+    Negative,
+}
+
+/// Go's `time.ParseDuration`: `[-+]?([0-9]*(\.[0-9]*)?[a-z]+)+`, or a bare `0`, with units ns, us
+/// (µs, μs), ms, s, m and h, fractions truncated to the nanosecond. No crate does exactly this:
+/// `humantime` also takes days and spaces, and `go-parse-duration` slices at character indices.
+fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
+    // Go's time.Duration is an int64 of nanoseconds, so larger values are errors there too.
+    const MAX_NANOS: u128 = i64::MAX as u128;
+    let (negative, mut rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(DurationError::Malformed);
+    }
+    let mut total_nanos: u128 = 0;
+    while !rest.is_empty() {
+        let (whole, after_whole) = split_leading_digits(rest);
+        let (fraction, after_number) = match after_whole.strip_prefix('.') {
+            Some(after_point) => split_leading_digits(after_point),
+            None => ("", after_whole),
+        };
+        let unit_length = after_number
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(after_number.len());
+        let (unit, after_unit) = after_number.split_at(unit_length);
+        if whole.is_empty() && fraction.is_empty() {
+            return Err(DurationError::Malformed);
+        }
+        total_nanos = nanos_of(whole, fraction, unit)
+            .and_then(|nanos| total_nanos.checked_add(nanos))
+            .filter(|&nanos| nanos <= MAX_NANOS)
+            .ok_or(DurationError::Malformed)?;
+        rest = after_unit;
+    }
+    match (negative, total_nanos) {
+        (true, 1..) => Err(DurationError::Negative),
+        _ => Ok(Duration::from_nanos(total_nanos as u64)),
+    }
+}
+
+fn split_leading_digits(text: &str) -> (&str, &str) {
+    let end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    text.split_at(end)
+}
+
+fn nanos_of(whole: &str, fraction: &str, unit: &str) -> Option<u128> {
+    let unit_nanos: u128 = match unit {
+        "ns" => 1,
+        "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return None,
+    };
+    let whole_nanos = match whole {
+        "" => 0,
+        digits => digits.parse::<u128>().ok()?.checked_mul(unit_nanos)?,
+    };
+    // Go likewise stops reading fraction digits where an int64 would overflow.
+    let fraction = &fraction[..fraction.len().min(18)];
+    let fraction_nanos = match fraction {
+        "" => 0,
+        digits => digits.parse::<u128>().ok()? * unit_nanos / 10u128.pow(digits.len() as u32),
+    };
+    whole_nanos.checked_add(fraction_nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(source: &str) -> String {
+        parse(source, "config.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn seed_file_loads_verbatim() {
+        let config = parse(include_str!("../../examples/config.toml"), "config.toml").unwrap();
+        assert_eq!(config.listen_addr, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(config.docker_url, "unix:///var/run/docker.sock");
+        assert_eq!(config.poll_interval, Duration::from_secs(3));
+        assert_eq!(config.extensions.len(), 1);
+        let extension = &config.extensions["default"];
+        assert_eq!(extension.publish_mode, PublishMode::Host);
+        assert_eq!(extension.published_port, 80);
+        assert_eq!(extension.published_ssl_port, Some(443));
+        let proxy = &extension.proxy;
+        assert_eq!(proxy.user.as_deref(), Some("nginx"));
+        assert_eq!(proxy.pid_path, Some(PathBuf::from("/var/run/proxy.pid")));
+        assert_eq!(proxy.rlimit_nofile, Some(65535));
+        assert_eq!(proxy.max_connections, Some(2048));
+        let extension_keys = "Image Args ServiceName ProxyImage ProxyArgs ProxyServiceName \
+            ProxyConfigPath ProxyReplicas TargetPort TargetSSLPort";
+        let ignored = extension_keys
+            .split_whitespace()
+            .map(|key| format!("Extensions.default.{key}"))
+            .chain(["Extensions.default.Config.WorkerProcesses".to_owned()])
+            .collect::<Vec<_>>();
+        assert_eq!(config.ignored_keys, ignored);
+    }
+
+    #[test]
+    fn absent_keys_take_defaults() {
+        assert_eq!(parse("", "config.toml").unwrap(), Config::default());
+        let config = parse("[Extensions.bare]", "config.toml").unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(3));
+        assert_eq!(config.docker_url, DEFAULT_DOCKER_URL);
+        assert_eq!(config.extensions["bare"], Extension::default());
+    }
+
+    #[test]
+    fn keys_match_case_insensitively() {
+        let source = r#"
+            dockerurl = "tcp://10.0.0.1:2375"
+            LISTENADDR = "[::1]:9000"
+            [Extensions.one]
+            publishmode = "Ingress"
+            [extensions.one.config]
+            RLimitNoFile = 1024
+            [EXTENSIONS.Two.CONFIG]
+            maxconnections = 10
+            [extensions.Two]
+            PUBLISHEDSSLPORT = 8443
+        "#;
+        let config = parse(source, "config.toml").unwrap();
+        assert_eq!(config.docker_url, "tcp://10.0.0.1:2375");
+        assert_eq!(config.listen_addr, Some("[::1]:9000".parse().unwrap()));
+        let one = &config.extensions["one"];
+        assert_eq!(one.publish_mode, PublishMode::Ingress);
+        assert_eq!(one.proxy.rlimit_nofile, Some(1024));
+        let two = &config.extensions["Two"];
+        assert_eq!(two.proxy.max_connections, Some(10));
+        assert_eq!(two.published_ssl_port, Some(8443));
+        assert!(config.ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_tables_are_ignored_in_file_order() {
+        let source = r#"
+            TLSCert = 1
+            [Metrics]
+            On = true
+            [Extensions.e]
+            Constraints = ["node.platform.os==linux"]
+            [Extensions.e.Labels]
+            "com.docker.ucp.InstanceID" = "abc"
+            [Extensions.e.Config]
+            User = ""
+            KeepaliveTimeout = "75s"
+        "#;
+        let config = parse(source, "config.toml").unwrap();
+        let ignored = [
+            "TLSCert",
+            "Metrics",
+            "Extensions.e.Constraints",
+            "Extensions.e.Labels",
+            "Extensions.e.Config.KeepaliveTimeout",
+        ];
+        assert_eq!(config.ignored_keys, ignored);
+        assert_eq!(config.extensions["e"].proxy.user, None);
+    }
+
+    #[test]
+    fn syntax_error_reports_tomls_message_at_its_position() {
+        assert_eq!(
+            error("PollInterval = \"3s\"\nListenAddr = \n"),
+            "config.toml:2:14: string values must be quoted, expected literal string"
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_reported_at_the_value() {
+        assert_eq!(
+            error("[Extensions.default]\n  PublishedPort = \"80\""),
+            r#"config.toml:2:19: Extensions.default.PublishedPort: expected a port number (1..=65535), found "80""#
+        );
+        assert_eq!(
+            error("[Extensions.x.Config]\nMaxConnections = -1"),
+            "config.toml:2:18: Extensions.x.Config.MaxConnections: expected a positive integer, found -1"
+        );
+        assert_eq!(
+            error("Extensions = [1]"),
+            "config.toml:1:14: Extensions: expected a table, found an array"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_reported_at_the_value() {
+        assert_eq!(
+            error("ListenAddr = \":8080\"\n# é\nPollInterval = \"abc\""),
+            r#"config.toml:3:16: PollInterval: expected a duration like "3s", found "abc""#
+        );
+        assert_eq!(
+            error("PollInterval = '-1s'"),
+            "config.toml:1:16: PollInterval: expected a duration greater than zero, found '-1s'"
+        );
+        assert_eq!(
+            error("ListenAddr = \"localhost:80\""),
+            r#"config.toml:1:14: ListenAddr: expected a listen address like ":8080" or "127.0.0.1:8080", found "localhost:80""#
+        );
+        assert_eq!(
+            error("DockerURL = \"http://docker:2375\""),
+            r#"config.toml:1:13: DockerURL: expected a URL starting with unix:// or tcp://, found "http://docker:2375""#
+        );
+        assert_eq!(
+            error("[Extensions.e]\nPublishedSSLPort = 70000"),
+            "config.toml:2:20: Extensions.e.PublishedSSLPort: expected a port number (1..=65535), found 70000"
+        );
+        assert_eq!(
+            error("[Extensions.e]\nPublishMode = \"vip\""),
+            r#"config.toml:2:15: Extensions.e.PublishMode: expected "host" or "ingress", found "vip""#
+        );
+    }
+
+    #[test]
+    fn a_key_set_twice_in_different_case_is_an_error() {
+        assert_eq!(
+            error("DockerURL = \"unix:///a\"\ndockerurl = \"unix:///b\""),
+            "config.toml:2:1: dockerurl: set twice (keys are case-insensitive), first at 1:1"
+        );
+    }
+
+    #[test]
+    fn load_names_the_file_in_errors() {
+        let missing = Path::new("/nonexistent/xlb/config.toml");
+        let message = load(missing).unwrap_err().to_string();
+        assert!(
+            message.starts_with("/nonexistent/xlb/config.toml: "),
+            "{message}"
+        );
+
+        let path = std::env::temp_dir().join(format!("xlb-config-{}.toml", std::process::id()));
+        fs::write(&path, "PollInterval = 3").unwrap();
+        let message = load(&path).unwrap_err().to_string();
+        fs::remove_file(&path).unwrap();
+        let expected = r#"PollInterval: expected a duration like "3s", found 3"#;
+        assert_eq!(message, format!("{}:1:16: {expected}", path.display()));
+    }
+
+    #[test]
+    fn line_and_column_count_characters_from_one() {
+        let source = "ab\nçé = 1\r\nx";
+        assert_eq!(line_and_column(source, 0), (1, 1));
+        assert_eq!(line_and_column(source, 2), (1, 3));
+        assert_eq!(line_and_column(source, 3), (2, 1));
+        assert_eq!(line_and_column(source, 8), (2, 4));
+        assert_eq!(line_and_column(source, source.len()), (3, 2));
+    }
+
+    #[test]
+    fn listen_addresses_follow_go() {
+        let parsed = |text| parse_listen_addr(text).map(|addr| addr.to_string());
+        assert_eq!(parsed(":8080").as_deref(), Some("0.0.0.0:8080"));
+        assert_eq!(parsed("127.0.0.1:9000").as_deref(), Some("127.0.0.1:9000"));
+        assert_eq!(parsed("[::1]:9000").as_deref(), Some("[::1]:9000"));
+        for rejected in ["", ":", "8080", ":+80", ":65536", "localhost:80", "::1:80"] {
+            assert_eq!(parsed(rejected), None, "{rejected:?}");
+        }
+    }
+
+    #[test]
+    fn durations_follow_go() {
+        let millis = |text| parse_go_duration(text).map(|duration| duration.as_millis());
+        assert_eq!(millis("3s"), Ok(3_000));
+        assert_eq!(millis("500ms"), Ok(500));
+        assert_eq!(millis("1m30s"), Ok(90_000));
+        assert_eq!(millis("1.5s"), Ok(1_500));
+        assert_eq!(millis("+.5s"), Ok(500));
+        assert_eq!(millis("1.s"), Ok(1_000));
+        assert_eq!(millis("1h2m3.25s"), Ok(3_723_250));
+        assert_eq!(millis("0"), Ok(0));
+        assert_eq!(millis("-0s"), Ok(0));
+        let nanos = |text| parse_go_duration(text).map(|duration| duration.as_nanos());
+        assert_eq!(nanos("1.5µs"), Ok(1_500));
+        assert_eq!(nanos("2μs"), Ok(2_000));
+        assert_eq!(nanos("7ns"), Ok(7));
+        assert_eq!(nanos("0.1234567891h"), Ok(444_444_440_760));
+        assert_eq!(nanos("2562047h47m16.854775807s"), Ok(i64::MAX as u128));
+        assert_eq!(parse_go_duration("-1s"), Err(DurationError::Negative));
+        let too_long = "2562047h47m16.854775808s";
+        let malformed = [
+            "", "3", "abc", "-", "s", ".s", "1.5.5s", "3 s", " 3s", "1d", "3S", "00",
+        ];
+        for text in malformed
+            .into_iter()
+            .chain([too_long, "99999999999999999999999h"])
+        {
+            assert_eq!(
+                parse_go_duration(text),
+                Err(DurationError::Malformed),
+                "{text:?}"
+            );
+        }
+    }
 }
