@@ -60,9 +60,14 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
     }
     match request.uri().path() {
         "/health" => text(StatusCode::OK, "ok\n"),
-        "/routes" => json_response(&serde_json::to_value(&**state.routes.load()).unwrap_or_default()),
+        "/routes" => {
+            json_response(&serde_json::to_value(&**state.routes.load()).unwrap_or_default())
+        }
         "/stats" => stats(state),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /health, /routes or /stats\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /health, /routes or /stats\n",
+        ),
     }
 }
 
@@ -70,10 +75,16 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
     let Some(dataplane) = &state.dataplane else {
         return json_response(&json!({ "xdp": null }));
     };
-    let stats = dataplane.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).stats();
+    let stats = dataplane
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .stats();
     match stats {
         Ok(stats) => json_response(&json!({ "xdp": stats })),
-        Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("reading XDP counters: {error}\n")),
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reading XDP counters: {error}\n"),
+        ),
     }
 }
 
@@ -84,7 +95,11 @@ fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    response(status, "text/plain; charset=utf-8", body.as_bytes().to_vec())
+    response(
+        status,
+        "text/plain; charset=utf-8",
+        body.as_bytes().to_vec(),
+    )
 }
 
 fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {

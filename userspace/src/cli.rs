@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::daemon;
 
 #[derive(Debug, Parser)]
-#[command(name = "xlb", version, about = "eBPF/XDP-accelerated load balancer for Docker Swarm host-mode services")]
+#[command(
+    name = "xlb",
+    version,
+    about = "eBPF/XDP-accelerated load balancer for Docker Swarm host-mode services"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,5 +56,8 @@ impl Cli {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

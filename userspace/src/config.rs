@@ -91,8 +91,12 @@ pub struct ProxyConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: {source}", path.display())]
-    Unreadable { path: PathBuf, source: io::Error },
+    #[error("{}: cannot read the configuration", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// A TOML syntax error, or a value xlb cannot use; `line` and `column` are 1-based.
     #[error("{origin}:{line}:{column}: {message}")]
     Invalid {

@@ -34,7 +34,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (name, extension) = select_extension(&config, args.extension.as_deref())?;
     tracing::info!(extension = %name, config = %args.config.display(), "configuration loaded");
     apply_process_limits(&extension.proxy)?;
-    let _pid_file = extension.proxy.pid_path.as_deref().map(PidFile::create).transpose()?;
+    let _pid_file = extension
+        .proxy
+        .pid_path
+        .as_deref()
+        .map(PidFile::create)
+        .transpose()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -45,16 +50,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The `[Extensions.<name>]` to serve: the one asked for, else the only one, else `default`.
 fn select_extension(config: &Config, wanted: Option<&str>) -> anyhow::Result<(String, Extension)> {
-    let names = || config.extensions.keys().cloned().collect::<Vec<_>>().join(", ");
+    let names = || {
+        config
+            .extensions
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let name = match wanted {
         Some(name) => name.to_owned(),
-        None if config.extensions.len() == 1 => config.extensions.keys().next().cloned().unwrap_or_default(),
+        None if config.extensions.len() == 1 => {
+            config.extensions.keys().next().cloned().unwrap_or_default()
+        }
         None => "default".to_owned(),
     };
     match config.extensions.get(&name) {
         Some(extension) => Ok((name, extension.clone())),
         None if config.extensions.is_empty() => Ok((name, Extension::default())),
-        None => bail!("the config has no [Extensions.{name}] (it has: {}); pick one with --extension", names()),
+        None => bail!(
+            "the config has no [Extensions.{name}] (it has: {}); pick one with --extension",
+            names()
+        ),
     }
 }
 
@@ -92,10 +109,16 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     let router = Router::new();
     let settings = ProxySettings {
         proxy_id: proxy_id(),
-        max_connections: extension.proxy.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        max_connections: extension
+            .proxy
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
     };
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
-    tasks.spawn(log_failure("proxy", proxy::serve(proxy_listener, router.clone(), settings, shutdown.clone())));
+    tasks.spawn(log_failure(
+        "proxy",
+        proxy::serve(proxy_listener, router.clone(), settings, shutdown.clone()),
+    ));
 
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
@@ -107,8 +130,17 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         tasks.spawn(admin::serve(listener, state.clone(), shutdown.clone()));
     }
 
-    let docker_url = args.docker_url.clone().unwrap_or_else(|| config.docker_url.clone());
-    tasks.spawn(discover(docker_url, config.poll_interval, router, state, shutdown.clone()));
+    let docker_url = args
+        .docker_url
+        .clone()
+        .unwrap_or_else(|| config.docker_url.clone());
+    tasks.spawn(discover(
+        docker_url,
+        config.poll_interval,
+        router,
+        state,
+        shutdown.clone(),
+    ));
 
     wait_for_termination().await?;
     tracing::info!("shutting down: draining connections");
@@ -160,7 +192,10 @@ async fn discover(
                     connected
                 }
                 Err(error) => {
-                    tracing::warn!(error = format!("{:#}", anyhow::Error::from(error)), "discovery");
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        "discovery"
+                    );
                     continue;
                 }
             },
@@ -193,10 +228,18 @@ fn log_changes(old: &RouteTable, new: &RouteTable) {
             tracing::info!(host = %host, service = %route.service, endpoints = %endpoints.join(","), "route");
         }
     }
-    for host in old.routes.keys().filter(|host| !new.routes.contains_key(*host)) {
+    for host in old
+        .routes
+        .keys()
+        .filter(|host| !new.routes.contains_key(*host))
+    {
         tracing::info!(host = %host, "route removed");
     }
-    for rejected in new.rejected.iter().filter(|rejected| !old.rejected.contains(rejected)) {
+    for rejected in new
+        .rejected
+        .iter()
+        .filter(|rejected| !old.rejected.contains(rejected))
+    {
         tracing::warn!(service = %rejected.service, reason = %rejected.reason, "service disabled");
     }
 }
@@ -207,15 +250,20 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding {what} on {addr}"))
 }
 
-async fn log_failure(what: &'static str, task: impl std::future::Future<Output = Result<(), impl Into<anyhow::Error>>>) {
+async fn log_failure(
+    what: &'static str,
+    task: impl std::future::Future<Output = Result<(), impl Into<anyhow::Error>>>,
+) {
     if let Err(error) = task.await {
         tracing::error!(error = format!("{:#}", error.into()), "{what} stopped");
     }
 }
 
 async fn wait_for_termination() -> anyhow::Result<()> {
-    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing SIGINT handler")?;
+    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
