@@ -23,27 +23,27 @@ const PROGRAM: &str = "xlb";
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("loading the XDP object into the kernel failed (is this root on Linux ≥ 5.15?)")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("the XDP object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
         name: &'static str,
     },
     #[error("the XDP program was rejected by the kernel")]
-    Program(#[source] aya::programs::ProgramError),
+    Program(#[source] Box<aya::programs::ProgramError>),
     #[error("attaching XDP to {interface} failed in native mode ({native}) and in generic mode")]
     Attach {
         interface: String,
-        native: aya::programs::ProgramError,
+        native: Box<aya::programs::ProgramError>,
         #[source]
-        generic: aya::programs::ProgramError,
+        generic: Box<aya::programs::ProgramError>,
     },
     #[error("XDP map {map} could not be {action}")]
     Map {
         map: &'static str,
         action: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("forwarding the XDP program's log failed")]
     Log(#[source] std::io::Error),
@@ -86,7 +86,7 @@ impl Dataplane {
     pub fn load() -> Result<Self, DataplaneError> {
         let mut ebpf = EbpfLoader::new()
             .load(OBJECT)
-            .map_err(DataplaneError::Load)?;
+            .map_err(|error| DataplaneError::Load(Box::new(error)))?;
         let stats = take_map(&mut ebpf, "STATS")?;
         let stats =
             PerCpuArray::try_from(stats).map_err(|source| map_error("STATS", "opened", source))?;
@@ -101,7 +101,7 @@ impl Dataplane {
         dataplane
             .program()?
             .load()
-            .map_err(DataplaneError::Program)?;
+            .map_err(|error| DataplaneError::Program(Box::new(error)))?;
         Ok(dataplane)
     }
 
@@ -112,7 +112,9 @@ impl Dataplane {
             name: PROGRAM,
         };
         let program = self.ebpf.program_mut(PROGRAM).ok_or(missing)?;
-        program.try_into().map_err(DataplaneError::Program)
+        program
+            .try_into()
+            .map_err(|error| DataplaneError::Program(Box::new(error)))
     }
 
     /// Attaches in native mode, falling back to generic mode (with a warning) when the
@@ -128,8 +130,8 @@ impl Dataplane {
             Ok(_) => Ok(AttachMode::Generic),
             Err(generic) => Err(DataplaneError::Attach {
                 interface: interface.to_owned(),
-                native,
-                generic,
+                native: Box::new(native),
+                generic: Box::new(generic),
             }),
         }
     }
@@ -224,6 +226,6 @@ fn map_error(
     DataplaneError::Map {
         map,
         action,
-        source,
+        source: Box::new(source),
     }
 }
