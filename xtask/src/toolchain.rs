@@ -2,7 +2,7 @@
 //!
 //! Rust eBPF needs a compiler whose library sources are installed (for `-Z build-std=core`);
 //! rustup cannot fetch `rust-src` here, so the XDP program is built with Debian's `rustc-web`
-//! + `rust-web-src` and a `bpf-linker` built against Debian's LLVM 22. The linker is cached
+//! and `rust-web-src`, and a `bpf-linker` built against Debian's LLVM 22. The linker is cached
 //! under a stable path (`/var/cache/xlb/tools`, or `$XLB_TOOLS_DIR`) so it is built only once.
 
 use std::{
