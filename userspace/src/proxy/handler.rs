@@ -9,8 +9,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, request::Parts, uri::PathAndQuery, Method, Request, Response, StatusCode};
-use http::{Uri, Version};
+use http::{
+    header, request::Parts, uri::PathAndQuery, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
