@@ -1,40 +1,552 @@
-//! The L7 HTTP proxy (skeleton: interface only).
+//! The L7 HTTP proxy: accepts client connections and serves them with hyper's HTTP/1.1 server,
+//! at most `max_connections` at once, until shut down gracefully.
+//!
+//! - `router`: Host → service route, round robin, atomically swapped tables.
+//! - `handler`: one request's phases: route → upstream request → forward → decorate.
+//! - `upstream`: keep-alive connection pool per upstream endpoint.
+//! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
 
-use std::sync::Arc;
+mod handler;
+mod headers;
+mod router;
+mod upstream;
 
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+#[cfg(test)]
+mod test_support;
 
-use crate::routes::RouteTable;
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+pub use router::{Router, ServiceRoute};
+
+use handler::RequestHandler;
+use headers::ProxyIdentity;
+use upstream::{PoolSettings, UpstreamPool};
+
+/// How long to pause accepting after an accept error such as running out of file descriptors,
+/// instead of spinning on it.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Per-process proxy settings.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     /// `x-proxy-id`: this proxy's host name.
     pub proxy_id: String,
-    /// `MaxConnections`: client connections served at once.
+    /// `MaxConnections`: client connections served at once (at least one).
     pub max_connections: usize,
 }
 
-/// The proxy's current view of the route table, swapped atomically on every update.
-#[derive(Debug, Default)]
-pub struct Router {}
+/// Serves HTTP on `listener` until `shutdown` is cancelled.
+///
+/// On shutdown it stops accepting, closes idle keep-alive connections, and returns once the
+/// requests in flight have been answered.
+pub async fn serve(
+    listener: TcpListener,
+    router: Arc<Router>,
+    settings: ProxySettings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let identity = ProxyIdentity::new(&settings.proxy_id, &crate::build_info::server_info())
+        .with_context(|| {
+            format!(
+                "proxy id {:?} is not a valid header value",
+                settings.proxy_id
+            )
+        })?;
+    let pool_settings = PoolSettings::default();
+    let upstreams = UpstreamPool::new(pool_settings.clone());
+    let tasks = TaskTracker::new();
+    tasks.spawn(evict_idle_upstreams(
+        upstreams.clone(),
+        pool_settings.idle_timeout / 2,
+        shutdown.clone(),
+    ));
+    let handler = Arc::new(RequestHandler::new(router, upstreams, identity));
+    let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    info!(addr = ?listener.local_addr().ok(), "proxy listening");
 
-impl Router {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    loop {
+        // Waiting for a slot before accepting leaves excess clients in the kernel's backlog.
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            permit = Arc::clone(&connection_slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break,
+            },
+        };
+        let (stream, client) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "accepting a proxy connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        tasks.spawn(serve_connection(
+            stream,
+            client,
+            Arc::clone(&handler),
+            permit,
+            shutdown.clone(),
+        ));
     }
 
-    /// Replaces the routes; requests already in flight finish on the endpoints they picked.
-    pub fn update(&self, _table: &RouteTable) {}
+    drop(listener);
+    tasks.close();
+    info!(
+        tasks = tasks.len(),
+        "proxy shutting down; finishing requests in flight"
+    );
+    tasks.wait().await;
+    Ok(())
 }
 
-/// Serves HTTP on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    _listener: TcpListener,
-    _router: Arc<Router>,
-    _settings: ProxySettings,
-    _shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    Ok(())
+/// Serves one client connection until the client leaves or, on shutdown, until its request in
+/// flight (if any) has been answered.
+async fn serve_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    handler: Arc<RequestHandler>,
+    _slot: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(%client, %error, "could not disable Nagle on client connection");
+    }
+    let service = service_fn(move |request| {
+        let handler = Arc::clone(&handler);
+        async move { Ok::<_, Infallible>(handler.handle(request, client).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(%client, %error, "client connection ended with an error");
+    }
+}
+
+/// Closes expired idle upstream connections periodically, so that endpoints no longer
+/// requested (e.g. removed from the routes) do not keep connections open.
+async fn evict_idle_upstreams(
+    upstreams: UpstreamPool<Incoming>,
+    period: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
+        upstreams.evict_expired();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::routes::{Route, RouteTable};
+    use test_support::{refused_addr, EchoBackend, TestClient, TestResponse};
+
+    struct RunningProxy {
+        addr: SocketAddr,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+        served: JoinHandle<anyhow::Result<()>>,
+    }
+
+    impl RunningProxy {
+        async fn start(routes: &[(&str, &[SocketAddr])]) -> Self {
+            Self::start_with_max_connections(routes, 64).await
+        }
+
+        async fn start_with_max_connections(
+            routes: &[(&str, &[SocketAddr])],
+            max_connections: usize,
+        ) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let router = Router::new();
+            router.update(&table(routes));
+            let settings = ProxySettings {
+                proxy_id: "lb-test-1".into(),
+                max_connections,
+            };
+            let shutdown = CancellationToken::new();
+            let served = tokio::spawn(serve(
+                listener,
+                Arc::clone(&router),
+                settings,
+                shutdown.clone(),
+            ));
+            Self {
+                addr,
+                router,
+                shutdown,
+                served,
+            }
+        }
+
+        async fn client(&self) -> TestClient {
+            TestClient::connect(self.addr).await
+        }
+
+        /// One request on a fresh client connection.
+        async fn get(&self, host: &str, path: &str) -> TestResponse {
+            self.client().await.get(host, path).await
+        }
+    }
+
+    fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
+        let routes: BTreeMap<_, _> = routes
+            .iter()
+            .map(|(host, endpoints)| {
+                let route = Route {
+                    service: format!("svc-{host}"),
+                    endpoints: endpoints.to_vec(),
+                };
+                (host.to_string(), route)
+            })
+            .collect();
+        RouteTable {
+            routes,
+            rejected: Vec::new(),
+        }
+    }
+
+    fn is_lower_hex_id(id: &str) -> bool {
+        id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    /// `^\d+\.\d{3}$`
+    fn is_seconds_with_millis(text: &str) -> bool {
+        text.split_once('.').is_some_and(|(secs, millis)| {
+            !secs.is_empty()
+                && secs.bytes().all(|b| b.is_ascii_digit())
+                && millis.len() == 3
+                && millis.bytes().all(|b| b.is_ascii_digit())
+        })
+    }
+
+    #[tokio::test]
+    async fn routes_by_host_ignoring_case_and_port() {
+        let a = EchoBackend::start().await;
+        let b = EchoBackend::start().await;
+        let proxy =
+            RunningProxy::start(&[("a.example.com", &[a.addr]), ("b.example.com", &[b.addr])])
+                .await;
+
+        let to_a = proxy.get("A.Example.COM:8080", "/x?y=1").await;
+        assert_eq!(to_a.status, 200);
+        assert_eq!(to_a.echo()["port"], a.addr.port());
+        assert_eq!(to_a.echo()["host"], "A.Example.COM:8080");
+        assert_eq!(to_a.echo()["path"], "/x?y=1");
+
+        let to_b = proxy.get("b.example.com", "/").await;
+        assert_eq!(to_b.echo()["port"], b.addr.port());
+    }
+
+    #[tokio::test]
+    async fn every_proxied_response_carries_the_proxy_headers() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let response = proxy.get("app", "/").await;
+        assert_eq!(response.status, 200);
+
+        let request_id = response.header("x-request-id");
+        assert!(is_lower_hex_id(request_id), "{request_id}");
+        assert_eq!(response.echo()["request_id"], request_id);
+        assert_eq!(response.header("x-proxy-id"), "lb-test-1");
+        assert_eq!(
+            response.header("x-server-info"),
+            crate::build_info::server_info()
+        );
+        let upstream: SocketAddr = response.header("x-upstream-addr").parse().unwrap();
+        assert_eq!(upstream, backend.addr);
+        let time = response.header("x-upstream-response-time");
+        assert!(is_seconds_with_millis(time), "{time}");
+        for name in [
+            "x-request-id",
+            "x-proxy-id",
+            "x-server-info",
+            "x-upstream-addr",
+            "x-upstream-response-time",
+        ] {
+            assert_eq!(response.headers.get_all(name).iter().count(), 1, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_learns_client_address_and_request_id() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let mut client = proxy.client().await;
+        let request = Request::get("/")
+            .header("host", "app")
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(Full::default())
+            .unwrap();
+        let first = client.send(request).await;
+        assert_eq!(first.echo()["real_ip"], "127.0.0.1");
+        assert_eq!(first.echo()["forwarded_for"], "203.0.113.9, 127.0.0.1");
+
+        let second = client.get("app", "/").await;
+        assert_eq!(second.echo()["forwarded_for"], "127.0.0.1");
+        assert_ne!(first.header("x-request-id"), second.header("x-request-id"));
+        assert_eq!(second.echo()["request_id"], second.header("x-request-id"));
+    }
+
+    #[tokio::test]
+    async fn request_body_reaches_upstream() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let request = Request::post("/submit")
+            .header("host", "app")
+            .body(Full::new(Bytes::from_static(b"hello upstream")))
+            .unwrap();
+        let response = proxy.client().await.send(request).await;
+        assert_eq!(response.echo()["method"], "POST");
+        assert_eq!(response.echo()["body"], "hello upstream");
+    }
+
+    #[tokio::test]
+    async fn round_robin_spreads_requests_over_all_endpoints() {
+        let backends = [
+            EchoBackend::start().await,
+            EchoBackend::start().await,
+            EchoBackend::start().await,
+        ];
+        let endpoints = backends.each_ref().map(|b| b.addr);
+        let proxy = RunningProxy::start(&[("app", &endpoints)]).await;
+        let mut client = proxy.client().await;
+        let mut hits = BTreeMap::<u64, usize>::new();
+        for _ in 0..9 {
+            let port = client.get("app", "/").await.echo()["port"]
+                .as_u64()
+                .unwrap();
+            *hits.entry(port).or_default() += 1;
+        }
+        let expected: BTreeMap<u64, usize> =
+            endpoints.iter().map(|a| (u64::from(a.port()), 3)).collect();
+        assert_eq!(hits, expected);
+    }
+
+    #[tokio::test]
+    async fn unknown_or_missing_host_is_503() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+
+        let unknown = proxy.get("nope.example.com", "/").await;
+        assert_eq!(unknown.status, 503);
+        assert_eq!(unknown.text(), "no service for host \"nope.example.com\"\n");
+        assert!(is_lower_hex_id(unknown.header("x-request-id")));
+        assert_eq!(unknown.header("x-proxy-id"), "lb-test-1");
+        assert!(!unknown.headers.contains_key("x-upstream-addr"));
+        assert!(!unknown.headers.contains_key("x-upstream-response-time"));
+
+        let without_host = Request::get("/").body(Full::default()).unwrap();
+        let missing = proxy.client().await.send(without_host).await;
+        assert_eq!(missing.status, 503);
+        assert_eq!(missing.text(), "no Host header\n");
+    }
+
+    #[tokio::test]
+    async fn route_without_endpoints_is_503() {
+        let proxy = RunningProxy::start(&[("app", &[])]).await;
+        let response = proxy.get("app", "/").await;
+        assert_eq!(response.status, 503);
+        assert_eq!(
+            response.text(),
+            "service \"svc-app\" for host \"app\" has no running tasks\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn all_endpoints_refusing_is_502_after_trying_each() {
+        let endpoints = [refused_addr().await, refused_addr().await];
+        let proxy = RunningProxy::start(&[("app", &endpoints)]).await;
+        let response = proxy.get("app", "/").await;
+        assert_eq!(response.status, 502);
+        assert_eq!(
+            response.text(),
+            "no endpoint of service \"svc-app\" accepted a connection (2 tried)\n"
+        );
+        assert!(is_lower_hex_id(response.header("x-request-id")));
+        assert!(!response.headers.contains_key("x-upstream-addr"));
+    }
+
+    #[tokio::test]
+    async fn a_refusing_endpoint_is_skipped() {
+        let live = EchoBackend::start().await;
+        let endpoints = [refused_addr().await, live.addr];
+        let proxy = RunningProxy::start(&[("app", &endpoints)]).await;
+        let mut client = proxy.client().await;
+        for _ in 0..6 {
+            let response = client.get("app", "/").await;
+            assert_eq!(response.status, 200);
+            assert_eq!(response.header("x-upstream-addr"), live.addr.to_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn route_update_applies_to_the_next_request_on_a_kept_alive_connection() {
+        let before = EchoBackend::start().await;
+        let after = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[before.addr])]).await;
+        let mut client = proxy.client().await;
+        assert_eq!(
+            client.get("app", "/").await.echo()["port"],
+            before.addr.port()
+        );
+
+        proxy.router.update(&table(&[("app", &[after.addr])]));
+        let response = client.get("app", "/").await;
+        assert_eq!(response.echo()["port"], after.addr.port());
+
+        proxy.router.update(&table(&[]));
+        assert_eq!(client.get("app", "/").await.status, 503);
+        assert!(!client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn upstream_connections_are_reused() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let mut client = proxy.client().await;
+        for _ in 0..5 {
+            assert_eq!(client.get("app", "/").await.status, 200);
+        }
+        for _ in 0..3 {
+            assert_eq!(proxy.get("app", "/").await.status, 200);
+        }
+        assert_eq!(backend.connections_accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn head_responses_keep_the_upstream_connection() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let mut client = proxy.client().await;
+        for _ in 0..3 {
+            let head = Request::head("/")
+                .header("host", "app")
+                .body(Full::default())
+                .unwrap();
+            let response = client.send(head).await;
+            assert_eq!(response.status, 200);
+            assert!(response.body.is_empty());
+        }
+        assert_eq!(client.get("app", "/").await.status, 200);
+        assert_eq!(backend.connections_accepted(), 1);
+    }
+
+    #[tokio::test]
+    async fn clients_beyond_max_connections_wait_for_a_free_slot() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start_with_max_connections(&[("app", &[backend.addr])], 1).await;
+        let mut first = proxy.client().await;
+        assert_eq!(first.get("app", "/").await.status, 200);
+
+        let mut second = proxy.client().await;
+        let waiting = tokio::spawn(async move { second.get("app", "/").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "second client served beyond the limit"
+        );
+
+        drop(first);
+        let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("second client served once the first left");
+        assert_eq!(answered.unwrap().status, 200);
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_stay_on_their_hop() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let request = Request::get("/")
+            .header("host", "app")
+            .header("connection", "x-client-private")
+            .header("x-client-private", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("te", "trailers")
+            .header("x-end-to-end", "1")
+            .body(Full::default())
+            .unwrap();
+        let response = proxy.client().await.send(request).await;
+
+        let forwarded = response.echo()["header_names"].clone();
+        let forwarded: Vec<&str> = forwarded
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|name| name.as_str().unwrap())
+            .collect();
+        for hop in [
+            "connection",
+            "x-client-private",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+        ] {
+            assert!(!forwarded.contains(&hop), "{hop} forwarded: {forwarded:?}");
+        }
+        assert!(forwarded.contains(&"x-end-to-end"), "{forwarded:?}");
+
+        for hop in ["connection", "keep-alive", "x-backend-private"] {
+            assert!(!response.headers.contains_key(hop), "{hop} in response");
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_finishes_requests_in_flight_then_returns() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let mut idle_client = proxy.client().await;
+        assert_eq!(idle_client.get("app", "/").await.status, 200);
+
+        let mut busy_client = proxy.client().await;
+        let in_flight =
+            tokio::spawn(async move { busy_client.get("app", "/slow?delay_ms=300").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.shutdown.cancel();
+
+        let answered = in_flight.await.unwrap();
+        assert_eq!(answered.status, 200);
+        let served = tokio::time::timeout(Duration::from_secs(5), proxy.served)
+            .await
+            .expect("serve returns after shutdown");
+        served.unwrap().unwrap();
+        assert!(TcpStream::connect(proxy.addr).await.is_err());
+    }
 }

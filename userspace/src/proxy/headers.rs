@@ -1,0 +1,254 @@
+//! Header decoration, as pure functions: hop-by-hop stripping, what the upstream learns about
+//! the client (`X-Request-Id`, `X-Real-IP`, `X-Forwarded-For`), and the Interlock-compatible
+//! headers stamped on every response (`x-request-id`, `x-proxy-id`, `x-server-info`,
+//! `x-upstream-addr`, `x-upstream-response-time`).
+
+use std::{fmt::Display, net::IpAddr, net::SocketAddr, time::Duration};
+
+use http::{
+    header::{self, InvalidHeaderValue},
+    HeaderMap, HeaderName, HeaderValue,
+};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_PROXY_ID: HeaderName = HeaderName::from_static("x-proxy-id");
+pub const X_SERVER_INFO: HeaderName = HeaderName::from_static("x-server-info");
+pub const X_UPSTREAM_ADDR: HeaderName = HeaderName::from_static("x-upstream-addr");
+pub const X_UPSTREAM_RESPONSE_TIME: HeaderName =
+    HeaderName::from_static("x-upstream-response-time");
+
+/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1), so they
+/// never cross the proxy. Transfer-Encoding is re-derived by hyper from the body it streams.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A request's id: 32 lower-case hex digits, sent upstream and back to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn fresh() -> Self {
+        Self(ascii_header_value(uuid::Uuid::new_v4().simple()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+/// Who answered: this proxy's identity headers, fixed for the life of `serve`.
+#[derive(Debug, Clone)]
+pub struct ProxyIdentity {
+    proxy_id: HeaderValue,
+    server_info: HeaderValue,
+}
+
+impl ProxyIdentity {
+    pub fn new(proxy_id: &str, server_info: &str) -> Result<Self, InvalidHeaderValue> {
+        Ok(Self {
+            proxy_id: HeaderValue::from_str(proxy_id)?,
+            server_info: HeaderValue::from_str(server_info)?,
+        })
+    }
+}
+
+/// The upstream that produced a response and how long its response head took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamAnswer {
+    pub addr: SocketAddr,
+    pub response_time: Duration,
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named_by_connection: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named_by_connection.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+/// Turns the client's request headers into the upstream's: hop-by-hop removed, the request id
+/// and client address added. `Host` stays as the client sent it.
+pub fn prepare_upstream_request(headers: &mut HeaderMap, request_id: &RequestId, client: IpAddr) {
+    remove_hop_by_hop(headers);
+    headers.insert(X_REQUEST_ID, request_id.0.clone());
+    headers.insert(X_REAL_IP, ascii_header_value(client));
+    let forwarded_for = forwarded_for_with(headers, client);
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+}
+
+/// The `X-Forwarded-For` chain with `client` appended; several incoming headers are joined
+/// into one list, as RFC 9110 allows for comma-separated fields.
+fn forwarded_for_with(headers: &HeaderMap, client: IpAddr) -> HeaderValue {
+    let mut chain: Vec<u8> = Vec::new();
+    for earlier in headers.get_all(X_FORWARDED_FOR) {
+        chain.extend_from_slice(earlier.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(client.to_string().as_bytes());
+    HeaderValue::from_bytes(&chain).unwrap_or_else(|_| ascii_header_value(client))
+}
+
+/// Turns the upstream's response headers into the client's: hop-by-hop removed, then stamped.
+pub fn prepare_client_response(
+    headers: &mut HeaderMap,
+    request_id: &RequestId,
+    identity: &ProxyIdentity,
+    upstream: UpstreamAnswer,
+) {
+    remove_hop_by_hop(headers);
+    stamp_identity(headers, request_id, identity);
+    headers.insert(X_UPSTREAM_ADDR, ascii_header_value(upstream.addr));
+    headers.insert(
+        X_UPSTREAM_RESPONSE_TIME,
+        ascii_header_value(format_response_time(upstream.response_time)),
+    );
+}
+
+/// The headers every answer carries, including the proxy's own error answers.
+pub fn stamp_identity(headers: &mut HeaderMap, request_id: &RequestId, identity: &ProxyIdentity) {
+    headers.insert(X_REQUEST_ID, request_id.0.clone());
+    headers.insert(X_PROXY_ID, identity.proxy_id.clone());
+    headers.insert(X_SERVER_INFO, identity.server_info.clone());
+}
+
+/// Seconds with millisecond precision, like nginx's `$upstream_response_time` (`0.004`).
+pub fn format_response_time(elapsed: Duration) -> String {
+    format!("{:.3}", elapsed.as_secs_f64())
+}
+
+/// A header value from text that is printable ASCII by construction (hex digits, IP
+/// addresses, decimal numbers), so conversion cannot fail.
+fn ascii_header_value(text: impl Display) -> HeaderValue {
+    HeaderValue::try_from(text.to_string()).expect("printable ASCII is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn names(map: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn request_id_is_32_lowercase_hex_digits_and_fresh() {
+        let id = RequestId::fresh();
+        assert_eq!(id.as_str().len(), 32);
+        assert!(id
+            .as_str()
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        assert_ne!(id, RequestId::fresh());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, X-Session-Secret"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-session-secret", "s3cret"),
+            ("x-other", "1"),
+            ("accept", "*/*"),
+            ("host", "app.example.com"),
+        ]);
+        remove_hop_by_hop(&mut map);
+        assert_eq!(names(&map), ["accept", "host"]);
+    }
+
+    #[test]
+    fn upstream_request_gets_request_id_and_client_address() {
+        let id = RequestId::fresh();
+        let mut map = headers(&[("host", "App.Example.com:8080"), ("connection", "close")]);
+        prepare_upstream_request(&mut map, &id, CLIENT);
+        assert_eq!(map["host"], "App.Example.com:8080");
+        assert_eq!(map["x-request-id"], id.as_str());
+        assert_eq!(map["x-real-ip"], "192.0.2.7");
+        assert_eq!(map["x-forwarded-for"], "192.0.2.7");
+        assert!(!map.contains_key("connection"));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_to_every_earlier_hop() {
+        let mut map = headers(&[
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-for", "198.51.100.2, 10.0.0.3"),
+        ]);
+        prepare_upstream_request(&mut map, &RequestId::fresh(), CLIENT);
+        let chain: Vec<_> = map.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(chain, ["203.0.113.1, 198.51.100.2, 10.0.0.3, 192.0.2.7"]);
+    }
+
+    #[test]
+    fn client_response_is_stamped_and_replaces_upstream_spoofs() {
+        let id = RequestId::fresh();
+        let identity = ProxyIdentity::new("lb-1", "xlb/0.1.0 (abc) linux/amd64").unwrap();
+        let upstream = UpstreamAnswer {
+            addr: "10.0.0.5:8080".parse().unwrap(),
+            response_time: Duration::from_micros(4_400),
+        };
+        let mut map = headers(&[
+            ("x-proxy-id", "spoofed"),
+            ("connection", "keep-alive"),
+            ("content-type", "text/plain"),
+        ]);
+        prepare_client_response(&mut map, &id, &identity, upstream);
+        assert_eq!(map["x-request-id"], id.as_str());
+        assert_eq!(map["x-proxy-id"], "lb-1");
+        assert_eq!(map["x-server-info"], "xlb/0.1.0 (abc) linux/amd64");
+        assert_eq!(map["x-upstream-addr"], "10.0.0.5:8080");
+        assert_eq!(map["x-upstream-response-time"], "0.004");
+        assert_eq!(map.get_all("x-proxy-id").iter().count(), 1);
+        assert!(!map.contains_key("connection"));
+    }
+
+    #[test]
+    fn response_time_has_three_decimals() {
+        assert_eq!(format_response_time(Duration::ZERO), "0.000");
+        assert_eq!(format_response_time(Duration::from_millis(1_234)), "1.234");
+        assert_eq!(format_response_time(Duration::from_secs(61)), "61.000");
+    }
+
+    #[test]
+    fn identity_rejects_values_that_cannot_be_headers() {
+        assert!(ProxyIdentity::new("bad\nid", "xlb").is_err());
+    }
+}
