@@ -8,7 +8,8 @@
 //!
 //! The client only talks to lb-00 and lb-00 to the node, so no forwarding or
 //! extra routes are set up: the load balancer in lb-00 is what connects them.
-//! The caller attaches the XDP program to [`Topology::lb_client_interface`].
+//! The caller attaches the XDP program to [`Topology::LB_CLIENT_INTERFACE`]
+//! inside [`Topology::lb`].
 
 use std::net::Ipv4Addr;
 
@@ -33,6 +34,7 @@ impl Topology {
     /// Interface names only have to be unique inside their namespace, and the
     /// namespaces are per run, so these are fixed and self-describing.
     pub const CLIENT_INTERFACE: &'static str = "to-lb";
+    /// The interface in lb-00 facing the client: where XDP is attached.
     pub const LB_CLIENT_INTERFACE: &'static str = "to-client";
     pub const LB_NODE_INTERFACE: &'static str = "to-node";
     pub const NODE_INTERFACE: &'static str = "to-lb";
@@ -112,15 +114,6 @@ impl Topology {
     /// The Swarm node's address, which it advertises and publishes ports on.
     pub fn node_addr(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 78, self.subnet_octet, 2)
-    }
-
-    /// The interface in lb-00 facing the client: where XDP is attached.
-    pub fn lb_client_interface(&self) -> &'static str {
-        Self::LB_CLIENT_INTERFACE
-    }
-
-    pub fn lb_node_interface(&self) -> &'static str {
-        Self::LB_NODE_INTERFACE
     }
 
     /// Names of the three namespaces, e.g. to check they are gone after Drop.

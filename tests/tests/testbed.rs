@@ -160,8 +160,8 @@ fn topology_links_neighbours_only() -> Result<()> {
 
     for (netns, interface) in [
         (&topology.client, Topology::CLIENT_INTERFACE),
-        (&topology.lb, topology.lb_client_interface()),
-        (&topology.lb, topology.lb_node_interface()),
+        (&topology.lb, Topology::LB_CLIENT_INTERFACE),
+        (&topology.lb, Topology::LB_NODE_INTERFACE),
         (&topology.node, Topology::NODE_INTERFACE),
     ] {
         let features = netns.run("ethtool", &["--show-features", interface])?;
