@@ -27,6 +27,7 @@ mod image;
 mod netns;
 mod privileges;
 mod process;
+pub mod seed;
 mod swarm;
 mod topology;
 mod unique;

@@ -77,10 +77,7 @@ fn select_extension(config: &Config, wanted: Option<&str>) -> anyhow::Result<(St
 
 fn apply_process_limits(proxy: &ProxyConfig) -> anyhow::Result<()> {
     if let Some(limit) = proxy.rlimit_nofile {
-        use nix::sys::resource::{setrlimit, Resource};
-        setrlimit(Resource::RLIMIT_NOFILE, limit, limit)
-            .with_context(|| format!("RlimitNoFile = {limit}: setrlimit(RLIMIT_NOFILE) failed"))?;
-        tracing::info!(limit, "open-file limit set (RlimitNoFile)");
+        raise_open_file_limit(limit)?;
     }
     if let Some(user) = &proxy.user {
         tracing::info!(
@@ -88,6 +85,28 @@ fn apply_process_limits(proxy: &ProxyConfig) -> anyhow::Result<()> {
             "User is parsed but not applied yet: xlb keeps the privileges it needs for XDP"
         );
     }
+    Ok(())
+}
+
+/// `RlimitNoFile`: like nginx's `worker_rlimit_nofile`, both limits when allowed; without
+/// CAP_SYS_RESOURCE the hard limit cannot be raised, so the soft one goes as high as it allows.
+fn raise_open_file_limit(limit: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if setrlimit(Resource::RLIMIT_NOFILE, limit, limit).is_ok() {
+        tracing::info!(limit, "open-file limit set (RlimitNoFile)");
+        return Ok(());
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    let soft = limit.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).with_context(|| {
+        format!("RlimitNoFile = {limit}: setrlimit(RLIMIT_NOFILE, {soft}) failed")
+    })?;
+    tracing::warn!(
+        requested = limit,
+        soft,
+        hard,
+        "RlimitNoFile above the hard limit, which this process may not raise: using the hard limit"
+    );
     Ok(())
 }
 
