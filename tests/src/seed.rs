@@ -10,7 +10,7 @@ use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::{ExitStatus, Output, Stdio},
     time::Duration,
 };
 
@@ -106,6 +106,18 @@ impl SeedScenario {
 
     pub fn xlb_pid(&self) -> u32 {
         self.xlb.pid()
+    }
+
+    /// Stops xlb with SIGTERM (SIGKILL only if it outlives the grace period).
+    pub fn stop_xlb(&mut self) -> Result<ExitStatus> {
+        self.xlb.stop()
+    }
+
+    /// `ip link show` of the XDP interface in lb-00.
+    pub fn lb_interface_details(&self) -> Result<String> {
+        self.topology
+            .lb
+            .ip(&["link", "show", "dev", Topology::LB_CLIENT_INTERFACE])
     }
 
     pub fn xlb_log_path(&self) -> &Path {

@@ -156,7 +156,12 @@ fn send_truncated_frame(scenario: &SeedScenario) {
 
 #[test]
 fn seed_scenario_end_to_end() {
-    let scenario = SeedScenario::start(&xlb_binary(), &seed_config()).expect("seed scenario up");
+    let mut scenario =
+        SeedScenario::start(&xlb_binary(), &seed_config()).expect("seed scenario up");
+    assert!(
+        scenario.lb_interface_details().unwrap().contains("xdp"),
+        "XDP attached to lb-00's veth"
+    );
     let stats_before = scenario.admin("/stats").unwrap();
 
     // The documentation's check.
@@ -231,4 +236,17 @@ fn seed_scenario_end_to_end() {
         "ignored keys are logged by name:\n{log}"
     );
     assert!(log.contains("XDP program attached"), "{log}");
+
+    // SIGTERM: xlb drains, detaches XDP and exits by itself (no SIGKILL).
+    let status = scenario.stop_xlb().unwrap();
+    assert!(
+        status.success(),
+        "xlb exited with {status}:\n{}",
+        scenario.xlb_log()
+    );
+    let link = scenario.lb_interface_details().unwrap();
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after exit: {link}"
+    );
 }

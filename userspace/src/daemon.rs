@@ -116,7 +116,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 
     let l7_ports = [extension.published_port];
     let dataplane = match (&args.interface, args.no_xdp) {
-        (Some(interface), false) => Some(start_dataplane(interface, &l7_ports, &tasks)?),
+        (Some(interface), false) => Some(start_dataplane(interface, &l7_ports, &tasks, &shutdown)?),
         _ => {
             tracing::info!("running proxy-only: no XDP program attached (--no-xdp)");
             None
@@ -174,10 +174,15 @@ fn start_dataplane(
     interface: &str,
     l7_ports: &[u16],
     tasks: &TaskTracker,
+    shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<Mutex<Dataplane>>> {
     let mut dataplane = Dataplane::load()?;
     let forwarder = dataplane.forward_logs(log::logger())?;
-    tasks.spawn(log_failure("XDP log forwarding", forwarder.run()));
+    tasks.spawn(
+        shutdown
+            .clone()
+            .run_until_cancelled_owned(log_failure("XDP log forwarding", forwarder.run())),
+    );
     let mode = dataplane
         .attach(interface)
         .with_context(|| format!("attaching the XDP program to {interface}"))?;

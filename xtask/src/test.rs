@@ -19,6 +19,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     toolchain::require_root("`cargo xtask test`")?;
     toolchain::ensure_packages(toolchain::RUNTIME_PACKAGES)?;
     build_ebpf::run(&build_ebpf::Options { release: true })?;
+    // The end-to-end tests run the real `xlb` binary, found next to their own directory.
+    exec(
+        Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["build", "-p", "xlb", "--bins"]),
+    )?;
     exec(
         Command::new(env!("CARGO"))
             .current_dir(workspace_root())
