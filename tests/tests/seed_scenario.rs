@@ -5,12 +5,15 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use xlb_testbed::seed::{HttpResponse, SeedScenario, HOST, POLL_INTERVAL, SERVICE, TARGET_PORT};
+use xlb_testbed::{
+    list_netns,
+    seed::{HttpResponse, SeedScenario, HOST, POLL_INTERVAL, SERVICE, TARGET_PORT},
+};
 
 /// How long a Swarm change may take to show in xlb's routing: one poll, plus slack.
 const ROUTE_CONVERGENCE: Duration = POLL_INTERVAL.saturating_add(Duration::from_secs(2));
@@ -248,5 +251,20 @@ fn seed_scenario_end_to_end() {
     assert!(
         !link.contains("xdp"),
         "XDP still attached after exit: {link}"
+    );
+
+    // Nothing is left behind: namespaces, the engine.
+    let namespaces = scenario.topology.netns_names();
+    let dockerd = scenario.swarm.dockerd().pid();
+    drop(scenario);
+    let leftover: Vec<String> = list_netns()
+        .unwrap()
+        .into_iter()
+        .filter(|name| namespaces.contains(name))
+        .collect();
+    assert!(leftover.is_empty(), "namespaces left behind: {leftover:?}");
+    assert!(
+        !Path::new(&format!("/proc/{dockerd}")).exists(),
+        "dockerd {dockerd} still runs"
     );
 }

@@ -1,0 +1,121 @@
+//! `xlb run` as a user meets it without a Swarm: XDP falls back to generic mode on a driver
+//! without native XDP, the proxy and admin endpoint serve while Docker is unreachable, SIGTERM
+//! ends it cleanly, and a bad config is refused with its position.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use xlb_testbed::{wait_until, Netns, Process, ScratchDir};
+
+/// The `xlb` binary: `$XLB_BIN`, else the one cargo built next to this test's directory
+/// (`cargo xtask test` builds it first).
+fn xlb_binary() -> PathBuf {
+    std::env::var_os("XLB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let test_exe = std::env::current_exe().expect("the test's own path");
+            test_exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("target/<profile>/deps")
+                .join("xlb")
+        })
+}
+
+const CONFIG_WITHOUT_DOCKER: &str = r#"ListenAddr = "127.0.0.1:9000"
+DockerURL = "unix:///nonexistent/docker.sock"
+PollInterval = "500ms"
+
+[Extensions.default]
+PublishMode = "host"
+PublishedPort = 8000
+"#;
+
+#[test]
+fn runs_without_docker_falls_back_to_generic_xdp_and_stops_on_sigterm() {
+    let scratch = ScratchDir::create("xlb-run").unwrap();
+    let config = scratch.path().join("config.toml");
+    std::fs::write(&config, CONFIG_WITHOUT_DOCKER).unwrap();
+    let log = scratch.path().join("xlb.log");
+    let netns = Netns::create(&format!("xlb-{}-run", xlb_testbed::run_id())).unwrap();
+    netns
+        .ip(&["link", "add", "br0", "type", "bridge"])
+        .unwrap();
+    netns.ip(&["link", "set", "br0", "up"]).unwrap();
+
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut command = netns.command(xlb_binary());
+    command
+        .args(["run", "--interface", "br0", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file);
+    let mut xlb = Process::spawn(command).unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let health = wait_until("the admin endpoint", Duration::from_secs(10), || {
+        Ok(netns
+            .run("curl", &["-sf", "http://127.0.0.1:9000/health"])
+            .ok())
+    })
+    .unwrap_or_else(|error| panic!("{error}\n{}", read_log()));
+    assert_eq!(health.trim(), "ok");
+
+    let unknown = netns
+        .run(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Host: a.local",
+                "http://127.0.0.1:8000/",
+            ],
+        )
+        .unwrap();
+    assert_eq!(unknown, "503");
+
+    let routes = netns
+        .run("curl", &["-sf", "http://127.0.0.1:9000/routes"])
+        .unwrap();
+    let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(routes, serde_json::json!({ "routes": {}, "rejected": [] }));
+
+    wait_until(
+        "a discovery warning naming the Docker URL",
+        Duration::from_secs(5),
+        || {
+            Ok(read_log()
+                .contains("unix:///nonexistent/docker.sock")
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}", read_log()));
+
+    let status = xlb.stop().unwrap();
+    let log = read_log();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(log.contains("falling back to generic mode"), "{log}");
+    assert!(log.contains("mode=Generic"), "{log}");
+    let link = netns.ip(&["link", "show", "dev", "br0"]).unwrap();
+    assert!(!link.contains("xdp"), "XDP detached on exit: {link}");
+}
+
+#[test]
+fn a_bad_config_is_refused_with_file_line_and_column() {
+    let scratch = ScratchDir::create("bad-config").unwrap();
+    let config = scratch.path().join("config.toml");
+    std::fs::write(&config, "ListenAddr = \":8080\"\nPollInterval = 3\n").unwrap();
+    let output = std::process::Command::new(xlb_binary())
+        .args(["run", "--no-xdp", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let position = format!("{}:2:16: PollInterval", config.display());
+    assert!(stderr.contains(&position), "{stderr}");
+}
