@@ -201,6 +201,21 @@ impl SeedScenario {
     }
 }
 
+/// The `xlb` binary for tests: `$XLB_BIN`, else the one cargo built in the target directory the
+/// running test executable sits in (`target/<profile>/deps/..`); `cargo xtask test` builds it.
+pub fn xlb_binary() -> PathBuf {
+    std::env::var_os("XLB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let test_exe = std::env::current_exe().expect("the running executable's path");
+            let profile_dir = test_exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps");
+            profile_dir.join("xlb")
+        })
+}
+
 fn start_xlb(
     topology: &Topology,
     swarm: &Swarm,

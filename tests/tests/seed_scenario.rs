@@ -12,26 +12,11 @@ use std::{
 use serde_json::Value;
 use xlb_testbed::{
     list_netns,
-    seed::{HttpResponse, SeedScenario, HOST, POLL_INTERVAL, SERVICE, TARGET_PORT},
+    seed::{xlb_binary, HttpResponse, SeedScenario, HOST, POLL_INTERVAL, SERVICE, TARGET_PORT},
 };
 
 /// How long a Swarm change may take to show in xlb's routing: one poll, plus slack.
 const ROUTE_CONVERGENCE: Duration = POLL_INTERVAL.saturating_add(Duration::from_secs(2));
-
-/// The `xlb` binary: `$XLB_BIN`, else the one cargo built next to this test's directory
-/// (`cargo xtask test` builds it first).
-fn xlb_binary() -> PathBuf {
-    std::env::var_os("XLB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let test_exe = std::env::current_exe().expect("the test's own path");
-            test_exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("target/<profile>/deps")
-                .join("xlb")
-        })
-}
 
 fn seed_config() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/config.toml")

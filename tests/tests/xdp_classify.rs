@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{PacketBuilder, VlanId};
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, VlanId};
 use xlb::dataplane::Dataplane;
 use xlb_common::Stat;
 
@@ -89,42 +89,33 @@ fn classify(dataplane: &mut Dataplane, frame: &[u8]) -> Class {
     moved_classes[0]
 }
 
-fn ipv4_tcp(dst_port: u16) -> Vec<u8> {
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// Ethernet and the IP header of `family`, client to load balancer.
+fn ip_headers(family: Family) -> PacketBuilderStep<IpHeaders> {
+    let ethernet = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    match family {
+        Family::V4 => ethernet.ipv4(CLIENT_V4, LB_V4, 64),
+        Family::V6 => ethernet.ipv6(CLIENT_V6, LB_V6, 64),
+    }
+}
+
+/// A TCP SYN to `dst_port`.
+fn tcp(family: Family, dst_port: u16) -> Vec<u8> {
     let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(CLIENT_V4, LB_V4, 64)
-        .tcp(40000, dst_port, 1, 64240)
-        .syn()
-        .write(&mut frame, &[])
-        .unwrap();
+    let syn = ip_headers(family).tcp(40000, dst_port, 1, 64240).syn();
+    syn.write(&mut frame, &[]).unwrap();
     frame
 }
 
-fn ipv4_udp(dst_port: u16) -> Vec<u8> {
+/// A small UDP datagram to `dst_port`.
+fn udp(family: Family, dst_port: u16) -> Vec<u8> {
     let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(CLIENT_V4, LB_V4, 64)
-        .udp(40000, dst_port)
-        .write(&mut frame, b"query")
-        .unwrap();
-    frame
-}
-
-fn ipv6_tcp(dst_port: u16) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv6(CLIENT_V6, LB_V6, 64)
-        .tcp(40000, dst_port, 1, 64240)
-        .syn()
-        .write(&mut frame, &[])
-        .unwrap();
-    frame
-}
-
-fn ipv6_udp(dst_port: u16) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv6(CLIENT_V6, LB_V6, 64)
+    ip_headers(family)
         .udp(40000, dst_port)
         .write(&mut frame, b"query")
         .unwrap();
@@ -189,16 +180,32 @@ fn fragment_header(offset_units: u16, more: bool) -> Vec<u8> {
 fn well_formed_frames_are_classified_by_transport_and_port() {
     let mut dataplane = dataplane();
     let cases = [
-        ("IPv4 TCP to the proxy port", ipv4_tcp(L7_PORT), Class::L7),
-        ("IPv4 TCP elsewhere", ipv4_tcp(OTHER_PORT), Class::Other),
         (
-            "IPv4 UDP to the proxy port number",
-            ipv4_udp(L7_PORT),
+            "IPv4 TCP to the proxy port",
+            tcp(Family::V4, L7_PORT),
+            Class::L7,
+        ),
+        (
+            "IPv4 TCP elsewhere",
+            tcp(Family::V4, OTHER_PORT),
             Class::Other,
         ),
-        ("IPv6 TCP to the proxy port", ipv6_tcp(L7_PORT), Class::L7),
-        ("IPv6 TCP elsewhere", ipv6_tcp(OTHER_PORT), Class::Other),
-        ("IPv6 UDP", ipv6_udp(53), Class::Other),
+        (
+            "IPv4 UDP to the proxy port number",
+            udp(Family::V4, L7_PORT),
+            Class::Other,
+        ),
+        (
+            "IPv6 TCP to the proxy port",
+            tcp(Family::V6, L7_PORT),
+            Class::L7,
+        ),
+        (
+            "IPv6 TCP elsewhere",
+            tcp(Family::V6, OTHER_PORT),
+            Class::Other,
+        ),
+        ("IPv6 UDP", udp(Family::V6, 53), Class::Other),
         (
             "802.1Q-tagged IPv4 TCP to the proxy port",
             vlan_ipv4_tcp(L7_PORT),
@@ -214,7 +221,7 @@ fn well_formed_frames_are_classified_by_transport_and_port() {
 #[test]
 fn ethernet_padding_after_the_ip_packet_is_well_formed() {
     let mut dataplane = dataplane();
-    let mut frame = ipv4_tcp(L7_PORT);
+    let mut frame = tcp(Family::V4, L7_PORT);
     frame.extend_from_slice(&[0; 6]);
     assert_eq!(classify(&mut dataplane, &frame), Class::L7);
 }
@@ -227,7 +234,7 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     const ROUTING: u8 = 43;
     const FRAGMENT: u8 = 44;
     let chained = with_ipv6_extensions(
-        &ipv6_tcp(L7_PORT),
+        &tcp(Family::V6, L7_PORT),
         &[
             (HOP_BY_HOP, options_header()),
             (ROUTING, options_header()),
@@ -236,12 +243,14 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     );
     assert_eq!(classify(&mut dataplane, &chained), Class::L7);
 
-    let first_fragment =
-        with_ipv6_extensions(&ipv6_tcp(L7_PORT), &[(FRAGMENT, fragment_header(0, true))]);
+    let first_fragment = with_ipv6_extensions(
+        &tcp(Family::V6, L7_PORT),
+        &[(FRAGMENT, fragment_header(0, true))],
+    );
     assert_eq!(classify(&mut dataplane, &first_fragment), Class::L7);
 
     let later_fragment = with_ipv6_extensions(
-        &ipv6_tcp(L7_PORT),
+        &tcp(Family::V6, L7_PORT),
         &[(FRAGMENT, fragment_header(185, false))],
     );
     assert_eq!(
@@ -250,8 +259,10 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
         "a non-first fragment has no transport header: its bytes must not be read as ports"
     );
 
-    let too_many =
-        with_ipv6_extensions(&ipv6_tcp(L7_PORT), &vec![(DEST_OPTS, options_header()); 8]);
+    let too_many = with_ipv6_extensions(
+        &tcp(Family::V6, L7_PORT),
+        &vec![(DEST_OPTS, options_header()); 8],
+    );
     assert_eq!(
         classify(&mut dataplane, &too_many),
         Class::Other,
@@ -262,7 +273,7 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
 #[test]
 fn ipv4_later_fragments_are_not_read_as_transport() {
     let mut dataplane = dataplane();
-    let mut frame = ipv4_tcp(L7_PORT);
+    let mut frame = tcp(Family::V4, L7_PORT);
     frame[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&185u16.to_be_bytes());
     assert_eq!(classify(&mut dataplane, &frame), Class::Other);
 }
@@ -271,12 +282,12 @@ fn ipv4_later_fragments_are_not_read_as_transport() {
 fn every_truncation_of_an_ip_frame_is_malformed() {
     let mut dataplane = dataplane();
     let frames = [
-        ipv4_tcp(L7_PORT),
-        ipv4_udp(L7_PORT),
-        ipv6_tcp(L7_PORT),
-        ipv6_udp(53),
+        tcp(Family::V4, L7_PORT),
+        udp(Family::V4, L7_PORT),
+        tcp(Family::V6, L7_PORT),
+        udp(Family::V6, 53),
         vlan_ipv4_tcp(L7_PORT),
-        with_ipv6_extensions(&ipv6_tcp(L7_PORT), &[(0, options_header())]),
+        with_ipv6_extensions(&tcp(Family::V6, L7_PORT), &[(0, options_header())]),
     ];
     for frame in frames {
         // The kernel refuses test input shorter than an Ethernet header.
@@ -304,55 +315,58 @@ fn inconsistent_length_fields_are_malformed() {
         frame
     };
     let cases = [
-        ("IHL of 4 words", corrupt(ipv4_tcp(L7_PORT), ipv4, &[0x44])),
+        (
+            "IHL of 4 words",
+            corrupt(tcp(Family::V4, L7_PORT), ipv4, &[0x44]),
+        ),
         (
             "IHL past the frame",
-            corrupt(ipv4_tcp(L7_PORT), ipv4, &[0x4f]),
+            corrupt(tcp(Family::V4, L7_PORT), ipv4, &[0x4f]),
         ),
         (
             "IPv4 ethertype with version 6",
-            corrupt(ipv4_tcp(L7_PORT), ipv4, &[0x65]),
+            corrupt(tcp(Family::V4, L7_PORT), ipv4, &[0x65]),
         ),
         (
             "total length below the header",
-            corrupt(ipv4_tcp(L7_PORT), ipv4 + 2, &[0, 19]),
+            corrupt(tcp(Family::V4, L7_PORT), ipv4 + 2, &[0, 19]),
         ),
         (
             "total length past the frame",
-            corrupt(ipv4_tcp(L7_PORT), ipv4 + 2, &[0, 200]),
+            corrupt(tcp(Family::V4, L7_PORT), ipv4 + 2, &[0, 200]),
         ),
         (
             "TCP data offset of 4 words",
-            corrupt(ipv4_tcp(L7_PORT), tcp4 + 12, &[0x40]),
+            corrupt(tcp(Family::V4, L7_PORT), tcp4 + 12, &[0x40]),
         ),
         (
             "TCP data offset past the packet",
-            corrupt(ipv4_tcp(L7_PORT), tcp4 + 12, &[0xf0]),
+            corrupt(tcp(Family::V4, L7_PORT), tcp4 + 12, &[0xf0]),
         ),
         (
             "UDP length below its header",
-            corrupt(ipv4_udp(L7_PORT), udp4 + 4, &[0, 7]),
+            corrupt(udp(Family::V4, L7_PORT), udp4 + 4, &[0, 7]),
         ),
         (
             "UDP length past the packet",
-            corrupt(ipv4_udp(L7_PORT), udp4 + 4, &[0, 200]),
+            corrupt(udp(Family::V4, L7_PORT), udp4 + 4, &[0, 200]),
         ),
         (
             "IPv6 payload length past the frame",
-            corrupt(ipv6_tcp(L7_PORT), ETH_LEN + 4, &[0, 200]),
+            corrupt(tcp(Family::V6, L7_PORT), ETH_LEN + 4, &[0, 200]),
         ),
         (
             "IPv6 ethertype with version 4",
-            corrupt(ipv6_tcp(L7_PORT), ETH_LEN, &[0x40]),
+            corrupt(tcp(Family::V6, L7_PORT), ETH_LEN, &[0x40]),
         ),
         (
             "IPv6 TCP data offset of 1 word",
-            corrupt(ipv6_tcp(L7_PORT), tcp6 + 12, &[0x10]),
+            corrupt(tcp(Family::V6, L7_PORT), tcp6 + 12, &[0x10]),
         ),
         (
             "IPv6 extension header running past the packet",
             corrupt(
-                with_ipv6_extensions(&ipv6_tcp(L7_PORT), &[(60, options_header())]),
+                with_ipv6_extensions(&tcp(Family::V6, L7_PORT), &[(60, options_header())]),
                 ETH_LEN + IPV6_LEN + 1,
                 &[9],
             ),
@@ -366,11 +380,14 @@ fn inconsistent_length_fields_are_malformed() {
 #[test]
 fn l7_ports_follow_the_daemon() {
     let mut dataplane = dataplane();
-    assert_eq!(classify(&mut dataplane, &ipv4_tcp(8080)), Class::Other);
-    dataplane.set_l7_ports(&[8080]).unwrap();
-    assert_eq!(classify(&mut dataplane, &ipv4_tcp(8080)), Class::L7);
     assert_eq!(
-        classify(&mut dataplane, &ipv4_tcp(L7_PORT)),
+        classify(&mut dataplane, &tcp(Family::V4, 8080)),
+        Class::Other
+    );
+    dataplane.set_l7_ports(&[8080]).unwrap();
+    assert_eq!(classify(&mut dataplane, &tcp(Family::V4, 8080)), Class::L7);
+    assert_eq!(
+        classify(&mut dataplane, &tcp(Family::V4, L7_PORT)),
         Class::Other,
         "80 was removed"
     );
@@ -395,7 +412,7 @@ fn malformed_frames_are_logged_through_aya_log() {
     let mut dataplane = dataplane();
     let captured = Captured::default();
     let mut forwarder = dataplane.forward_logs(captured.clone()).unwrap();
-    let frame = ipv4_tcp(L7_PORT);
+    let frame = tcp(Family::V4, L7_PORT);
     assert_eq!(classify(&mut dataplane, &frame[..30]), Class::Malformed);
     forwarder.flush();
     let records = captured.0.lock().unwrap();

@@ -2,24 +2,9 @@
 //! without native XDP, the proxy and admin endpoint serve while Docker is unreachable, SIGTERM
 //! ends it cleanly, and a bad config is refused with its position.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
-use xlb_testbed::{wait_until, Netns, Process, ScratchDir};
-
-/// The `xlb` binary: `$XLB_BIN`, else the one cargo built next to this test's directory
-/// (`cargo xtask test` builds it first).
-fn xlb_binary() -> PathBuf {
-    std::env::var_os("XLB_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let test_exe = std::env::current_exe().expect("the test's own path");
-            test_exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("target/<profile>/deps")
-                .join("xlb")
-        })
-}
+use xlb_testbed::{seed::xlb_binary, wait_until, Netns, Process, ScratchDir};
 
 const CONFIG_WITHOUT_DOCKER: &str = r#"ListenAddr = "127.0.0.1:9000"
 DockerURL = "unix:///nonexistent/docker.sock"
@@ -37,9 +22,7 @@ fn runs_without_docker_falls_back_to_generic_xdp_and_stops_on_sigterm() {
     std::fs::write(&config, CONFIG_WITHOUT_DOCKER).unwrap();
     let log = scratch.path().join("xlb.log");
     let netns = Netns::create(&format!("xlb-{}-run", xlb_testbed::run_id())).unwrap();
-    netns
-        .ip(&["link", "add", "br0", "type", "bridge"])
-        .unwrap();
+    netns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
     netns.ip(&["link", "set", "br0", "up"]).unwrap();
 
     let log_file = std::fs::File::create(&log).unwrap();
