@@ -79,13 +79,32 @@ impl Default for Extension {
     }
 }
 
-/// `[Extensions.<name>.Config]`: the proxy's own settings.
+/// `[Extensions.<name>.Config]`: the proxy's own settings. `None` means the key is absent and
+/// the proxy's default applies.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProxyConfig {
     pub user: Option<String>,
     pub pid_path: Option<PathBuf>,
     pub rlimit_nofile: Option<u64>,
     pub max_connections: Option<usize>,
+    /// `ConnectTimeout` (nginx `proxy_connect_timeout`).
+    pub connect_timeout: Option<Duration>,
+    /// `SendTimeout` (nginx `proxy_send_timeout`): longest stall writing to an upstream.
+    pub send_timeout: Option<Duration>,
+    /// `ReadTimeout` (nginx `proxy_read_timeout`): longest stall reading from an upstream.
+    pub read_timeout: Option<Duration>,
+    /// `KeepaliveTimeout` (nginx `keepalive_timeout`): idle client connections are closed after
+    /// this; zero disables client keep-alive.
+    pub keepalive_timeout: Option<Duration>,
+    /// `ClientMaxBodySize` (nginx `client_max_body_size`) in bytes; `Some(0)` means unlimited,
+    /// as in nginx.
+    pub client_max_body_size: Option<u64>,
+    /// `UnderscoresInHeaders` (nginx `underscores_in_headers`).
+    pub underscores_in_headers: Option<bool>,
+    /// `AccessLogPath`: where a line per request is appended.
+    pub access_log_path: Option<PathBuf>,
+    /// `ErrorLogPath`: where warnings and errors are appended.
+    pub error_log_path: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +244,20 @@ impl Reader<'_> {
                 }
                 "rlimitnofile" => proxy.rlimit_nofile = Some(self.positive_integer(&entry)?),
                 "maxconnections" => proxy.max_connections = Some(self.positive_integer(&entry)?),
+                "connecttimeout" => proxy.connect_timeout = Some(self.positive_timeout(&entry)?),
+                "sendtimeout" => proxy.send_timeout = Some(self.positive_timeout(&entry)?),
+                "readtimeout" => proxy.read_timeout = Some(self.positive_timeout(&entry)?),
+                "keepalivetimeout" => proxy.keepalive_timeout = Some(self.timeout(&entry)?),
+                "clientmaxbodysize" => proxy.client_max_body_size = Some(self.size(&entry)?),
+                "underscoresinheaders" => {
+                    proxy.underscores_in_headers = Some(self.boolean(&entry)?)
+                }
+                "accesslogpath" => {
+                    proxy.access_log_path = self.optional_string(&entry, "a path")?.map(Into::into)
+                }
+                "errorlogpath" => {
+                    proxy.error_log_path = self.optional_string(&entry, "a path")?.map(Into::into)
+                }
                 _ => self.ignore(&entry),
             }
         }
@@ -342,6 +375,50 @@ impl Reader<'_> {
             .filter(|&number| number > 0)
             .and_then(|number| T::try_from(number).ok())
             .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    /// nginx's time syntax, as Interlock writes it into nginx.conf: whole seconds as an integer
+    /// (`600`), or a string such as `"600s"`, `"75s"`, `"1m30s"`, `"500ms"` or `"600"`.
+    fn timeout(&self, entry: &Entry) -> Result<Duration, ConfigError> {
+        const EXPECTED: &str = r#"seconds (600) or an nginx time like "600s""#;
+        match entry.value.get_ref() {
+            DeValue::Integer(integer) => u64::from_str_radix(integer.as_str(), integer.radix())
+                .ok()
+                .map(Duration::from_secs)
+                .ok_or_else(|| self.expected(entry, EXPECTED)),
+            DeValue::String(text) => {
+                parse_nginx_time(text).ok_or_else(|| self.expected(entry, EXPECTED))
+            }
+            _ => Err(self.expected(entry, EXPECTED)),
+        }
+    }
+
+    fn positive_timeout(&self, entry: &Entry) -> Result<Duration, ConfigError> {
+        match self.timeout(entry)? {
+            timeout if timeout.is_zero() => Err(self.expected(entry, "a time greater than zero")),
+            timeout => Ok(timeout),
+        }
+    }
+
+    /// nginx's size syntax: bytes as an integer, or a string such as `"1m"`, `"512k"`, `"1g"`,
+    /// `"1024"`.
+    fn size(&self, entry: &Entry) -> Result<u64, ConfigError> {
+        const EXPECTED: &str = r#"a size in bytes or like "1m", "512k""#;
+        match entry.value.get_ref() {
+            DeValue::Integer(integer) => u64::from_str_radix(integer.as_str(), integer.radix())
+                .map_err(|_| self.expected(entry, EXPECTED)),
+            DeValue::String(text) => {
+                parse_nginx_size(text).ok_or_else(|| self.expected(entry, EXPECTED))
+            }
+            _ => Err(self.expected(entry, EXPECTED)),
+        }
+    }
+
+    fn boolean(&self, entry: &Entry) -> Result<bool, ConfigError> {
+        match entry.value.get_ref() {
+            DeValue::Boolean(value) => Ok(*value),
+            _ => Err(self.expected(entry, "true or false")),
+        }
     }
 
     /// Go decodes `""` as its zero value, which Interlock reads as "not set"; so does xlb.
@@ -473,6 +550,54 @@ fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     }
 }
 
+/// nginx's time values (`ngx_parse_time`): one or more `<number><unit>` parts, optionally
+/// separated by spaces, with units ms, s, m, h, d, w; a bare number means seconds.
+fn parse_nginx_time(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return text.parse().ok().map(Duration::from_secs);
+    }
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let (digits, after_digits) = split_leading_digits(rest);
+        let unit_length = after_digits
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(after_digits.len());
+        let (unit, after_unit) = after_digits.split_at(unit_length);
+        let number: u64 = digits.parse().ok()?;
+        let millis_per_unit: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "w" => 604_800_000,
+            _ => return None,
+        };
+        total = total.checked_add(Duration::from_millis(number.checked_mul(millis_per_unit)?))?;
+        rest = after_unit.trim_start_matches(' ');
+    }
+    Some(total)
+}
+
+/// nginx's size values (`ngx_parse_size`): a number of bytes, optionally suffixed k, m or g
+/// (either case).
+fn parse_nginx_size(text: &str) -> Option<u64> {
+    let (digits, unit) = split_leading_digits(text.trim());
+    let multiplier: u64 = match unit {
+        "" => 1,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(multiplier)
+}
+
 fn split_leading_digits(text: &str) -> (&str, &str) {
     let end = text
         .find(|c: char| !c.is_ascii_digit())
@@ -584,7 +709,7 @@ mod tests {
             "com.docker.ucp.InstanceID" = "abc"
             [Extensions.e.Config]
             User = ""
-            KeepaliveTimeout = "75s"
+            ServerNamesHashBucketSize = 128
         "#;
         let config = parse(source, "config.toml").unwrap();
         let ignored = [
@@ -592,10 +717,113 @@ mod tests {
             "Metrics",
             "Extensions.e.Constraints",
             "Extensions.e.Labels",
-            "Extensions.e.Config.KeepaliveTimeout",
+            "Extensions.e.Config.ServerNamesHashBucketSize",
         ];
         assert_eq!(config.ignored_keys, ignored);
         assert_eq!(config.extensions["e"].proxy.user, None);
+    }
+
+    fn proxy_config(table: &str) -> ProxyConfig {
+        let source = format!("[Extensions.e.Config]\n{table}");
+        let config = parse(&source, "config.toml").unwrap();
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+        config.extensions["e"].proxy.clone()
+    }
+
+    #[test]
+    fn proxy_timeouts_take_seconds_or_nginx_times() {
+        let proxy = proxy_config(
+            "ConnectTimeout = 600\nsendtimeout = \"30s\"\nREADTIMEOUT = \"1m 30s\"\n\
+             KeepaliveTimeout = \"75s\"",
+        );
+        assert_eq!(proxy.connect_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(proxy.send_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(proxy.read_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(proxy.keepalive_timeout, Some(Duration::from_secs(75)));
+
+        let proxy = proxy_config("ConnectTimeout = \"500ms\"\nKeepaliveTimeout = 0");
+        assert_eq!(proxy.connect_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(proxy.keepalive_timeout, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_proxy_timeouts_are_reported_at_the_value() {
+        assert_eq!(
+            error("[Extensions.e.Config]\nReadTimeout = \"10 parsecs\""),
+            r#"config.toml:2:15: Extensions.e.Config.ReadTimeout: expected seconds (600) or an nginx time like "600s", found "10 parsecs""#
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nConnectTimeout = 0"),
+            "config.toml:2:18: Extensions.e.Config.ConnectTimeout: expected a time greater than zero, found 0"
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nSendTimeout = -5"),
+            r#"config.toml:2:15: Extensions.e.Config.SendTimeout: expected seconds (600) or an nginx time like "600s", found -5"#
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nKeepaliveTimeout = true"),
+            r#"config.toml:2:20: Extensions.e.Config.KeepaliveTimeout: expected seconds (600) or an nginx time like "600s", found true"#
+        );
+    }
+
+    #[test]
+    fn client_max_body_size_takes_nginx_sizes() {
+        let size = |value: &str| proxy_config(&format!("ClientMaxBodySize = {value}"));
+        assert_eq!(size("\"1m\"").client_max_body_size, Some(1 << 20));
+        assert_eq!(size("\"512k\"").client_max_body_size, Some(512 << 10));
+        assert_eq!(size("\"2G\"").client_max_body_size, Some(2 << 30));
+        assert_eq!(size("\"1000\"").client_max_body_size, Some(1000));
+        assert_eq!(size("4096").client_max_body_size, Some(4096));
+        assert_eq!(size("\"0\"").client_max_body_size, Some(0));
+        assert_eq!(
+            error("[Extensions.e.Config]\nClientMaxBodySize = \"1 m\""),
+            r#"config.toml:2:21: Extensions.e.Config.ClientMaxBodySize: expected a size in bytes or like "1m", "512k", found "1 m""#
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nclientmaxbodysize = \"5t\""),
+            r#"config.toml:2:21: Extensions.e.Config.clientmaxbodysize: expected a size in bytes or like "1m", "512k", found "5t""#
+        );
+    }
+
+    #[test]
+    fn header_and_log_keys_are_read() {
+        let proxy = proxy_config(
+            "UnderscoresInHeaders = true\nAccessLogPath = \"/var/log/xlb/access.log\"\n\
+             errorlogpath = \"/var/log/xlb/error.log\"",
+        );
+        assert_eq!(proxy.underscores_in_headers, Some(true));
+        assert_eq!(
+            proxy.access_log_path,
+            Some(PathBuf::from("/var/log/xlb/access.log"))
+        );
+        assert_eq!(
+            proxy.error_log_path,
+            Some(PathBuf::from("/var/log/xlb/error.log"))
+        );
+        let unset = proxy_config("AccessLogPath = \"\"\nUnderscoresInHeaders = false");
+        assert_eq!(unset.access_log_path, None);
+        assert_eq!(unset.underscores_in_headers, Some(false));
+        assert_eq!(
+            error("[Extensions.e.Config]\nUnderscoresInHeaders = \"yes\""),
+            r#"config.toml:2:24: Extensions.e.Config.UnderscoresInHeaders: expected true or false, found "yes""#
+        );
+    }
+
+    #[test]
+    fn nginx_times_and_sizes() {
+        let millis = |text| parse_nginx_time(text).map(|time| time.as_millis());
+        assert_eq!(millis("600"), Some(600_000));
+        assert_eq!(millis("600s"), Some(600_000));
+        assert_eq!(millis("1h30m"), Some(5_400_000));
+        assert_eq!(millis("1d 1ms"), Some(86_400_001));
+        assert_eq!(millis("2w"), Some(1_209_600_000));
+        for rejected in ["", "s", "1x", "1.5s", "-1s", "1s-", "99999999999999999999w"] {
+            assert_eq!(parse_nginx_time(rejected), None, "{rejected:?}");
+        }
+        assert_eq!(parse_nginx_size("10k"), Some(10_240));
+        for rejected in ["", "k", "1.5m", "-1", "1kb", "99999999999g"] {
+            assert_eq!(parse_nginx_size(rejected), None, "{rejected:?}");
+        }
     }
 
     #[test]
