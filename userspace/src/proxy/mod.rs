@@ -8,6 +8,7 @@
 
 mod handler;
 mod headers;
+mod health;
 mod router;
 mod upstream;
 

@@ -24,6 +24,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 pub struct EchoBackend {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -32,20 +33,26 @@ impl EchoBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
+        let open = Arc::new(AtomicUsize::new(0));
+        let (accepted_count, open_count) = (Arc::clone(&accepted), Arc::clone(&open));
         let accept_loop = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
+                accepted_count.fetch_add(1, Ordering::SeqCst);
+                open_count.fetch_add(1, Ordering::SeqCst);
                 let service = service_fn(move |request| echo(addr.port(), request));
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                let open_count = Arc::clone(&open_count);
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    open_count.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
         Self {
             addr,
             accepted,
+            open,
             accept_loop,
         }
     }
@@ -53,6 +60,11 @@ impl EchoBackend {
     /// TCP connections this backend has accepted so far.
     pub fn connections_accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections to this backend that the proxy has not closed yet.
+    pub fn connections_open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 
@@ -97,6 +109,73 @@ async fn echo(port: u16, request: Request<Incoming>) -> Result<Response<Full<Byt
         .body(Full::new(Bytes::from(report.to_string())))
         .unwrap();
     Ok(response)
+}
+
+/// Waits (at most five seconds) until `condition` holds.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("still not true after 5 s: {what}");
+}
+
+/// A backend that accepts connections and reads requests but never answers.
+pub async fn silent_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept_loop = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            connections.push(tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {}
+            }));
+        }
+    });
+    (addr, accept_loop)
+}
+
+/// A backend that accepts connections and then neither reads nor answers.
+pub async fn unread_backend() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept_loop = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.push(stream);
+        }
+    });
+    (addr, accept_loop)
+}
+
+/// A listening socket whose accept queue is full, so that a further connect attempt gets no
+/// answer at all, like a host that has gone away. Keep the returned values alive.
+pub async fn unanswering_addr() -> (
+    SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    // Fill the accept queue: once a connect stays pending, the queue is full.
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => return (addr, listener, queued),
+        }
+    }
+    panic!("the accept queue of {addr} never filled up");
 }
 
 /// An address on 127.0.0.1 that refuses connections: bound once, then released.

@@ -1,18 +1,26 @@
 //! Connections to upstream endpoints: a small pool of HTTP/1.1 keep-alive connections per
-//! endpoint address, built on `hyper::client::conn::http1`.
+//! endpoint address, built on `hyper::client::conn::http1`, with nginx's upstream timeouts.
 //!
 //! A request is handed back to the caller whenever it provably never reached the upstream
 //! (connect refused or timed out, or the connection closed before the request was written), so
 //! the caller can try another endpoint with the same, still unread, request body. A connection
 //! goes back to the pool only once its response body has been read to the end.
+//!
+//! Endpoints that leave the route table are drained ([`UpstreamPool::retain_endpoints`]): their
+//! idle connections are closed at once, busy ones finish their exchange and are closed after it,
+//! and whatever is still busy when the drain timeout ends is aborted.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     error::Error as StdError,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
@@ -24,8 +32,13 @@ use hyper::{
     client::conn::http1::{self, SendRequest},
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-use tracing::debug;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Sleep,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -34,8 +47,13 @@ const POOLED_READY_WAIT: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
-    /// Give up on an endpoint that neither accepts nor refuses within this time.
+    /// `ConnectTimeout`: give up on an endpoint that neither accepts nor refuses within this.
     pub connect_timeout: Duration,
+    /// `SendTimeout`: fail an exchange when the upstream accepts no request bytes for this long.
+    pub send_timeout: Duration,
+    /// `ReadTimeout`: fail an exchange when the upstream sends nothing for this long after the
+    /// proxy last wrote to or read from it.
+    pub read_timeout: Duration,
     /// Close pooled connections unused for this long.
     pub idle_timeout: Duration,
     /// Idle connections kept per endpoint; the least recently used beyond this are closed.
@@ -43,9 +61,12 @@ pub struct PoolSettings {
 }
 
 impl Default for PoolSettings {
+    /// Interlock's defaults for the three timeouts.
     fn default() -> Self {
         Self {
-            connect_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(600),
+            send_timeout: Duration::from_secs(600),
+            read_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),
             max_idle_per_upstream: 32,
         }
@@ -68,6 +89,43 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+}
+
+impl UpstreamError {
+    /// Whether the endpoint could not be reached at all, as opposed to one exchange failing.
+    pub fn is_unreachable(&self) -> bool {
+        !matches!(self, Self::Exchange { .. })
+    }
+
+    /// The timeout that ended the exchange, if one did.
+    pub fn stall(&self) -> Option<Stall> {
+        self.causes().find_map(|cause| {
+            cause
+                .downcast_ref::<io::Error>()?
+                .get_ref()?
+                .downcast_ref::<Stall>()
+                .copied()
+        })
+    }
+
+    /// The request body's own error, when reading the request body is what failed the exchange.
+    pub fn body_error<E: StdError + 'static>(&self) -> Option<&E> {
+        self.causes().find_map(|cause| cause.downcast_ref::<E>())
+    }
+
+    fn causes(&self) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+        let first: &(dyn StdError + 'static) = self;
+        std::iter::successors(Some(first), |error| (*error).source())
+    }
+}
+
+/// An upstream that stopped making progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Stall {
+    #[error("upstream sent nothing for {0:?} (ReadTimeout)")]
+    Read(Duration),
+    #[error("upstream accepted nothing for {0:?} (SendTimeout)")]
+    Write(Duration),
 }
 
 /// Why [`UpstreamPool::send`] produced no response.
@@ -105,12 +163,29 @@ impl<B> Clone for UpstreamPool<B> {
 
 struct PoolShared<B> {
     settings: PoolSettings,
-    idle: Mutex<HashMap<SocketAddr, Vec<IdleConnection<B>>>>,
+    endpoints: Mutex<HashMap<SocketAddr, Endpoint<B>>>,
+    next_generation: AtomicU64,
+}
+
+/// The connections of one endpoint since it (last) entered the pool. A drained endpoint's
+/// entry is removed, so connections of an older generation never return to the pool.
+struct Endpoint<B> {
+    generation: u64,
+    idle: Vec<IdleConnection<B>>,
+    /// Aborts every connection of this generation.
+    abort: CancellationToken,
 }
 
 struct IdleConnection<B> {
     sender: SendRequest<B>,
     idle_since: Instant,
+}
+
+/// A connection's place in the pool: which endpoint generation it belongs to.
+#[derive(Clone)]
+struct Membership {
+    addr: SocketAddr,
+    generation: u64,
 }
 
 impl<B> UpstreamPool<B>
@@ -123,7 +198,8 @@ where
         Self {
             shared: Arc::new(PoolShared {
                 settings,
-                idle: Mutex::new(HashMap::new()),
+                endpoints: Mutex::new(HashMap::new()),
+                next_generation: AtomicU64::new(0),
             }),
         }
     }
@@ -135,10 +211,10 @@ where
         mut request: Request<B>,
     ) -> Result<UpstreamResponse<B>, SendError<B>> {
         loop {
-            let (mut sender, pooled) = match self.checkout(addr).await {
-                Some(sender) => (sender, true),
+            let (mut sender, membership, pooled) = match self.checkout(addr).await {
+                Some((sender, membership)) => (sender, membership, true),
                 None => match self.connect(addr).await {
-                    Ok(sender) => (sender, false),
+                    Ok((sender, membership)) => (sender, membership, false),
                     Err(error) => {
                         let request = Box::new(request);
                         return Err(SendError::NotSent { request, error });
@@ -151,7 +227,7 @@ where
                     let response_time = sent_at.elapsed();
                     let checkin = Checkin {
                         pool: Arc::clone(&self.shared),
-                        addr,
+                        membership,
                         sender,
                     };
                     let response = response.map(|body| UpstreamBody::new(body, checkin));
@@ -184,36 +260,72 @@ where
         }
     }
 
+    /// Drains every endpoint not in `current`: its idle connections are closed now, its busy
+    /// ones after their exchange, and any still busy after `drain_timeout` are aborted.
+    pub fn retain_endpoints(&self, current: &HashSet<SocketAddr>, drain_timeout: Duration) {
+        let drained: Vec<(SocketAddr, Endpoint<B>)> = {
+            let mut endpoints = self.shared.lock_endpoints();
+            let gone: Vec<SocketAddr> = endpoints
+                .keys()
+                .filter(|addr| !current.contains(addr))
+                .copied()
+                .collect();
+            gone.into_iter()
+                .filter_map(|addr| Some((addr, endpoints.remove(&addr)?)))
+                .collect()
+        };
+        for (addr, endpoint) in drained {
+            info!(
+                %addr,
+                idle_closed = endpoint.idle.len(),
+                ?drain_timeout,
+                "upstream endpoint left the routes: draining"
+            );
+            let abort = endpoint.abort;
+            tokio::spawn(async move {
+                tokio::time::sleep(drain_timeout).await;
+                abort.cancel();
+            });
+        }
+    }
+
     /// Closes connections idle for longer than the idle timeout, for every upstream.
     pub fn evict_expired(&self) {
         let idle_timeout = self.shared.settings.idle_timeout;
-        let mut idle = self.shared.lock_idle();
-        idle.retain(|_, connections| {
-            connections.retain(|connection| connection.is_usable(idle_timeout));
-            !connections.is_empty()
-        });
+        for endpoint in self.shared.lock_endpoints().values_mut() {
+            endpoint
+                .idle
+                .retain(|connection| connection.is_usable(idle_timeout));
+        }
     }
 
     /// Idle connections held for `addr`.
     #[cfg(test)]
     pub fn idle_count(&self, addr: SocketAddr) -> usize {
-        self.shared.lock_idle().get(&addr).map_or(0, Vec::len)
+        self.shared
+            .lock_endpoints()
+            .get(&addr)
+            .map_or(0, |endpoint| endpoint.idle.len())
     }
 
     /// The most recently used idle connection to `addr` that is ready for a request.
-    async fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
+    async fn checkout(&self, addr: SocketAddr) -> Option<(SendRequest<B>, Membership)> {
         loop {
-            let mut sender = self.shared.take_idle(addr)?;
+            let (mut sender, membership) = self.shared.take_idle(addr)?;
             match tokio::time::timeout(POOLED_READY_WAIT, sender.ready()).await {
-                Ok(Ok(())) => return Some(sender),
+                Ok(Ok(())) => return Some((sender, membership)),
                 Ok(Err(error)) => debug!(%addr, %error, "discarding closed upstream connection"),
                 Err(_) => debug!(%addr, "discarding upstream connection that stayed busy"),
             }
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
-        let timeout = self.shared.settings.connect_timeout;
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(SendRequest<B>, Membership), UpstreamError> {
+        let settings = &self.shared.settings;
+        let timeout = settings.connect_timeout;
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
@@ -222,48 +334,82 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%addr, %error, "could not disable Nagle on upstream connection");
         }
+        let stream = TimedStream::new(stream, settings.read_timeout, settings.send_timeout);
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        // The connection task ends when the upstream closes or the last sender is dropped.
+        let (membership, abort) = self.shared.join(addr);
+        // The connection task ends when the upstream closes, the last sender is dropped, or the
+        // endpoint's drain timeout runs out.
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%addr, %error, "upstream connection ended with an error");
+            tokio::select! {
+                result = connection => if let Err(error) = result {
+                    debug!(%addr, %error, "upstream connection ended with an error");
+                },
+                () = abort.cancelled() => {
+                    debug!(%addr, "upstream connection aborted: drain timeout");
+                }
             }
         });
         debug!(%addr, "connected to upstream");
-        Ok(sender)
+        Ok((sender, membership))
     }
 }
 
 impl<B> PoolShared<B> {
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<IdleConnection<B>>>> {
-        // The map stays consistent even if a holder panicked: every update is a single push/pop.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Endpoint<B>>> {
+        // The map stays consistent even if a holder panicked: every update is a single change.
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
+    /// Registers a new connection to `addr` with the endpoint's current generation.
+    fn join(&self, addr: SocketAddr) -> (Membership, CancellationToken) {
+        let mut endpoints = self.lock_endpoints();
+        let endpoint = endpoints.entry(addr).or_insert_with(|| Endpoint {
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+            idle: Vec::new(),
+            abort: CancellationToken::new(),
+        });
+        let membership = Membership {
+            addr,
+            generation: endpoint.generation,
+        };
+        (membership, endpoint.abort.clone())
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<(SendRequest<B>, Membership)> {
         let idle_timeout = self.settings.idle_timeout;
-        let mut idle = self.lock_idle();
-        let connections = idle.get_mut(&addr)?;
-        connections.retain(|connection| connection.is_usable(idle_timeout));
-        let newest = connections.pop();
-        if connections.is_empty() {
-            idle.remove(&addr);
-        }
-        newest.map(|connection| connection.sender)
+        let mut endpoints = self.lock_endpoints();
+        let endpoint = endpoints.get_mut(&addr)?;
+        endpoint
+            .idle
+            .retain(|connection| connection.is_usable(idle_timeout));
+        let newest = endpoint.idle.pop()?;
+        let membership = Membership {
+            addr,
+            generation: endpoint.generation,
+        };
+        Some((newest.sender, membership))
     }
 
-    fn put(&self, addr: SocketAddr, sender: SendRequest<B>) {
+    fn put(&self, membership: Membership, sender: SendRequest<B>) {
         if sender.is_closed() || self.settings.max_idle_per_upstream == 0 {
             return;
         }
-        let mut idle = self.lock_idle();
-        let connections = idle.entry(addr).or_default();
-        if connections.len() >= self.settings.max_idle_per_upstream {
-            connections.remove(0);
+        let mut endpoints = self.lock_endpoints();
+        let Some(endpoint) = endpoints
+            .get_mut(&membership.addr)
+            .filter(|endpoint| endpoint.generation == membership.generation)
+        else {
+            debug!(addr = %membership.addr, "closing connection to a drained upstream endpoint");
+            return;
+        };
+        if endpoint.idle.len() >= self.settings.max_idle_per_upstream {
+            endpoint.idle.remove(0);
         }
-        connections.push(IdleConnection {
+        endpoint.idle.push(IdleConnection {
             sender,
             idle_since: Instant::now(),
         });
@@ -276,10 +422,133 @@ impl<B> IdleConnection<B> {
     }
 }
 
+/// An upstream TCP stream that fails with a [`Stall`] when the upstream stops reading
+/// (`SendTimeout`) or answering (`ReadTimeout`), like nginx's timeouts between two successive
+/// writes or reads.
+struct TimedStream {
+    stream: TcpStream,
+    read_timeout: Duration,
+    send_timeout: Duration,
+    /// The last read or write that made progress: an upstream is only expected to answer after
+    /// being written to.
+    last_progress: tokio::time::Instant,
+    read_deadline: Pin<Box<Sleep>>,
+    write_blocked_since: Option<tokio::time::Instant>,
+    write_deadline: Pin<Box<Sleep>>,
+}
+
+impl TimedStream {
+    fn new(stream: TcpStream, read_timeout: Duration, send_timeout: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            stream,
+            read_timeout,
+            send_timeout,
+            last_progress: now,
+            read_deadline: Box::pin(tokio::time::sleep_until(now + read_timeout)),
+            write_blocked_since: None,
+            write_deadline: Box::pin(tokio::time::sleep_until(now + send_timeout)),
+        }
+    }
+
+    fn poll_write_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match write(Pin::new(&mut self.stream), cx) {
+            Poll::Ready(result) => {
+                self.write_blocked_since = None;
+                if result.is_ok() {
+                    self.last_progress = tokio::time::Instant::now();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let since = *self
+                    .write_blocked_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                let timeout = self.send_timeout;
+                poll_deadline(
+                    &mut self.write_deadline,
+                    since + timeout,
+                    cx,
+                    Stall::Write(timeout),
+                )
+            }
+        }
+    }
+}
+
+/// `Pending` until `deadline`, then the stall as an I/O error.
+fn poll_deadline<T>(
+    sleep: &mut Pin<Box<Sleep>>,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+    stall: Stall,
+) -> Poll<io::Result<T>> {
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    ready!(sleep.as_mut().poll(cx));
+    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stall)))
+}
+
+impl AsyncRead for TimedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                this.last_progress = tokio::time::Instant::now();
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let timeout = this.read_timeout;
+                let deadline = this.last_progress + timeout;
+                poll_deadline(&mut this.read_deadline, deadline, cx, Stall::Read(timeout))
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TimedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, |stream, cx| stream.poll_write(cx, data))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, |stream, cx| stream.poll_write_vectored(cx, data))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write_with(cx, |stream, cx| stream.poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// What a response body needs to hand its connection back to the pool.
 struct Checkin<B> {
     pool: Arc<PoolShared<B>>,
-    addr: SocketAddr,
+    membership: Membership,
     sender: SendRequest<B>,
 }
 
@@ -303,8 +572,13 @@ impl<B> UpstreamBody<B> {
     }
 
     fn release_connection(&mut self) {
-        if let Some(Checkin { pool, addr, sender }) = self.checkin.take() {
-            pool.put(addr, sender);
+        if let Some(Checkin {
+            pool,
+            membership,
+            sender,
+        }) = self.checkin.take()
+        {
+            pool.put(membership, sender);
         }
     }
 }
@@ -372,7 +646,9 @@ mod tests {
     };
 
     use super::*;
-    use crate::proxy::test_support::{refused_addr, EchoBackend};
+    use crate::proxy::test_support::{
+        eventually, refused_addr, silent_backend, unanswering_addr, unread_backend, EchoBackend,
+    };
 
     fn get(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
         Request::get(path)
@@ -507,5 +783,181 @@ mod tests {
             .unwrap();
         read_to_end(response).await;
         assert_eq!(backend.connections_accepted(), 2);
+    }
+
+    fn with_timeouts(read: Duration, send: Duration, connect: Duration) -> PoolSettings {
+        PoolSettings {
+            read_timeout: read,
+            send_timeout: send,
+            connect_timeout: connect,
+            ..PoolSettings::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn retain_endpoints_closes_idle_connections_of_removed_endpoints() {
+        let kept = EchoBackend::start().await;
+        let removed = EchoBackend::start().await;
+        let pool = UpstreamPool::new(PoolSettings::default());
+        for backend in [&kept, &removed] {
+            let response = pool
+                .send(backend.addr, get(backend.addr, "/"))
+                .await
+                .unwrap();
+            read_to_end(response).await;
+        }
+        pool.retain_endpoints(&HashSet::from([kept.addr]), Duration::from_secs(30));
+        assert_eq!(pool.idle_count(removed.addr), 0);
+        assert_eq!(pool.idle_count(kept.addr), 1);
+        eventually("idle connection to the removed endpoint closed", || {
+            removed.connections_open() == 0
+        })
+        .await;
+        assert_eq!(kept.connections_open(), 1);
+    }
+
+    #[tokio::test]
+    async fn busy_connection_of_a_drained_endpoint_finishes_then_closes() {
+        let backend = EchoBackend::start().await;
+        let pool = UpstreamPool::new(PoolSettings::default());
+        let in_flight = {
+            let pool = pool.clone();
+            let addr = backend.addr;
+            tokio::spawn(async move { pool.send(addr, get(addr, "/?delay_ms=300")).await })
+        };
+        eventually("request reached the backend", || {
+            backend.connections_open() == 1
+        })
+        .await;
+        pool.retain_endpoints(&HashSet::new(), Duration::from_secs(30));
+
+        let response = in_flight.await.unwrap().unwrap();
+        assert_eq!(response.response.status(), 200);
+        read_to_end(response).await;
+        assert_eq!(pool.idle_count(backend.addr), 0);
+        eventually("drained connection closed after its exchange", || {
+            backend.connections_open() == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn drain_timeout_aborts_exchanges_still_running() {
+        let backend = EchoBackend::start().await;
+        let pool = UpstreamPool::new(PoolSettings::default());
+        let in_flight = {
+            let pool = pool.clone();
+            let addr = backend.addr;
+            tokio::spawn(async move { pool.send(addr, get(addr, "/?delay_ms=10000")).await })
+        };
+        eventually("request reached the backend", || {
+            backend.connections_open() == 1
+        })
+        .await;
+        pool.retain_endpoints(&HashSet::new(), Duration::from_millis(100));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), in_flight)
+            .await
+            .expect("aborted by the drain timeout")
+            .unwrap();
+        assert!(matches!(outcome, Err(SendError::Failed(_))), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_back_in_the_routes_gets_a_fresh_pool() {
+        let backend = EchoBackend::start().await;
+        let pool = UpstreamPool::new(PoolSettings::default());
+        let response = pool
+            .send(backend.addr, get(backend.addr, "/"))
+            .await
+            .unwrap();
+        pool.retain_endpoints(&HashSet::new(), Duration::from_secs(30));
+        read_to_end(response).await;
+        assert_eq!(pool.idle_count(backend.addr), 0, "old generation pooled");
+
+        let response = pool
+            .send(backend.addr, get(backend.addr, "/"))
+            .await
+            .unwrap();
+        read_to_end(response).await;
+        assert_eq!(pool.idle_count(backend.addr), 1);
+    }
+
+    #[tokio::test]
+    async fn read_timeout_fails_an_upstream_that_never_answers() {
+        let (addr, _backend) = silent_backend().await;
+        let timeout = Duration::from_millis(200);
+        let pool = UpstreamPool::new(with_timeouts(timeout, Duration::from_secs(60), timeout));
+        match pool.send(addr, get(addr, "/")).await {
+            Err(SendError::Failed(error)) => {
+                assert_eq!(error.stall(), Some(Stall::Read(timeout)), "{error}");
+                assert!(!error.is_unreachable());
+            }
+            other => panic!("expected a read timeout, got {other:?}"),
+        }
+    }
+
+    /// A request body of `remaining` zero bytes, sent in 1 MiB frames.
+    #[derive(Debug)]
+    struct ZeroBody {
+        remaining: usize,
+    }
+
+    impl Body for ZeroBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            const FRAME: usize = 1 << 20;
+            let size = self.remaining.min(FRAME);
+            if size == 0 {
+                return Poll::Ready(None);
+            }
+            self.remaining -= size;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![0; size])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn send_timeout_fails_an_upstream_that_stops_reading() {
+        let (addr, _backend) = unread_backend().await;
+        let timeout = Duration::from_millis(200);
+        let pool = UpstreamPool::new(with_timeouts(Duration::from_secs(60), timeout, timeout));
+        let request = Request::post("/upload")
+            .header(http::header::HOST, addr.to_string())
+            .body(ZeroBody {
+                remaining: 256 << 20,
+            })
+            .unwrap();
+        match pool.send(addr, request).await {
+            Err(SendError::Failed(error)) => {
+                assert_eq!(error.stall(), Some(Stall::Write(timeout)), "{error}");
+            }
+            Err(SendError::NotSent { error, .. }) => panic!("expected a send timeout: {error}"),
+            Ok(response) => panic!(
+                "expected a send timeout, got {}",
+                response.response.status()
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_timeout_hands_the_request_back() {
+        let (addr, _listener, _queued) = unanswering_addr().await;
+        let timeout = Duration::from_millis(200);
+        let pool = UpstreamPool::new(with_timeouts(timeout, timeout, timeout));
+        match pool.send(addr, get(addr, "/kept")).await {
+            Err(SendError::NotSent { request, error }) => {
+                assert_eq!(request.uri(), "/kept");
+                assert!(
+                    matches!(error, UpstreamError::ConnectTimeout { .. }),
+                    "{error}"
+                );
+                assert!(error.is_unreachable());
+            }
+            other => panic!("expected a connect timeout, got {other:?}"),
+        }
     }
 }
