@@ -105,6 +105,9 @@ pub struct ProxyConfig {
     pub access_log_path: Option<PathBuf>,
     /// `ErrorLogPath`: where warnings and errors are appended.
     pub error_log_path: Option<PathBuf>,
+    /// `DrainTimeout` (xlb's own key): how long requests to an endpoint that left the routes may
+    /// still run.
+    pub drain_timeout: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +261,7 @@ impl Reader<'_> {
                 "errorlogpath" => {
                     proxy.error_log_path = self.optional_string(&entry, "a path")?.map(Into::into)
                 }
+                "draintimeout" => proxy.drain_timeout = Some(self.timeout(&entry)?),
                 _ => self.ignore(&entry),
             }
         }
@@ -741,9 +745,12 @@ mod tests {
         assert_eq!(proxy.read_timeout, Some(Duration::from_secs(90)));
         assert_eq!(proxy.keepalive_timeout, Some(Duration::from_secs(75)));
 
-        let proxy = proxy_config("ConnectTimeout = \"500ms\"\nKeepaliveTimeout = 0");
+        let proxy = proxy_config(
+            "ConnectTimeout = \"500ms\"\nKeepaliveTimeout = 0\nDrainTimeout = \"45s\"",
+        );
         assert_eq!(proxy.connect_timeout, Some(Duration::from_millis(500)));
         assert_eq!(proxy.keepalive_timeout, Some(Duration::ZERO));
+        assert_eq!(proxy.drain_timeout, Some(Duration::from_secs(45)));
     }
 
     #[test]

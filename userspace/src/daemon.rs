@@ -23,9 +23,6 @@ use crate::{
     swarm::Swarm,
 };
 
-/// nginx's `worker_connections` default, which Interlock's proxy inherits.
-const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
     for key in &config.ignored_keys {
@@ -126,13 +123,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     let proxy_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, extension.published_port));
     let proxy_listener = bind(proxy_addr, "the proxy (PublishedPort)").await?;
     let router = Router::new();
-    let settings = ProxySettings {
-        proxy_id: proxy_id(),
-        max_connections: extension
-            .proxy
-            .max_connections
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
-    };
+    let settings = proxy_settings(&extension.proxy, proxy_id());
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
     tasks.spawn(log_failure(
         "proxy",
@@ -168,6 +159,38 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     tasks.wait().await;
     tracing::info!("stopped; XDP program detached");
     Ok(())
+}
+
+/// The proxy's settings: the config's values where given, Interlock's defaults otherwise.
+fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> ProxySettings {
+    let defaults = ProxySettings::default();
+    let limits = &defaults.handler.limits;
+    let upstream = &defaults.upstream;
+    let mut settings = ProxySettings {
+        proxy_id,
+        max_connections: config.max_connections.unwrap_or(defaults.max_connections),
+        drain_timeout: config.drain_timeout.unwrap_or(defaults.drain_timeout),
+        access_log_path: config
+            .access_log_path
+            .clone()
+            .or_else(|| defaults.access_log_path.clone()),
+        ..defaults.clone()
+    };
+    settings.handler.limits.max_body_size = match config.client_max_body_size {
+        None => limits.max_body_size,
+        // nginx: "Setting size to 0 disables checking of client request body size."
+        Some(0) => None,
+        Some(size) => Some(size),
+    };
+    settings.handler.limits.keepalive_timeout =
+        config.keepalive_timeout.unwrap_or(limits.keepalive_timeout);
+    settings.handler.underscores_in_headers = config
+        .underscores_in_headers
+        .unwrap_or(defaults.handler.underscores_in_headers);
+    settings.upstream.connect_timeout = config.connect_timeout.unwrap_or(upstream.connect_timeout);
+    settings.upstream.send_timeout = config.send_timeout.unwrap_or(upstream.send_timeout);
+    settings.upstream.read_timeout = config.read_timeout.unwrap_or(upstream.read_timeout);
+    settings
 }
 
 fn start_dataplane(

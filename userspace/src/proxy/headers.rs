@@ -1,5 +1,6 @@
 //! Header decoration, as pure functions: hop-by-hop stripping, what the upstream learns about
-//! the client (`X-Request-Id`, `X-Real-IP`, `X-Forwarded-For`), and the Interlock-compatible
+//! the client (`X-Request-Id`, `X-Real-IP`, `X-Forwarded-For`, `X-Forwarded-Proto`), nginx's
+//! `underscores_in_headers off`, and the Interlock-compatible
 //! headers stamped on every response (`x-request-id`, `x-proxy-id`, `x-server-info`,
 //! `x-upstream-addr`, `x-upstream-response-time`).
 
@@ -13,6 +14,7 @@ use http::{
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_PROXY_ID: HeaderName = HeaderName::from_static("x-proxy-id");
 pub const X_SERVER_INFO: HeaderName = HeaderName::from_static("x-server-info");
 pub const X_UPSTREAM_ADDR: HeaderName = HeaderName::from_static("x-upstream-addr");
@@ -59,6 +61,27 @@ impl ProxyIdentity {
             server_info: HeaderValue::from_str(server_info)?,
         })
     }
+
+    /// The headers [`stamp_identity`] sets, for answers written without a `HeaderMap`.
+    pub fn headers(&self, request_id: &RequestId) -> [(HeaderName, HeaderValue); 3] {
+        [
+            (X_REQUEST_ID, request_id.0.clone()),
+            (X_PROXY_ID, self.proxy_id.clone()),
+            (X_SERVER_INFO, self.server_info.clone()),
+        ]
+    }
+}
+
+/// What the upstream is told about the client's request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFacts<'a> {
+    pub request_id: &'a RequestId,
+    /// The client's address.
+    pub addr: IpAddr,
+    /// `http` or `https`: how the client reached the proxy.
+    pub scheme: &'a str,
+    /// nginx's `underscores_in_headers`: when off, headers with `_` in their name are dropped.
+    pub underscores_in_headers: bool,
 }
 
 /// The upstream that produced a response and how long its response head took.
@@ -82,14 +105,33 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Turns the client's request headers into the upstream's: hop-by-hop removed, the request id
-/// and client address added. `Host` stays as the client sent it.
-pub fn prepare_upstream_request(headers: &mut HeaderMap, request_id: &RequestId, client: IpAddr) {
+/// Turns the client's request headers into the upstream's: hop-by-hop (and, unless allowed,
+/// underscored) headers removed, the request id and what the proxy knows about the client set.
+/// `Host` stays as the client sent it.
+pub fn prepare_upstream_request(headers: &mut HeaderMap, client: ClientFacts<'_>) {
     remove_hop_by_hop(headers);
-    headers.insert(X_REQUEST_ID, request_id.0.clone());
-    headers.insert(X_REAL_IP, ascii_header_value(client));
-    let forwarded_for = forwarded_for_with(headers, client);
+    if !client.underscores_in_headers {
+        remove_underscored(headers);
+    }
+    headers.insert(X_REQUEST_ID, client.request_id.0.clone());
+    headers.insert(X_REAL_IP, ascii_header_value(client.addr));
+    let forwarded_for = forwarded_for_with(headers, client.addr);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
+    let scheme = HeaderValue::from_str(client.scheme).unwrap_or(HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, scheme);
+}
+
+/// nginx ignores header names containing `_` unless `underscores_in_headers` is on, because
+/// CGI-style servers cannot tell `X_Real_IP` from `X-Real-IP`.
+fn remove_underscored(headers: &mut HeaderMap) {
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(name);
+    }
 }
 
 /// The `X-Forwarded-For` chain with `client` appended; several incoming headers are joined
@@ -194,16 +236,57 @@ mod tests {
         assert_eq!(names(&map), ["accept", "host"]);
     }
 
+    fn facts(request_id: &RequestId) -> ClientFacts<'_> {
+        ClientFacts {
+            request_id,
+            addr: CLIENT,
+            scheme: "http",
+            underscores_in_headers: false,
+        }
+    }
+
     #[test]
     fn upstream_request_gets_request_id_and_client_address() {
         let id = RequestId::fresh();
-        let mut map = headers(&[("host", "App.Example.com:8080"), ("connection", "close")]);
-        prepare_upstream_request(&mut map, &id, CLIENT);
+        let mut map = headers(&[
+            ("host", "App.Example.com:8080"),
+            ("connection", "close"),
+            ("x-forwarded-proto", "gopher"),
+        ]);
+        prepare_upstream_request(&mut map, facts(&id));
         assert_eq!(map["host"], "App.Example.com:8080");
         assert_eq!(map["x-request-id"], id.as_str());
         assert_eq!(map["x-real-ip"], "192.0.2.7");
         assert_eq!(map["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map.get_all("x-forwarded-proto").iter().count(), 1);
         assert!(!map.contains_key("connection"));
+
+        let mut tls = headers(&[("host", "a")]);
+        let over_tls = ClientFacts {
+            scheme: "https",
+            ..facts(&id)
+        };
+        prepare_upstream_request(&mut tls, over_tls);
+        assert_eq!(tls["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn underscored_headers_are_dropped_unless_allowed() {
+        let id = RequestId::fresh();
+        let original = headers(&[("host", "a"), ("x_api_key", "k"), ("x-api-key", "k2")]);
+        let mut dropped = original.clone();
+        prepare_upstream_request(&mut dropped, facts(&id));
+        assert!(!dropped.contains_key("x_api_key"));
+        assert_eq!(dropped["x-api-key"], "k2");
+
+        let mut kept = original;
+        let allowed = ClientFacts {
+            underscores_in_headers: true,
+            ..facts(&id)
+        };
+        prepare_upstream_request(&mut kept, allowed);
+        assert_eq!(kept["x_api_key"], "k");
     }
 
     #[test]
@@ -212,7 +295,7 @@ mod tests {
             ("x-forwarded-for", "203.0.113.1"),
             ("x-forwarded-for", "198.51.100.2, 10.0.0.3"),
         ]);
-        prepare_upstream_request(&mut map, &RequestId::fresh(), CLIENT);
+        prepare_upstream_request(&mut map, facts(&RequestId::fresh()));
         let chain: Vec<_> = map.get_all("x-forwarded-for").iter().collect();
         assert_eq!(chain, ["203.0.113.1, 198.51.100.2, 10.0.0.3, 192.0.2.7"]);
     }

@@ -82,6 +82,7 @@ impl PassiveHealth {
         }
     }
 
+    #[cfg(test)]
     pub fn is_ejected(&self, addr: SocketAddr, now: Instant) -> bool {
         self.lock()
             .get(&addr)

@@ -2,36 +2,59 @@
 //! at most `max_connections` at once, until shut down gracefully.
 //!
 //! - `router`: Host → service route, round robin, atomically swapped tables.
-//! - `handler`: one request's phases: route → upstream request → forward → decorate.
-//! - `upstream`: keep-alive connection pool per upstream endpoint.
+//! - `handler`: one request's phases: check → route → upstream request → forward → decorate.
+//! - `retry`: which requests may go to another endpoint, and their replayable bodies.
+//! - `health`: passive health, ejecting endpoints that cannot be reached.
+//! - `upstream`: keep-alive connection pool per upstream endpoint, timeouts, drain.
+//! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling).
+//! - `limits`: what the proxy accepts from clients (sizes, timeouts, Host).
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
+//! - `access_log`: a line per request; `observed`: the body wrapper that ends one.
 
+mod access_log;
 mod handler;
+mod head_guard;
 mod headers;
 mod health;
+mod limits;
+mod observed;
+mod retry;
 mod router;
 mod upstream;
 
 #[cfg(test)]
 mod test_support;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use http::{uri::Scheme, Response, StatusCode};
+use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
+pub use handler::HandlerSettings;
+pub use health::EjectionPeriods;
+pub use limits::ClientLimits;
 pub use router::{Router, ServiceRoute};
+pub use upstream::PoolSettings;
 
-use handler::RequestHandler;
+use access_log::AccessLog;
+use handler::{ClientConnection, ProxyBody, RequestHandler};
+use head_guard::{ConnectionState, GuardSettings, HeadGuard};
 use headers::ProxyIdentity;
-use upstream::{PoolSettings, UpstreamPool};
+use health::PassiveHealth;
+use observed::ObservedBody;
+use retry::ForwardBody;
+use upstream::UpstreamPool;
 
 /// How long to pause accepting after an accept error such as running out of file descriptors,
 /// instead of spinning on it.
@@ -44,12 +67,36 @@ pub struct ProxySettings {
     pub proxy_id: String,
     /// `MaxConnections`: client connections served at once (at least one).
     pub max_connections: usize,
+    /// Client limits, header handling and retries.
+    pub handler: HandlerSettings,
+    /// Upstream timeouts and connection pooling.
+    pub upstream: PoolSettings,
+    /// Passive health.
+    pub ejection: EjectionPeriods,
+    /// `DrainTimeout`: how long exchanges with an endpoint that left the routes may go on.
+    pub drain_timeout: Duration,
+    /// `AccessLogPath`.
+    pub access_log_path: Option<PathBuf>,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            proxy_id: "xlb".to_owned(),
+            max_connections: 1024,
+            handler: HandlerSettings::default(),
+            upstream: PoolSettings::default(),
+            ejection: EjectionPeriods::default(),
+            drain_timeout: Duration::from_secs(30),
+            access_log_path: None,
+        }
+    }
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled.
 ///
 /// On shutdown it stops accepting, closes idle keep-alive connections, and returns once the
-/// requests in flight have been answered.
+/// requests in flight have been answered and the access log written.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
@@ -63,15 +110,43 @@ pub async fn serve(
                 settings.proxy_id
             )
         })?;
-    let pool_settings = PoolSettings::default();
-    let upstreams = UpstreamPool::new(pool_settings.clone());
+    let (access_log, access_log_writer) = match &settings.access_log_path {
+        Some(path) => {
+            let (log, writer) = AccessLog::open(path).await.with_context(|| {
+                format!("opening the access log {} (AccessLogPath)", path.display())
+            })?;
+            (Some(log), Some(tokio::spawn(writer)))
+        }
+        None => (None, None),
+    };
+    let upstreams = UpstreamPool::new(settings.upstream.clone());
+    let health = Arc::new(PassiveHealth::new(settings.ejection));
     let tasks = TaskTracker::new();
     tasks.spawn(evict_idle_upstreams(
         upstreams.clone(),
-        pool_settings.idle_timeout / 2,
+        Arc::clone(&health),
+        settings.upstream.idle_timeout / 2,
         shutdown.clone(),
     ));
-    let handler = Arc::new(RequestHandler::new(router, upstreams, identity));
+    tasks.spawn(drain_removed_endpoints(
+        router.endpoints(),
+        upstreams.clone(),
+        settings.drain_timeout,
+        shutdown.clone(),
+    ));
+    let handler = Arc::new(RequestHandler::new(
+        router,
+        upstreams,
+        health,
+        identity.clone(),
+        settings.handler.clone(),
+        access_log.clone(),
+    ));
+    let guard = Arc::new(GuardSettings {
+        limits: settings.handler.limits.clone(),
+        identity,
+        access_log,
+    });
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     info!(addr = ?listener.local_addr().ok(), "proxy listening");
 
@@ -101,6 +176,7 @@ pub async fn serve(
             stream,
             client,
             Arc::clone(&handler),
+            Arc::clone(&guard),
             permit,
             shutdown.clone(),
         ));
@@ -113,6 +189,11 @@ pub async fn serve(
         "proxy shutting down; finishing requests in flight"
     );
     tasks.wait().await;
+    // The last access log handles go with these; the writer then flushes and ends.
+    drop((handler, guard));
+    if let Some(writer) = access_log_writer {
+        writer.await.context("the access log writer failed")?;
+    }
     Ok(())
 }
 
@@ -122,20 +203,40 @@ async fn serve_connection(
     stream: TcpStream,
     client: SocketAddr,
     handler: Arc<RequestHandler>,
+    guard: Arc<GuardSettings>,
     _slot: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
     if let Err(error) = stream.set_nodelay(true) {
         debug!(%client, %error, "could not disable Nagle on client connection");
     }
+    let state = Arc::new(ConnectionState::default());
+    let limits = &guard.limits;
+    let builder = {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive(!limits.keepalive_timeout.is_zero())
+            // The guard times request heads out, answering 408 where hyper would just close.
+            .header_read_timeout(None)
+            .max_headers(limits.max_headers);
+        builder
+    };
+    let io = HeadGuard::new(stream, client, Arc::clone(&guard), Arc::clone(&state));
+    let connection_info = ClientConnection {
+        addr: client,
+        scheme: Scheme::HTTP,
+    };
     let service = service_fn(move |request| {
         let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(handler.handle(request, client).await) }
+        let state = Arc::clone(&state);
+        let connection_info = connection_info.clone();
+        async move {
+            let response = handler.handle(request, &connection_info).await;
+            Ok::<_, Infallible>(tell_guard_when_done(response, state))
+        }
     });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -149,10 +250,23 @@ async fn serve_connection(
     }
 }
 
-/// Closes expired idle upstream connections periodically, so that endpoints no longer
-/// requested (e.g. removed from the routes) do not keep connections open.
+/// Lets the connection's guard know when the response has ended, and whether the connection
+/// switched protocols with it.
+fn tell_guard_when_done(
+    response: Response<ProxyBody>,
+    state: Arc<ConnectionState>,
+) -> Response<ObservedBody<ProxyBody>> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        state.switched_protocols();
+    }
+    response.map(|body| ObservedBody::new(body, move |_| state.response_ended()))
+}
+
+/// Closes expired idle upstream connections and forgets stale ejections periodically, so that
+/// endpoints no longer requested do not keep connections or records.
 async fn evict_idle_upstreams(
-    upstreams: UpstreamPool<Incoming>,
+    upstreams: UpstreamPool<ForwardBody>,
+    health: Arc<PassiveHealth>,
     period: Duration,
     shutdown: CancellationToken,
 ) {
@@ -160,6 +274,20 @@ async fn evict_idle_upstreams(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
         upstreams.evict_expired();
+        health.forget_stale(std::time::Instant::now());
+    }
+}
+
+/// Drains the endpoints that leave the routes, as soon as they do.
+async fn drain_removed_endpoints(
+    mut endpoints: watch::Receiver<Arc<HashSet<SocketAddr>>>,
+    upstreams: UpstreamPool<ForwardBody>,
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    while let Some(Ok(())) = shutdown.run_until_cancelled(endpoints.changed()).await {
+        let current = Arc::clone(&endpoints.borrow_and_update());
+        upstreams.retain_endpoints(&current, drain_timeout);
     }
 }
 
@@ -199,6 +327,7 @@ mod tests {
             let settings = ProxySettings {
                 proxy_id: "lb-test-1".into(),
                 max_connections,
+                ..ProxySettings::default()
             };
             let shutdown = CancellationToken::new();
             let served = tokio::spawn(serve(
@@ -360,7 +489,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_or_missing_host_is_503() {
+    async fn unknown_host_is_503_and_missing_host_400() {
         let backend = EchoBackend::start().await;
         let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
 
@@ -374,8 +503,9 @@ mod tests {
 
         let without_host = Request::get("/").body(Full::default()).unwrap();
         let missing = proxy.client().await.send(without_host).await;
-        assert_eq!(missing.status, 503);
-        assert_eq!(missing.text(), "no Host header\n");
+        assert_eq!(missing.status, 400);
+        assert_eq!(missing.text(), "HTTP/1.1 request without a Host header\n");
+        assert!(is_lower_hex_id(missing.header("x-request-id")));
     }
 
     #[tokio::test]

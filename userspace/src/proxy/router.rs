@@ -2,7 +2,7 @@
 //! round-robin order in which a route's endpoints are tried.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -12,6 +12,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
+use tokio::sync::watch;
 
 use crate::routes::RouteTable;
 
@@ -19,6 +20,8 @@ use crate::routes::RouteTable;
 #[derive(Debug, Default)]
 pub struct Router {
     routes: ArcSwap<HashMap<String, Arc<ServiceRoute>>>,
+    /// Every endpoint of the current routes, for draining the ones that left.
+    endpoints: watch::Sender<Arc<HashSet<SocketAddr>>>,
 }
 
 impl Router {
@@ -46,8 +49,24 @@ impl Router {
                 };
                 (host.clone(), Arc::new(compiled))
             })
+            .collect::<HashMap<_, _>>();
+        let endpoints: HashSet<SocketAddr> = compiled
+            .values()
+            .flat_map(|route| route.endpoints.iter().copied())
             .collect();
         self.routes.store(Arc::new(compiled));
+        self.endpoints.send_if_modified(|current| {
+            let changed = **current != endpoints;
+            if changed {
+                *current = Arc::new(endpoints);
+            }
+            changed
+        });
+    }
+
+    /// Every endpoint of the current routes, updated with them.
+    pub fn endpoints(&self) -> watch::Receiver<Arc<HashSet<SocketAddr>>> {
+        self.endpoints.subscribe()
     }
 
     /// The route for a `Host` header value (or request authority): matched case-insensitively,

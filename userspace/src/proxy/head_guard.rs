@@ -1,0 +1,833 @@
+//! The byte-level guard between a client's HTTP/1 connection and hyper.
+//!
+//! hyper parses requests well but leaves some decisions to the application that it cannot take
+//! afterwards: a request with both `Content-Length` and `Transfer-Encoding` reaches the service
+//! with the `Content-Length` already removed, repeated `Content-Length` headers with one value
+//! arrive as one, its header read timeout closes the connection without an answer, and a too long
+//! request line is indistinguishable from too many headers. So every request head passes through
+//! this guard first: it is held back until it is complete, checked, and only then shown to hyper.
+//! Bodies pass through as they arrive, followed just far enough (`Content-Length`, chunked
+//! framing) to know where the next head starts.
+//!
+//! A head the guard refuses never reaches hyper: hyper sees the end of the stream instead, closes
+//! the connection as for any client that left, and the guard writes its answer (400, 408, 414,
+//! 431 or 501) just before the connection is shut down. The guard also closes connections that
+//! stay idle between requests longer than `KeepaliveTimeout`.
+//!
+//! Once a connection switches protocols (101, or the HTTP/2 connection preface), the guard lets
+//! every byte through untouched.
+
+use std::{
+    fmt::Write as _,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    task::{ready, Context, Poll, Waker},
+};
+
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+use tracing::debug;
+
+use super::{
+    access_log::{AccessEntry, AccessLog},
+    headers::{ProxyIdentity, RequestId},
+    limits::ClientLimits,
+};
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes read from the client at a time.
+const READ_CHUNK: usize = 8 << 10;
+
+/// What every guard of one listener shares.
+#[derive(Debug)]
+pub struct GuardSettings {
+    pub limits: ClientLimits,
+    pub identity: ProxyIdentity,
+    pub access_log: Option<AccessLog>,
+}
+
+/// What the guard and the request handler know about one connection.
+#[derive(Debug, Default)]
+pub struct ConnectionState {
+    /// Requests shown to hyper whose response has not ended yet.
+    in_flight: AtomicUsize,
+    upgraded: AtomicBool,
+    /// The guard's reader, waiting for a response to end.
+    waiting_reader: Mutex<Option<Waker>>,
+}
+
+impl ConnectionState {
+    /// The response to one request has ended, completely or not.
+    pub fn response_ended(&self) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| {
+                count.checked_sub(1)
+            });
+        self.wake_reader();
+    }
+
+    /// The connection switched protocols: from now on its bytes are not HTTP/1.
+    pub fn switched_protocols(&self) {
+        self.upgraded.store(true, Ordering::SeqCst);
+        self.wake_reader();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn is_upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::SeqCst)
+    }
+
+    fn wait_for_response(&self, waker: &Waker) {
+        *self.lock_reader() = Some(waker.clone());
+    }
+
+    fn wake_reader(&self) {
+        if let Some(waker) = self.lock_reader().take() {
+            waker.wake();
+        }
+    }
+
+    fn lock_reader(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.waiting_reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Where the client's byte stream is.
+#[derive(Debug)]
+enum Phase {
+    /// Between requests, or collecting a request head.
+    Head,
+    /// Inside a body of known length: this many bytes to go.
+    FixedBody(u64),
+    /// Inside a chunked body.
+    Chunked(ChunkedFraming),
+    /// After a request asking to switch protocols: bytes wait until its response decides.
+    AwaitingUpgrade,
+    /// Not HTTP/1 (any more), or framing the guard cannot follow: everything passes.
+    Transparent,
+    /// A head was refused, or the connection idled out: hyper reads the end of the stream.
+    Closing,
+}
+
+/// The guard; use it as the connection's I/O object.
+pub struct HeadGuard<IO> {
+    io: IO,
+    client: SocketAddr,
+    settings: Arc<GuardSettings>,
+    state: Arc<ConnectionState>,
+    phase: Phase,
+    /// Read from the client, not examined yet.
+    unexamined: BytesMut,
+    /// Examined, for hyper to read.
+    released: BytesMut,
+    /// The incomplete request head, which hyper does not see yet.
+    head: BytesMut,
+    requests: u64,
+    /// When the first byte of `head` arrived.
+    head_started: Option<Instant>,
+    /// When the connection last became idle (no head begun, no response under way).
+    idle_since: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+    /// The answer to a refused head, and how much of it is written.
+    answer: Option<BytesMut>,
+}
+
+/// What the guard decided about the bytes collected so far as a head.
+enum HeadCheck {
+    Incomplete,
+    Http2,
+    Complete {
+        length: usize,
+        body: Framing,
+        switches_protocols: bool,
+    },
+    Refused(StatusCode, String),
+}
+
+enum Framing {
+    None,
+    Fixed(u64),
+    Chunked,
+}
+
+/// Why the timer ran out.
+enum Expiry {
+    SlowHead,
+    Idle,
+}
+
+impl<IO> HeadGuard<IO> {
+    pub fn new(
+        io: IO,
+        client: SocketAddr,
+        settings: Arc<GuardSettings>,
+        state: Arc<ConnectionState>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            io,
+            client,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            settings,
+            state,
+            phase: Phase::Head,
+            unexamined: BytesMut::new(),
+            released: BytesMut::new(),
+            head: BytesMut::new(),
+            requests: 0,
+            head_started: None,
+            idle_since: Some(now),
+            answer: None,
+        }
+    }
+
+    /// Moves examined bytes from `unexamined` to `released` (or `head`) as far as the phase
+    /// allows.
+    fn examine(&mut self) {
+        while !self.unexamined.is_empty() {
+            match &mut self.phase {
+                Phase::Head => {
+                    if self.head.is_empty() {
+                        // RFC 9112 §2.2: empty lines before a request line are ignored.
+                        let blank = self
+                            .unexamined
+                            .iter()
+                            .take_while(|&&byte| byte == b'\r' || byte == b'\n')
+                            .count();
+                        self.unexamined.advance(blank);
+                        if self.unexamined.is_empty() {
+                            return;
+                        }
+                        self.head_started = Some(Instant::now());
+                        self.idle_since = None;
+                    }
+                    let new_bytes = self.unexamined.split();
+                    let may_be_complete = new_bytes.contains(&b'\n');
+                    self.head.unsplit(new_bytes);
+                    match self.check_head(may_be_complete) {
+                        HeadCheck::Incomplete => return,
+                        HeadCheck::Http2 => {
+                            self.released.unsplit(self.head.split());
+                            self.phase = Phase::Transparent;
+                        }
+                        HeadCheck::Refused(status, reason) => {
+                            self.refuse(status, &reason);
+                            return;
+                        }
+                        HeadCheck::Complete {
+                            length,
+                            body,
+                            switches_protocols,
+                        } => self.release_head(length, body, switches_protocols),
+                    }
+                }
+                Phase::FixedBody(remaining) => {
+                    let length = self
+                        .unexamined
+                        .len()
+                        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                    *remaining -= length as u64;
+                    if *remaining == 0 {
+                        self.phase = Phase::Head;
+                    }
+                    self.released.unsplit(self.unexamined.split_to(length));
+                }
+                Phase::Chunked(framing) => match framing.advance(&self.unexamined) {
+                    Ok((length, finished)) => {
+                        if finished {
+                            self.phase = Phase::Head;
+                        }
+                        self.released.unsplit(self.unexamined.split_to(length));
+                    }
+                    // hyper reads the same bytes and fails the body with a precise error.
+                    Err(()) => self.phase = Phase::Transparent,
+                },
+                Phase::AwaitingUpgrade => return,
+                Phase::Transparent => self.released.unsplit(self.unexamined.split()),
+                Phase::Closing => self.unexamined.clear(),
+            }
+        }
+    }
+
+    /// Shows hyper the first `length` bytes of `head` and continues with the request's body.
+    fn release_head(&mut self, length: usize, body: Framing, switches_protocols: bool) {
+        let rest = self.head.split_off(length);
+        self.released.unsplit(self.head.split());
+        // `unexamined` was emptied into `head`, so `rest` is all of it.
+        self.unexamined = rest;
+        self.head_started = None;
+        self.requests += 1;
+        self.state.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.phase = match body {
+            Framing::Fixed(length) => Phase::FixedBody(length),
+            Framing::Chunked => Phase::Chunked(ChunkedFraming::Start { size: 0 }),
+            Framing::None if switches_protocols => Phase::AwaitingUpgrade,
+            Framing::None => Phase::Head,
+        };
+    }
+
+    fn check_head(&mut self, may_be_complete: bool) -> HeadCheck {
+        let limits = &self.settings.limits;
+        if self.requests == 0 {
+            if self.head.starts_with(HTTP2_PREFACE) {
+                return HeadCheck::Http2;
+            }
+            if HTTP2_PREFACE.starts_with(&self.head) {
+                return HeadCheck::Incomplete;
+            }
+        }
+        let request_line = match self.head.iter().position(|&byte| byte == b'\n') {
+            Some(end) => end,
+            None => self.head.len(),
+        };
+        if request_line > limits.max_request_line {
+            return HeadCheck::Refused(
+                StatusCode::URI_TOO_LONG,
+                format!("request line longer than {} bytes", limits.max_request_line),
+            );
+        }
+        let too_large = || {
+            HeadCheck::Refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!(
+                    "request head larger than {} bytes or {} header lines",
+                    limits.max_head_size, limits.max_headers
+                ),
+            )
+        };
+        if !may_be_complete {
+            return match self.head.len() > limits.max_head_size {
+                true => too_large(),
+                false => HeadCheck::Incomplete,
+            };
+        }
+        let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&self.head) {
+            Ok(httparse::Status::Partial) if self.head.len() > limits.max_head_size => too_large(),
+            Ok(httparse::Status::Partial) => HeadCheck::Incomplete,
+            Ok(httparse::Status::Complete(length)) if length > limits.max_head_size => too_large(),
+            Ok(httparse::Status::Complete(length)) => match body_framing(&request) {
+                Ok(body) => HeadCheck::Complete {
+                    length,
+                    body,
+                    switches_protocols: switches_protocols(&request),
+                },
+                Err((status, reason)) => HeadCheck::Refused(status, reason),
+            },
+            Err(httparse::Error::TooManyHeaders) => too_large(),
+            Err(error) => HeadCheck::Refused(
+                StatusCode::BAD_REQUEST,
+                format!("malformed request head: {error}"),
+            ),
+        }
+    }
+
+    /// Stops showing hyper anything and prepares `status` as the answer.
+    fn refuse(&mut self, status: StatusCode, reason: &str) {
+        let request_line = self.head[..]
+            .split(|&byte| byte == b'\n')
+            .next()
+            .filter(|line| line.len() <= self.settings.limits.max_request_line)
+            .map(|line| String::from_utf8_lossy(line.trim_ascii()).into_owned());
+        let request_id = RequestId::fresh();
+        debug!(
+            client = %self.client,
+            status = status.as_u16(),
+            reason,
+            request_id = request_id.as_str(),
+            "request refused"
+        );
+        let body = format!("{reason}\n");
+        if let Some(log) = &self.settings.access_log {
+            let entry = AccessEntry {
+                client: self.client.ip().to_canonical(),
+                request_line: request_line.unwrap_or_else(|| "-".to_owned()),
+                status,
+                referer: None,
+                user_agent: None,
+                request_id: request_id.as_str().to_owned(),
+                upstreams: Vec::new(),
+            };
+            log.record(&entry, body.len() as u64);
+        }
+        let mut answer = String::new();
+        let _ = write!(
+            answer,
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: {length}\r\nconnection: close\r\n",
+            status = format_status(status),
+            length = body.len(),
+        );
+        for (name, value) in self.settings.identity.headers(&request_id) {
+            let _ = write!(
+                answer,
+                "{name}: {}\r\n",
+                String::from_utf8_lossy(value.as_bytes())
+            );
+        }
+        answer.push_str("\r\n");
+        answer.push_str(&body);
+        self.answer = Some(BytesMut::from(answer.as_bytes()));
+        self.head.clear();
+        self.unexamined.clear();
+        self.phase = Phase::Closing;
+    }
+
+    /// Polls the timer that applies now, if any, and says whether it ran out.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<Expiry> {
+        if !matches!(self.phase, Phase::Head) || self.state.in_flight() > 0 {
+            self.idle_since = None;
+            return None;
+        }
+        let limits = &self.settings.limits;
+        let (deadline, expiry) = match self.head_started {
+            Some(started) => (started + limits.header_timeout, Expiry::SlowHead),
+            None => {
+                let idle_since = *self.idle_since.get_or_insert_with(Instant::now);
+                let allowed = match self.requests {
+                    0 => limits.header_timeout,
+                    _ => limits.keepalive_timeout,
+                };
+                (idle_since + allowed, Expiry::Idle)
+            }
+        };
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Some(expiry),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Moves out of a phase whose condition has changed: an upgrade decided, or the connection
+    /// switched protocols.
+    fn follow_connection_state(&mut self) {
+        if self.state.is_upgraded() && !matches!(self.phase, Phase::Transparent | Phase::Closing) {
+            self.released.unsplit(self.head.split());
+            self.released.unsplit(self.unexamined.split());
+            self.phase = Phase::Transparent;
+        } else if matches!(self.phase, Phase::AwaitingUpgrade) && self.state.in_flight() == 0 {
+            self.phase = Phase::Head;
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for HeadGuard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            this.follow_connection_state();
+            if !this.released.is_empty() {
+                let length = this.released.len().min(out.remaining());
+                out.put_slice(&this.released.split_to(length));
+                return Poll::Ready(Ok(()));
+            }
+            if matches!(this.phase, Phase::Closing | Phase::AwaitingUpgrade) {
+                this.state.wait_for_response(cx.waker());
+                if this.state.in_flight() > 0 {
+                    return Poll::Pending;
+                }
+                if matches!(this.phase, Phase::Closing) {
+                    // The end of the stream: hyper closes the connection, and the answer (if any)
+                    // is written when it shuts the connection down.
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if !this.unexamined.is_empty() {
+                this.examine();
+                continue;
+            }
+            match this.poll_timer(cx) {
+                Some(Expiry::SlowHead) => {
+                    let timeout = this.settings.limits.header_timeout;
+                    this.refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &format!("request head not received within {timeout:?}"),
+                    );
+                    continue;
+                }
+                Some(Expiry::Idle) => {
+                    debug!(client = %this.client, "closing idle client connection");
+                    this.phase = Phase::Closing;
+                    continue;
+                }
+                None => {}
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut chunk = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
+            if chunk.filled().is_empty() {
+                // The client closed its side: hyper sees the end of the stream as it is.
+                return Poll::Ready(Ok(()));
+            }
+            this.unexamined.extend_from_slice(chunk.filled());
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Writes the answer to a refused head, if there is one, then shuts the connection down.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while let Some(answer) = this.answer.as_mut().filter(|answer| !answer.is_empty()) {
+            let written = ready!(Pin::new(&mut this.io).poll_write(cx, answer))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            answer.advance(written);
+        }
+        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// How the body of a parsed request is framed, or why the request is refused. Stricter than
+/// RFC 9112 §6.3 allows, as nginx is: a request with both `Content-Length` and
+/// `Transfer-Encoding`, or with `Content-Length` more than once, is refused instead of having
+/// one of them win, since a server behind the proxy might pick the other (request smuggling).
+fn body_framing(request: &httparse::Request<'_, '_>) -> Result<Framing, (StatusCode, String)> {
+    let bad_request = |reason: String| (StatusCode::BAD_REQUEST, reason);
+    let mut content_length = None;
+    let mut content_lengths = 0;
+    let mut transfer_codings = Vec::new();
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            content_lengths += 1;
+            let value = header.value;
+            let length = std::str::from_utf8(value)
+                .ok()
+                .filter(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()))
+                .and_then(|text| text.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    bad_request(format!(
+                        "invalid Content-Length {:?}",
+                        String::from_utf8_lossy(value)
+                    ))
+                })?;
+            content_length = Some(length);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_codings.extend(
+                header
+                    .value
+                    .split(|&byte| byte == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .filter(|coding| !coding.is_empty()),
+            );
+        }
+    }
+    if content_lengths > 1 {
+        return Err(bad_request(
+            "Content-Length given more than once".to_owned(),
+        ));
+    }
+    if transfer_codings.is_empty() {
+        return Ok(match content_length {
+            None | Some(0) => Framing::None,
+            Some(length) => Framing::Fixed(length),
+        });
+    }
+    if content_lengths > 0 {
+        return Err(bad_request(
+            "both Content-Length and Transfer-Encoding given".to_owned(),
+        ));
+    }
+    if request.version != Some(1) {
+        return Err(bad_request(
+            "Transfer-Encoding in an HTTP/1.0 request".to_owned(),
+        ));
+    }
+    match transfer_codings.as_slice() {
+        [coding] if coding.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
+        codings => {
+            let codings: Vec<_> = codings
+                .iter()
+                .map(|coding| String::from_utf8_lossy(coding))
+                .collect();
+            Err((
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "Transfer-Encoding {:?} is not supported",
+                    codings.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+/// Whether hyper may switch the connection to another protocol after this request.
+fn switches_protocols(request: &httparse::Request<'_, '_>) -> bool {
+    request.method == Some("CONNECT")
+        || (request.version == Some(1)
+            && request
+                .headers
+                .iter()
+                .any(|header| header.name.eq_ignore_ascii_case("upgrade")))
+}
+
+fn format_status(status: StatusCode) -> String {
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+}
+
+/// Follows a chunked body (RFC 9112 §7.1) exactly as hyper's decoder does, to find its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkedFraming {
+    /// Expecting the first hex digit of a chunk size.
+    Start {
+        size: u64,
+    },
+    Size {
+        size: u64,
+    },
+    /// Whitespace after the size.
+    SizeSpace {
+        size: u64,
+    },
+    Extension {
+        size: u64,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data {
+        remaining: u64,
+    },
+    DataCr,
+    DataLf,
+    /// After the last chunk: a trailer line, or the final CRLF.
+    EndCr,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+impl ChunkedFraming {
+    /// Consumes bytes of the body from the front of `bytes`: how many belong to the body, and
+    /// whether the body ended with them. `Err` when the bytes are not valid chunked framing.
+    fn advance(&mut self, bytes: &[u8]) -> Result<(usize, bool), ()> {
+        let mut used = 0;
+        while used < bytes.len() {
+            if let Self::Data { remaining } = self {
+                let length =
+                    (bytes.len() - used).min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                used += length;
+                *remaining -= length as u64;
+                if *remaining == 0 {
+                    *self = Self::DataCr;
+                }
+                continue;
+            }
+            let byte = bytes[used];
+            used += 1;
+            *self = match (*self, byte) {
+                (Self::Start { size } | Self::Size { size }, _) if byte.is_ascii_hexdigit() => {
+                    let digit = u64::from(char::from(byte).to_digit(16).unwrap_or(0));
+                    let size = size
+                        .checked_mul(16)
+                        .and_then(|size| size.checked_add(digit));
+                    Self::Size {
+                        size: size.ok_or(())?,
+                    }
+                }
+                (Self::Size { size } | Self::SizeSpace { size }, b'\t' | b' ') => {
+                    Self::SizeSpace { size }
+                }
+                (Self::Size { size } | Self::SizeSpace { size }, b';') => Self::Extension { size },
+                (
+                    Self::Size { size } | Self::SizeSpace { size } | Self::Extension { size },
+                    b'\r',
+                ) => Self::SizeLf { size },
+                (Self::Extension { .. }, b'\n') => return Err(()),
+                (Self::Extension { size }, _) => Self::Extension { size },
+                (Self::SizeLf { size: 0 }, b'\n') => Self::EndCr,
+                (Self::SizeLf { size }, b'\n') => Self::Data { remaining: size },
+                (Self::DataCr, b'\r') => Self::DataLf,
+                (Self::DataLf, b'\n') => Self::Start { size: 0 },
+                (Self::EndCr, b'\r') => Self::EndLf,
+                (Self::Trailer, b'\r') => Self::TrailerLf,
+                (Self::EndCr | Self::Trailer, _) => Self::Trailer,
+                (Self::TrailerLf, b'\n') => Self::EndCr,
+                (Self::EndLf, b'\n') => return Ok((used, true)),
+                _ => return Err(()),
+            };
+        }
+        Ok((used, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(request: &str) -> Result<Framing, (StatusCode, String)> {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut parsed = httparse::Request::new(&mut headers);
+        assert!(parsed.parse(request.as_bytes()).unwrap().is_complete());
+        body_framing(&parsed)
+    }
+
+    fn refusal(request: &str) -> (u16, String) {
+        match framing(request) {
+            Err((status, reason)) => (status.as_u16(), reason),
+            Ok(_) => panic!("accepted: {request:?}"),
+        }
+    }
+
+    #[test]
+    fn bodies_are_framed_by_length_or_chunks() {
+        assert!(matches!(
+            framing("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
+            Ok(Framing::Fixed(12))
+        ));
+        assert!(matches!(
+            framing("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"),
+            Ok(Framing::None)
+        ));
+        assert!(matches!(
+            framing("POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            Ok(Framing::Chunked)
+        ));
+        assert!(matches!(
+            framing("GET / HTTP/1.1\r\n\r\n"),
+            Ok(Framing::None)
+        ));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        let both = "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refusal(both).0, 400);
+        let both_reversed =
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(refusal(both_reversed).0, 400);
+        let twice = "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(
+            refusal(twice),
+            (400, "Content-Length given more than once".into())
+        );
+        let conflicting = "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert_eq!(refusal(conflicting).0, 400);
+        for value in ["5, 5", "-5", "+5", "0x5", "", "5 5", "99999999999999999999"] {
+            let request = format!("POST / HTTP/1.1\r\nContent-Length: {value}\r\n\r\n");
+            assert_eq!(refusal(&request).0, 400, "{value:?}");
+        }
+        let http10_chunked = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refusal(http10_chunked).0, 400);
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_not_implemented() {
+        for value in ["gzip, chunked", "chunked, chunked", "identity", "gzip"] {
+            let request = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {value}\r\n\r\n");
+            assert_eq!(refusal(&request).0, 501, "{value:?}");
+        }
+        let split =
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refusal(split).0, 501);
+    }
+
+    /// Feeds `body` to a fresh framing one byte at a time and all at once; both must agree.
+    fn chunked_end(body: &[u8]) -> Result<Option<usize>, ()> {
+        let mut whole = ChunkedFraming::Start { size: 0 };
+        let at_once = match whole.advance(body)? {
+            (used, true) => Some(used),
+            (_, false) => None,
+        };
+        let mut bytewise = ChunkedFraming::Start { size: 0 };
+        let mut one_by_one = None;
+        for (index, byte) in body.iter().enumerate() {
+            if let (1, true) = bytewise.advance(std::slice::from_ref(byte))? {
+                one_by_one = Some(index + 1);
+                break;
+            }
+        }
+        assert_eq!(at_once, one_by_one);
+        Ok(at_once)
+    }
+
+    #[test]
+    fn chunked_framing_finds_the_end_of_the_body() {
+        let body =
+            b"5\r\nhello\r\n1A;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\nGET / HTTP/1.1";
+        assert_eq!(chunked_end(body), Ok(Some(body.len() - 14)));
+        let with_trailers = b"3\r\nabc\r\n0\r\nx-sum: 1\r\nx-more: 2\r\n\r\nnext";
+        assert_eq!(
+            chunked_end(with_trailers),
+            Ok(Some(with_trailers.len() - 4))
+        );
+        let size_space = b"3 \r\nabc\r\n0 \r\n\r\n";
+        assert_eq!(chunked_end(size_space), Ok(Some(size_space.len())));
+        assert_eq!(chunked_end(b"5\r\nhel"), Ok(None));
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_an_error() {
+        for body in [
+            b"z\r\n".as_slice(),
+            b"5\nhello",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5;a\nb\r\n",
+            b"10000000000000000\r\n",
+            b"\r\n",
+        ] {
+            assert_eq!(
+                chunked_end(body),
+                Err(()),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+}
