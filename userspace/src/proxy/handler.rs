@@ -64,6 +64,12 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whether the connection is closed after this answer, as nginx does after refusing a
+    /// request as malformed or too large: what follows on the connection cannot be trusted.
+    fn closes_connection(&self) -> bool {
+        matches!(self, Self::InvalidHost(_) | Self::ClientBody(_))
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidHost(_) => StatusCode::BAD_REQUEST,
@@ -375,9 +381,7 @@ impl RequestHandler {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        // The rest of a body that was refused or failed is not read: the connection cannot
-        // carry another request.
-        if matches!(error, ProxyError::ClientBody(_)) {
+        if error.closes_connection() {
             headers.insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),

@@ -23,6 +23,8 @@ mod router;
 mod upstream;
 
 #[cfg(test)]
+mod hardening_tests;
+#[cfg(test)]
 mod test_support;
 
 use std::{
@@ -298,78 +300,9 @@ mod tests {
     use bytes::Bytes;
     use http::Request;
     use http_body_util::Full;
-    use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::routes::{Route, RouteTable};
-    use test_support::{refused_addr, EchoBackend, TestClient, TestResponse};
-
-    struct RunningProxy {
-        addr: SocketAddr,
-        router: Arc<Router>,
-        shutdown: CancellationToken,
-        served: JoinHandle<anyhow::Result<()>>,
-    }
-
-    impl RunningProxy {
-        async fn start(routes: &[(&str, &[SocketAddr])]) -> Self {
-            Self::start_with_max_connections(routes, 64).await
-        }
-
-        async fn start_with_max_connections(
-            routes: &[(&str, &[SocketAddr])],
-            max_connections: usize,
-        ) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let router = Router::new();
-            router.update(&table(routes));
-            let settings = ProxySettings {
-                proxy_id: "lb-test-1".into(),
-                max_connections,
-                ..ProxySettings::default()
-            };
-            let shutdown = CancellationToken::new();
-            let served = tokio::spawn(serve(
-                listener,
-                Arc::clone(&router),
-                settings,
-                shutdown.clone(),
-            ));
-            Self {
-                addr,
-                router,
-                shutdown,
-                served,
-            }
-        }
-
-        async fn client(&self) -> TestClient {
-            TestClient::connect(self.addr).await
-        }
-
-        /// One request on a fresh client connection.
-        async fn get(&self, host: &str, path: &str) -> TestResponse {
-            self.client().await.get(host, path).await
-        }
-    }
-
-    fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
-        let routes: BTreeMap<_, _> = routes
-            .iter()
-            .map(|(host, endpoints)| {
-                let route = Route {
-                    service: format!("svc-{host}"),
-                    endpoints: endpoints.to_vec(),
-                };
-                (host.to_string(), route)
-            })
-            .collect();
-        RouteTable {
-            routes,
-            rejected: Vec::new(),
-        }
-    }
+    use test_support::{refused_addr, table, EchoBackend, RunningProxy};
 
     fn is_lower_hex_id(id: &str) -> bool {
         id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -662,7 +595,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_finishes_requests_in_flight_then_returns() {
         let backend = EchoBackend::start().await;
-        let proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
+        let mut proxy = RunningProxy::start(&[("app", &[backend.addr])]).await;
         let mut idle_client = proxy.client().await;
         assert_eq!(idle_client.get("app", "/").await.status, 200);
 
@@ -674,7 +607,7 @@ mod tests {
 
         let answered = in_flight.await.unwrap();
         assert_eq!(answered.status, 200);
-        let served = tokio::time::timeout(Duration::from_secs(5), proxy.served)
+        let served = tokio::time::timeout(Duration::from_secs(5), &mut proxy.served)
             .await
             .expect("serve returns after shutdown");
         served.unwrap().unwrap();

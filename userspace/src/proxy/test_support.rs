@@ -1,7 +1,9 @@
-//! Test fixtures on real sockets: an echo backend that reports what it received as JSON, a
-//! keep-alive test client, and an address that refuses connections.
+//! Test fixtures on real sockets: the proxy serving on 127.0.0.1, an echo backend that reports
+//! what it received as JSON, misbehaving backends, a keep-alive test client, a raw TCP client,
+//! and addresses that refuse or never answer connections.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -17,10 +19,107 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::{JoinHandle, JoinSet},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{serve, ProxySettings, Router};
+use crate::routes::{Route, RouteTable};
+
+/// The proxy, serving on 127.0.0.1 until dropped or shut down.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub router: Arc<Router>,
+    pub shutdown: CancellationToken,
+    pub served: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningProxy {
+    pub async fn start(routes: &[(&str, &[SocketAddr])]) -> Self {
+        Self::start_with_max_connections(routes, 64).await
+    }
+
+    pub async fn start_with_max_connections(
+        routes: &[(&str, &[SocketAddr])],
+        max_connections: usize,
+    ) -> Self {
+        let settings = ProxySettings {
+            max_connections,
+            ..ProxySettings::default()
+        };
+        Self::start_with(routes, settings).await
+    }
+
+    /// The proxy with `settings`, but always with the test proxy id.
+    pub async fn start_with(routes: &[(&str, &[SocketAddr])], settings: ProxySettings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new();
+        router.update(&table(routes));
+        let settings = ProxySettings {
+            proxy_id: "lb-test-1".into(),
+            ..settings
+        };
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(
+            listener,
+            Arc::clone(&router),
+            settings,
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            router,
+            shutdown,
+            served,
+        }
+    }
+
+    pub async fn client(&self) -> TestClient {
+        TestClient::connect(self.addr).await
+    }
+
+    /// One request on a fresh client connection.
+    pub async fn get(&self, host: &str, path: &str) -> TestResponse {
+        self.client().await.get(host, path).await
+    }
+
+    /// Sends `request` as raw bytes on a fresh connection and reads until the proxy closes it.
+    pub async fn raw(&self, request: &[u8]) -> RawExchange {
+        RawExchange::run(self.addr, request).await
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A route table with one service per host.
+pub fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
+    let routes: BTreeMap<_, _> = routes
+        .iter()
+        .map(|(host, endpoints)| {
+            let route = Route {
+                service: format!("svc-{host}"),
+                endpoints: endpoints.to_vec(),
+            };
+            (host.to_string(), route)
+        })
+        .collect();
+    RouteTable {
+        routes,
+        rejected: Vec::new(),
+    }
+}
 
 /// An HTTP/1.1 backend answering every request with JSON describing it: its own port, the
 /// proxy-set headers, every header name, and the body. `?delay_ms=N` delays the answer.
+/// Dropping it kills it: the listener and every connection close at once.
 pub struct EchoBackend {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -30,23 +129,30 @@ pub struct EchoBackend {
 
 impl EchoBackend {
     pub async fn start() -> Self {
+        Self::start_answering(StatusCode::OK).await
+    }
+
+    /// A backend that answers every request with `status` (and the JSON report).
+    pub async fn start_answering(status: StatusCode) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
         let (accepted_count, open_count) = (Arc::clone(&accepted), Arc::clone(&open));
         let accept_loop = tokio::spawn(async move {
+            // Owned by this task, so aborting it aborts every connection too.
+            let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 accepted_count.fetch_add(1, Ordering::SeqCst);
-                open_count.fetch_add(1, Ordering::SeqCst);
-                let service = service_fn(move |request| echo(addr.port(), request));
-                let open_count = Arc::clone(&open_count);
-                tokio::spawn(async move {
+                let service = service_fn(move |request| echo(addr.port(), status, request));
+                let open = OpenConnection::count(&open_count);
+                connections.spawn(async move {
+                    let _open = open;
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
-                    open_count.fetch_sub(1, Ordering::SeqCst);
                 });
+                while connections.try_join_next().is_some() {}
             }
         });
         Self {
@@ -62,7 +168,7 @@ impl EchoBackend {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    /// TCP connections to this backend that the proxy has not closed yet.
+    /// TCP connections to this backend that are still open.
     pub fn connections_open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
     }
@@ -74,7 +180,27 @@ impl Drop for EchoBackend {
     }
 }
 
-async fn echo(port: u16, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// Counts an open connection until dropped, also when its task is aborted.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn count(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn echo(
+    port: u16,
+    status: StatusCode,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
     let delay_ms = parts
         .uri
@@ -97,10 +223,12 @@ async fn echo(port: u16, request: Request<Incoming>) -> Result<Response<Full<Byt
         "request_id": header("x-request-id"),
         "real_ip": header("x-real-ip"),
         "forwarded_for": header("x-forwarded-for"),
+        "forwarded_proto": header("x-forwarded-proto"),
         "header_names": parts.headers.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
         "body": String::from_utf8_lossy(&body),
     });
     let response = Response::builder()
+        .status(status)
         .header("content-type", "application/json")
         // Connection-scoped headers a proxy must not pass on to its client.
         .header("connection", "x-backend-private")
@@ -120,6 +248,31 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("still not true after 5 s: {what}");
+}
+
+/// A backend that reads each request head and hangs up without answering, counting the
+/// connections it accepted.
+pub async fn hanging_up_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let accept_loop = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, accept_loop)
 }
 
 /// A backend that accepts connections and reads requests but never answers.
@@ -249,5 +402,150 @@ impl TestResponse {
 
     pub fn text(&self) -> &str {
         std::str::from_utf8(&self.body).unwrap()
+    }
+}
+
+/// One raw TCP connection to the proxy, for requests no HTTP client library would send.
+pub struct RawConnection {
+    stream: TcpStream,
+}
+
+impl RawConnection {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: TcpStream::connect(addr).await.unwrap(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Closes the sending side, as a client does that has nothing more to send.
+    pub async fn finish_sending(&mut self) {
+        self.stream.shutdown().await.unwrap();
+    }
+
+    /// Everything the proxy sends until it closes the connection (at most ten seconds).
+    pub async fn read_until_closed(mut self) -> RawExchange {
+        let mut received = Vec::new();
+        let reading = self.stream.read_to_end(&mut received);
+        let closed = match tokio::time::timeout(Duration::from_secs(10), reading).await {
+            Ok(Ok(_)) => true,
+            // A reset after the answer was sent still counts as closed.
+            Ok(Err(_)) => true,
+            Err(_) => false,
+        };
+        RawExchange { received, closed }
+    }
+
+    /// The next response, read without waiting for the connection to close.
+    pub async fn read_response(&mut self) -> RawResponse {
+        let mut received = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            if let Some((response, _)) = RawResponse::parse(&received) {
+                return response;
+            }
+            let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf));
+            match read.await {
+                Ok(Ok(0)) => panic!("closed before a full response: {received:?}"),
+                Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+                Ok(Err(error)) => panic!("reading a response: {error}"),
+                Err(_) => panic!("no full response within 10 s: {received:?}"),
+            }
+        }
+    }
+}
+
+/// What the proxy sent on one raw connection before closing it.
+#[derive(Debug)]
+pub struct RawExchange {
+    pub received: Vec<u8>,
+    /// Whether the proxy closed the connection (within ten seconds).
+    pub closed: bool,
+}
+
+impl RawExchange {
+    pub async fn run(addr: SocketAddr, request: &[u8]) -> Self {
+        let mut connection = RawConnection::connect(addr).await;
+        connection.send(request).await;
+        connection.read_until_closed().await
+    }
+
+    /// Every complete response received, in order.
+    pub fn responses(&self) -> Vec<RawResponse> {
+        let mut responses = Vec::new();
+        let mut rest = self.received.as_slice();
+        while let Some((response, length)) = RawResponse::parse(rest) {
+            responses.push(response);
+            rest = &rest[length..];
+        }
+        responses
+    }
+
+    /// The status of the only response.
+    pub fn status(&self) -> u16 {
+        match self.responses().as_slice() {
+            [response] => response.status,
+            other => panic!(
+                "expected one response, got {}: {:?}",
+                other.len(),
+                String::from_utf8_lossy(&self.received)
+            ),
+        }
+    }
+}
+
+/// A response parsed from raw bytes (bodies delimited by `content-length` only).
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first response in `bytes` and its length, if complete.
+    fn parse(bytes: &[u8]) -> Option<(Self, usize)> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_length = match response.parse(bytes).ok()? {
+            httparse::Status::Complete(length) => length,
+            httparse::Status::Partial => return None,
+        };
+        let headers: Vec<(String, String)> = response
+            .headers
+            .iter()
+            .map(|header| {
+                let value = String::from_utf8_lossy(header.value).into_owned();
+                (header.name.to_ascii_lowercase(), value)
+            })
+            .collect();
+        let body_length: usize = headers
+            .iter()
+            .find(|(name, _)| name == "content-length")
+            .map_or(0, |(_, value)| value.parse().unwrap());
+        let body = bytes.get(head_length..head_length + body_length)?.to_vec();
+        let status = response.code?;
+        Some((
+            Self {
+                status,
+                headers,
+                body,
+            },
+            head_length + body_length,
+        ))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(header, _)| header == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
     }
 }
