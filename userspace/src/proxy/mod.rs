@@ -25,6 +25,8 @@ mod upstream;
 #[cfg(test)]
 mod hardening_tests;
 #[cfg(test)]
+mod resilience_tests;
+#[cfg(test)]
 mod test_support;
 
 use std::{

@@ -424,7 +424,8 @@ impl<B> IdleConnection<B> {
 
 /// An upstream TCP stream that fails with a [`Stall`] when the upstream stops reading
 /// (`SendTimeout`) or answering (`ReadTimeout`), like nginx's timeouts between two successive
-/// writes or reads.
+/// writes or reads. The read timeout runs from the last progress either way, and not while a
+/// write is blocked.
 struct TimedStream {
     stream: TcpStream,
     read_timeout: Duration,
@@ -506,6 +507,8 @@ impl AsyncRead for TimedStream {
                 this.last_progress = tokio::time::Instant::now();
                 Poll::Ready(result)
             }
+            // While the request is still being sent, `SendTimeout` applies, as in nginx.
+            Poll::Pending if this.write_blocked_since.is_some() => Poll::Pending,
             Poll::Pending => {
                 let timeout = this.read_timeout;
                 let deadline = this.last_progress + timeout;
