@@ -1,10 +1,10 @@
 //! The `xlb` command line.
 
-use std::{io::IsTerminal as _, path::PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::daemon;
+use crate::{daemon, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,21 +44,9 @@ pub struct RunArgs {
 
 impl Cli {
     pub fn exec(self) -> anyhow::Result<()> {
-        init_logging();
+        logging::init();
         match self.command {
             Command::Run(args) => daemon::run(args),
         }
     }
-}
-
-/// Logs to stderr; `XLB_LOG` takes tracing's filter syntax (default `info`). Records of the
-/// `log` crate (aya-log's XDP records among them) are included.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("XLB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }

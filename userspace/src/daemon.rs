@@ -18,17 +18,25 @@ use crate::{
     cli::RunArgs,
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
+    logging,
     proxy::{self, ProxySettings, Router},
     routes::{route_table, RouteTable},
     swarm::Swarm,
 };
 
+/// Where the access log goes without `AccessLogPath`: standard output, as Interlock's proxy
+/// container logs it.
+const DEFAULT_ACCESS_LOG: &str = "/dev/stdout";
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
+    let (name, extension) = select_extension(&config, args.extension.as_deref())?;
+    if let Some(path) = &extension.proxy.error_log_path {
+        logging::log_errors_to(path)?;
+    }
     for key in &config.ignored_keys {
         tracing::info!(key = %key, "config key not used by xlb: ignored");
     }
-    let (name, extension) = select_extension(&config, args.extension.as_deref())?;
     tracing::info!(extension = %name, config = %args.config.display(), "configuration loaded");
     apply_process_limits(&extension.proxy)?;
     let _pid_file = extension
@@ -170,10 +178,12 @@ fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> ProxySettings {
         proxy_id,
         max_connections: config.max_connections.unwrap_or(defaults.max_connections),
         drain_timeout: config.drain_timeout.unwrap_or(defaults.drain_timeout),
-        access_log_path: config
-            .access_log_path
-            .clone()
-            .or_else(|| defaults.access_log_path.clone()),
+        access_log_path: Some(
+            config
+                .access_log_path
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ACCESS_LOG.into()),
+        ),
         ..defaults.clone()
     };
     settings.handler.limits.max_body_size = match config.client_max_body_size {
@@ -348,5 +358,66 @@ impl Drop for PidFile {
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_proxy_keys_take_interlock_defaults() {
+        let settings = proxy_settings(&ProxyConfig::default(), "lb-1".to_owned());
+        assert_eq!(settings.proxy_id, "lb-1");
+        assert_eq!(settings.max_connections, 1024);
+        let limits = &settings.handler.limits;
+        assert_eq!(limits.max_body_size, Some(1 << 20));
+        assert_eq!(limits.keepalive_timeout, Duration::from_secs(75));
+        assert!(!settings.handler.underscores_in_headers);
+        assert_eq!(settings.upstream.connect_timeout, Duration::from_secs(600));
+        assert_eq!(settings.upstream.send_timeout, Duration::from_secs(600));
+        assert_eq!(settings.upstream.read_timeout, Duration::from_secs(600));
+        assert_eq!(settings.drain_timeout, Duration::from_secs(30));
+        assert_eq!(settings.access_log_path, Some(PathBuf::from("/dev/stdout")));
+    }
+
+    #[test]
+    fn proxy_keys_reach_the_proxy_settings() {
+        let config = ProxyConfig {
+            max_connections: Some(10),
+            connect_timeout: Some(Duration::from_secs(1)),
+            send_timeout: Some(Duration::from_secs(2)),
+            read_timeout: Some(Duration::from_secs(3)),
+            keepalive_timeout: Some(Duration::from_secs(4)),
+            client_max_body_size: Some(512 << 10),
+            underscores_in_headers: Some(true),
+            access_log_path: Some("/var/log/xlb/access.log".into()),
+            drain_timeout: Some(Duration::from_secs(5)),
+            ..ProxyConfig::default()
+        };
+        let settings = proxy_settings(&config, "lb-1".to_owned());
+        assert_eq!(settings.max_connections, 10);
+        assert_eq!(settings.upstream.connect_timeout, Duration::from_secs(1));
+        assert_eq!(settings.upstream.send_timeout, Duration::from_secs(2));
+        assert_eq!(settings.upstream.read_timeout, Duration::from_secs(3));
+        let limits = &settings.handler.limits;
+        assert_eq!(limits.keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(limits.max_body_size, Some(512 << 10));
+        assert!(settings.handler.underscores_in_headers);
+        assert_eq!(
+            settings.access_log_path,
+            Some(PathBuf::from("/var/log/xlb/access.log"))
+        );
+        assert_eq!(settings.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn client_max_body_size_zero_means_unlimited() {
+        let config = ProxyConfig {
+            client_max_body_size: Some(0),
+            ..ProxyConfig::default()
+        };
+        let settings = proxy_settings(&config, "lb-1".to_owned());
+        assert_eq!(settings.handler.limits.max_body_size, None);
     }
 }

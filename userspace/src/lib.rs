@@ -11,6 +11,7 @@
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`daemon`]: `xlb run`, wiring the above together.
+//! - [`logging`]: xlb's own log, and `ErrorLogPath`.
 //! - [`build_info`]: version strings.
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod logging;
 pub mod proxy;
 pub mod routes;
 pub mod swarm;

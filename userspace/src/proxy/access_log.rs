@@ -25,7 +25,10 @@ use std::{
 };
 
 use http::StatusCode;
-use tokio::{io::AsyncWriteExt, sync::mpsc};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+};
 use tracing::warn;
 
 use super::headers::format_response_time;
@@ -66,15 +69,23 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Opens `path` for appending and returns the log and its writer, a future to run until every
-    /// handle is dropped.
+    /// handle is dropped. `/dev/stdout` and `/dev/stderr` are xlb's own standard output and
+    /// error, which need not be reopenable (a socket to journald is not).
     pub async fn open(
         path: &Path,
     ) -> io::Result<(Self, impl std::future::Future<Output = ()> + Send + 'static)> {
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
+        let file: Box<dyn AsyncWrite + Send + Unpin> = if path == Path::new("/dev/stdout") {
+            Box::new(tokio::io::stdout())
+        } else if path == Path::new("/dev/stderr") {
+            Box::new(tokio::io::stderr())
+        } else {
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .await?;
+            Box::new(file)
+        };
         let (lines, queued) = mpsc::channel(QUEUED_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
         let writer = write_lines(queued, file, path.to_owned(), Arc::clone(&dropped));
@@ -93,7 +104,7 @@ impl AccessLog {
 
 async fn write_lines(
     mut queued: mpsc::Receiver<String>,
-    file: tokio::fs::File,
+    file: Box<dyn AsyncWrite + Send + Unpin>,
     path: PathBuf,
     dropped: Arc<AtomicU64>,
 ) {
