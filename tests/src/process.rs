@@ -52,6 +52,17 @@ impl Process {
             .with_context(|| format!("cannot poll `{}`", self.description))
     }
 
+    /// SIGKILL right away, as when a machine or the OOM killer takes a process down; waits
+    /// until it is reaped.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.child
+            .kill()
+            .with_context(|| format!("cannot kill `{}`", self.description))?;
+        self.child
+            .wait()
+            .with_context(|| format!("cannot reap `{}`", self.description))
+    }
+
     /// SIGTERM, then SIGKILL if it outlives the grace period; idempotent.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.exit_status()? {

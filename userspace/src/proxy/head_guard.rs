@@ -462,6 +462,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadGuard<IO> {
                 this.examine();
                 continue;
             }
+            if matches!(this.phase, Phase::Head) && this.state.in_flight() > 0 {
+                // The idle timer starts when the response ends, which may happen while this
+                // reader waits for bytes: have the response's end wake it.
+                this.state.wait_for_response(cx.waker());
+            }
             match this.poll_timer(cx) {
                 Some(Expiry::SlowHead) => {
                     let timeout = this.settings.limits.header_timeout;
