@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex, MutexGuard, PoisonError,
+    },
     time::{Duration, Instant},
 };
 
@@ -37,6 +40,8 @@ impl Default for EjectionPeriods {
 pub struct PassiveHealth {
     periods: EjectionPeriods,
     ejections: Mutex<HashMap<SocketAddr, Ejection>>,
+    /// Whether `ejections` has entries, so that requests skip the lock while all is well.
+    any_records: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +55,7 @@ impl PassiveHealth {
         Self {
             periods,
             ejections: Mutex::new(HashMap::new()),
+            any_records: AtomicBool::new(false),
         }
     }
 
@@ -72,14 +78,21 @@ impl PassiveHealth {
                 period,
             },
         );
+        self.any_records.store(true, Ordering::Release);
         warn!(%addr, ?period, "upstream endpoint failed: ejected");
     }
 
     /// Forgets `addr`'s failures.
     pub fn record_success(&self, addr: SocketAddr) {
-        if self.lock().remove(&addr).is_some() {
+        if !self.any_records.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ejections = self.lock();
+        if ejections.remove(&addr).is_some() {
             info!(%addr, "upstream endpoint answered again: no longer ejected");
         }
+        self.any_records
+            .store(!ejections.is_empty(), Ordering::Release);
     }
 
     #[cfg(test)]
@@ -91,10 +104,10 @@ impl PassiveHealth {
 
     /// `candidates` with the ejected endpoints moved to the end, each group in its given order.
     pub fn healthy_first(&self, candidates: Vec<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
-        let ejections = self.lock();
-        if ejections.is_empty() {
+        if !self.any_records.load(Ordering::Acquire) {
             return candidates;
         }
+        let ejections = self.lock();
         let (healthy, ejected): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|addr| {
             ejections
                 .get(addr)
