@@ -218,11 +218,14 @@ ErrorLogPath = "{}"
     let mut xlb = Process::spawn(command).unwrap();
     let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
 
+    // curl's status code, or its failure (the proxy may not listen yet).
     let status_of = |extra: &[&str]| {
         let mut args = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}"];
         args.extend_from_slice(extra);
         args.push("http://127.0.0.1:8000/");
-        curl(&netns, &args)
+        netns
+            .run("curl", &args)
+            .unwrap_or_else(|error| error.to_string())
     };
     wait_until("the proxy answering", Duration::from_secs(10), || {
         Ok((status_of(&["-H", "Host: a.local"]) == "503").then_some(()))
