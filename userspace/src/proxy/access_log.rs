@@ -121,7 +121,11 @@ async fn write_lines(
         }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
-            warn!(path = %path.display(), lines = lost, "access log lines dropped: the writer fell behind");
+            warn!(
+                path = %path.display(),
+                lines = lost,
+                "access log lines dropped: the writer fell behind"
+            );
         }
         match result {
             Err(error) if !failing => {

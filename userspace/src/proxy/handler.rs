@@ -154,7 +154,7 @@ impl RequestHandler {
         let started = Instant::now();
         let request_id = RequestId::fresh();
         let mut entry = AccessEntry {
-            // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`; report them as IPv4.
+            // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`: report IPv4.
             client: connection.addr.ip().to_canonical(),
             request_line: request_line(&request),
             status: StatusCode::OK,
@@ -302,7 +302,12 @@ impl RequestHandler {
                     };
                     attempts.push(attempt(addr, status, upstream.response_time));
                     if retry::is_retried_status(status) && may_retry(received) {
-                        warn!(service = route.service(), %addr, %status, "upstream answered with a gateway error; trying the next endpoint");
+                        warn!(
+                            service = route.service(),
+                            %addr,
+                            %status,
+                            "upstream answered with a gateway error; trying the next endpoint"
+                        );
                         held_answer = Some((upstream, answer));
                         continue;
                     }
@@ -312,7 +317,11 @@ impl RequestHandler {
                     if error.is_unreachable() {
                         self.health.record_failure(addr, Instant::now());
                     }
-                    warn!(service = route.service(), %error, "upstream unavailable; trying the next endpoint");
+                    warn!(
+                        service = route.service(),
+                        %error,
+                        "upstream unavailable; trying the next endpoint"
+                    );
                     attempts.push(attempt(addr, StatusCode::BAD_GATEWAY, started.elapsed()));
                     outgoing.give_back(*request);
                 }
@@ -336,7 +345,11 @@ impl RequestHandler {
                     if !may_retry(received) {
                         return Err(failure);
                     }
-                    warn!(service = route.service(), error = %failure, "upstream exchange failed; trying the next endpoint");
+                    warn!(
+                        service = route.service(),
+                        error = %failure,
+                        "upstream exchange failed; trying the next endpoint"
+                    );
                     last_failure = Some(failure);
                 }
             }

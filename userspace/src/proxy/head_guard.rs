@@ -314,9 +314,10 @@ impl<IO> HeadGuard<IO> {
             )
         };
         if !may_be_complete {
-            return match self.head.len() > limits.max_head_size {
-                true => too_large(),
-                false => HeadCheck::Incomplete,
+            return if self.head.len() > limits.max_head_size {
+                too_large()
+            } else {
+                HeadCheck::Incomplete
             };
         }
         let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];

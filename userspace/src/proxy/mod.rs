@@ -2,7 +2,7 @@
 //! at most `max_connections` at once, until shut down gracefully.
 //!
 //! - `router`: Host → service route, round robin, atomically swapped tables.
-//! - `handler`: one request's phases: check → route → upstream request → forward → decorate.
+//! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
 //! - `retry`: which requests may go to another endpoint, and their replayable bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
 //! - `upstream`: keep-alive connection pool per upstream endpoint, timeouts, drain.
@@ -381,6 +381,7 @@ mod tests {
         let first = client.send(request).await;
         assert_eq!(first.echo()["real_ip"], "127.0.0.1");
         assert_eq!(first.echo()["forwarded_for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(first.echo()["forwarded_proto"], "http");
 
         let second = client.get("app", "/").await;
         assert_eq!(second.echo()["forwarded_for"], "127.0.0.1");
