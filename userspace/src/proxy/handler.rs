@@ -210,7 +210,10 @@ impl RequestHandler {
         let route = self.route_phase(&request)?;
         let upstream_request = self.upstream_request_phase(request, request_id, connection);
         let outgoing = OutgoingRequest::prepare(upstream_request).await?;
-        let (upstream, answer) = self.forward_phase(&route, outgoing, attempts).await?;
+        let endpoints = route.failover_order().collect();
+        let (upstream, answer) = self
+            .forward_phase(&route, endpoints, outgoing, attempts)
+            .await?;
         Ok((self.response_phase(upstream, request_id, answer), answer))
     }
 
@@ -264,17 +267,18 @@ impl RequestHandler {
         Request::from_parts(parts, ClientBody::new(body, &self.settings.limits))
     }
 
-    /// Forward: each endpoint in turn, healthy ones first, for as long as the request may go on
-    /// to the next one. Every try is recorded in `attempts`.
+    /// Forward: each of `endpoints` in turn, passively healthy ones first, for as long as the
+    /// request may go on to the next one. Every try is recorded in `attempts`.
     async fn forward_phase(
         &self,
         route: &ServiceRoute,
+        endpoints: Vec<SocketAddr>,
         mut outgoing: OutgoingRequest,
         attempts: &mut Vec<UpstreamAttempt>,
     ) -> Result<(UpstreamResponse<ForwardBody>, UpstreamAnswer), ProxyError> {
         let candidates = self
             .health
-            .healthy_first(route.failover_order().collect(), Instant::now());
+            .healthy_first(endpoints, |addr| *addr, Instant::now());
         let tries = self.settings.upstream_tries.max(1);
         let replayable = outgoing.is_replayable();
         let mut received = 0;

@@ -102,15 +102,21 @@ impl PassiveHealth {
             .is_some_and(|ejection| now < ejection.until)
     }
 
-    /// `candidates` with the ejected endpoints moved to the end, each group in its given order.
-    pub fn healthy_first(&self, candidates: Vec<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
+    /// `candidates` with the ejected endpoints moved to the end, each group in its given order;
+    /// `addr` tells a candidate's endpoint address.
+    pub fn healthy_first<T>(
+        &self,
+        candidates: Vec<T>,
+        addr: impl Fn(&T) -> SocketAddr,
+        now: Instant,
+    ) -> Vec<T> {
         if !self.any_records.load(Ordering::Acquire) {
             return candidates;
         }
         let ejections = self.lock();
-        let (healthy, ejected): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|addr| {
+        let (healthy, ejected): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|candidate| {
             ejections
-                .get(addr)
+                .get(&addr(candidate))
                 .is_none_or(|ejection| now >= ejection.until)
         });
         healthy.into_iter().chain(ejected).collect()
@@ -206,13 +212,13 @@ mod tests {
         let now = Instant::now();
         health.record_failure(addr(2), now);
         health.record_failure(addr(4), now);
-        let order = health.healthy_first(vec![addr(4), addr(1), addr(2), addr(3)], now);
+        let order = health.healthy_first(vec![addr(4), addr(1), addr(2), addr(3)], |a| *a, now);
         assert_eq!(order, [addr(1), addr(3), addr(4), addr(2)]);
 
-        let all_ejected = health.healthy_first(vec![addr(2), addr(4)], now);
+        let all_ejected = health.healthy_first(vec![addr(2), addr(4)], |a| *a, now);
         assert_eq!(all_ejected, [addr(2), addr(4)]);
 
-        let after = health.healthy_first(vec![addr(2), addr(1)], now + SECOND);
+        let after = health.healthy_first(vec![addr(2), addr(1)], |a| *a, now + SECOND);
         assert_eq!(after, [addr(2), addr(1)]);
     }
 

@@ -426,8 +426,8 @@ impl<B> IdleConnection<B> {
 /// (`SendTimeout`) or answering (`ReadTimeout`), like nginx's timeouts between two successive
 /// writes or reads. The read timeout runs from the last progress either way, and not while a
 /// write is blocked.
-struct TimedStream {
-    stream: TcpStream,
+struct TimedStream<S> {
+    stream: S,
     read_timeout: Duration,
     send_timeout: Duration,
     /// The last read or write that made progress: an upstream is only expected to answer after
@@ -438,8 +438,8 @@ struct TimedStream {
     write_deadline: Pin<Box<Sleep>>,
 }
 
-impl TimedStream {
-    fn new(stream: TcpStream, read_timeout: Duration, send_timeout: Duration) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> TimedStream<S> {
+    fn new(stream: S, read_timeout: Duration, send_timeout: Duration) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             stream,
@@ -455,7 +455,7 @@ impl TimedStream {
     fn poll_write_with<T>(
         &mut self,
         cx: &mut Context<'_>,
-        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+        write: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         match write(Pin::new(&mut self.stream), cx) {
             Poll::Ready(result) => {
@@ -495,7 +495,7 @@ fn poll_deadline<T>(
     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stall)))
 }
 
-impl AsyncRead for TimedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -518,7 +518,7 @@ impl AsyncRead for TimedStream {
     }
 }
 
-impl AsyncWrite for TimedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
