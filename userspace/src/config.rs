@@ -64,6 +64,9 @@ pub struct Extension {
     pub published_port: u16,
     /// `PublishedSSLPort`.
     pub published_ssl_port: Option<u16>,
+    /// `ServiceCluster`: serve only the services labelled `com.docker.lb.service_cluster` with
+    /// this name; unset serves every service.
+    pub service_cluster: Option<String>,
     /// `[Extensions.<name>.Config]`.
     pub proxy: ProxyConfig,
 }
@@ -74,6 +77,7 @@ impl Default for Extension {
             publish_mode: PublishMode::Host,
             published_port: DEFAULT_PUBLISHED_PORT,
             published_ssl_port: None,
+            service_cluster: None,
             proxy: ProxyConfig::default(),
         }
     }
@@ -86,6 +90,8 @@ pub struct ProxyConfig {
     pub pid_path: Option<PathBuf>,
     pub rlimit_nofile: Option<u64>,
     pub max_connections: Option<usize>,
+    /// `IPHash`: balance every service by client address unless its labels choose otherwise.
+    pub ip_hash: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +213,11 @@ impl Reader<'_> {
                 "publishmode" => extension.publish_mode = self.publish_mode(&entry)?,
                 "publishedport" => extension.published_port = self.port(&entry)?,
                 "publishedsslport" => extension.published_ssl_port = Some(self.port(&entry)?),
+                "servicecluster" => {
+                    extension.service_cluster = self
+                        .optional_string(&entry, "a service cluster name")?
+                        .map(Into::into)
+                }
                 "config" => proxy_sections.push(self.section(&entry)?),
                 _ => self.ignore(&entry),
             }
@@ -225,6 +236,7 @@ impl Reader<'_> {
                 }
                 "rlimitnofile" => proxy.rlimit_nofile = Some(self.positive_integer(&entry)?),
                 "maxconnections" => proxy.max_connections = Some(self.positive_integer(&entry)?),
+                "iphash" => proxy.ip_hash = self.boolean(&entry)?,
                 _ => self.ignore(&entry),
             }
         }
@@ -352,6 +364,13 @@ impl Reader<'_> {
     ) -> Result<Option<&'d str>, ConfigError> {
         let text = self.string(entry, expected)?;
         Ok(Some(text).filter(|text| !text.is_empty()))
+    }
+
+    fn boolean(&self, entry: &Entry) -> Result<bool, ConfigError> {
+        match entry.value.get_ref() {
+            DeValue::Boolean(value) => Ok(*value),
+            _ => Err(self.expected(entry, "true or false")),
+        }
     }
 
     fn string<'d>(&self, entry: &Entry<'d, '_>, expected: &str) -> Result<&'d str, ConfigError> {
@@ -570,6 +589,46 @@ mod tests {
         assert_eq!(two.proxy.max_connections, Some(10));
         assert_eq!(two.published_ssl_port, Some(8443));
         assert!(config.ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn service_cluster_and_ip_hash_are_read_case_insensitively() {
+        let source = r#"
+            [Extensions.east]
+            servicecluster = "us-east"
+            [Extensions.east.Config]
+            iphash = true
+            [Extensions.west]
+            SERVICECLUSTER = ""
+            [Extensions.west.Config]
+            IPHash = false
+        "#;
+        let config = parse(source, "config.toml").unwrap();
+        let east = &config.extensions["east"];
+        assert_eq!(east.service_cluster.as_deref(), Some("us-east"));
+        assert!(east.proxy.ip_hash);
+        let west = &config.extensions["west"];
+        assert_eq!(
+            west.service_cluster, None,
+            "an empty name is unset, as in Go"
+        );
+        assert!(!west.proxy.ip_hash);
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+        let defaults = parse("[Extensions.d]", "config.toml").unwrap();
+        assert_eq!(defaults.extensions["d"].service_cluster, None);
+        assert!(!defaults.extensions["d"].proxy.ip_hash);
+    }
+
+    #[test]
+    fn service_cluster_and_ip_hash_type_errors_point_at_the_value() {
+        assert_eq!(
+            error("[Extensions.e]\nServiceCluster = 1"),
+            "config.toml:2:18: Extensions.e.ServiceCluster: expected a service cluster name, found 1"
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nIPHash = \"yes\""),
+            r#"config.toml:2:10: Extensions.e.Config.IPHash: expected true or false, found "yes""#
+        );
     }
 
     #[test]
