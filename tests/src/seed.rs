@@ -173,11 +173,17 @@ impl SeedScenario {
         serde_json::from_str(&body).with_context(|| format!("{url} answered non-JSON: {body:?}"))
     }
 
-    /// The endpoints xlb's `/routes` lists for `demo.local`.
+    /// The endpoints xlb's `/routes` lists for `demo.local` (its route on every path, `/`).
     pub fn routed_endpoints(&self) -> Result<Vec<SocketAddr>> {
-        let routes = self.admin("/routes")?;
-        let endpoints = routes["routes"][HOST]["endpoints"]
+        let table = self.admin("/routes")?;
+        let routes = table["routes"][HOST]
             .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let endpoints = routes
+            .iter()
+            .find(|route| route["context_root"] == "/")
+            .and_then(|route| route["endpoints"].as_array())
             .cloned()
             .unwrap_or_default();
         endpoints

@@ -19,7 +19,7 @@ use crate::{
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
     proxy::{self, ProxySettings, Router},
-    routes::{route_table, RouteTable},
+    routes::{route_table, Route, RouteSettings, RouteTable},
     swarm::Swarm,
 };
 
@@ -153,9 +153,17 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         .docker_url
         .clone()
         .unwrap_or_else(|| config.docker_url.clone());
+    let route_settings = RouteSettings {
+        service_cluster: extension.service_cluster.clone(),
+        ip_hash: extension.proxy.ip_hash,
+    };
+    if let Some(cluster) = &route_settings.service_cluster {
+        tracing::info!(%cluster, "serving only the services of this cluster (ServiceCluster)");
+    }
     tasks.spawn(discover(
         docker_url,
         config.poll_interval,
+        route_settings,
         router,
         state,
         shutdown.clone(),
@@ -196,6 +204,7 @@ fn start_dataplane(
 async fn discover(
     docker_url: String,
     interval: Duration,
+    route_settings: RouteSettings,
     router: Arc<Router>,
     state: Arc<AdminState>,
     shutdown: CancellationToken,
@@ -226,7 +235,7 @@ async fn discover(
         };
         match connected.snapshot().await {
             Ok(snapshot) => {
-                let table = route_table(&snapshot);
+                let table = route_table(&snapshot, &route_settings);
                 let current = state.routes.load_full();
                 if table != *current {
                     log_changes(&current, &table);
@@ -246,18 +255,31 @@ async fn discover(
 }
 
 fn log_changes(old: &RouteTable, new: &RouteTable) {
-    for (host, route) in &new.routes {
-        if old.routes.get(host) != Some(route) {
-            let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
-            tracing::info!(host = %host, service = %route.service, endpoints = %endpoints.join(","), "route");
+    for (host, routes) in &new.routes {
+        for route in routes {
+            if !old.routes.get(host).is_some_and(|old| old.contains(route)) {
+                log_route(host, route);
+            }
         }
     }
-    for host in old
-        .routes
-        .keys()
-        .filter(|host| !new.routes.contains_key(*host))
-    {
-        tracing::info!(host = %host, "route removed");
+    if let Some(route) = &new.default_backend {
+        if old.default_backend.as_ref() != Some(route) {
+            log_route("(default backend)", route);
+        }
+    }
+    for (host, routes) in &old.routes {
+        for route in routes {
+            let kept = new
+                .routes
+                .get(host)
+                .is_some_and(|new| new.iter().any(|new| new.context_root == route.context_root));
+            if !kept {
+                tracing::info!(host = %host, context_root = %route.context_root, "route removed");
+            }
+        }
+    }
+    if old.default_backend.is_some() && new.default_backend.is_none() {
+        tracing::info!("default backend removed");
     }
     for rejected in new
         .rejected
@@ -266,6 +288,17 @@ fn log_changes(old: &RouteTable, new: &RouteTable) {
     {
         tracing::warn!(service = %rejected.service, reason = %rejected.reason, "service disabled");
     }
+}
+
+fn log_route(host: &str, route: &Route) {
+    let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        host = %host,
+        context_root = %route.context_root,
+        service = %route.service,
+        endpoints = %endpoints.join(","),
+        "route"
+    );
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -1,6 +1,7 @@
-//! One request's trip through the proxy, as explicit phases: route by Host → build the upstream
-//! request → forward it (round-robin start, failover on connect errors) → decorate the response.
-//! Failures become the proxy's own one-line text answers (502/503).
+//! One request's trip through the proxy, as explicit phases: route by Host and path (or answer
+//! with a redirect) → build the upstream request → forward it (in the order the service's
+//! balancing method gives, failover on connect errors) → decorate the response. Failures become
+//! the proxy's own one-line text answers (404/502/503).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -10,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    header, request::Parts, uri::PathAndQuery, Method, Request, Response, StatusCode, Uri, Version,
+    header, uri::PathAndQuery, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
@@ -18,9 +19,10 @@ use tracing::{debug, warn};
 
 use super::{
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
-    router::{Router, ServiceRoute},
+    router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, UpstreamError, UpstreamPool, UpstreamResponse},
 };
+use crate::routes::Scheme;
 
 /// The body of every response the proxy gives its clients.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -32,6 +34,8 @@ pub enum ProxyError {
     MissingHost,
     #[error("no service for host {0:?}")]
     UnknownHost(String),
+    #[error("no service for path {path:?} on host {host:?}")]
+    NoContextRoot { host: String, path: String },
     #[error("service {service:?} for host {host:?} has no running tasks")]
     NoEndpoints { host: String, service: String },
     #[error("no endpoint of service {service:?} accepted a connection ({tried} tried)")]
@@ -43,6 +47,8 @@ pub enum ProxyError {
     },
     #[error("method CONNECT is not supported")]
     ConnectMethod,
+    #[error("redirect location {0:?} is not a valid header value")]
+    UnencodableLocation(String),
 }
 
 impl ProxyError {
@@ -54,7 +60,9 @@ impl ProxyError {
             Self::NoEndpointReachable { .. } | Self::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
+            Self::NoContextRoot { .. } => StatusCode::NOT_FOUND,
             Self::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnencodableLocation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -96,7 +104,7 @@ impl RequestHandler {
             .proxy(request, &request_id, client.ip().to_canonical())
             .await;
         let (response, upstream) = match outcome {
-            Ok((response, answer)) => (response, Some(answer.addr)),
+            Ok((response, answer)) => (response, answer.map(|answer| answer.addr)),
             Err(error) => {
                 if let ProxyError::UpstreamFailed { source, .. } = &error {
                     warn!(request_id = request_id.as_str(), error = %source, "upstream failed");
@@ -123,47 +131,83 @@ impl RequestHandler {
         request: Request<Incoming>,
         request_id: &RequestId,
         client: IpAddr,
-    ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
-        let route = self.route_phase(&request)?;
-        let upstream_request = upstream_request_phase(request, request_id, client);
-        let (upstream, answer) = self.forward_phase(&route, upstream_request).await?;
-        Ok((self.response_phase(upstream, request_id, answer), answer))
+    ) -> Result<(Response<ProxyBody>, Option<UpstreamAnswer>), ProxyError> {
+        let (route, upstream_target) = match self.route_phase(&request)? {
+            Routed::Forward {
+                route,
+                upstream_target,
+            } => (route, upstream_target),
+            Routed::Redirect { status, location } => {
+                return Ok((self.redirect_answer(status, location, request_id)?, None));
+            }
+        };
+        let endpoints = route.endpoint_order(request.headers(), client);
+        let upstream_request = upstream_request_phase(request, request_id, client, upstream_target);
+        let (upstream, answer, in_flight) = self
+            .forward_phase(&route, endpoints, upstream_request)
+            .await?;
+        let response = self.response_phase(upstream, request_id, answer, in_flight);
+        Ok((response, Some(answer)))
     }
 
-    /// Route: the Host's service, which must have at least one endpoint.
-    fn route_phase(&self, request: &Request<Incoming>) -> Result<Arc<ServiceRoute>, ProxyError> {
+    /// Route: by Host and path to a service with at least one endpoint, or to a redirect.
+    fn route_phase(&self, request: &Request<Incoming>) -> Result<Routed, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
         let host = request_host(request).ok_or(ProxyError::MissingHost)?;
-        let route = self
+        // The TLS listener marks its requests `Scheme::Https`; any other came in plain.
+        let scheme = request
+            .extensions()
+            .get::<Scheme>()
+            .copied()
+            .unwrap_or(Scheme::Http);
+        let target = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let routed = self
             .router
-            .route(host)
-            .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
-        if route.endpoints().is_empty() {
-            return Err(ProxyError::NoEndpoints {
-                host: host.to_owned(),
-                service: route.service().to_owned(),
-            });
+            .route(scheme, host, &target)
+            .map_err(|miss| match miss {
+                RouteMiss::UnknownHost => ProxyError::UnknownHost(host.to_owned()),
+                RouteMiss::NoContextRoot => ProxyError::NoContextRoot {
+                    host: host.to_owned(),
+                    path: target.path().to_owned(),
+                },
+            })?;
+        if let Routed::Forward { route, .. } = &routed {
+            if route.endpoint_count() == 0 {
+                return Err(ProxyError::NoEndpoints {
+                    host: host.to_owned(),
+                    service: route.service().to_owned(),
+                });
+            }
         }
-        Ok(route)
+        Ok(routed)
     }
 
-    /// Forward: the round-robin endpoint first, then each other endpoint once, for as long as
-    /// connecting fails; the request body is only streamed once a connection stands.
+    /// Forward: the endpoints in the order the service's balancing method gives, each tried
+    /// once for as long as connecting fails; the request body is only streamed once a
+    /// connection stands. The endpoint that answered counts the request as in flight.
     async fn forward_phase(
         &self,
         route: &ServiceRoute,
+        endpoints: Vec<Endpoint>,
         mut request: Request<Incoming>,
-    ) -> Result<(UpstreamResponse<Incoming>, UpstreamAnswer), ProxyError> {
-        for addr in route.failover_order() {
+    ) -> Result<(UpstreamResponse<Incoming>, UpstreamAnswer, InFlight), ProxyError> {
+        let tried = endpoints.len();
+        for endpoint in endpoints {
+            let addr = endpoint.addr();
+            let in_flight = endpoint.start_request();
             match self.upstreams.send(addr, request).await {
                 Ok(upstream) => {
                     let answer = UpstreamAnswer {
                         addr,
                         response_time: upstream.response_time,
                     };
-                    return Ok((upstream, answer));
+                    return Ok((upstream, answer, in_flight));
                 }
                 Err(SendError::NotSent {
                     request: unsent,
@@ -179,7 +223,7 @@ impl RequestHandler {
         }
         Err(ProxyError::NoEndpointReachable {
             service: route.service().to_owned(),
-            tried: route.endpoints().len(),
+            tried,
         })
     }
 
@@ -189,8 +233,16 @@ impl RequestHandler {
         upstream: UpstreamResponse<Incoming>,
         request_id: &RequestId,
         answer: UpstreamAnswer,
+        in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        let mut response = upstream.response.map(BodyExt::boxed);
+        let mut response = upstream.response.map(|body| {
+            // The request stays in flight until its body is relayed or dropped.
+            body.map_frame(move |frame| {
+                let _until_body_ends = &in_flight;
+                frame
+            })
+            .boxed()
+        });
         headers::prepare_client_response(
             response.headers_mut(),
             request_id,
@@ -202,15 +254,40 @@ impl RequestHandler {
 
     /// The proxy's own answer: the error as one line of text, with the identity headers.
     fn local_answer(&self, error: &ProxyError, request_id: &RequestId) -> Response<ProxyBody> {
-        let body = Full::new(Bytes::from(format!("{error}\n")))
+        self.text_answer(error.status(), format!("{error}\n"), request_id)
+    }
+
+    /// A redirect (`com.docker.lb.redirects`, `ssl_only`), with the identity headers.
+    fn redirect_answer(
+        &self,
+        status: StatusCode,
+        location: String,
+        request_id: &RequestId,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // Built from a request target and a label checked as a URL, so only a bug lands here.
+        let value = HeaderValue::try_from(location.as_str())
+            .map_err(|_| ProxyError::UnencodableLocation(location.clone()))?;
+        let mut response =
+            self.text_answer(status, format!("redirecting to {location}\n"), request_id);
+        response.headers_mut().insert(header::LOCATION, value);
+        Ok(response)
+    }
+
+    fn text_answer(
+        &self,
+        status: StatusCode,
+        text: String,
+        request_id: &RequestId,
+    ) -> Response<ProxyBody> {
+        let body = Full::new(Bytes::from(text))
             .map_err(|never| match never {})
             .boxed();
         let mut response = Response::new(body);
-        *response.status_mut() = error.status();
+        *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         headers::stamp_identity(headers, request_id, &self.identity);
         response
@@ -226,26 +303,18 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
     }
 }
 
-/// Build the upstream request: same method, headers and streaming body, origin-form target,
-/// HTTP/1.1 (upstream connections are kept alive even for HTTP/1.0 clients).
+/// Build the upstream request: same method, headers and streaming body, the routed
+/// origin-form target, HTTP/1.1 (upstream connections are kept alive even for HTTP/1.0 clients).
 fn upstream_request_phase(
     request: Request<Incoming>,
     request_id: &RequestId,
     client: IpAddr,
+    target: PathAndQuery,
 ) -> Request<Incoming> {
     let (mut parts, body) = request.into_parts();
-    parts.uri = origin_form(&parts);
+    parts.uri = Uri::from(target);
     parts.version = Version::HTTP_11;
     parts.extensions.clear();
     headers::prepare_upstream_request(&mut parts.headers, request_id, client);
     Request::from_parts(parts, body)
-}
-
-fn origin_form(parts: &Parts) -> Uri {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(path_and_query)
 }

@@ -1,7 +1,8 @@
 //! The L7 HTTP proxy: accepts client connections and serves them with hyper's HTTP/1.1 server,
 //! at most `max_connections` at once, until shut down gracefully.
 //!
-//! - `router`: Host → service route, round robin, atomically swapped tables.
+//! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
+//!   method, atomically swapped tables.
 //! - `handler`: one request's phases: route → upstream request → forward → decorate.
 //! - `upstream`: keep-alive connection pool per upstream endpoint.
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
@@ -11,6 +12,8 @@ mod headers;
 mod router;
 mod upstream;
 
+#[cfg(test)]
+mod routing_tests;
 #[cfg(test)]
 mod test_support;
 
@@ -169,77 +172,9 @@ mod tests {
     use bytes::Bytes;
     use http::Request;
     use http_body_util::Full;
-    use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::routes::{Route, RouteTable};
-    use test_support::{refused_addr, EchoBackend, TestClient, TestResponse};
-
-    struct RunningProxy {
-        addr: SocketAddr,
-        router: Arc<Router>,
-        shutdown: CancellationToken,
-        served: JoinHandle<anyhow::Result<()>>,
-    }
-
-    impl RunningProxy {
-        async fn start(routes: &[(&str, &[SocketAddr])]) -> Self {
-            Self::start_with_max_connections(routes, 64).await
-        }
-
-        async fn start_with_max_connections(
-            routes: &[(&str, &[SocketAddr])],
-            max_connections: usize,
-        ) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let router = Router::new();
-            router.update(&table(routes));
-            let settings = ProxySettings {
-                proxy_id: "lb-test-1".into(),
-                max_connections,
-            };
-            let shutdown = CancellationToken::new();
-            let served = tokio::spawn(serve(
-                listener,
-                Arc::clone(&router),
-                settings,
-                shutdown.clone(),
-            ));
-            Self {
-                addr,
-                router,
-                shutdown,
-                served,
-            }
-        }
-
-        async fn client(&self) -> TestClient {
-            TestClient::connect(self.addr).await
-        }
-
-        /// One request on a fresh client connection.
-        async fn get(&self, host: &str, path: &str) -> TestResponse {
-            self.client().await.get(host, path).await
-        }
-    }
-
-    fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
-        let routes: BTreeMap<_, _> = routes
-            .iter()
-            .map(|(host, endpoints)| {
-                let route = Route {
-                    service: format!("svc-{host}"),
-                    endpoints: endpoints.to_vec(),
-                };
-                (host.to_string(), route)
-            })
-            .collect();
-        RouteTable {
-            routes,
-            rejected: Vec::new(),
-        }
-    }
+    use test_support::{refused_addr, table, EchoBackend, RunningProxy};
 
     fn is_lower_hex_id(id: &str) -> bool {
         id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

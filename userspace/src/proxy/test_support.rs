@@ -1,9 +1,11 @@
-//! Test fixtures on real sockets: an echo backend that reports what it received as JSON, a
-//! keep-alive test client, and an address that refuses connections.
+//! Test fixtures on real sockets: the proxy serving on 127.0.0.1, an echo backend that reports
+//! what it received as JSON, a keep-alive test client (from any 127.0.0.0/8 address), and an
+//! address that refuses connections.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -17,7 +19,101 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{serve, ProxySettings, Router};
+use crate::routes::{Balance, Route, RouteTable, ROOT_CONTEXT};
+
+/// The proxy serving on an ephemeral 127.0.0.1 port, its router open to route updates.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub router: Arc<Router>,
+    pub shutdown: CancellationToken,
+    pub served: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningProxy {
+    /// One round-robin service per host (see [`table`]).
+    pub async fn start(routes: &[(&str, &[SocketAddr])]) -> Self {
+        Self::start_with_max_connections(routes, 64).await
+    }
+
+    pub async fn start_with_max_connections(
+        routes: &[(&str, &[SocketAddr])],
+        max_connections: usize,
+    ) -> Self {
+        Self::serve(&table(routes), max_connections).await
+    }
+
+    pub async fn start_with_table(table: &RouteTable) -> Self {
+        Self::serve(table, 64).await
+    }
+
+    async fn serve(table: &RouteTable, max_connections: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new();
+        router.update(table);
+        let settings = ProxySettings {
+            proxy_id: "lb-test-1".into(),
+            max_connections,
+        };
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(
+            listener,
+            Arc::clone(&router),
+            settings,
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            router,
+            shutdown,
+            served,
+        }
+    }
+
+    pub async fn client(&self) -> TestClient {
+        TestClient::connect(self.addr).await
+    }
+
+    /// One request on a fresh client connection.
+    pub async fn get(&self, host: &str, path: &str) -> TestResponse {
+        self.client().await.get(host, path).await
+    }
+}
+
+/// A route table with one round-robin service per host, named `svc-HOST`.
+pub fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
+    let routes: BTreeMap<_, _> = routes
+        .iter()
+        .map(|(host, endpoints)| {
+            let route = route(&format!("svc-{host}"), endpoints);
+            (host.to_string(), vec![route])
+        })
+        .collect();
+    RouteTable {
+        routes,
+        ..RouteTable::default()
+    }
+}
+
+/// A plain route of `service`: every path, round robin, no redirect.
+pub fn route(service: &str, endpoints: &[SocketAddr]) -> Route {
+    Route {
+        service: service.to_owned(),
+        context_root: ROOT_CONTEXT.to_owned(),
+        context_root_rewrite: false,
+        endpoints: endpoints.to_vec(),
+        balance: Balance::RoundRobin,
+        ssl_only: false,
+        redirects: Vec::new(),
+    }
+}
 
 /// An HTTP/1.1 backend answering every request with JSON describing it: its own port, the
 /// proxy-set headers, every header name, and the body. `?delay_ms=N` delays the answer.
@@ -112,7 +208,14 @@ pub struct TestClient {
 
 impl TestClient {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::connect_from(addr, IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// A connection from `local` (any address of 127.0.0.0/8 works on Linux' loopback).
+    pub async fn connect_from(addr: SocketAddr, local: IpAddr) -> Self {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(local, 0)).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
