@@ -153,10 +153,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         .docker_url
         .clone()
         .unwrap_or_else(|| config.docker_url.clone());
-    let route_settings = RouteSettings {
-        service_cluster: extension.service_cluster.clone(),
-        ip_hash: extension.proxy.ip_hash,
-    };
+    let route_settings = route_settings(extension);
     if let Some(cluster) = &route_settings.service_cluster {
         tracing::info!(%cluster, "serving only the services of this cluster (ServiceCluster)");
     }
@@ -197,6 +194,14 @@ fn start_dataplane(
     dataplane.set_l7_ports(l7_ports)?;
     tracing::info!(interface, ?mode, ?l7_ports, "XDP program attached");
     Ok(Arc::new(Mutex::new(dataplane)))
+}
+
+/// What the extension's config changes in routing: `ServiceCluster` and `IPHash`.
+fn route_settings(extension: &Extension) -> RouteSettings {
+    RouteSettings {
+        service_cluster: extension.service_cluster.clone(),
+        ip_hash: extension.proxy.ip_hash,
+    }
 }
 
 /// Polls Swarm every `interval` and applies route changes. When Docker cannot be reached the
@@ -358,5 +363,29 @@ impl Drop for PidFile {
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_cluster_and_ip_hash_reach_the_route_table() {
+        let source = "[Extensions.east]\nServiceCluster = \"east\"\n\
+                      [Extensions.east.Config]\nIPHash = true\n";
+        let config = config::parse(source, "config.toml").unwrap();
+        let (_, extension) = select_extension(&config, None).unwrap();
+        assert_eq!(
+            route_settings(&extension),
+            RouteSettings {
+                service_cluster: Some("east".into()),
+                ip_hash: true,
+            }
+        );
+        assert_eq!(
+            route_settings(&Extension::default()),
+            RouteSettings::default()
+        );
     }
 }
