@@ -199,11 +199,19 @@ impl SeedScenario {
     /// Waits until xlb routes `demo.local` to `count` endpoints.
     pub fn wait_for_endpoints(&self, count: usize) -> Result<Vec<SocketAddr>> {
         let what = format!("xlb to route {HOST} to {count} endpoint(s)");
+        let mut last = String::new();
         wait_until(&what, CONVERGE_TIMEOUT, || match self.routed_endpoints() {
             Ok(endpoints) if endpoints.len() == count => Ok(Some(endpoints)),
-            _ => Ok(None),
+            Ok(endpoints) => {
+                last = format!("routed to {endpoints:?}");
+                Ok(None)
+            }
+            Err(error) => {
+                last = format!("{error:#}");
+                Ok(None)
+            }
         })
-        .with_context(|| format!("xlb's log:\n{}", self.xlb_log()))
+        .with_context(|| format!("last seen: {last}\nxlb's log:\n{}", self.xlb_log()))
     }
 }
 
