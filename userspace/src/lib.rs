@@ -7,7 +7,8 @@
 //! - [`config`]: Interlock's `config.toml`, accepted as it is.
 //! - [`swarm`]: discovery through the Docker API (bollard).
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
-//! - [`proxy`]: the L7 HTTP proxy (hyper): Host routing and Interlock's response headers.
+//! - [`proxy`]: the L7 HTTP proxy (hyper): routing by host and path, balancing, redirects and
+//!   Interlock's response headers.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`daemon`]: `xlb run`, wiring the above together.
