@@ -156,7 +156,8 @@ impl RequestHandler {
             return Err(ProxyError::ConnectMethod);
         }
         let host = request_host(request).ok_or(ProxyError::MissingHost)?;
-        // The TLS listener marks its requests `Scheme::Https`; any other came in plain.
+        // A listener that terminates TLS marks its requests with `Scheme::Https` in their
+        // extensions; a request without the mark came in plain.
         let scheme = request
             .extensions()
             .get::<Scheme>()
