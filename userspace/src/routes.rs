@@ -14,6 +14,14 @@ use serde::Serialize;
 
 use crate::swarm::SwarmSnapshot;
 
+mod transport_labels;
+
+pub use transport_labels::{
+    BackendTls, BackendTlsVerify, CertificateSecrets, Transport, LABEL_SSL_BACKEND,
+    LABEL_SSL_BACKEND_TLS_VERIFY, LABEL_SSL_CERT, LABEL_SSL_KEY, LABEL_SSL_PASSTHROUGH,
+    LABEL_WEBSOCKET_ENDPOINTS,
+};
+
 /// Comma-separated host names a service answers for (Interlock's label).
 pub const LABEL_HOSTS: &str = "com.docker.lb.hosts";
 /// The container port the service listens on (Interlock's label).
@@ -34,6 +42,8 @@ pub struct Route {
     pub service: String,
     /// Node address + published port of each running task, sorted.
     pub endpoints: Vec<SocketAddr>,
+    /// TLS and WebSocket labels.
+    pub transport: Transport,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,8 +72,9 @@ pub fn route_table(snapshot: &SwarmSnapshot) -> RouteTable {
             .tasks
             .iter()
             .filter(|task| task.service_id == service.id);
-        let routed = service_routes(service, tasks, &node_addrs)
-            .and_then(|(hosts, endpoints)| claim_hosts(&table, &name, hosts, endpoints));
+        let routed = service_routes(service, tasks, &node_addrs).and_then(
+            |(hosts, endpoints, transport)| claim_hosts(&table, &name, hosts, endpoints, transport),
+        );
         match routed {
             Ok(routes) => table.routes.extend(routes),
             Err(reason) => {
@@ -79,17 +90,18 @@ pub fn route_table(snapshot: &SwarmSnapshot) -> RouteTable {
     table
 }
 
-/// The service's hosts and endpoints, or why it cannot be routed.
+/// The service's hosts, endpoints and transport labels, or why it cannot be routed.
 fn service_routes<'a>(
     service: &Service,
     tasks: impl Iterator<Item = &'a Task>,
     node_addrs: &HashMap<&str, IpAddr>,
-) -> Result<(Vec<String>, Vec<SocketAddr>), String> {
+) -> Result<(Vec<String>, Vec<SocketAddr>, Transport), String> {
     let hosts = parse_hosts(label(service, LABEL_HOSTS).unwrap_or_default())?;
     let port = match label(service, LABEL_PORT) {
         None => return Err(format!("label {LABEL_PORT} is missing")),
         Some(value) => parse_port(value)?,
     };
+    let transport = transport_labels::parse(|key| label(service, key), &hosts)?;
 
     let mut endpoints = BTreeSet::new();
     let mut running_without_port = 0;
@@ -113,7 +125,7 @@ fn service_routes<'a>(
              (create it with --publish mode=host,target={port})"
         ));
     }
-    Ok((hosts, endpoints.into_iter().collect()))
+    Ok((hosts, endpoints.into_iter().collect(), transport))
 }
 
 /// The routes for `hosts`, unless an older service already serves one of them.
@@ -122,6 +134,7 @@ fn claim_hosts(
     service: &str,
     hosts: Vec<String>,
     endpoints: Vec<SocketAddr>,
+    transport: Transport,
 ) -> Result<Vec<(String, Route)>, String> {
     if let Some((host, owner)) = hosts
         .iter()
@@ -135,6 +148,7 @@ fn claim_hosts(
             let route = Route {
                 service: service.to_owned(),
                 endpoints: endpoints.clone(),
+                transport: transport.clone(),
             };
             (host, route)
         })
@@ -329,7 +343,8 @@ mod tests {
             table.routes["demo.local"],
             Route {
                 service: "demo".into(),
-                endpoints: vec![addr("172.20.0.4:32768")]
+                endpoints: vec![addr("172.20.0.4:32768")],
+                transport: Transport::default(),
             }
         );
     }
@@ -463,6 +478,48 @@ mod tests {
             "label com.docker.lb.hosts names no host"
         );
         assert!(reasons["bad-host"].contains("invalid host name \"d.local/x\""));
+    }
+
+    #[test]
+    fn transport_labels_reach_every_host_of_the_service() {
+        let labels = [
+            (LABEL_HOSTS, "a.example.org,b.example.org"),
+            (LABEL_PORT, "8080"),
+            (LABEL_SSL_CERT, "web.crt"),
+            (LABEL_SSL_KEY, "web.key"),
+            (LABEL_WEBSOCKET_ENDPOINTS, "/ws"),
+        ];
+        let snapshot = SwarmSnapshot {
+            services: vec![
+                service("web", "1", &labels),
+                service(
+                    "broken",
+                    "2",
+                    &[
+                        (LABEL_HOSTS, "c.example.org"),
+                        (LABEL_PORT, "8080"),
+                        (LABEL_SSL_BACKEND, "maybe"),
+                    ],
+                ),
+            ],
+            tasks: vec![],
+            nodes: vec![],
+        };
+        let table = route_table(&snapshot);
+        for host in ["a.example.org", "b.example.org"] {
+            let transport = &table.routes[host].transport;
+            let certificate = transport.certificate.as_ref().unwrap();
+            assert_eq!(
+                (certificate.cert.as_str(), certificate.key.as_str()),
+                ("web.crt", "web.key")
+            );
+            assert_eq!(transport.websocket_endpoints, ["/ws"]);
+        }
+        assert_eq!(table.routes.len(), 2);
+        assert_eq!(
+            table.rejected[0].reason,
+            "label com.docker.lb.ssl_backend is \"maybe\", not \"true\" or \"false\""
+        );
     }
 
     #[test]

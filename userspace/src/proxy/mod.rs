@@ -172,7 +172,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::routes::{Route, RouteTable};
+    use crate::routes::{Route, RouteTable, Transport};
     use test_support::{refused_addr, EchoBackend, TestClient, TestResponse};
 
     struct RunningProxy {
@@ -231,6 +231,7 @@ mod tests {
                 let route = Route {
                     service: format!("svc-{host}"),
                     endpoints: endpoints.to_vec(),
+                    transport: Transport::default(),
                 };
                 (host.to_string(), route)
             })

@@ -13,7 +13,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 
-use crate::routes::RouteTable;
+use crate::routes::{RouteTable, Transport};
 
 /// The proxy's current view of the route table, swapped atomically on every update.
 #[derive(Debug, Default)]
@@ -42,6 +42,7 @@ impl Router {
                 let compiled = ServiceRoute {
                     service: route.service.clone(),
                     endpoints: route.endpoints.clone(),
+                    transport: route.transport.clone(),
                     next: AtomicUsize::new(next),
                 };
                 (host.clone(), Arc::new(compiled))
@@ -71,6 +72,7 @@ pub fn route_key(host: &str) -> Option<String> {
 pub struct ServiceRoute {
     service: String,
     endpoints: Vec<SocketAddr>,
+    transport: Transport,
     next: AtomicUsize,
 }
 
@@ -82,6 +84,11 @@ impl ServiceRoute {
 
     pub fn endpoints(&self) -> &[SocketAddr] {
         &self.endpoints
+    }
+
+    /// How the service is reached: TLS and WebSocket labels.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// Every endpoint exactly once: first the round-robin pick, then the ones after it (wrapping
@@ -114,6 +121,7 @@ mod tests {
                 let route = Route {
                     service: format!("svc-{host}"),
                     endpoints: ports.iter().copied().map(addr).collect(),
+                    transport: Transport::default(),
                 };
                 (host.to_string(), route)
             })
