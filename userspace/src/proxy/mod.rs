@@ -20,6 +20,8 @@ mod upstream;
 
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod tls_test_support;
 
 use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 

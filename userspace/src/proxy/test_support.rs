@@ -62,7 +62,10 @@ impl Drop for EchoBackend {
     }
 }
 
-async fn echo(port: u16, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn echo(
+    port: u16,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
     let delay_ms = parts
         .uri

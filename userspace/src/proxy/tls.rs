@@ -163,3 +163,171 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        proxy::{
+            test_support::EchoBackend,
+            tls_test_support::{
+                https_get, peer_certificate, route, tls_connect, TempDir, TestCa, TlsEchoBackend,
+                TlsProxy, CERTIFICATE_POLL,
+            },
+        },
+        routes::{CertificateSecrets, Transport},
+    };
+
+    fn terminated(name: &str) -> Transport {
+        Transport {
+            certificate: Some(CertificateSecrets {
+                cert: format!("{name}.crt"),
+                key: format!("{name}.key"),
+            }),
+            ..Transport::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn sni_selects_each_hosts_certificate() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let (a_cert, b_cert) = (ca.issue(&["a.example.org"]), ca.issue(&["b.example.org"]));
+        secrets.write_pair("a", &a_cert);
+        secrets.write_pair("b", &b_cert);
+        let (a, b) = (EchoBackend::start().await, EchoBackend::start().await);
+        let routes = BTreeMap::from([
+            (
+                "a.example.org".to_owned(),
+                route("a", &[a.addr], terminated("a")),
+            ),
+            (
+                "b.example.org".to_owned(),
+                route("b", &[b.addr], terminated("b")),
+            ),
+        ]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+
+        for (host, cert, backend) in [
+            ("a.example.org", &a_cert, &a),
+            ("b.example.org", &b_cert, &b),
+        ] {
+            let tls = tls_connect(proxy.https, host, ca.roots(), &[b"http/1.1"])
+                .await
+                .unwrap();
+            assert_eq!(peer_certificate(&tls), cert.der, "{host}");
+            let response = https_get(tls, host, "/over-tls").await;
+            assert_eq!(response.status, 200);
+            assert_eq!(response.echo()["port"], backend.addr.port());
+            assert_eq!(response.echo()["path"], "/over-tls");
+            assert_eq!(response.header("x-proxy-id"), "lb-tls-1");
+        }
+        let unknown = tls_connect(proxy.https, "c.example.org", ca.roots(), &[]).await;
+        assert!(
+            unknown.is_err(),
+            "a host without certificate got a handshake"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replaced_certificate_is_served_without_restart() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let first = ca.issue(&["app.example.org"]);
+        secrets.write_pair("app", &first);
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+        let served = || async {
+            let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
+                .await
+                .unwrap();
+            peer_certificate(&tls)
+        };
+        assert_eq!(served().await, first.der);
+
+        let second = ca.issue(&["app.example.org"]);
+        secrets.write_pair("app", &second);
+        let mut waited = Duration::ZERO;
+        while served().await != second.der {
+            assert!(
+                waited < Duration::from_secs(5),
+                "the new certificate was never served"
+            );
+            tokio::time::sleep(CERTIFICATE_POLL).await;
+            waited += CERTIFICATE_POLL;
+        }
+
+        // A broken replacement keeps the last good certificate in service.
+        secrets.write("app.crt", "not a certificate");
+        tokio::time::sleep(CERTIFICATE_POLL * 4).await;
+        assert_eq!(served().await, second.der);
+    }
+
+    #[tokio::test]
+    async fn passthrough_reaches_the_tls_backend_untouched() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let backend_cert = ca.issue(&["pt.example.org"]);
+        let backend = TlsEchoBackend::start(&backend_cert).await;
+        let passthrough = Transport {
+            ssl_passthrough: true,
+            ..Transport::default()
+        };
+        let routes = BTreeMap::from([(
+            "pt.example.org".to_owned(),
+            route("pt", &[backend.addr], passthrough),
+        )]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+
+        let tls = tls_connect(proxy.https, "pt.example.org", ca.roots(), &[])
+            .await
+            .unwrap();
+        assert_eq!(peer_certificate(&tls), backend_cert.der);
+        let response = https_get(tls, "pt.example.org", "/untouched").await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.echo()["path"], "/untouched");
+        // The proxy never saw the HTTP inside: no header of its own, none added upstream.
+        assert!(!response.headers.contains_key("x-proxy-id"));
+        assert_eq!(response.echo()["request_id"], serde_json::Value::Null);
+    }
+
+    #[tokio::test]
+    async fn garbage_on_the_ssl_port_is_dropped_and_service_goes_on() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+        for garbage in [
+            &b"GET / HTTP/1.1\r\nHost: app.example.org\r\n\r\n"[..],
+            &[22, 3, 1, 0xff, 0xff],
+            &[0; 64],
+        ] {
+            let mut stream = TcpStream::connect(proxy.https).await.unwrap();
+            stream.write_all(garbage).await.unwrap();
+            let mut rest = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+            assert!(
+                matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+                "{garbage:?}: {rest:?}"
+            );
+        }
+        let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
+            .await
+            .unwrap();
+        assert_eq!(https_get(tls, "app.example.org", "/").await.status, 200);
+    }
+}
