@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use super::{
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
+    http2,
     router::{Router, ServiceRoute},
     upstream::{SendError, UpstreamError, UpstreamPool, UpstreamResponse},
 };
@@ -234,6 +235,7 @@ fn upstream_request_phase(
     client: IpAddr,
 ) -> Request<Incoming> {
     let (mut parts, body) = request.into_parts();
+    http2::adapt_for_http1(&mut parts);
     parts.uri = origin_form(&parts);
     parts.version = Version::HTTP_11;
     parts.extensions.clear();

@@ -13,6 +13,7 @@ mod certificates;
 mod client_hello;
 mod handler;
 mod headers;
+mod http2;
 mod passthrough;
 mod router;
 mod tls;

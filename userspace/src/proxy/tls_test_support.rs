@@ -227,8 +227,6 @@ pub fn route(service: &str, endpoints: &[SocketAddr], transport: Transport) -> R
 pub struct TlsProxy {
     pub http: SocketAddr,
     pub https: SocketAddr,
-    pub router: Arc<Router>,
-    pub certificates: Arc<CertificateStore>,
     shutdown: CancellationToken,
 }
 
@@ -266,17 +264,10 @@ impl TlsProxy {
             proxy_id: "lb-tls-1".into(),
             max_connections: 64,
         };
-        tokio::spawn(serve(
-            listeners,
-            Arc::clone(&router),
-            settings,
-            shutdown.clone(),
-        ));
+        tokio::spawn(serve(listeners, router, settings, shutdown.clone()));
         Self {
             http: addrs.0,
             https: addrs.1,
-            router,
-            certificates,
             shutdown,
         }
     }
