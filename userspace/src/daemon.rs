@@ -132,6 +132,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
             .proxy
             .max_connections
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        backend_ca_file: extension.proxy.ssl_backend_ca_file.clone(),
     };
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
     tasks.spawn(log_failure(

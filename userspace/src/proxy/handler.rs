@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
+    backend_tls::BackendTlsPools,
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
     http2,
     router::{Router, ServiceRoute},
@@ -44,6 +45,8 @@ pub enum ProxyError {
     },
     #[error("method CONNECT is not supported")]
     ConnectMethod,
+    #[error("service {service:?} cannot use TLS to its tasks: {problem}")]
+    BackendTls { service: String, problem: String },
 }
 
 impl ProxyError {
@@ -52,9 +55,9 @@ impl ProxyError {
             Self::MissingHost | Self::UnknownHost(_) | Self::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::NoEndpointReachable { .. } | Self::UpstreamFailed { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::NoEndpointReachable { .. }
+            | Self::UpstreamFailed { .. }
+            | Self::BackendTls { .. } => StatusCode::BAD_GATEWAY,
             Self::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -64,6 +67,7 @@ impl ProxyError {
 pub struct RequestHandler {
     router: Arc<Router>,
     upstreams: UpstreamPool<Incoming>,
+    backend_tls: BackendTlsPools,
     identity: ProxyIdentity,
 }
 
@@ -71,13 +75,21 @@ impl RequestHandler {
     pub fn new(
         router: Arc<Router>,
         upstreams: UpstreamPool<Incoming>,
+        backend_tls: BackendTlsPools,
         identity: ProxyIdentity,
     ) -> Self {
         Self {
             router,
             upstreams,
+            backend_tls,
             identity,
         }
+    }
+
+    /// Closes upstream connections idle for too long, plain and TLS.
+    pub fn evict_idle_upstreams(&self) {
+        self.upstreams.evict_expired();
+        self.backend_tls.evict_expired();
     }
 
     /// Proxies one client request; every outcome is a response, never an error.
@@ -157,8 +169,19 @@ impl RequestHandler {
         route: &ServiceRoute,
         mut request: Request<Incoming>,
     ) -> Result<(UpstreamResponse<Incoming>, UpstreamAnswer), ProxyError> {
+        let upstreams = match &route.transport().backend_tls {
+            None => self.upstreams.clone(),
+            Some(backend) => {
+                self.backend_tls
+                    .pool(backend)
+                    .map_err(|problem| ProxyError::BackendTls {
+                        service: route.service().to_owned(),
+                        problem,
+                    })?
+            }
+        };
         for addr in route.failover_order() {
-            match self.upstreams.send(addr, request).await {
+            match upstreams.send(addr, request).await {
                 Ok(upstream) => {
                     let answer = UpstreamAnswer {
                         addr,

@@ -9,6 +9,7 @@
 //! - `tls`: the SSL port: passthrough by SNI or TLS termination (`certificates`, `client_hello`,
 //!   `passthrough`).
 
+mod backend_tls;
 mod certificates;
 mod client_hello;
 mod handler;
@@ -24,7 +25,7 @@ mod test_support;
 #[cfg(test)]
 mod tls_test_support;
 
-use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::{body::Incoming, service::service_fn, Request};
@@ -44,6 +45,7 @@ pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
 pub use router::{Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 
+use backend_tls::{BackendTlsClients, BackendTlsPools};
 use handler::RequestHandler;
 use headers::ProxyIdentity;
 use upstream::{PoolSettings, UpstreamPool};
@@ -59,6 +61,9 @@ pub struct ProxySettings {
     pub proxy_id: String,
     /// `MaxConnections`: client connections served at once (at least one).
     pub max_connections: usize,
+    /// `SSLBackendCAFile`: what `ssl_backend_tls_verify=required` trusts instead of the web
+    /// PKI roots.
+    pub backend_ca_file: Option<PathBuf>,
 }
 
 /// The proxy's listening sockets: the plain HTTP port and, when configured, the SSL port.
@@ -107,20 +112,24 @@ pub async fn serve(
                 settings.proxy_id
             )
         })?;
+    let backend_tls_clients = BackendTlsClients::new(settings.backend_ca_file.as_deref())?;
     let pool_settings = PoolSettings::default();
     let upstreams = UpstreamPool::new(pool_settings.clone());
+    let backend_tls = BackendTlsPools::new(backend_tls_clients, pool_settings.clone());
+    let handler = Arc::new(RequestHandler::new(
+        Arc::clone(&router),
+        upstreams,
+        backend_tls,
+        identity,
+    ));
     let tasks = TaskTracker::new();
     tasks.spawn(evict_idle_upstreams(
-        upstreams.clone(),
+        Arc::clone(&handler),
         pool_settings.idle_timeout / 2,
         shutdown.clone(),
     ));
     let context = ConnectionContext {
-        handler: Arc::new(RequestHandler::new(
-            Arc::clone(&router),
-            upstreams,
-            identity,
-        )),
+        handler,
         router,
         shutdown: shutdown.clone(),
     };
@@ -224,14 +233,14 @@ where
 /// Closes expired idle upstream connections periodically, so that endpoints no longer
 /// requested (e.g. removed from the routes) do not keep connections open.
 async fn evict_idle_upstreams(
-    upstreams: UpstreamPool<Incoming>,
+    handler: Arc<RequestHandler>,
     period: Duration,
     shutdown: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
-        upstreams.evict_expired();
+        handler.evict_idle_upstreams();
     }
 }
 
@@ -271,6 +280,7 @@ mod tests {
             let settings = ProxySettings {
                 proxy_id: "lb-test-1".into(),
                 max_connections,
+                backend_ca_file: None,
             };
             let shutdown = CancellationToken::new();
             let served = tokio::spawn(serve(

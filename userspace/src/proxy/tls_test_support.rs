@@ -232,13 +232,15 @@ pub struct TlsProxy {
 
 impl TlsProxy {
     pub async fn start(routes: BTreeMap<String, Route>, secrets: &Path) -> Self {
-        Self::start_with_policy(routes, secrets, &TlsPolicy::default()).await
+        Self::start_with(routes, secrets, &TlsPolicy::default(), None).await
     }
 
-    pub async fn start_with_policy(
+    /// `backend_ca_file`: what `ssl_backend_tls_verify=required` trusts.
+    pub async fn start_with(
         routes: BTreeMap<String, Route>,
         secrets: &Path,
         policy: &TlsPolicy,
+        backend_ca_file: Option<PathBuf>,
     ) -> Self {
         let table = RouteTable {
             routes,
@@ -263,6 +265,7 @@ impl TlsProxy {
         let settings = ProxySettings {
             proxy_id: "lb-tls-1".into(),
             max_connections: 64,
+            backend_ca_file,
         };
         tokio::spawn(serve(listeners, router, settings, shutdown.clone()));
         Self {

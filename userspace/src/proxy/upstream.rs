@@ -1,5 +1,6 @@
 //! Connections to upstream endpoints: a small pool of HTTP/1.1 keep-alive connections per
-//! endpoint address, built on `hyper::client::conn::http1`.
+//! endpoint address, built on `hyper::client::conn::http1`, over plain TCP or, for a pool made
+//! `with_tls`, over TLS.
 //!
 //! A request is handed back to the caller whenever it provably never reached the upstream
 //! (connect refused or timed out, or the connection closed before the request was written), so
@@ -24,8 +25,13 @@ use hyper::{
     client::conn::http1::{self, SendRequest},
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::debug;
+
+use super::backend_tls::UpstreamTls;
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -58,6 +64,10 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connecting to upstream {addr}: no answer within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with upstream {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with upstream {addr}: no answer within {timeout:?}")]
+    TlsTimeout { addr: SocketAddr, timeout: Duration },
     #[error("HTTP/1.1 handshake with upstream {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -105,6 +115,8 @@ impl<B> Clone for UpstreamPool<B> {
 
 struct PoolShared<B> {
     settings: PoolSettings,
+    /// TLS around every new connection, for `ssl_backend` services.
+    tls: Option<UpstreamTls>,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConnection<B>>>>,
 }
 
@@ -120,9 +132,19 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     pub fn new(settings: PoolSettings) -> Self {
+        Self::with_transport(settings, None)
+    }
+
+    /// A pool whose connections speak TLS to the upstream.
+    pub fn with_tls(settings: PoolSettings, tls: UpstreamTls) -> Self {
+        Self::with_transport(settings, Some(tls))
+    }
+
+    fn with_transport(settings: PoolSettings, tls: Option<UpstreamTls>) -> Self {
         Self {
             shared: Arc::new(PoolShared {
                 settings,
+                tls,
                 idle: Mutex::new(HashMap::new()),
             }),
         }
@@ -222,7 +244,21 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%addr, %error, "could not disable Nagle on upstream connection");
         }
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        match &self.shared.tls {
+            None => Self::handshake(addr, stream).await,
+            Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream)).await {
+                Ok(Ok(stream)) => Self::handshake(addr, stream).await,
+                Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
+                Err(_) => Err(UpstreamError::TlsTimeout { addr, timeout }),
+            },
+        }
+    }
+
+    async fn handshake<IO>(addr: SocketAddr, io: IO) -> Result<SendRequest<B>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = http1::handshake(TokioIo::new(io))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         // The connection task ends when the upstream closes or the last sender is dropped.

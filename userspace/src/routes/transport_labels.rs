@@ -43,7 +43,7 @@ pub struct CertificateSecrets {
     pub key: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct BackendTls {
     pub verify: BackendTlsVerify,
     /// The name sent as SNI and, with `required`, checked against the tasks' certificates:
@@ -51,7 +51,7 @@ pub struct BackendTls {
     pub server_name: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendTlsVerify {
     None,
@@ -91,18 +91,13 @@ pub fn parse<'a>(
             ))
         }
     };
-    let backend_tls = boolean(LABEL_SSL_BACKEND, label(LABEL_SSL_BACKEND))?.then(|| {
-        let host = hosts
-            .iter()
-            .find(|host| !host.starts_with("*."))
-            .or(hosts.first());
-        BackendTls {
+    let backend_tls = match boolean(LABEL_SSL_BACKEND, label(LABEL_SSL_BACKEND))? {
+        false => None,
+        true => Some(BackendTls {
             verify,
-            server_name: host
-                .map_or("", |host| host.trim_start_matches("*."))
-                .to_owned(),
-        }
-    });
+            server_name: backend_server_name(hosts)?,
+        }),
+    };
     let websocket_endpoints = match label(LABEL_WEBSOCKET_ENDPOINTS) {
         None => Vec::new(),
         Some(value) => websocket_paths(value)?,
@@ -133,6 +128,21 @@ fn secret_name(key: &str, value: &str) -> Result<String, String> {
         Err(format!(
             "label {key} is {value:?}, not a Docker secret name"
         ))
+    }
+}
+
+/// The service's first host that is not a wildcard, else its first wildcard's parent domain.
+fn backend_server_name(hosts: &[String]) -> Result<String, String> {
+    let host = hosts
+        .iter()
+        .find(|host| !host.starts_with("*."))
+        .or(hosts.first())
+        .map_or("", |host| host.trim_start_matches("*."));
+    match rustls_pki_types::DnsName::try_from(host) {
+        Ok(_) => Ok(host.to_owned()),
+        Err(_) => Err(format!(
+            "label {LABEL_SSL_BACKEND}=true needs a host usable as TLS server name, not {host:?}"
+        )),
     }
 }
 
@@ -257,6 +267,12 @@ mod tests {
         for (labels, reason) in cases {
             assert_eq!(parsed(&labels).unwrap_err(), reason);
         }
+        let labels: HashMap<&str, &str> = HashMap::from([(LABEL_SSL_BACKEND, "true")]);
+        let bad_hosts = ["a..b".to_owned()];
+        assert_eq!(
+            parse(|key| labels.get(key).copied(), &bad_hosts).unwrap_err(),
+            "label com.docker.lb.ssl_backend=true needs a host usable as TLS server name, not \"a..b\""
+        );
         let long_name = "s".repeat(65);
         assert!(parsed(&[(LABEL_SSL_CERT, &long_name), (LABEL_SSL_KEY, "k")]).is_err());
     }
