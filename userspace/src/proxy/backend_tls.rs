@@ -136,15 +136,19 @@ impl BackendTlsPools {
         if let Some(pool) = pools.get(backend) {
             return Ok(pool.clone());
         }
-        let server_name = ServerName::try_from(backend.server_name.clone())
-            .map_err(|_| format!("{:?} is not a TLS server name", backend.server_name))?;
-        let tls = UpstreamTls {
-            connector: self.clients.connector(backend.verify),
-            server_name,
-        };
-        let pool = UpstreamPool::with_tls(self.settings.clone(), tls);
+        let pool = UpstreamPool::with_tls(self.settings.clone(), self.upstream_tls(backend)?);
         pools.insert(backend.clone(), pool.clone());
         Ok(pool)
+    }
+
+    /// How to wrap a connection to a task of a route with this backend TLS.
+    pub fn upstream_tls(&self, backend: &BackendTls) -> Result<UpstreamTls, String> {
+        let server_name = ServerName::try_from(backend.server_name.clone())
+            .map_err(|_| format!("{:?} is not a TLS server name", backend.server_name))?;
+        Ok(UpstreamTls {
+            connector: self.clients.connector(backend.verify),
+            server_name,
+        })
     }
 
     /// Closes expired idle connections of every pool.

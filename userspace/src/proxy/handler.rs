@@ -22,6 +22,7 @@ use super::{
     http2,
     router::{Router, ServiceRoute},
     upstream::{SendError, UpstreamError, UpstreamPool, UpstreamResponse},
+    websocket,
 };
 
 /// The body of every response the proxy gives its clients.
@@ -138,6 +139,11 @@ impl RequestHandler {
         client: IpAddr,
     ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
         let route = self.route_phase(&request)?;
+        if websocket::is_upgrade(&request, route.transport()) {
+            return self
+                .websocket_phase(&route, request, request_id, client)
+                .await;
+        }
         let upstream_request = upstream_request_phase(request, request_id, client);
         let (upstream, answer) = self.forward_phase(&route, upstream_request).await?;
         Ok((self.response_phase(upstream, request_id, answer), answer))
@@ -205,6 +211,30 @@ impl RequestHandler {
             service: route.service().to_owned(),
             tried: route.endpoints().len(),
         })
+    }
+
+    /// WebSocket: the upgrade relayed on a connection of its own, spliced after `101`.
+    async fn websocket_phase(
+        &self,
+        route: &ServiceRoute,
+        mut request: Request<Incoming>,
+        request_id: &RequestId,
+        client: IpAddr,
+    ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
+        let upgrade = websocket::Upgrade::take(&mut request);
+        let tls = match &route.transport().backend_tls {
+            None => None,
+            Some(backend) => Some(self.backend_tls.upstream_tls(backend).map_err(|problem| {
+                ProxyError::BackendTls {
+                    service: route.service().to_owned(),
+                    problem,
+                }
+            })?),
+        };
+        let upstream_request = upstream_request_phase(request, request_id, client);
+        upgrade
+            .forward(route, upstream_request, tls, request_id, &self.identity)
+            .await
     }
 
     /// Decorate: the upstream's answer, hop-by-hop removed and the proxy headers stamped.

@@ -6,6 +6,9 @@
 //! - `handler`: one request's phases: route → upstream request → forward → decorate.
 //! - `upstream`: keep-alive connection pool per upstream endpoint.
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
+//! - `websocket`: WebSocket upgrades on `websocket_endpoints`, spliced after `101`.
+//! - `backend_tls`: TLS towards the tasks (`ssl_backend`).
+//! - `http2`: HTTP/2 requests made fit for the HTTP/1.1 upstream.
 //! - `tls`: the SSL port: passthrough by SNI or TLS termination (`certificates`, `client_hello`,
 //!   `passthrough`).
 
@@ -19,6 +22,7 @@ mod passthrough;
 mod router;
 mod tls;
 mod upstream;
+mod websocket;
 
 #[cfg(test)]
 mod test_support;
