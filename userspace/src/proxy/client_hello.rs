@@ -120,8 +120,10 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ClientHelloError> {
         }
         if after_header.len() < record_length {
             // Check what is there already, so garbage is refused without waiting for more.
-            let partial = &after_header[..];
-            if handshake.is_empty() && !partial.is_empty() && partial[0] != HANDSHAKE_CLIENT_HELLO {
+            let first_byte = after_header.first();
+            if handshake.is_empty()
+                && first_byte.is_some_and(|&kind| kind != HANDSHAKE_CLIENT_HELLO)
+            {
                 return Err(ClientHelloError::NotTls);
             }
             return Ok(Parsed::Incomplete);
