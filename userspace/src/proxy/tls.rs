@@ -178,6 +178,7 @@ mod tests {
             },
         },
         routes::{CertificateSecrets, Transport},
+        tls_policy,
     };
 
     fn terminated(name: &str) -> Transport {
@@ -295,6 +296,60 @@ mod tests {
         // The proxy never saw the HTTP inside: no header of its own, none added upstream.
         assert!(!response.headers.contains_key("x-proxy-id"));
         assert_eq!(response.echo()["request_id"], serde_json::Value::Null);
+    }
+
+    #[tokio::test]
+    async fn ssl_protocols_and_ciphers_restrict_the_handshake() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        let protocols = tls_policy::parse_protocols("TLSv1.2").unwrap();
+        let ciphers = tls_policy::parse_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305").unwrap();
+        let policy = TlsPolicy::new(Some(&protocols), Some(&ciphers));
+        let proxy = TlsProxy::start_with(routes, secrets.path(), &policy, None).await;
+
+        let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
+            .await
+            .unwrap();
+        let session = tls.get_ref().1;
+        assert_eq!(
+            session.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(
+            session.negotiated_cipher_suite().map(|suite| suite.suite()),
+            Some(rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+        );
+        let unwanted =
+            tls_connect_with_versions(proxy.https, "app.example.org", &ca, &rustls::version::TLS13)
+                .await;
+        assert!(unwanted.is_err(), "a TLS 1.3-only client was served");
+    }
+
+    /// A client offering one protocol version only.
+    async fn tls_connect_with_versions(
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &TestCa,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+        let stream = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await
     }
 
     #[tokio::test]
