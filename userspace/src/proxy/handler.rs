@@ -22,7 +22,7 @@ use super::{
     http2,
     router::{Router, ServiceRoute},
     upstream::{SendError, UpstreamError, UpstreamPool, UpstreamResponse},
-    websocket,
+    websocket, Scheme,
 };
 
 /// The body of every response the proxy gives its clients.
@@ -104,6 +104,7 @@ impl RequestHandler {
         let method = request.method().clone();
         let host = request_host(&request).map(str::to_owned);
         let path = request.uri().path().to_owned();
+        let scheme = request.extensions().get::<Scheme>().copied();
 
         // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`; report them as IPv4.
         let outcome = self
@@ -122,6 +123,7 @@ impl RequestHandler {
             request_id = request_id.as_str(),
             %client,
             %method,
+            ?scheme,
             host = host.as_deref().unwrap_or("-"),
             path,
             status = response.status().as_u16(),
