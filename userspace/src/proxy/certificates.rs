@@ -246,3 +246,103 @@ impl ResolvesServerCert for CertificateStore {
         self.certificate_for(client_hello.server_name()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        proxy::tls_test_support::{route, TempDir, TestCa},
+        routes::Transport,
+    };
+
+    fn table(hosts: &[(&str, &str)]) -> RouteTable {
+        let routes = hosts
+            .iter()
+            .map(|(host, secret)| {
+                let transport = Transport {
+                    certificate: Some(CertificateSecrets {
+                        cert: format!("{secret}.crt"),
+                        key: format!("{secret}.key"),
+                    }),
+                    ..Transport::default()
+                };
+                (host.to_string(), route(secret, &[], transport))
+            })
+            .collect();
+        RouteTable {
+            routes,
+            rejected: Vec::new(),
+        }
+    }
+
+    fn store(secrets: &TempDir) -> Arc<CertificateStore> {
+        CertificateStore::new(
+            secrets.path(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+    }
+
+    fn served_der(store: &CertificateStore, name: &str) -> Option<CertificateDer<'static>> {
+        store
+            .certificate_for(name)
+            .map(|certified| certified.cert[0].clone())
+    }
+
+    #[test]
+    fn the_exact_host_wins_over_a_wildcard_which_covers_one_label() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let (wildcard, exact) = (ca.issue(&["*.example.org"]), ca.issue(&["api.example.org"]));
+        secrets.write_pair("wildcard", &wildcard);
+        secrets.write_pair("exact", &exact);
+        let store = store(&secrets);
+        store.update(&table(&[
+            ("*.example.org", "wildcard"),
+            ("api.example.org", "exact"),
+        ]));
+        assert_eq!(served_der(&store, "API.example.org."), Some(exact.der));
+        assert_eq!(served_der(&store, "www.example.org"), Some(wildcard.der));
+        assert_eq!(served_der(&store, "a.b.example.org"), None);
+        assert_eq!(served_der(&store, "example.org"), None);
+    }
+
+    #[test]
+    fn missing_or_mismatched_secrets_serve_nothing() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let (one, other) = (ca.issue(&["a.example.org"]), ca.issue(&["a.example.org"]));
+        secrets.write("mixed.crt", &one.cert_pem);
+        secrets.write("mixed.key", &other.key_pem);
+        let store = store(&secrets);
+        store.update(&table(&[
+            ("a.example.org", "missing"),
+            ("b.example.org", "mixed"),
+        ]));
+        assert_eq!(served_der(&store, "a.example.org"), None);
+        assert_eq!(served_der(&store, "b.example.org"), None);
+
+        // Once the key matches, the next refresh serves the pair.
+        secrets.write("mixed.key", &one.key_pem);
+        store.refresh();
+        assert_eq!(served_der(&store, "b.example.org"), Some(one.der));
+    }
+
+    #[test]
+    fn passthrough_hosts_and_hosts_without_labels_need_no_certificate() {
+        let secrets = TempDir::create("secrets");
+        let store = store(&secrets);
+        let mut table = table(&[("pt.example.org", "pt")]);
+        table
+            .routes
+            .get_mut("pt.example.org")
+            .unwrap()
+            .transport
+            .ssl_passthrough = true;
+        table.routes.insert(
+            "plain.example.org".into(),
+            route("plain", &[], Transport::default()),
+        );
+        store.update(&table);
+        assert!(store.lock_state().wanted.is_empty());
+    }
+}
