@@ -6,8 +6,10 @@
 use std::{
     collections::HashMap,
     fmt, io,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use hyper::body::Incoming;
@@ -19,8 +21,10 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
+use tokio_util::either::Either;
+use tracing::debug;
 
-use super::upstream::{PoolSettings, UpstreamPool};
+use super::upstream::{PoolSettings, UpstreamError, UpstreamPool};
 use crate::routes::{BackendTls, BackendTlsVerify};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,10 +111,38 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    pub async fn connect(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+    async fn connect(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         self.connector
             .connect(self.server_name.clone(), stream)
             .await
+    }
+}
+
+/// A connection to a task: plain TCP, or TLS for `ssl_backend` services.
+pub type TaskStream = Either<TcpStream, TlsStream<TcpStream>>;
+
+/// Connects to the task at `addr`, then wraps the connection in `tls` if given; each step
+/// gets `timeout`.
+pub async fn connect_task(
+    addr: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+) -> Result<TaskStream, UpstreamError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+        Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
+    };
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(%addr, %error, "could not disable Nagle on upstream connection");
+    }
+    let Some(tls) = tls else {
+        return Ok(Either::Left(stream));
+    };
+    match tokio::time::timeout(timeout, tls.connect(stream)).await {
+        Ok(Ok(stream)) => Ok(Either::Right(stream)),
+        Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
+        Err(_) => Err(UpstreamError::TlsTimeout { addr, timeout }),
     }
 }
 

@@ -25,13 +25,9 @@ use hyper::{
     client::conn::http1::{self, SendRequest},
 };
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
 use tracing::debug;
 
-use super::backend_tls::UpstreamTls;
+use super::backend_tls::{connect_task, UpstreamTls};
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -236,29 +232,8 @@ where
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
         let timeout = self.shared.settings.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
-        };
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(%addr, %error, "could not disable Nagle on upstream connection");
-        }
-        match &self.shared.tls {
-            None => Self::handshake(addr, stream).await,
-            Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream)).await {
-                Ok(Ok(stream)) => Self::handshake(addr, stream).await,
-                Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
-                Err(_) => Err(UpstreamError::TlsTimeout { addr, timeout }),
-            },
-        }
-    }
-
-    async fn handshake<IO>(addr: SocketAddr, io: IO) -> Result<SendRequest<B>, UpstreamError>
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = http1::handshake(TokioIo::new(io))
+        let stream = connect_task(addr, self.shared.tls.as_ref(), timeout).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         // The connection task ends when the upstream closes or the last sender is dropped.

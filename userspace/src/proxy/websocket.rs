@@ -12,14 +12,10 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, client::conn::http1, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
 use tracing::{debug, warn};
 
 use super::{
-    backend_tls::UpstreamTls,
+    backend_tls::{connect_task, UpstreamTls},
     handler::{ProxyBody, ProxyError},
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
     router::ServiceRoute,
@@ -133,35 +129,13 @@ async fn connect_any(
     })
 }
 
+/// A connection of its own to the task, which hyper hands over after `101`.
 async fn connect(
     addr: SocketAddr,
     tls: Option<&UpstreamTls>,
 ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-    let timeout = PoolSettings::default().connect_timeout;
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-        Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
-    };
-    let _ = stream.set_nodelay(true);
-    match tls {
-        None => handshake(addr, stream).await,
-        Some(tls) => match tokio::time::timeout(timeout, tls.connect(stream)).await {
-            Ok(Ok(stream)) => handshake(addr, stream).await,
-            Ok(Err(source)) => Err(UpstreamError::Tls { addr, source }),
-            Err(_) => Err(UpstreamError::TlsTimeout { addr, timeout }),
-        },
-    }
-}
-
-async fn handshake<IO>(
-    addr: SocketAddr,
-    io: IO,
-) -> Result<http1::SendRequest<Incoming>, UpstreamError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::handshake(TokioIo::new(io))
+    let stream = connect_task(addr, tls, PoolSettings::default().connect_timeout).await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
     tokio::spawn(async move {
@@ -193,7 +167,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest as _, Message};
 
     use super::*;
