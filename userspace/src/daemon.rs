@@ -19,7 +19,8 @@ use crate::{
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
     proxy::{
-        self, CertificateStore, HttpsListener, Listeners, ProxySettings, Router, TlsTermination,
+        self, BackendTlsClients, CertificateStore, HttpsListener, Listeners, ProxySettings, Router,
+        TlsTermination,
     },
     routes::{route_table, RouteTable},
     swarm::Swarm,
@@ -151,7 +152,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
             .proxy
             .max_connections
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
-        backend_ca_file: extension.proxy.ssl_backend_ca_file.clone(),
+        backend_tls: BackendTlsClients::new(extension.proxy.ssl_backend_ca_file.as_deref())?,
     };
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
     tasks.spawn(log_failure(

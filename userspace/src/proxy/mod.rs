@@ -29,7 +29,7 @@ mod test_support;
 #[cfg(test)]
 mod tls_test_support;
 
-use std::{convert::Infallible, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::{body::Incoming, service::service_fn, Request};
@@ -45,11 +45,12 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
+pub use backend_tls::{BackendTlsClients, BackendTlsError};
 pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
 pub use router::{Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 
-use backend_tls::{BackendTlsClients, BackendTlsPools};
+use backend_tls::BackendTlsPools;
 use handler::RequestHandler;
 use headers::ProxyIdentity;
 use upstream::{PoolSettings, UpstreamPool};
@@ -65,9 +66,8 @@ pub struct ProxySettings {
     pub proxy_id: String,
     /// `MaxConnections`: client connections served at once (at least one).
     pub max_connections: usize,
-    /// `SSLBackendCAFile`: what `ssl_backend_tls_verify=required` trusts instead of the web
-    /// PKI roots.
-    pub backend_ca_file: Option<PathBuf>,
+    /// How `ssl_backend` services are reached: what `ssl_backend_tls_verify=required` trusts.
+    pub backend_tls: BackendTlsClients,
 }
 
 /// The proxy's listening sockets: the plain HTTP port and, when configured, the SSL port.
@@ -116,10 +116,9 @@ pub async fn serve(
                 settings.proxy_id
             )
         })?;
-    let backend_tls_clients = BackendTlsClients::new(settings.backend_ca_file.as_deref())?;
     let pool_settings = PoolSettings::default();
     let upstreams = UpstreamPool::new(pool_settings.clone());
-    let backend_tls = BackendTlsPools::new(backend_tls_clients, pool_settings.clone());
+    let backend_tls = BackendTlsPools::new(settings.backend_tls, pool_settings.clone());
     let handler = Arc::new(RequestHandler::new(
         Arc::clone(&router),
         upstreams,
@@ -284,7 +283,7 @@ mod tests {
             let settings = ProxySettings {
                 proxy_id: "lb-test-1".into(),
                 max_connections,
-                backend_ca_file: None,
+                backend_tls: BackendTlsClients::new(None).unwrap(),
             };
             let shutdown = CancellationToken::new();
             let served = tokio::spawn(serve(

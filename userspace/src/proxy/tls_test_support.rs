@@ -27,8 +27,8 @@ use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    certificates::CertificateStore, serve, test_support::TestResponse, HttpsListener, Listeners,
-    ProxySettings, Router, TlsTermination,
+    backend_tls::BackendTlsClients, certificates::CertificateStore, serve,
+    test_support::TestResponse, HttpsListener, Listeners, ProxySettings, Router, TlsTermination,
 };
 use crate::{
     routes::{Route, RouteTable, Transport},
@@ -265,7 +265,7 @@ impl TlsProxy {
         let settings = ProxySettings {
             proxy_id: "lb-tls-1".into(),
             max_connections: 64,
-            backend_ca_file,
+            backend_tls: BackendTlsClients::new(backend_ca_file.as_deref()).unwrap(),
         };
         tokio::spawn(serve(listeners, router, settings, shutdown.clone()));
         Self {
