@@ -18,6 +18,8 @@ use toml::{
     Spanned,
 };
 
+use crate::tls_policy;
+
 pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(3);
 pub const DEFAULT_PUBLISHED_PORT: u16 = 80;
@@ -92,6 +94,16 @@ pub struct ProxyConfig {
     pub max_connections: Option<usize>,
     /// `IPHash`: balance every service by client address unless its labels choose otherwise.
     pub ip_hash: bool,
+    /// `SSLProtocols`: TLS versions offered on `PublishedSSLPort` (default: TLS 1.2 and 1.3).
+    pub ssl_protocols: Option<tls_policy::Protocols>,
+    /// `SSLCiphers`: cipher suites offered on `PublishedSSLPort` (default: all rustls has).
+    pub ssl_ciphers: Option<tls_policy::Ciphers>,
+    /// `SecretsDir`: where the Docker secrets named by `com.docker.lb.ssl_cert`/`ssl_key` are
+    /// read from (default: `/run/secrets`).
+    pub secrets_dir: Option<PathBuf>,
+    /// `SSLBackendCAFile`: PEM certificates that `ssl_backend_tls_verify=required` trusts
+    /// instead of the built-in web PKI roots.
+    pub ssl_backend_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +249,19 @@ impl Reader<'_> {
                 "rlimitnofile" => proxy.rlimit_nofile = Some(self.positive_integer(&entry)?),
                 "maxconnections" => proxy.max_connections = Some(self.positive_integer(&entry)?),
                 "iphash" => proxy.ip_hash = self.boolean(&entry)?,
+                "sslprotocols" => {
+                    proxy.ssl_protocols = Some(self.tls_list(&entry, tls_policy::parse_protocols)?)
+                }
+                "sslciphers" => {
+                    proxy.ssl_ciphers = Some(self.tls_list(&entry, tls_policy::parse_ciphers)?)
+                }
+                "secretsdir" => {
+                    proxy.secrets_dir = self.optional_string(&entry, "a path")?.map(Into::into)
+                }
+                "sslbackendcafile" => {
+                    proxy.ssl_backend_ca_file =
+                        self.optional_string(&entry, "a path")?.map(Into::into)
+                }
                 _ => self.ignore(&entry),
             }
         }
@@ -344,6 +369,21 @@ impl Reader<'_> {
             .ok()
             .filter(|&port| port != 0)
             .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    /// `SSLProtocols` or `SSLCiphers`: a string whose names must all be known.
+    fn tls_list<T>(
+        &self,
+        entry: &Entry,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let text = self.string(entry, "a string")?;
+        parse(text).map_err(|problem| {
+            self.error_at(
+                entry.value.span().start,
+                format!("{}: {problem}", entry.path),
+            )
+        })
     }
 
     fn positive_integer<T: TryFrom<u64>>(&self, entry: &Entry) -> Result<T, ConfigError> {
@@ -662,6 +702,54 @@ mod tests {
         assert_eq!(
             error("PollInterval = \"3s\"\nListenAddr = \n"),
             "config.toml:2:14: string values must be quoted, expected literal string"
+        );
+    }
+
+    #[test]
+    fn tls_keys_are_read_and_mapped_to_rustls() {
+        let source = r#"
+            [Extensions.default.Config]
+            SSLProtocols = "TLSv1.1 TLSv1.2"
+            SSLCiphers = "ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-GCM-SHA256"
+            SecretsDir = "/var/lib/xlb/secrets"
+            SSLBackendCAFile = "/etc/xlb/backend-ca.pem"
+        "#;
+        let config = parse(source, "config.toml").unwrap();
+        let proxy = &config.extensions["default"].proxy;
+        let protocols = proxy.ssl_protocols.as_ref().unwrap();
+        assert_eq!(protocols.versions, [tls_policy::TlsVersion::Tls12]);
+        assert_eq!(protocols.unavailable, ["TLSv1.1"]);
+        let ciphers = proxy.ssl_ciphers.as_ref().unwrap();
+        assert!(ciphers
+            .suites
+            .contains(&rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256));
+        assert_eq!(ciphers.unavailable, ["DHE-RSA-AES128-GCM-SHA256"]);
+        assert_eq!(
+            proxy.secrets_dir.as_deref(),
+            Some(Path::new("/var/lib/xlb/secrets"))
+        );
+        assert_eq!(
+            proxy.ssl_backend_ca_file.as_deref(),
+            Some(Path::new("/etc/xlb/backend-ca.pem"))
+        );
+        assert!(config.ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_tls_names_are_errors_at_the_value_naming_them() {
+        assert_eq!(
+            error("[Extensions.default.Config]\nSSLCiphers = \"HIGH:ECDHE-RSA-AES512-GCM:!aNULL\""),
+            "config.toml:2:14: Extensions.default.Config.SSLCiphers: \
+             unknown cipher name: ECDHE-RSA-AES512-GCM"
+        );
+        assert_eq!(
+            error("[Extensions.default.Config]\nsslprotocols = \"TLSv1.2 TLSv2\""),
+            "config.toml:2:16: Extensions.default.Config.sslprotocols: unknown protocol name: \
+             TLSv2 (known: SSLv2 SSLv3 TLSv1 TLSv1.1 TLSv1.2 TLSv1.3)"
+        );
+        assert_eq!(
+            error("[Extensions.default.Config]\nSSLCiphers = 1"),
+            "config.toml:2:14: Extensions.default.Config.SSLCiphers: expected a string, found 1"
         );
     }
 

@@ -18,13 +18,19 @@ use crate::{
     cli::RunArgs,
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
-    proxy::{self, ProxySettings, Router},
+    proxy::{
+        self, BackendTlsClients, CertificateStore, HttpsListener, Listeners, ProxySettings, Router,
+        TlsTermination,
+    },
     routes::{route_table, Route, RouteSettings, RouteTable},
     swarm::Swarm,
+    tls_policy::TlsPolicy,
 };
 
 /// nginx's `worker_connections` default, which Interlock's proxy inherits.
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How often certificate secrets are checked for changes.
+const CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
@@ -32,6 +38,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(key = %key, "config key not used by xlb: ignored");
     }
     let (name, extension) = select_extension(&config, args.extension.as_deref())?;
+    log_unavailable_tls_names(&extension.proxy);
     tracing::info!(extension = %name, config = %args.config.display(), "configuration loaded");
     apply_process_limits(&extension.proxy)?;
     let _pid_file = extension
@@ -114,7 +121,10 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let l7_ports = [extension.published_port];
+    let l7_ports: Vec<u16> = [Some(extension.published_port), extension.published_ssl_port]
+        .into_iter()
+        .flatten()
+        .collect();
     let dataplane = match (&args.interface, args.no_xdp) {
         (Some(interface), false) => Some(start_dataplane(interface, &l7_ports, &tasks, &shutdown)?),
         _ => {
@@ -125,6 +135,16 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 
     let proxy_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, extension.published_port));
     let proxy_listener = bind(proxy_addr, "the proxy (PublishedPort)").await?;
+    let (https, certificates) = match extension.published_ssl_port {
+        Some(port) => {
+            let (https, certificates) = https_listener(port, &extension.proxy).await?;
+            tasks.spawn(
+                Arc::clone(&certificates).watch(CERTIFICATE_POLL_INTERVAL, shutdown.clone()),
+            );
+            (Some(https), Some(certificates))
+        }
+        None => (None, None),
+    };
     let router = Router::new();
     let settings = ProxySettings {
         proxy_id: proxy_id(),
@@ -132,11 +152,20 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
             .proxy
             .max_connections
             .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        backend_tls: BackendTlsClients::new(extension.proxy.ssl_backend_ca_file.as_deref())?,
     };
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
     tasks.spawn(log_failure(
         "proxy",
-        proxy::serve(proxy_listener, router.clone(), settings, shutdown.clone()),
+        proxy::serve(
+            Listeners {
+                http: proxy_listener,
+                https,
+            },
+            router.clone(),
+            settings,
+            shutdown.clone(),
+        ),
     ));
 
     let state = Arc::new(AdminState {
@@ -162,6 +191,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         config.poll_interval,
         route_settings,
         router,
+        certificates,
         state,
         shutdown.clone(),
     ));
@@ -211,6 +241,7 @@ async fn discover(
     interval: Duration,
     route_settings: RouteSettings,
     router: Arc<Router>,
+    certificates: Option<Arc<CertificateStore>>,
     state: Arc<AdminState>,
     shutdown: CancellationToken,
 ) {
@@ -245,6 +276,9 @@ async fn discover(
                 if table != *current {
                     log_changes(&current, &table);
                     router.update(&table);
+                    if let Some(certificates) = &certificates {
+                        certificates.update(&table);
+                    }
                     state.routes.store(Arc::new(table));
                 }
                 swarm = Some(connected);
@@ -256,6 +290,50 @@ async fn discover(
                 );
             }
         }
+    }
+}
+
+/// The SSL port (`PublishedSSLPort`): TLS as `SSLProtocols`/`SSLCiphers` say, certificates from
+/// the secrets directory.
+async fn https_listener(
+    port: u16,
+    proxy_config: &ProxyConfig,
+) -> anyhow::Result<(HttpsListener, Arc<CertificateStore>)> {
+    let policy = TlsPolicy::new(
+        proxy_config.ssl_protocols.as_ref(),
+        proxy_config.ssl_ciphers.as_ref(),
+    );
+    let secrets_dir = proxy_config
+        .secrets_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(proxy::DEFAULT_SECRETS_DIR));
+    let certificates = CertificateStore::new(&secrets_dir, policy.crypto_provider());
+    let termination = TlsTermination::new(&policy, Arc::clone(&certificates))
+        .context("SSLProtocols and SSLCiphers leave no usable TLS configuration")?;
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listener = bind(addr, "the proxy's SSL port (PublishedSSLPort)").await?;
+    tracing::info!(%addr, secrets_dir = %secrets_dir.display(), "TLS listening");
+    Ok((
+        HttpsListener {
+            listener,
+            termination,
+        },
+        certificates,
+    ))
+}
+
+/// Names in `SSLProtocols`/`SSLCiphers` that OpenSSL knows and rustls does not implement.
+fn log_unavailable_tls_names(proxy_config: &ProxyConfig) {
+    let protocols = proxy_config
+        .ssl_protocols
+        .iter()
+        .flat_map(|p| &p.unavailable);
+    for name in protocols {
+        tracing::warn!(protocol = %name, "SSLProtocols: not implemented by rustls, not offered");
+    }
+    let ciphers = proxy_config.ssl_ciphers.iter().flat_map(|c| &c.unavailable);
+    for name in ciphers {
+        tracing::warn!(cipher = %name, "SSLCiphers: not implemented by rustls, not offered");
     }
 }
 

@@ -7,8 +7,9 @@
 //! - [`config`]: Interlock's `config.toml`, accepted as it is.
 //! - [`swarm`]: discovery through the Docker API (bollard).
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
-//! - [`proxy`]: the L7 HTTP proxy (hyper): routing by host and path, balancing, redirects and
-//!   Interlock's response headers.
+//! - [`proxy`]: the L7 HTTP proxy (hyper): routing by host and path, balancing, redirects, TLS,
+//!   HTTP/2, WebSockets and Interlock's response headers.
+//! - [`tls_policy`]: `SSLProtocols`/`SSLCiphers` mapped to rustls versions and suites.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`daemon`]: `xlb run`, wiring the above together.
@@ -23,3 +24,4 @@ pub mod dataplane;
 pub mod proxy;
 pub mod routes;
 pub mod swarm;
+pub mod tls_policy;

@@ -16,6 +16,14 @@ use serde::Serialize;
 
 use crate::swarm::SwarmSnapshot;
 
+mod transport_labels;
+
+pub use transport_labels::{
+    BackendTls, BackendTlsVerify, CertificateSecrets, Transport, LABEL_SSL_BACKEND,
+    LABEL_SSL_BACKEND_TLS_VERIFY, LABEL_SSL_CERT, LABEL_SSL_KEY, LABEL_SSL_PASSTHROUGH,
+    LABEL_WEBSOCKET_ENDPOINTS,
+};
+
 /// Comma-separated host names a service answers for; `*.example.org` answers every subdomain.
 pub const LABEL_HOSTS: &str = "com.docker.lb.hosts";
 /// The container port the service listens on.
@@ -84,6 +92,8 @@ pub struct Route {
     pub ssl_only: bool,
     /// Requests for a redirect's source go to its target instead.
     pub redirects: Vec<Redirect>,
+    /// TLS and WebSocket labels.
+    pub transport: Transport,
 }
 
 /// How a request's endpoint is chosen among a route's endpoints.
@@ -137,6 +147,7 @@ struct ServiceLabels {
     redirects: Vec<Redirect>,
     ssl_only: bool,
     balance: Balance,
+    transport: Transport,
 }
 
 /// Builds the route table of every service labelled `com.docker.lb.hosts` or
@@ -228,6 +239,7 @@ impl RouteTable {
             balance: labels.balance,
             ssl_only: labels.ssl_only,
             redirects: labels.redirects,
+            transport: labels.transport,
         };
         if labels.default_backend {
             self.default_backend = Some(route.clone());
@@ -284,6 +296,7 @@ fn service_labels(service: &Service, settings: &RouteSettings) -> Result<Service
         None => return Err(format!("label {LABEL_PORT} is missing")),
         Some(value) => parse_port(value)?,
     };
+    let transport = transport_labels::parse(|key| label(service, key), &hosts)?;
     let context_root = match label(service, LABEL_CONTEXT_ROOT) {
         None => ROOT_CONTEXT.to_owned(),
         Some(value) => parse_context_root(value)?,
@@ -301,6 +314,7 @@ fn service_labels(service: &Service, settings: &RouteSettings) -> Result<Service
         redirects,
         ssl_only: parse_flag(service, LABEL_SSL_ONLY)?,
         balance: balance(service, settings)?,
+        transport,
     })
 }
 
@@ -809,6 +823,7 @@ mod tests {
                 balance: Balance::RoundRobin,
                 ssl_only: false,
                 redirects: vec![],
+                transport: Transport::default(),
             }]
         );
         assert_eq!(table.default_backend, None);
@@ -944,6 +959,48 @@ mod tests {
             "label com.docker.lb.hosts names no host"
         );
         assert!(reasons["bad-host"].contains("invalid host name \"d.local/x\""));
+    }
+
+    #[test]
+    fn transport_labels_reach_every_host_of_the_service() {
+        let labels = [
+            (LABEL_HOSTS, "a.example.org,b.example.org"),
+            (LABEL_PORT, "8080"),
+            (LABEL_SSL_CERT, "web.crt"),
+            (LABEL_SSL_KEY, "web.key"),
+            (LABEL_WEBSOCKET_ENDPOINTS, "/ws"),
+        ];
+        let snapshot = SwarmSnapshot {
+            services: vec![
+                service("web", "1", &labels),
+                service(
+                    "broken",
+                    "2",
+                    &[
+                        (LABEL_HOSTS, "c.example.org"),
+                        (LABEL_PORT, "8080"),
+                        (LABEL_SSL_BACKEND, "maybe"),
+                    ],
+                ),
+            ],
+            tasks: vec![],
+            nodes: vec![],
+        };
+        let table = route_table(&snapshot, &RouteSettings::default());
+        for host in ["a.example.org", "b.example.org"] {
+            let transport = &table.routes[host][0].transport;
+            let certificate = transport.certificate.as_ref().unwrap();
+            assert_eq!(
+                (certificate.cert.as_str(), certificate.key.as_str()),
+                ("web.crt", "web.key")
+            );
+            assert_eq!(transport.websocket_endpoints, ["/ws"]);
+        }
+        assert_eq!(table.routes.len(), 2);
+        assert_eq!(
+            table.rejected[0].reason,
+            "label com.docker.lb.ssl_backend is \"maybe\", not \"true\" or \"false\""
+        );
     }
 
     #[test]

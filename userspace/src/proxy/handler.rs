@@ -18,11 +18,13 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
+    backend_tls::BackendTlsPools,
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
+    http2,
     router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, UpstreamError, UpstreamPool, UpstreamResponse},
+    websocket, Scheme,
 };
-use crate::routes::Scheme;
 
 /// The body of every response the proxy gives its clients.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -49,6 +51,8 @@ pub enum ProxyError {
     ConnectMethod,
     #[error("redirect location {0:?} is not a valid header value")]
     UnencodableLocation(String),
+    #[error("service {service:?} cannot use TLS to its tasks: {problem}")]
+    BackendTls { service: String, problem: String },
 }
 
 impl ProxyError {
@@ -57,9 +61,9 @@ impl ProxyError {
             Self::MissingHost | Self::UnknownHost(_) | Self::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::NoEndpointReachable { .. } | Self::UpstreamFailed { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::NoEndpointReachable { .. }
+            | Self::UpstreamFailed { .. }
+            | Self::BackendTls { .. } => StatusCode::BAD_GATEWAY,
             Self::NoContextRoot { .. } => StatusCode::NOT_FOUND,
             Self::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnencodableLocation(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,6 +75,7 @@ impl ProxyError {
 pub struct RequestHandler {
     router: Arc<Router>,
     upstreams: UpstreamPool<Incoming>,
+    backend_tls: BackendTlsPools,
     identity: ProxyIdentity,
 }
 
@@ -78,13 +83,21 @@ impl RequestHandler {
     pub fn new(
         router: Arc<Router>,
         upstreams: UpstreamPool<Incoming>,
+        backend_tls: BackendTlsPools,
         identity: ProxyIdentity,
     ) -> Self {
         Self {
             router,
             upstreams,
+            backend_tls,
             identity,
         }
+    }
+
+    /// Closes upstream connections idle for too long, plain and TLS.
+    pub fn evict_idle_upstreams(&self) {
+        self.upstreams.evict_expired();
+        self.backend_tls.evict_expired();
     }
 
     /// Proxies one client request; every outcome is a response, never an error.
@@ -98,6 +111,7 @@ impl RequestHandler {
         let method = request.method().clone();
         let host = request_host(&request).map(str::to_owned);
         let path = request.uri().path().to_owned();
+        let scheme = request.extensions().get::<Scheme>().copied();
 
         // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`; report them as IPv4.
         let outcome = self
@@ -116,6 +130,7 @@ impl RequestHandler {
             request_id = request_id.as_str(),
             %client,
             %method,
+            ?scheme,
             host = host.as_deref().unwrap_or("-"),
             path,
             status = response.status().as_u16(),
@@ -141,6 +156,12 @@ impl RequestHandler {
                 return Ok((self.redirect_answer(status, location, request_id)?, None));
             }
         };
+        if websocket::is_upgrade(&request, route.transport()) {
+            let (response, answer) = self
+                .websocket_phase(&route, request, request_id, client, upstream_target)
+                .await?;
+            return Ok((response, Some(answer)));
+        }
         let endpoints = route.endpoint_order(request.headers(), client);
         let upstream_request = upstream_request_phase(request, request_id, client, upstream_target);
         let (upstream, answer, in_flight) = self
@@ -198,11 +219,22 @@ impl RequestHandler {
         endpoints: Vec<Endpoint>,
         mut request: Request<Incoming>,
     ) -> Result<(UpstreamResponse<Incoming>, UpstreamAnswer, InFlight), ProxyError> {
+        let upstreams = match &route.transport().backend_tls {
+            None => self.upstreams.clone(),
+            Some(backend) => {
+                self.backend_tls
+                    .pool(backend)
+                    .map_err(|problem| ProxyError::BackendTls {
+                        service: route.service().to_owned(),
+                        problem,
+                    })?
+            }
+        };
         let tried = endpoints.len();
         for endpoint in endpoints {
             let addr = endpoint.addr();
             let in_flight = endpoint.start_request();
-            match self.upstreams.send(addr, request).await {
+            match upstreams.send(addr, request).await {
                 Ok(upstream) => {
                     let answer = UpstreamAnswer {
                         addr,
@@ -226,6 +258,39 @@ impl RequestHandler {
             service: route.service().to_owned(),
             tried,
         })
+    }
+
+    /// WebSocket: the upgrade relayed on a connection of its own, spliced after `101`.
+    async fn websocket_phase(
+        &self,
+        route: &ServiceRoute,
+        mut request: Request<Incoming>,
+        request_id: &RequestId,
+        client: IpAddr,
+        upstream_target: PathAndQuery,
+    ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
+        let endpoints = route.endpoint_order(request.headers(), client);
+        let upgrade = websocket::Upgrade::take(&mut request);
+        let tls = match &route.transport().backend_tls {
+            None => None,
+            Some(backend) => Some(self.backend_tls.upstream_tls(backend).map_err(|problem| {
+                ProxyError::BackendTls {
+                    service: route.service().to_owned(),
+                    problem,
+                }
+            })?),
+        };
+        let upstream_request = upstream_request_phase(request, request_id, client, upstream_target);
+        upgrade
+            .forward(
+                route,
+                &endpoints,
+                upstream_request,
+                tls,
+                request_id,
+                &self.identity,
+            )
+            .await
     }
 
     /// Decorate: the upstream's answer, hop-by-hop removed and the proxy headers stamped.
@@ -313,6 +378,7 @@ fn upstream_request_phase(
     target: PathAndQuery,
 ) -> Request<Incoming> {
     let (mut parts, body) = request.into_parts();
+    http2::adapt_for_http1(&mut parts);
     parts.uri = Uri::from(target);
     parts.version = Version::HTTP_11;
     parts.extensions.clear();

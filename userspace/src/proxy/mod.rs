@@ -1,36 +1,59 @@
-//! The L7 HTTP proxy: accepts client connections and serves them with hyper's HTTP/1.1 server,
-//! at most `max_connections` at once, until shut down gracefully.
+//! The L7 HTTP proxy: accepts client connections on the plain port and the SSL port and serves
+//! them with hyper (HTTP/1.1, and HTTP/2 by TLS ALPN or h2c prior knowledge), at most
+//! `max_connections` at once, until shut down gracefully.
 //!
 //! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
 //!   method, atomically swapped tables.
 //! - `handler`: one request's phases: route → upstream request → forward → decorate.
 //! - `upstream`: keep-alive connection pool per upstream endpoint.
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
+//! - `websocket`: WebSocket upgrades on `websocket_endpoints`, spliced after `101`.
+//! - `backend_tls`: TLS towards the tasks (`ssl_backend`).
+//! - `http2`: HTTP/2 requests made fit for the HTTP/1.1 upstream.
+//! - `tls`: the SSL port: passthrough by SNI or TLS termination (`certificates`, `client_hello`,
+//!   `passthrough`).
 
+mod backend_tls;
+mod certificates;
+mod client_hello;
 mod handler;
 mod headers;
+mod http2;
+mod passthrough;
 mod router;
+mod tls;
 mod upstream;
+mod websocket;
 
 #[cfg(test)]
 mod routing_tests;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod tls_test_support;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{body::Incoming, service::service_fn, Request};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
+pub use backend_tls::{BackendTlsClients, BackendTlsError};
+pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
 pub use router::{Router, ServiceRoute};
+pub use tls::{HttpsListener, TlsTermination};
 
+use backend_tls::BackendTlsPools;
 use handler::RequestHandler;
 use headers::ProxyIdentity;
 use upstream::{PoolSettings, UpstreamPool};
@@ -46,18 +69,45 @@ pub struct ProxySettings {
     pub proxy_id: String,
     /// `MaxConnections`: client connections served at once (at least one).
     pub max_connections: usize,
+    /// How `ssl_backend` services are reached: what `ssl_backend_tls_verify=required` trusts.
+    pub backend_tls: BackendTlsClients,
 }
 
-/// Serves HTTP on `listener` until `shutdown` is cancelled.
+/// The proxy's listening sockets: the plain HTTP port and, when configured, the SSL port.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub https: Option<HttpsListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(http: TcpListener) -> Self {
+        Self { http, https: None }
+    }
+}
+
+/// Which port a request arrived on; every request carries it as an extension.
+pub use crate::routes::Scheme;
+
+/// What serving one client connection needs.
+#[derive(Clone)]
+struct ConnectionContext {
+    handler: Arc<RequestHandler>,
+    router: Arc<Router>,
+    shutdown: CancellationToken,
+}
+
+/// Serves HTTP on the plain listener, and HTTPS or TLS passthrough on the SSL listener if
+/// any, until `shutdown` is cancelled.
 ///
 /// On shutdown it stops accepting, closes idle keep-alive connections, and returns once the
 /// requests in flight have been answered.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     router: Arc<Router>,
     settings: ProxySettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Listeners { http, https } = listeners.into();
     let identity = ProxyIdentity::new(&settings.proxy_id, &crate::build_info::server_info())
         .with_context(|| {
             format!(
@@ -67,15 +117,29 @@ pub async fn serve(
         })?;
     let pool_settings = PoolSettings::default();
     let upstreams = UpstreamPool::new(pool_settings.clone());
+    let backend_tls = BackendTlsPools::new(settings.backend_tls, pool_settings.clone());
+    let handler = Arc::new(RequestHandler::new(
+        Arc::clone(&router),
+        upstreams,
+        backend_tls,
+        identity,
+    ));
     let tasks = TaskTracker::new();
     tasks.spawn(evict_idle_upstreams(
-        upstreams.clone(),
+        Arc::clone(&handler),
         pool_settings.idle_timeout / 2,
         shutdown.clone(),
     ));
-    let handler = Arc::new(RequestHandler::new(router, upstreams, identity));
+    let context = ConnectionContext {
+        handler,
+        router,
+        shutdown: shutdown.clone(),
+    };
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    info!(addr = ?listener.local_addr().ok(), "proxy listening");
+    info!(addr = ?http.local_addr().ok(), "proxy listening");
+    if let Some(https) = &https {
+        info!(addr = ?https.listener.local_addr().ok(), "proxy listening for TLS");
+    }
 
     loop {
         // Waiting for a slot before accepting leaves excess clients in the kernel's backlog.
@@ -87,28 +151,36 @@ pub async fn serve(
                 Err(_closed) => break,
             },
         };
-        let (stream, client) = tokio::select! {
+        let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "accepting a proxy connection failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            },
+            accepted = http.accept() => accepted.map(|(stream, client)| (stream, client, None)),
+            accepted = accept_tls(https.as_ref()) => accepted,
         };
-        tasks.spawn(serve_connection(
-            stream,
-            client,
-            Arc::clone(&handler),
-            permit,
-            shutdown.clone(),
-        ));
+        let (stream, client, termination) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "accepting a proxy connection failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%client, %error, "could not disable Nagle on client connection");
+        }
+        let context = context.clone();
+        tasks.spawn(async move {
+            let _slot = permit;
+            match termination {
+                None => serve_http(stream, client, Scheme::Http, context).await,
+                Some(termination) => {
+                    tls::serve_connection(stream, client, termination, context).await
+                }
+            }
+        });
     }
 
-    drop(listener);
+    drop((http, https));
     tasks.close();
     info!(
         tasks = tasks.len(),
@@ -118,30 +190,39 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one client connection until the client leaves or, on shutdown, until its request in
-/// flight (if any) has been answered.
-async fn serve_connection(
-    stream: TcpStream,
-    client: SocketAddr,
-    handler: Arc<RequestHandler>,
-    _slot: OwnedSemaphorePermit,
-    shutdown: CancellationToken,
-) {
-    if let Err(error) = stream.set_nodelay(true) {
-        debug!(%client, %error, "could not disable Nagle on client connection");
+/// The next connection on the SSL port, with how to terminate it; never, without one.
+async fn accept_tls(
+    https: Option<&HttpsListener>,
+) -> io::Result<(TcpStream, SocketAddr, Option<TlsTermination>)> {
+    match https {
+        Some(https) => {
+            let (stream, client) = https.listener.accept().await?;
+            Ok((stream, client, Some(https.termination.clone())))
+        }
+        None => std::future::pending().await,
     }
-    let service = service_fn(move |request| {
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (told apart by the connection preface) on one client connection
+/// until the client leaves or, on shutdown, until its requests in flight have been answered.
+async fn serve_http<IO>(io: IO, client: SocketAddr, scheme: Scheme, context: ConnectionContext)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = Arc::clone(&context.handler);
+    let service = service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(scheme);
         let handler = Arc::clone(&handler);
         async move { Ok::<_, Infallible>(handler.handle(request, client).await) }
     });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
+        () = context.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -154,14 +235,14 @@ async fn serve_connection(
 /// Closes expired idle upstream connections periodically, so that endpoints no longer
 /// requested (e.g. removed from the routes) do not keep connections open.
 async fn evict_idle_upstreams(
-    upstreams: UpstreamPool<Incoming>,
+    handler: Arc<RequestHandler>,
     period: Duration,
     shutdown: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
-        upstreams.evict_expired();
+        handler.evict_idle_upstreams();
     }
 }
 

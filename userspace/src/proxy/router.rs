@@ -21,7 +21,7 @@ use http::{
 };
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme, ROOT_CONTEXT};
+use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme, Transport, ROOT_CONTEXT};
 
 /// The proxy's current view of the route table, swapped atomically on every update.
 #[derive(Debug, Default)]
@@ -147,6 +147,15 @@ impl Router {
             .ok_or(RouteMiss::NoContextRoot)?;
         Ok(route.decide(scheme, &key, target))
     }
+
+    /// The service serving `host` at its root path: where a TLS connection is relayed when that
+    /// service asks for passthrough, since there is no HTTP request to route by.
+    pub fn host_service(&self, host: &str) -> Option<Arc<ServiceRoute>> {
+        let key = route_key(host)?;
+        let table = self.table.load();
+        let routes = table.host_routes(&key)?;
+        routes.iter().find(|route| route.serves_path("/")).cloned()
+    }
 }
 
 impl CompiledTable {
@@ -189,6 +198,11 @@ impl ServiceRoute {
 
     pub fn endpoint_count(&self) -> usize {
         self.endpoints.len()
+    }
+
+    /// How the service is reached: TLS and WebSocket labels.
+    pub fn transport(&self) -> &Transport {
+        &self.route.transport
     }
 
     /// Whether the context root holds `path`: equal to it, or followed by `/`, so that `/app`

@@ -25,8 +25,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{serve, ProxySettings, Router};
-use crate::routes::{Balance, Route, RouteTable, ROOT_CONTEXT};
+use super::{serve, BackendTlsClients, ProxySettings, Router};
+use crate::routes::{Balance, Route, RouteTable, Transport, ROOT_CONTEXT};
 
 /// The proxy serving on an ephemeral 127.0.0.1 port, its router open to route updates.
 pub struct RunningProxy {
@@ -61,6 +61,7 @@ impl RunningProxy {
         let settings = ProxySettings {
             proxy_id: "lb-test-1".into(),
             max_connections,
+            backend_tls: BackendTlsClients::new(None).unwrap(),
         };
         let shutdown = CancellationToken::new();
         let served = tokio::spawn(serve(
@@ -112,6 +113,7 @@ pub fn route(service: &str, endpoints: &[SocketAddr]) -> Route {
         balance: Balance::RoundRobin,
         ssl_only: false,
         redirects: Vec::new(),
+        transport: Transport::default(),
     }
 }
 
@@ -158,7 +160,10 @@ impl Drop for EchoBackend {
     }
 }
 
-async fn echo(port: u16, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn echo(
+    port: u16,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
     let delay_ms = parts
         .uri

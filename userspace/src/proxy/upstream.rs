@@ -1,5 +1,6 @@
 //! Connections to upstream endpoints: a small pool of HTTP/1.1 keep-alive connections per
-//! endpoint address, built on `hyper::client::conn::http1`.
+//! endpoint address, built on `hyper::client::conn::http1`, over plain TCP or, for a pool made
+//! `with_tls`, over TLS.
 //!
 //! A request is handed back to the caller whenever it provably never reached the upstream
 //! (connect refused or timed out, or the connection closed before the request was written), so
@@ -24,8 +25,9 @@ use hyper::{
     client::conn::http1::{self, SendRequest},
 };
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::debug;
+
+use super::backend_tls::{connect_task, UpstreamTls};
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -58,6 +60,10 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connecting to upstream {addr}: no answer within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with upstream {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with upstream {addr}: no answer within {timeout:?}")]
+    TlsTimeout { addr: SocketAddr, timeout: Duration },
     #[error("HTTP/1.1 handshake with upstream {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -105,6 +111,8 @@ impl<B> Clone for UpstreamPool<B> {
 
 struct PoolShared<B> {
     settings: PoolSettings,
+    /// TLS around every new connection, for `ssl_backend` services.
+    tls: Option<UpstreamTls>,
     idle: Mutex<HashMap<SocketAddr, Vec<IdleConnection<B>>>>,
 }
 
@@ -120,9 +128,19 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     pub fn new(settings: PoolSettings) -> Self {
+        Self::with_transport(settings, None)
+    }
+
+    /// A pool whose connections speak TLS to the upstream.
+    pub fn with_tls(settings: PoolSettings, tls: UpstreamTls) -> Self {
+        Self::with_transport(settings, Some(tls))
+    }
+
+    fn with_transport(settings: PoolSettings, tls: Option<UpstreamTls>) -> Self {
         Self {
             shared: Arc::new(PoolShared {
                 settings,
+                tls,
                 idle: Mutex::new(HashMap::new()),
             }),
         }
@@ -214,14 +232,7 @@ where
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<B>, UpstreamError> {
         let timeout = self.shared.settings.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
-        };
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(%addr, %error, "could not disable Nagle on upstream connection");
-        }
+        let stream = connect_task(addr, self.shared.tls.as_ref(), timeout).await?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
