@@ -8,6 +8,7 @@
 //! - [`swarm`]: discovery through the Docker API (bollard).
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
 //! - [`proxy`]: the L7 HTTP proxy (hyper): Host routing and Interlock's response headers.
+//! - [`l4`]: the L4 fast path's userspace side: Maglev tables, service labels, map writing.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`daemon`]: `xlb run`, wiring the above together.
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod l4;
 pub mod proxy;
 pub mod routes;
 pub mod swarm;
