@@ -1,5 +1,12 @@
-//! The L4 fast path's userspace side: what the XDP program steers, computed from the route
-//! table and written into its maps.
+//! The L4 fast path's userspace side: what the XDP program steers, computed from the Swarm
+//! snapshot and written into its maps.
 //!
+//! - [`service`]: the `xlb.l4.ports` label and the L4 part of the route table (pure).
 //! - [`maglev`]: the consistent-hash lookup table of one service (pure).
+//! - [`settings`]: limits and timeouts, with their defaults.
+//! - [`maps`]: the map writer: backend ids, service slots, double-buffered rings.
+
 pub mod maglev;
+pub mod maps;
+pub mod service;
+pub mod settings;
