@@ -18,10 +18,18 @@ use crate::{
     cli::RunArgs,
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
+    l4::{
+        service::{l4_route_table, L4RouteTable},
+        settings::{check_snat_ports, L4Settings},
+        steering::Steering,
+    },
     proxy::{self, ProxySettings, Router},
     routes::{route_table, RouteTable},
     swarm::Swarm,
 };
+
+/// Where the kernel says which source ports its own connections use.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// nginx's `worker_connections` default, which Interlock's proxy inherits.
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -115,11 +123,21 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     let tasks = TaskTracker::new();
 
     let l7_ports = [extension.published_port];
-    let dataplane = match (&args.interface, args.no_xdp) {
-        (Some(interface), false) => Some(start_dataplane(interface, &l7_ports, &tasks, &shutdown)?),
+    let reserved_ports: Vec<u16> = l7_ports
+        .into_iter()
+        .chain(extension.published_ssl_port)
+        .collect();
+    let (dataplane, steering) = match (&args.interface, args.no_xdp) {
+        (Some(interface), false) => {
+            let dataplane = start_dataplane(interface, &l7_ports, &config.l4, &tasks, &shutdown)?;
+            let steering = Steering::start(dataplane.clone(), interface, &config.l4.addresses)
+                .await
+                .context("starting the L4 fast path")?;
+            (Some(dataplane), Some(steering))
+        }
         _ => {
             tracing::info!("running proxy-only: no XDP program attached (--no-xdp)");
-            None
+            (None, None)
         }
     };
 
@@ -141,6 +159,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
+        l4_routes: ArcSwap::default(),
         dataplane,
     });
     if let Some(addr) = config.listen_addr {
@@ -158,6 +177,8 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         config.poll_interval,
         router,
         state,
+        steering,
+        reserved_ports,
         shutdown.clone(),
     ));
 
@@ -173,10 +194,14 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 fn start_dataplane(
     interface: &str,
     l7_ports: &[u16],
+    l4: &L4Settings,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<Mutex<Dataplane>>> {
-    let mut dataplane = Dataplane::load()?;
+    let local_ports = std::fs::read_to_string(LOCAL_PORT_RANGE)
+        .with_context(|| format!("reading {LOCAL_PORT_RANGE}"))?;
+    check_snat_ports(l4.snat_ports, &local_ports).map_err(anyhow::Error::msg)?;
+    let mut dataplane = Dataplane::load_with(l4)?;
     let forwarder = dataplane.forward_logs(log::logger())?;
     tasks.spawn(
         shutdown
@@ -192,12 +217,15 @@ fn start_dataplane(
 }
 
 /// Polls Swarm every `interval` and applies route changes. When Docker cannot be reached the
-/// last good table keeps serving.
+/// last good table keeps serving. `steering` (the XDP L4 fast path, unless proxy-only) gets
+/// the L4 listeners, which may not claim `reserved_ports` (the L7 proxy's).
 async fn discover(
     docker_url: String,
     interval: Duration,
     router: Arc<Router>,
     state: Arc<AdminState>,
+    mut steering: Option<Steering>,
+    reserved_ports: Vec<u16>,
     shutdown: CancellationToken,
 ) {
     let mut swarm: Option<Swarm> = None;
@@ -233,6 +261,19 @@ async fn discover(
                     router.update(&table);
                     state.routes.store(Arc::new(table));
                 }
+                let l4_table = l4_route_table(&snapshot, &reserved_ports);
+                let current_l4 = state.l4_routes.load_full();
+                if l4_table != *current_l4 {
+                    log_l4_changes(&current_l4, &l4_table);
+                    state.l4_routes.store(Arc::new(l4_table));
+                }
+                // Every poll, not only on change: next hops resolve and need refreshing.
+                if let Some(steering) = steering.as_mut() {
+                    if let Err(error) = steering.update(&state.l4_routes.load()).await {
+                        let error = format!("{:#}", anyhow::Error::from(error));
+                        tracing::warn!(error, "L4 maps not updated");
+                    }
+                }
                 swarm = Some(connected);
             }
             Err(error) => {
@@ -265,6 +306,24 @@ fn log_changes(old: &RouteTable, new: &RouteTable) {
         .filter(|rejected| !old.rejected.contains(rejected))
     {
         tracing::warn!(service = %rejected.service, reason = %rejected.reason, "service disabled");
+    }
+}
+
+fn log_l4_changes(old: &L4RouteTable, new: &L4RouteTable) {
+    for route in new
+        .listeners
+        .iter()
+        .filter(|route| !old.listeners.contains(route))
+    {
+        let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
+        tracing::info!(listener = %route.listener, service = %route.service, endpoints = %endpoints.join(","), "L4 route");
+    }
+    for rejected in new
+        .rejected
+        .iter()
+        .filter(|rejected| !old.rejected.contains(rejected))
+    {
+        tracing::warn!(service = %rejected.service, reason = %rejected.reason, "L4 ports not steered");
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::io::unix::AsyncFd;
 use xlb_common::{Counter, Stat, L7_PORT_ENABLED};
 
 use crate::l4::{
-    maps::{L4MapHandles, L4Maps},
+    maps::{L4MapHandles, L4Maps, L4Traffic},
     settings::L4Settings,
 };
 
@@ -191,6 +191,11 @@ impl Dataplane {
     /// The L4 maps: services, rings, backends.
     pub fn l4(&mut self) -> &mut L4Maps {
         &mut self.l4
+    }
+
+    /// Per-service and per-backend L4 traffic, summed over CPUs.
+    pub fn l4_traffic(&self) -> Result<L4Traffic, DataplaneError> {
+        self.l4.traffic()
     }
 
     /// Every counter, summed over CPUs.

@@ -5,8 +5,14 @@
 //! - [`maglev`]: the consistent-hash lookup table of one service (pure).
 //! - [`settings`]: limits and timeouts, with their defaults.
 //! - [`maps`]: the map writer: backend ids, service slots, double-buffered rings.
+//! - [`neighbours`]: next hops of backends, resolved ahead of time over rtnetlink.
+//! - [`plan`]: route table + next hops → what the maps should hold (pure).
+//! - [`steering`]: runs the above on every discovery poll.
 
 pub mod maglev;
 pub mod maps;
+pub mod neighbours;
+pub mod plan;
 pub mod service;
 pub mod settings;
+pub mod steering;

@@ -4,7 +4,8 @@
 //! each claimed listener's endpoints are the node `Status.Addr` + host-mode `PublishedPort` of
 //! the claim's target port and protocol on every running task. A service whose label is
 //! malformed, or which claims a listener an older service or the L7 proxy holds, loses its
-//! whole claim, with the reason; every other service keeps its listeners.
+//! whole claim, with the reason (logged by the daemon when it appears); every other service
+//! keeps its listeners.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -173,7 +174,6 @@ pub fn l4_route_table(snapshot: &SwarmSnapshot, l7_ports: &[u16]) -> L4RouteTabl
                 listeners.extend(routes.into_iter().map(|route| (route.listener, route)));
             }
             Err(reason) => {
-                tracing::warn!(service = %name, %reason, "L4 ports not steered");
                 rejected.push(RejectedService {
                     service: name,
                     reason,

@@ -49,6 +49,27 @@ impl fmt::Display for SnatPorts {
     }
 }
 
+/// Refuses a SNAT range that overlaps the kernel's `ip_local_port_range` (its text, as in
+/// `/proc/sys/net/ipv4/ip_local_port_range`): a connection of this node to a backend could then
+/// use a port a flow's reply entry claims, and its replies would be taken by XDP.
+pub fn check_snat_ports(snat_ports: SnatPorts, local_port_range: &str) -> Result<(), String> {
+    let mut bounds = local_port_range
+        .split_whitespace()
+        .map(|bound| bound.parse::<u16>());
+    let (Some(Ok(first)), Some(Ok(last))) = (bounds.next(), bounds.next()) else {
+        return Err(format!(
+            "cannot read the kernel's ip_local_port_range from {local_port_range:?}"
+        ));
+    };
+    if snat_ports.overlaps(first..=last) {
+        return Err(format!(
+            "the SNAT port range {snat_ports} ([L4] SNATPorts) overlaps the kernel's \
+             ip_local_port_range {first}-{last}: choose ports outside it"
+        ));
+    }
+    Ok(())
+}
+
 /// Everything configurable about the L4 path.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct L4Settings {
@@ -113,6 +134,21 @@ mod tests {
         assert!(!ports.overlaps(32768..=60999));
         assert!(ports.overlaps(61001..=61001));
         assert_eq!(ports.to_string(), "61000-61001");
+    }
+
+    #[test]
+    fn snat_ports_must_stay_out_of_the_local_port_range() {
+        assert_eq!(
+            check_snat_ports(DEFAULT_SNAT_PORTS, "32768\t60999\n"),
+            Ok(())
+        );
+        let error = check_snat_ports(SnatPorts::new(60000, 61000).unwrap(), "32768\t60999\n");
+        assert_eq!(
+            error.unwrap_err(),
+            "the SNAT port range 60000-61000 ([L4] SNATPorts) overlaps the kernel's \
+             ip_local_port_range 32768-60999: choose ports outside it"
+        );
+        assert!(check_snat_ports(DEFAULT_SNAT_PORTS, "garbage").is_err());
     }
 
     #[test]
