@@ -414,9 +414,9 @@ fn adding_and_removing_backends_moves_no_established_flow() {
         let backend = greeting(&lab.connect(0, 0));
         assert_ne!(backend, removed, "a removed backend gets no new flows");
     }
-    // Every stream still answers, and from its first backend: the greeting came once, and the
-    // echoes since then can only have come from the same connection on the same server.
-    assert_eq!(streams.len(), 50);
+    // A flow moved to another backend would meet a server without that connection (a RST or
+    // silence), so every echo above coming back whole means no flow moved.
+    assert!(streams.iter().any(|(_, backend)| *backend == removed));
 }
 
 #[test]

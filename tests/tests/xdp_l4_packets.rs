@@ -526,3 +526,47 @@ fn tracked_flows_keep_their_backend_when_the_table_changes() {
         "a removed backend gets no new flow"
     );
 }
+
+#[test]
+fn table_updates_write_only_changed_ring_positions() {
+    let ring = settings(one_snat_port()).ring_size.get() as usize;
+    let endpoint = |i: u8| SocketAddrV4::new(std::net::Ipv4Addr::new(10, 78, 1, 10 + i), 30000);
+    let plan = |count: u8| {
+        let backends = (0..count)
+            .map(|i| backend(endpoint(i), INGRESS_IFINDEX))
+            .collect();
+        [service(TCP_SERVICE, backends)]
+    };
+    let mut dataplane = dataplane(&settings(one_snat_port()), &[]);
+    let mut apply = |count: u8| dataplane.l4().apply(&plan(count)).unwrap();
+
+    let first = apply(3);
+    assert_eq!(
+        (first.rings_flipped, first.ring_positions_written),
+        (1, ring)
+    );
+    let unchanged = apply(3);
+    assert_eq!(
+        (unchanged.rings_flipped, unchanged.ring_positions_written),
+        (0, 0)
+    );
+    let added = apply(4);
+    assert_eq!(
+        (added.rings_flipped, added.ring_positions_written),
+        (1, ring),
+        "the other ring was empty"
+    );
+    let back = apply(3);
+    assert_eq!(
+        (back.rings_flipped, back.ring_positions_written),
+        (1, 0),
+        "the inactive ring holds it"
+    );
+    let fifth = apply(5);
+    assert_eq!(fifth.rings_flipped, 1);
+    assert!(
+        fifth.ring_positions_written > 0 && fifth.ring_positions_written < ring / 2,
+        "3 → 5 backends rewrites about 2/5 of the ring, not {}",
+        fifth.ring_positions_written
+    );
+}
