@@ -44,16 +44,24 @@ impl Segment {
     /// The interface name inside every host namespace.
     pub const HOST_INTERFACE: &'static str = "to-switch";
 
+    /// A segment on 10.79.X.0/24, X varying per run (to tell runs apart in captures).
     pub fn create() -> Result<Segment> {
+        let run = run_id();
+        let spread = run.pid.wrapping_mul(17).wrapping_add(run.sequence);
+        Self::create_on((spread % 250) as u8 + 1)
+    }
+
+    /// A segment on 10.79.`subnet_octet`.0/24: fixed addresses make address-hashing tests
+    /// deterministic (namespaces keep concurrent runs apart anyway).
+    pub fn create_on(subnet_octet: u8) -> Result<Segment> {
         let run = run_id();
         let switch = Netns::create(&format!("xlb-{run}-switch"))?;
         switch.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         switch.ip(&["link", "set", BRIDGE, "up"])?;
-        let spread = run.pid.wrapping_mul(17).wrapping_add(run.sequence);
         Ok(Segment {
             run,
             switch,
-            subnet_octet: (spread % 250) as u8 + 1,
+            subnet_octet,
         })
     }
 

@@ -41,6 +41,7 @@ const UDP_LISTENER: Listener = Listener {
 const BACKEND_TCP_PORT: u16 = 30001;
 const BACKEND_UDP_PORT: u16 = 30053;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const SUBNET_OCTET: u8 = 42;
 
 /// A TCP server that greets each connection with its name, then echoes; a UDP server that
 /// answers `name:payload`. Both stop when dropped.
@@ -211,7 +212,8 @@ impl Lab {
             .enable_all()
             .build()
             .unwrap();
-        let segment = Segment::create().unwrap();
+        // Fixed addresses and client ports make the Maglev spread the same on every run.
+        let segment = Segment::create_on(SUBNET_OCTET).unwrap();
         let client = segment.add_host("client", 2).unwrap();
         let lb_hosts: Vec<Host> = (0..2)
             .map(|i| segment.add_host(&format!("lb-0{i}"), 10 + i).unwrap())
@@ -346,10 +348,11 @@ fn tcp_connections_spread_evenly_and_land_on_the_same_backend_via_either_lb() {
 
     for lb in 0..2 {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for _ in 0..300 {
-            let stream = lab.connect(lb, 0);
+        for source_port in 42000..42300 {
+            let stream = lab.connect(lb, source_port);
             *counts.entry(greeting(&stream)).or_default() += 1;
         }
+        eprintln!("lb-0{lb}: 300 connections spread {counts:?}");
         assert_eq!(counts.len(), 3, "lb-0{lb}: {counts:?}");
         for (backend, count) in &counts {
             assert!(

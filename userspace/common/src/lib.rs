@@ -117,7 +117,8 @@ pub enum Stat {
     L4DropFlowTable = 20,
     /// Dropped: a tracked flow whose other entry vanished (evicted); both are removed.
     L4DropFlowLost = 21,
-    /// A tracked flow had been idle past its timeout; its entries were removed.
+    /// An event, counted besides the frame's outcome: a tracked flow had been idle past its
+    /// timeout and its entries were removed.
     L4FlowExpired = 22,
     /// Dropped: `bpf_redirect` refused the egress interface.
     L4DropRedirect = 23,
