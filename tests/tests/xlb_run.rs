@@ -67,7 +67,12 @@ fn runs_without_docker_falls_back_to_generic_xdp_and_stops_on_sigterm() {
     let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
     assert_eq!(
         routes,
-        serde_json::json!({ "routes": {}, "default_backend": null, "rejected": [] })
+        serde_json::json!({
+            "routes": {},
+            "default_backend": null,
+            "rejected": [],
+            "l4": { "listeners": [], "rejected": [] },
+        })
     );
 
     wait_until(

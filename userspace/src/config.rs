@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs, io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -18,6 +18,10 @@ use toml::{
     Spanned,
 };
 
+use crate::l4::{
+    maglev::RingSize,
+    settings::{L4Settings, SnatPorts},
+};
 use crate::tls_policy;
 
 pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
@@ -35,6 +39,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// `[Extensions.<name>]`, by name.
     pub extensions: BTreeMap<String, Extension>,
+    /// `[L4]`: xlb's own table for the XDP L4 fast path (Interlock has none).
+    pub l4: L4Settings,
     /// Keys present in the file that xlb does not act on, as dotted paths in file order
     /// (`Extensions.default.Image`).
     pub ignored_keys: Vec<String>,
@@ -47,6 +53,7 @@ impl Default for Config {
             docker_url: DEFAULT_DOCKER_URL.to_owned(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             extensions: BTreeMap::new(),
+            l4: L4Settings::default(),
             ignored_keys: Vec::new(),
         }
     }
@@ -186,16 +193,19 @@ impl Reader<'_> {
         };
         let mut config = Config::default();
         let mut extension_sections = Vec::new();
+        let mut l4_sections = Vec::new();
         for entry in self.entries(&[root])? {
             match entry.lowercase_name().as_str() {
                 "listenaddr" => config.listen_addr = Some(self.listen_addr(&entry)?),
                 "dockerurl" => config.docker_url = self.docker_url(&entry)?,
                 "pollinterval" => config.poll_interval = self.poll_interval(&entry)?,
                 "extensions" => extension_sections.push(self.section(&entry)?),
+                "l4" => l4_sections.push(self.section(&entry)?),
                 _ => self.ignore(&entry),
             }
         }
         config.extensions = self.extensions(&extension_sections)?;
+        config.l4 = self.l4(&l4_sections)?;
         self.ignored.sort_by_key(|(offset, _)| *offset);
         config.ignored_keys = self.ignored.into_iter().map(|(_, path)| path).collect();
         Ok(config)
@@ -266,6 +276,22 @@ impl Reader<'_> {
             }
         }
         Ok(proxy)
+    }
+
+    fn l4(&mut self, sections: &[Section]) -> Result<L4Settings, ConfigError> {
+        let mut l4 = L4Settings::default();
+        for entry in self.entries(sections)? {
+            match entry.lowercase_name().as_str() {
+                "addresses" => l4.addresses = self.ip_addresses(&entry)?,
+                "snatports" => l4.snat_ports = self.port_range(&entry)?,
+                "maglevringsize" => l4.ring_size = self.ring_size(&entry)?,
+                "connectiontablesize" => l4.flow_entries = self.positive_integer(&entry)?,
+                "maxservices" => l4.service_slots = self.positive_integer(&entry)?,
+                "tcpidletimeout" => l4.tcp_idle = self.positive_duration(&entry)?,
+                _ => self.ignore(&entry),
+            }
+        }
+        Ok(l4)
     }
 
     /// The entries of one logical table in file order. The same key in two spellings is refused
@@ -345,6 +371,64 @@ impl Reader<'_> {
         const EXPECTED: &str = r#"a duration like "3s""#;
         match parse_go_duration(self.string(entry, EXPECTED)?) {
             Ok(interval) if !interval.is_zero() => Ok(interval),
+            Ok(_) | Err(DurationError::Negative) => {
+                Err(self.expected(entry, "a duration greater than zero"))
+            }
+            Err(DurationError::Malformed) => Err(self.expected(entry, EXPECTED)),
+        }
+    }
+
+    fn ip_addresses(&self, entry: &Entry) -> Result<Vec<IpAddr>, ConfigError> {
+        const EXPECTED: &str = r#"a list of IP addresses like ["10.0.0.1"]"#;
+        let DeValue::Array(items) = entry.value.get_ref() else {
+            return Err(self.expected(entry, EXPECTED));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                match item.get_ref() {
+                    DeValue::String(text) => text.parse().ok(),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    let written = self.source.get(item.span()).unwrap_or("a multi-line value");
+                    let message = format!(
+                        "{}[{index}]: expected an IP address, found {written}",
+                        entry.path
+                    );
+                    self.error_at(item.span().start, message)
+                })
+            })
+            .collect()
+    }
+
+    fn port_range(&self, entry: &Entry) -> Result<SnatPorts, ConfigError> {
+        const EXPECTED: &str = r#"a port range like "61000-65535""#;
+        let text = self.string(entry, EXPECTED)?;
+        text.split_once('-')
+            .and_then(|(first, last)| {
+                SnatPorts::new(first.trim().parse().ok()?, last.trim().parse().ok()?)
+            })
+            .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    fn ring_size(&self, entry: &Entry) -> Result<RingSize, ConfigError> {
+        let expected = format!(
+            "a prime between 3 and {} (65537 by default)",
+            crate::l4::maglev::MAX_RING_SIZE
+        );
+        let integer = self.integer(entry, &expected)?;
+        u64::from_str_radix(integer.as_str(), integer.radix())
+            .ok()
+            .and_then(|size| RingSize::new(size).ok())
+            .ok_or_else(|| self.expected(entry, &expected))
+    }
+
+    fn positive_duration(&self, entry: &Entry) -> Result<Duration, ConfigError> {
+        const EXPECTED: &str = r#"a duration like "1h""#;
+        match parse_go_duration(self.string(entry, EXPECTED)?) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
             Ok(_) | Err(DurationError::Negative) => {
                 Err(self.expected(entry, "a duration greater than zero"))
             }
@@ -794,6 +878,53 @@ mod tests {
         assert_eq!(
             error("[Extensions.e]\nPublishMode = \"vip\""),
             r#"config.toml:2:15: Extensions.e.PublishMode: expected "host" or "ingress", found "vip""#
+        );
+    }
+
+    #[test]
+    fn the_l4_table_sets_the_fast_paths_limits() {
+        let source = r#"
+            [l4]
+            Addresses = ["10.0.0.1", "fd00::1"]
+            SNATPorts = "62000-63000"
+            maglevRingSize = 251
+            ConnectionTableSize = 1024
+            MaxServices = 8
+            TCPIdleTimeout = "90s"
+        "#;
+        let l4 = parse(source, "config.toml").unwrap().l4;
+        assert_eq!(
+            l4.addresses,
+            [
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(l4.snat_ports, SnatPorts::new(62000, 63000).unwrap());
+        assert_eq!(l4.ring_size, RingSize::new(251).unwrap());
+        assert_eq!(l4.flow_entries, 1024);
+        assert_eq!(l4.service_slots, 8);
+        assert_eq!(l4.tcp_idle, Duration::from_secs(90));
+        assert_eq!(parse("", "config.toml").unwrap().l4, L4Settings::default());
+    }
+
+    #[test]
+    fn bad_l4_values_are_reported_at_the_value() {
+        assert_eq!(
+            error("[L4]\nAddresses = [\"10.0.0.1\", \"lb-00\"]"),
+            r#"config.toml:2:26: L4.Addresses[1]: expected an IP address, found "lb-00""#
+        );
+        assert_eq!(
+            error("[L4]\nSNATPorts = \"65535-61000\""),
+            r#"config.toml:2:13: L4.SNATPorts: expected a port range like "61000-65535", found "65535-61000""#
+        );
+        assert_eq!(
+            error("[L4]\nMaglevRingSize = 65536"),
+            "config.toml:2:18: L4.MaglevRingSize: expected a prime between 3 and 16777216 (65537 by default), found 65536"
+        );
+        assert_eq!(
+            error("[L4]\nTCPIdleTimeout = \"0s\""),
+            r#"config.toml:2:18: L4.TCPIdleTimeout: expected a duration greater than zero, found "0s""#
         );
     }
 

@@ -18,14 +18,22 @@ use crate::{
     cli::RunArgs,
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
+    l4::{
+        service::{l4_route_table, L4RouteTable},
+        settings::{check_snat_ports, L4Settings},
+        steering::Steering,
+    },
     proxy::{
         self, BackendTlsClients, CertificateStore, HttpsListener, Listeners, ProxySettings, Router,
         TlsTermination,
     },
     routes::{route_table, Route, RouteSettings, RouteTable},
-    swarm::Swarm,
+    swarm::{Swarm, SwarmSnapshot},
     tls_policy::TlsPolicy,
 };
+
+/// Where the kernel says which source ports its own connections use.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// nginx's `worker_connections` default, which Interlock's proxy inherits.
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -125,11 +133,17 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         .into_iter()
         .flatten()
         .collect();
-    let dataplane = match (&args.interface, args.no_xdp) {
-        (Some(interface), false) => Some(start_dataplane(interface, &l7_ports, &tasks, &shutdown)?),
+    let (dataplane, steering) = match (&args.interface, args.no_xdp) {
+        (Some(interface), false) => {
+            let dataplane = start_dataplane(interface, &l7_ports, &config.l4, &tasks, &shutdown)?;
+            let steering = Steering::start(dataplane.clone(), interface, &config.l4.addresses)
+                .await
+                .context("starting the L4 fast path")?;
+            (Some(dataplane), Some(steering))
+        }
         _ => {
             tracing::info!("running proxy-only: no XDP program attached (--no-xdp)");
-            None
+            (None, None)
         }
     };
 
@@ -170,6 +184,7 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
+        l4_routes: ArcSwap::default(),
         dataplane,
     });
     if let Some(addr) = config.listen_addr {
@@ -186,15 +201,17 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     if let Some(cluster) = &route_settings.service_cluster {
         tracing::info!(%cluster, "serving only the services of this cluster (ServiceCluster)");
     }
-    tasks.spawn(discover(
+    let discovery = Discovery {
         docker_url,
-        config.poll_interval,
+        interval: config.poll_interval,
         route_settings,
+        reserved_ports: l7_ports,
         router,
         certificates,
         state,
-        shutdown.clone(),
-    ));
+        steering,
+    };
+    tasks.spawn(discovery.run(shutdown.clone()));
 
     wait_for_termination().await?;
     tracing::info!("shutting down: draining connections");
@@ -208,10 +225,14 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 fn start_dataplane(
     interface: &str,
     l7_ports: &[u16],
+    l4: &L4Settings,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<Mutex<Dataplane>>> {
-    let mut dataplane = Dataplane::load()?;
+    let local_ports = std::fs::read_to_string(LOCAL_PORT_RANGE)
+        .with_context(|| format!("reading {LOCAL_PORT_RANGE}"))?;
+    check_snat_ports(l4.snat_ports, &local_ports).map_err(anyhow::Error::msg)?;
+    let mut dataplane = Dataplane::load_with(l4)?;
     let forwarder = dataplane.forward_logs(log::logger())?;
     tasks.spawn(
         shutdown
@@ -234,60 +255,81 @@ fn route_settings(extension: &Extension) -> RouteSettings {
     }
 }
 
-/// Polls Swarm every `interval` and applies route changes. When Docker cannot be reached the
-/// last good table keeps serving.
-async fn discover(
+/// Discovery: polls Swarm every `interval` and hands each snapshot's route tables to their
+/// consumers. When Docker cannot be reached the last good tables keep serving.
+struct Discovery {
     docker_url: String,
     interval: Duration,
     route_settings: RouteSettings,
+    /// The L7 proxy's ports, which L4 listeners may not claim.
+    reserved_ports: Vec<u16>,
     router: Arc<Router>,
     certificates: Option<Arc<CertificateStore>>,
     state: Arc<AdminState>,
-    shutdown: CancellationToken,
-) {
-    let mut swarm: Option<Swarm> = None;
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let connected = match swarm.take() {
-            Some(connected) => connected,
-            None => match Swarm::connect(&docker_url).await {
-                Ok(connected) => {
-                    tracing::info!(url = %docker_url, "connected to the Docker API");
-                    connected
+    /// The XDP L4 fast path, unless proxy-only.
+    steering: Option<Steering>,
+}
+
+impl Discovery {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut swarm: Option<Swarm> = None;
+        let mut ticks = tokio::time::interval(self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let connected = match swarm.take() {
+                Some(connected) => connected,
+                None => match Swarm::connect(&self.docker_url).await {
+                    Ok(connected) => {
+                        tracing::info!(url = %self.docker_url, "connected to the Docker API");
+                        connected
+                    }
+                    Err(error) => {
+                        let error = format!("{:#}", anyhow::Error::from(error));
+                        tracing::warn!(error, "discovery");
+                        continue;
+                    }
+                },
+            };
+            match connected.snapshot().await {
+                Ok(snapshot) => {
+                    self.apply(&snapshot).await;
+                    swarm = Some(connected);
                 }
                 Err(error) => {
-                    tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "discovery"
-                    );
-                    continue;
+                    let error = format!("{:#}", anyhow::Error::from(error));
+                    tracing::warn!(error, "discovery failed: keeping the last route tables");
                 }
-            },
-        };
-        match connected.snapshot().await {
-            Ok(snapshot) => {
-                let table = route_table(&snapshot, &route_settings);
-                let current = state.routes.load_full();
-                if table != *current {
-                    log_changes(&current, &table);
-                    router.update(&table);
-                    if let Some(certificates) = &certificates {
-                        certificates.update(&table);
-                    }
-                    state.routes.store(Arc::new(table));
-                }
-                swarm = Some(connected);
             }
-            Err(error) => {
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "discovery failed: keeping the last route table"
-                );
+        }
+    }
+
+    /// Hands one snapshot's route tables to the proxy, the certificates and the XDP L4 path.
+    async fn apply(&mut self, snapshot: &SwarmSnapshot) {
+        let table = route_table(snapshot, &self.route_settings);
+        let current = self.state.routes.load_full();
+        if table != *current {
+            log_changes(&current, &table);
+            self.router.update(&table);
+            if let Some(certificates) = &self.certificates {
+                certificates.update(&table);
+            }
+            self.state.routes.store(Arc::new(table));
+        }
+        let l4_table = l4_route_table(snapshot, &self.reserved_ports);
+        let current_l4 = self.state.l4_routes.load_full();
+        if l4_table != *current_l4 {
+            log_l4_changes(&current_l4, &l4_table);
+            self.state.l4_routes.store(Arc::new(l4_table));
+        }
+        // Every poll, not only on change: next hops resolve and need refreshing.
+        if let Some(steering) = self.steering.as_mut() {
+            if let Err(error) = steering.update(&self.state.l4_routes.load()).await {
+                let error = format!("{:#}", anyhow::Error::from(error));
+                tracing::warn!(error, "L4 maps not updated");
             }
         }
     }
@@ -382,6 +424,24 @@ fn log_route(host: &str, route: &Route) {
         endpoints = %endpoints.join(","),
         "route"
     );
+}
+
+fn log_l4_changes(old: &L4RouteTable, new: &L4RouteTable) {
+    for route in new
+        .listeners
+        .iter()
+        .filter(|route| !old.listeners.contains(route))
+    {
+        let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
+        tracing::info!(listener = %route.listener, service = %route.service, endpoints = %endpoints.join(","), "L4 route");
+    }
+    for rejected in new
+        .rejected
+        .iter()
+        .filter(|rejected| !old.rejected.contains(rejected))
+    {
+        tracing::warn!(service = %rejected.service, reason = %rejected.reason, "L4 ports not steered");
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -620,7 +620,7 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
 }
 
 /// Running now and meant to keep running: a task Swarm is stopping gets no new requests.
-fn is_running(task: &Task) -> bool {
+pub(crate) fn is_running(task: &Task) -> bool {
     let state = task.status.as_ref().and_then(|status| status.state);
     state == Some(TaskState::RUNNING) && task.desired_state == Some(TaskState::RUNNING)
 }
@@ -649,7 +649,7 @@ fn host_published_ports(task: &Task, target_port: u16) -> Vec<u16> {
 /// Node id → the address its tasks are reached on.
 ///
 /// A manager can report `0.0.0.0` as `Status.Addr`; its manager address is the real one then.
-fn node_addresses(nodes: &[Node]) -> HashMap<&str, IpAddr> {
+pub(crate) fn node_addresses(nodes: &[Node]) -> HashMap<&str, IpAddr> {
     nodes
         .iter()
         .filter_map(|node| {
@@ -669,12 +669,12 @@ fn node_addresses(nodes: &[Node]) -> HashMap<&str, IpAddr> {
         .collect()
 }
 
-fn label<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
+pub(crate) fn label<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
     let labels = service.spec.as_ref()?.labels.as_ref()?;
     labels.get(key).map(String::as_str)
 }
 
-fn service_name(service: &Service) -> String {
+pub(crate) fn service_name(service: &Service) -> String {
     service
         .spec
         .as_ref()

@@ -17,8 +17,8 @@ const API_TIMEOUT_SECS: u64 = 10;
 /// What Swarm looked like at one moment: the input of [`crate::routes::route_table`].
 #[derive(Debug, Clone, Default)]
 pub struct SwarmSnapshot {
-    /// Every service: which ones carry Interlock's labels is for the route table to decide
-    /// (a default backend need not name a host).
+    /// Every service: which ones carry Interlock's or xlb's labels is for the route tables to
+    /// decide (a default backend need not name a host; Docker ANDs label filters anyway).
     pub services: Vec<Service>,
     /// Their tasks that Swarm wants running.
     pub tasks: Vec<Task>,
