@@ -611,7 +611,7 @@ fn parse_flag(service: &Service, key: &str) -> Result<bool, String> {
 }
 
 /// The spellings Go's `strconv.ParseBool` accepts, which is what Interlock reads labels with.
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value.trim() {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
@@ -999,7 +999,7 @@ mod tests {
         assert_eq!(table.routes.len(), 2);
         assert_eq!(
             table.rejected[0].reason,
-            "label com.docker.lb.ssl_backend is \"maybe\", not \"true\" or \"false\""
+            "label com.docker.lb.ssl_backend is \"maybe\", not true or false"
         );
     }
 

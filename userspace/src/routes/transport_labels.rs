@@ -146,15 +146,9 @@ fn backend_server_name(hosts: &[String]) -> Result<String, String> {
     }
 }
 
+/// A boolean label, absent meaning `false`, spelled as the routing labels are.
 fn boolean(key: &str, value: Option<&str>) -> Result<bool, String> {
-    match value.map(str::trim) {
-        None => Ok(false),
-        Some(value) if value.eq_ignore_ascii_case("true") => Ok(true),
-        Some(value) if value.eq_ignore_ascii_case("false") => Ok(false),
-        Some(value) => Err(format!(
-            "label {key} is {value:?}, not \"true\" or \"false\""
-        )),
-    }
+    value.map_or(Ok(false), |value| super::parse_bool(key, value))
 }
 
 fn websocket_paths(value: &str) -> Result<Vec<String>, String> {
@@ -253,7 +247,7 @@ mod tests {
             ),
             (
                 vec![(LABEL_SSL_PASSTHROUGH, "yes")],
-                "label com.docker.lb.ssl_passthrough is \"yes\", not \"true\" or \"false\"",
+                "label com.docker.lb.ssl_passthrough is \"yes\", not true or false",
             ),
             (
                 vec![(LABEL_SSL_BACKEND, "true"), (LABEL_SSL_BACKEND_TLS_VERIFY, "strict")],
