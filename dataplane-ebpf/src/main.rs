@@ -1,47 +1,34 @@
-//! The xlb XDP program, attached to a load-balancer node's interface.
+//! The xlb XDP program, attached to a load-balancer node's interfaces.
 //!
-//! The packet path reads top to bottom: bounds-checked header access → Ethernet (one VLAN tag)
-//! → IPv4 / IPv6 (extension headers walked) → TCP / UDP → class → verdict. Every frame is
-//! counted on entry, by class and by verdict in the per-CPU `STATS` array; the daemon sums it.
-//!
-//! This stage classifies and passes every frame: steering (Maglev, NAT, connection tracking)
-//! builds on the same parse.
+//! The packet path reads top to bottom, as in Katran's balancer: parse ([`parse`]) → is it for
+//! an L4 service, or a backend's reply to a tracked flow? → connection table, Maglev pick, SNAT,
+//! rewrite and transmit ([`steer`]) → otherwise classify (L7 proxy port or other) and pass to
+//! the kernel. Every frame is counted on entry, by class, by final verdict and, on the L4 path,
+//! by outcome, in the per-CPU `STATS` array; the daemon sums it.
 #![no_std]
 #![no_main]
 
-use core::mem;
+mod checksum;
+mod parse;
+mod steer;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-    udp::UdpHdr,
-    vlan::VlanHdr,
+use xlb_common::{
+    Backend, Counter, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
+    TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, MAX_BACKENDS,
+    MAX_L4_PORTS, MAX_L7_PORTS, MAX_SERVICE_KEYS,
 };
-use xlb_common::{Counter, Stat, MAX_L7_PORTS};
 
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_AH: u8 = 51;
-const IPPROTO_DSTOPTS: u8 = 60;
-
-/// IPv6 extension headers walked before giving up on finding the transport header.
-const MAX_IPV6_EXT_HEADERS: usize = 6;
+use crate::{
+    parse::{frame_len, parse, Frame, Malformed, NetworkKind, TransportKind},
+    steer::{is_snat_port, lookup_service, reply_to_client, steer_to_backend, L4Packet, Verdict},
+};
 
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
@@ -50,33 +37,41 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 
 #[map]
 static L7_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_L7_PORTS, 0);
 
-/// A header was cut short or contradicts itself: the frame is counted as malformed.
-struct Malformed;
+/// (port, protocol) pairs of L4 services, whatever the address: classifies IPv6 frames.
+#[map]
+static L4_PORTS: HashMap<ListenPort, u32> = HashMap::with_max_entries(MAX_L4_PORTS, 0);
 
-/// What the transport layer of a well-formed frame turned out to be.
-enum Transport {
-    Tcp { dst_port: u16 },
-    Udp,
-    /// No transport header to read: another protocol, or a non-first fragment.
-    Other,
-}
+/// (LB address, port, protocol) → service slot and live ring.
+#[map]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICE_KEYS, 0);
 
-/// The frame's class, counted in `STATS`.
-enum Class {
-    L7,
-    Other,
-    Malformed,
-}
+/// Two Maglev rings per service slot, of backend ids (see `xlb_common::ring_index`). The daemon
+/// sizes it from its ring size and slot count before loading.
+#[map]
+static RINGS: Array<u32> =
+    Array::with_max_entries(DEFAULT_SERVICE_SLOTS * 2 * DEFAULT_RING_SIZE, 0);
 
-impl Class {
-    fn stat(&self) -> Stat {
-        match self {
-            Class::L7 => Stat::ClassL7,
-            Class::Other => Stat::ClassOther,
-            Class::Malformed => Stat::ClassMalformed,
-        }
-    }
-}
+/// Backend id → address, SNAT address and next hop. Id 0 is never filled: "no backend".
+#[map]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The connection table: forward and reply entries of every tracked flow.
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Limits and timeouts, written by the daemon before it attaches the program.
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Traffic per service slot.
+#[map]
+static SERVICE_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_SERVICE_SLOTS, 0);
+
+/// Traffic per backend id.
+#[map]
+static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[inline(always)]
 fn count(stat: Stat, bytes: usize) {
@@ -89,123 +84,6 @@ fn count(stat: Stat, bytes: usize) {
     }
 }
 
-/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` lies inside it.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + mem::size_of::<T>() > end {
-        return Err(Malformed);
-    }
-    Ok((start + offset) as *const T)
-}
-
-/// Reads a `T` at `offset`; `T` must be a plain byte-array header (alignment 1).
-#[inline(always)]
-fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, Malformed> {
-    // SAFETY: `ptr_at` checked that the bytes are inside the frame; the read is unaligned.
-    ptr_at::<T>(ctx, offset).map(|ptr| unsafe { ptr.read_unaligned() })
-}
-
-/// A TCP header at `offset` that must end by `ip_end`, the end of its IP packet.
-#[inline(always)]
-fn parse_tcp(ctx: &XdpContext, offset: usize, ip_end: usize) -> Result<Transport, Malformed> {
-    let tcp: TcpHdr = read_at(ctx, offset)?;
-    let header_len = tcp.doff() as usize * 4;
-    if header_len < TcpHdr::LEN || offset + header_len > ip_end {
-        return Err(Malformed);
-    }
-    Ok(Transport::Tcp {
-        dst_port: u16::from_be_bytes(tcp.dest),
-    })
-}
-
-/// A UDP header at `offset` whose datagram must fit in its IP packet, ending at `ip_end`.
-#[inline(always)]
-fn parse_udp(ctx: &XdpContext, offset: usize, ip_end: usize) -> Result<Transport, Malformed> {
-    let udp: UdpHdr = read_at(ctx, offset)?;
-    let datagram_len = udp.len() as usize;
-    if datagram_len < UdpHdr::LEN || offset + datagram_len > ip_end {
-        return Err(Malformed);
-    }
-    Ok(Transport::Udp)
-}
-
-#[inline(always)]
-fn parse_transport(
-    ctx: &XdpContext,
-    proto: u8,
-    offset: usize,
-    ip_end: usize,
-) -> Result<Transport, Malformed> {
-    match proto {
-        IPPROTO_TCP => parse_tcp(ctx, offset, ip_end),
-        IPPROTO_UDP => parse_udp(ctx, offset, ip_end),
-        _ => Ok(Transport::Other),
-    }
-}
-
-/// The frame's length from its start, as the bound for an IP packet's declared length.
-#[inline(always)]
-fn frame_len(ctx: &XdpContext) -> usize {
-    ctx.data_end() - ctx.data()
-}
-
-#[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Transport, Malformed> {
-    let ip: Ipv4Hdr = read_at(ctx, offset)?;
-    let header_len = ip.ihl() as usize;
-    let total_len = ip.tot_len() as usize;
-    if ip.version() != 4
-        || header_len < Ipv4Hdr::LEN
-        || total_len < header_len
-        || offset + total_len > frame_len(ctx)
-    {
-        return Err(Malformed);
-    }
-    if ip.frag_offset() != 0 {
-        return Ok(Transport::Other);
-    }
-    parse_transport(ctx, ip.proto, offset + header_len, offset + total_len)
-}
-
-#[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Transport, Malformed> {
-    let ip: Ipv6Hdr = read_at(ctx, offset)?;
-    let ip_end = offset + Ipv6Hdr::LEN + ip.payload_len() as usize;
-    if ip.version() != 6 || ip_end > frame_len(ctx) {
-        return Err(Malformed);
-    }
-    let mut next_header = ip.next_hdr;
-    let mut header_start = offset + Ipv6Hdr::LEN;
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
-        // Every extension header starts with (next header, length); only the unit differs.
-        let [following, len] = match next_header {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
-                read_at::<[u8; 2]>(ctx, header_start)?
-            }
-            _ => return parse_transport(ctx, next_header, header_start, ip_end),
-        };
-        let header_len = match next_header {
-            IPPROTO_FRAGMENT => {
-                let fragment: [u8; 8] = read_at(ctx, header_start)?;
-                if u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0 {
-                    return Ok(Transport::Other);
-                }
-                8
-            }
-            IPPROTO_AH => (len as usize + 2) * 4,
-            _ => (len as usize + 1) * 8,
-        };
-        next_header = following;
-        header_start += header_len;
-        if header_start > ip_end {
-            return Err(Malformed);
-        }
-    }
-    Ok(Transport::Other)
-}
-
 #[inline(always)]
 fn is_l7_port(port: u16) -> bool {
     // SAFETY: the value is only tested for presence.
@@ -213,38 +91,86 @@ fn is_l7_port(port: u16) -> bool {
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Result<Class, Malformed> {
-    let eth: EthHdr = read_at(ctx, 0)?;
-    let mut offset = EthHdr::LEN;
-    let mut ether_type = u16::from_be(eth.ether_type);
-    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: VlanHdr = read_at(ctx, offset)?;
-        ether_type = u16::from_be(vlan.ether_type);
-        offset += VlanHdr::LEN;
-    }
-    let transport = match ether_type {
-        ETH_P_IPV4 => parse_ipv4(ctx, offset)?,
-        ETH_P_IPV6 => parse_ipv6(ctx, offset)?,
-        _ => Transport::Other,
+fn is_l4_port(port: u16, proto: u8) -> bool {
+    let key = ListenPort {
+        port,
+        proto,
+        _pad: 0,
     };
-    Ok(match transport {
-        Transport::Tcp { dst_port } if is_l7_port(dst_port) => Class::L7,
-        Transport::Tcp { .. } | Transport::Udp | Transport::Other => Class::Other,
-    })
+    // SAFETY: the value is only tested for presence.
+    unsafe { L4_PORTS.get(&key).is_some() }
+}
+
+/// The L4 path's verdict and class for an IPv4 packet of a service or of a tracked reply;
+/// `None` for every other frame.
+#[inline(always)]
+fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdict)> {
+    match frame.network {
+        NetworkKind::Ipv4 => {
+            let packet = L4Packet::new(&frame.ipv4, &frame.transport, bytes)?;
+            if let Some(service) = lookup_service(&packet) {
+                return Some((
+                    Stat::ClassL4Service,
+                    steer_to_backend(ctx, &packet, &service),
+                ));
+            }
+            if is_snat_port(packet.ports.dst) {
+                return reply_to_client(ctx, &packet).map(|verdict| (Stat::ClassL4Reply, verdict));
+            }
+            None
+        }
+        NetworkKind::Ipv6 => {
+            let ports = frame.transport.ports()?;
+            is_l4_port(u16::from_be(ports.dst), frame.ipv6_proto).then_some((
+                Stat::ClassL4Ipv6,
+                Verdict {
+                    action: xdp_action::XDP_PASS,
+                    outcome: None,
+                },
+            ))
+        }
+        NetworkKind::TaggedIpv4 | NetworkKind::Other => None,
+    }
+}
+
+/// The class of a frame the L4 path does not handle; all of them are passed.
+#[inline(always)]
+fn pass_class(frame: &Frame) -> Stat {
+    let transport = &frame.transport;
+    if transport.kind == TransportKind::Tcp && is_l7_port(u16::from_be(transport.ports.dst)) {
+        Stat::ClassL7
+    } else {
+        Stat::ClassOther
+    }
 }
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let bytes = frame_len(&ctx);
     count(Stat::Received, bytes);
-    let class = classify(&ctx).unwrap_or_else(|Malformed| {
-        debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
-        Class::Malformed
-    });
-    count(class.stat(), bytes);
-    let verdict = xdp_action::XDP_PASS;
-    count(Stat::for_verdict(verdict), bytes);
-    verdict
+    let (class, verdict) = match parse(&ctx) {
+        Ok(frame) => l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| {
+            let pass = Verdict {
+                action: xdp_action::XDP_PASS,
+                outcome: None,
+            };
+            (pass_class(&frame), pass)
+        }),
+        Err(Malformed) => {
+            debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
+            let pass = Verdict {
+                action: xdp_action::XDP_PASS,
+                outcome: None,
+            };
+            (Stat::ClassMalformed, pass)
+        }
+    };
+    count(class, bytes);
+    if let Some(outcome) = verdict.outcome {
+        count(outcome, bytes);
+    }
+    count(Stat::for_verdict(verdict.action), bytes);
+    verdict.action
 }
 
 #[cfg(not(test))]

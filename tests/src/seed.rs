@@ -173,11 +173,17 @@ impl SeedScenario {
         serde_json::from_str(&body).with_context(|| format!("{url} answered non-JSON: {body:?}"))
     }
 
-    /// The endpoints xlb's `/routes` lists for `demo.local`.
+    /// The endpoints xlb's `/routes` lists for `demo.local` (its route on every path, `/`).
     pub fn routed_endpoints(&self) -> Result<Vec<SocketAddr>> {
-        let routes = self.admin("/routes")?;
-        let endpoints = routes["routes"][HOST]["endpoints"]
+        let table = self.admin("/routes")?;
+        let routes = table["routes"][HOST]
             .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let endpoints = routes
+            .iter()
+            .find(|route| route["context_root"] == "/")
+            .and_then(|route| route["endpoints"].as_array())
             .cloned()
             .unwrap_or_default();
         endpoints
@@ -193,11 +199,19 @@ impl SeedScenario {
     /// Waits until xlb routes `demo.local` to `count` endpoints.
     pub fn wait_for_endpoints(&self, count: usize) -> Result<Vec<SocketAddr>> {
         let what = format!("xlb to route {HOST} to {count} endpoint(s)");
+        let mut last = String::new();
         wait_until(&what, CONVERGE_TIMEOUT, || match self.routed_endpoints() {
             Ok(endpoints) if endpoints.len() == count => Ok(Some(endpoints)),
-            _ => Ok(None),
+            Ok(endpoints) => {
+                last = format!("routed to {endpoints:?}");
+                Ok(None)
+            }
+            Err(error) => {
+                last = format!("{error:#}");
+                Ok(None)
+            }
         })
-        .with_context(|| format!("xlb's log:\n{}", self.xlb_log()))
+        .with_context(|| format!("last seen: {last}\nxlb's log:\n{}", self.xlb_log()))
     }
 }
 

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use xlb::{
     proxy::{self, PoolSettings, ProxySettings, Router},
-    routes::{Route, RouteTable},
+    routes::{Balance, Route, RouteTable, Transport, ROOT_CONTEXT},
 };
 use xlb_testbed::{
     build_docker_demo_binary, seed::xlb_binary, wait_until, Netns, Process, ScratchDir,
@@ -58,11 +58,17 @@ fn start_docker_demo(binary: &Path, port: u16, metadata: &str) -> Process {
 fn route_table(endpoints: &[SocketAddr]) -> RouteTable {
     let route = Route {
         service: "demo".to_owned(),
+        context_root: ROOT_CONTEXT.to_owned(),
+        context_root_rewrite: false,
         endpoints: endpoints.to_vec(),
+        balance: Balance::RoundRobin,
+        ssl_only: false,
+        redirects: Vec::new(),
+        transport: Transport::default(),
     };
     RouteTable {
-        routes: BTreeMap::from([("demo.local".to_owned(), route)]),
-        rejected: Vec::new(),
+        routes: BTreeMap::from([("demo.local".to_owned(), vec![route])]),
+        ..RouteTable::default()
     }
 }
 

@@ -65,7 +65,15 @@ fn runs_without_docker_falls_back_to_generic_xdp_and_stops_on_sigterm() {
         .run("curl", &["-sf", "http://127.0.0.1:9000/routes"])
         .unwrap();
     let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
-    assert_eq!(routes, serde_json::json!({ "routes": {}, "rejected": [] }));
+    assert_eq!(
+        routes,
+        serde_json::json!({
+            "routes": {},
+            "default_backend": null,
+            "rejected": [],
+            "l4": { "listeners": [], "rejected": [] },
+        })
+    );
 
     wait_until(
         "a discovery warning naming the Docker URL",

@@ -1,6 +1,7 @@
 //! The admin endpoint on Interlock's `ListenAddr`: `GET /health`, `GET /routes`, `GET /stats`.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     sync::{Arc, Mutex},
 };
@@ -15,12 +16,14 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{dataplane::Dataplane, routes::RouteTable};
+use crate::{dataplane::Dataplane, l4::service::L4RouteTable, routes::RouteTable};
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
     /// The route table currently served.
     pub routes: ArcSwap<RouteTable>,
+    /// The L4 listeners currently steered by XDP (`xlb.l4.ports`), shown under `"l4"`.
+    pub l4_routes: ArcSwap<L4RouteTable>,
     /// The XDP program, unless running proxy-only.
     pub dataplane: Option<Arc<Mutex<Dataplane>>>,
 }
@@ -61,7 +64,12 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
     match request.uri().path() {
         "/health" => text(StatusCode::OK, "ok\n"),
         "/routes" => {
-            json_response(&serde_json::to_value(&**state.routes.load()).unwrap_or_default())
+            let mut routes = serde_json::to_value(&**state.routes.load()).unwrap_or_default();
+            if let Some(fields) = routes.as_object_mut() {
+                let l4 = serde_json::to_value(&**state.l4_routes.load()).unwrap_or_default();
+                fields.insert("l4".to_owned(), l4);
+            }
+            json_response(&routes)
         }
         "/stats" => stats(state),
         _ => text(
@@ -75,12 +83,29 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
     let Some(dataplane) = &state.dataplane else {
         return json_response(&json!({ "xdp": null }));
     };
-    let stats = dataplane
+    let dataplane = dataplane
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .stats();
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let stats = dataplane
+        .stats()
+        .and_then(|stats| Ok((stats, dataplane.l4_traffic()?)));
     match stats {
-        Ok(stats) => json_response(&json!({ "xdp": stats })),
+        Ok((stats, l4)) => {
+            let services: BTreeMap<String, _> = l4
+                .services
+                .iter()
+                .map(|(listener, traffic)| (listener.to_string(), traffic))
+                .collect();
+            let backends: BTreeMap<String, _> = l4
+                .backends
+                .iter()
+                .map(|(endpoint, traffic)| (endpoint.to_string(), traffic))
+                .collect();
+            json_response(&json!({
+                "xdp": stats,
+                "l4": { "services": services, "backends": backends },
+            }))
+        }
         Err(error) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("reading XDP counters: {error}\n"),

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs, io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -17,6 +17,12 @@ use toml::{
     de::{DeInteger, DeString, DeTable, DeValue},
     Spanned,
 };
+
+use crate::l4::{
+    maglev::RingSize,
+    settings::{L4Settings, SnatPorts},
+};
+use crate::tls_policy;
 
 pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(3);
@@ -33,6 +39,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// `[Extensions.<name>]`, by name.
     pub extensions: BTreeMap<String, Extension>,
+    /// `[L4]`: xlb's own table for the XDP L4 fast path (Interlock has none).
+    pub l4: L4Settings,
     /// Keys present in the file that xlb does not act on, as dotted paths in file order
     /// (`Extensions.default.Image`).
     pub ignored_keys: Vec<String>,
@@ -45,6 +53,7 @@ impl Default for Config {
             docker_url: DEFAULT_DOCKER_URL.to_owned(),
             poll_interval: DEFAULT_POLL_INTERVAL,
             extensions: BTreeMap::new(),
+            l4: L4Settings::default(),
             ignored_keys: Vec::new(),
         }
     }
@@ -64,6 +73,9 @@ pub struct Extension {
     pub published_port: u16,
     /// `PublishedSSLPort`.
     pub published_ssl_port: Option<u16>,
+    /// `ServiceCluster`: serve only the services labelled `com.docker.lb.service_cluster` with
+    /// this name; unset serves every service.
+    pub service_cluster: Option<String>,
     /// `[Extensions.<name>.Config]`.
     pub proxy: ProxyConfig,
 }
@@ -74,6 +86,7 @@ impl Default for Extension {
             publish_mode: PublishMode::Host,
             published_port: DEFAULT_PUBLISHED_PORT,
             published_ssl_port: None,
+            service_cluster: None,
             proxy: ProxyConfig::default(),
         }
     }
@@ -108,6 +121,18 @@ pub struct ProxyConfig {
     /// `DrainTimeout` (xlb's own key): how long requests to an endpoint that left the routes may
     /// still run.
     pub drain_timeout: Option<Duration>,
+    /// `IPHash`: balance every service by client address unless its labels choose otherwise.
+    pub ip_hash: bool,
+    /// `SSLProtocols`: TLS versions offered on `PublishedSSLPort` (default: TLS 1.2 and 1.3).
+    pub ssl_protocols: Option<tls_policy::Protocols>,
+    /// `SSLCiphers`: cipher suites offered on `PublishedSSLPort` (default: all rustls has).
+    pub ssl_ciphers: Option<tls_policy::Ciphers>,
+    /// `SecretsDir`: where the Docker secrets named by `com.docker.lb.ssl_cert`/`ssl_key` are
+    /// read from (default: `/run/secrets`).
+    pub secrets_dir: Option<PathBuf>,
+    /// `SSLBackendCAFile`: PEM certificates that `ssl_backend_tls_verify=required` trusts
+    /// instead of the built-in web PKI roots.
+    pub ssl_backend_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,16 +215,19 @@ impl Reader<'_> {
         };
         let mut config = Config::default();
         let mut extension_sections = Vec::new();
+        let mut l4_sections = Vec::new();
         for entry in self.entries(&[root])? {
             match entry.lowercase_name().as_str() {
                 "listenaddr" => config.listen_addr = Some(self.listen_addr(&entry)?),
                 "dockerurl" => config.docker_url = self.docker_url(&entry)?,
                 "pollinterval" => config.poll_interval = self.poll_interval(&entry)?,
                 "extensions" => extension_sections.push(self.section(&entry)?),
+                "l4" => l4_sections.push(self.section(&entry)?),
                 _ => self.ignore(&entry),
             }
         }
         config.extensions = self.extensions(&extension_sections)?;
+        config.l4 = self.l4(&l4_sections)?;
         self.ignored.sort_by_key(|(offset, _)| *offset);
         config.ignored_keys = self.ignored.into_iter().map(|(_, path)| path).collect();
         Ok(config)
@@ -229,6 +257,11 @@ impl Reader<'_> {
                 "publishmode" => extension.publish_mode = self.publish_mode(&entry)?,
                 "publishedport" => extension.published_port = self.port(&entry)?,
                 "publishedsslport" => extension.published_ssl_port = Some(self.port(&entry)?),
+                "servicecluster" => {
+                    extension.service_cluster = self
+                        .optional_string(&entry, "a service cluster name")?
+                        .map(Into::into)
+                }
                 "config" => proxy_sections.push(self.section(&entry)?),
                 _ => self.ignore(&entry),
             }
@@ -262,10 +295,40 @@ impl Reader<'_> {
                     proxy.error_log_path = self.optional_string(&entry, "a path")?.map(Into::into)
                 }
                 "draintimeout" => proxy.drain_timeout = Some(self.timeout(&entry)?),
+                "iphash" => proxy.ip_hash = self.boolean(&entry)?,
+                "sslprotocols" => {
+                    proxy.ssl_protocols = Some(self.tls_list(&entry, tls_policy::parse_protocols)?)
+                }
+                "sslciphers" => {
+                    proxy.ssl_ciphers = Some(self.tls_list(&entry, tls_policy::parse_ciphers)?)
+                }
+                "secretsdir" => {
+                    proxy.secrets_dir = self.optional_string(&entry, "a path")?.map(Into::into)
+                }
+                "sslbackendcafile" => {
+                    proxy.ssl_backend_ca_file =
+                        self.optional_string(&entry, "a path")?.map(Into::into)
+                }
                 _ => self.ignore(&entry),
             }
         }
         Ok(proxy)
+    }
+
+    fn l4(&mut self, sections: &[Section]) -> Result<L4Settings, ConfigError> {
+        let mut l4 = L4Settings::default();
+        for entry in self.entries(sections)? {
+            match entry.lowercase_name().as_str() {
+                "addresses" => l4.addresses = self.ip_addresses(&entry)?,
+                "snatports" => l4.snat_ports = self.port_range(&entry)?,
+                "maglevringsize" => l4.ring_size = self.ring_size(&entry)?,
+                "connectiontablesize" => l4.flow_entries = self.positive_integer(&entry)?,
+                "maxservices" => l4.service_slots = self.positive_integer(&entry)?,
+                "tcpidletimeout" => l4.tcp_idle = self.positive_duration(&entry)?,
+                _ => self.ignore(&entry),
+            }
+        }
+        Ok(l4)
     }
 
     /// The entries of one logical table in file order. The same key in two spellings is refused
@@ -352,6 +415,64 @@ impl Reader<'_> {
         }
     }
 
+    fn ip_addresses(&self, entry: &Entry) -> Result<Vec<IpAddr>, ConfigError> {
+        const EXPECTED: &str = r#"a list of IP addresses like ["10.0.0.1"]"#;
+        let DeValue::Array(items) = entry.value.get_ref() else {
+            return Err(self.expected(entry, EXPECTED));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                match item.get_ref() {
+                    DeValue::String(text) => text.parse().ok(),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    let written = self.source.get(item.span()).unwrap_or("a multi-line value");
+                    let message = format!(
+                        "{}[{index}]: expected an IP address, found {written}",
+                        entry.path
+                    );
+                    self.error_at(item.span().start, message)
+                })
+            })
+            .collect()
+    }
+
+    fn port_range(&self, entry: &Entry) -> Result<SnatPorts, ConfigError> {
+        const EXPECTED: &str = r#"a port range like "61000-65535""#;
+        let text = self.string(entry, EXPECTED)?;
+        text.split_once('-')
+            .and_then(|(first, last)| {
+                SnatPorts::new(first.trim().parse().ok()?, last.trim().parse().ok()?)
+            })
+            .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    fn ring_size(&self, entry: &Entry) -> Result<RingSize, ConfigError> {
+        let expected = format!(
+            "a prime between 3 and {} (65537 by default)",
+            crate::l4::maglev::MAX_RING_SIZE
+        );
+        let integer = self.integer(entry, &expected)?;
+        u64::from_str_radix(integer.as_str(), integer.radix())
+            .ok()
+            .and_then(|size| RingSize::new(size).ok())
+            .ok_or_else(|| self.expected(entry, &expected))
+    }
+
+    fn positive_duration(&self, entry: &Entry) -> Result<Duration, ConfigError> {
+        const EXPECTED: &str = r#"a duration like "1h""#;
+        match parse_go_duration(self.string(entry, EXPECTED)?) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
+            Ok(_) | Err(DurationError::Negative) => {
+                Err(self.expected(entry, "a duration greater than zero"))
+            }
+            Err(DurationError::Malformed) => Err(self.expected(entry, EXPECTED)),
+        }
+    }
+
     fn publish_mode(&self, entry: &Entry) -> Result<PublishMode, ConfigError> {
         const EXPECTED: &str = r#""host" or "ingress""#;
         let text = self.string(entry, EXPECTED)?;
@@ -369,6 +490,21 @@ impl Reader<'_> {
             .ok()
             .filter(|&port| port != 0)
             .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    /// `SSLProtocols` or `SSLCiphers`: a string whose names must all be known.
+    fn tls_list<T>(
+        &self,
+        entry: &Entry,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let text = self.string(entry, "a string")?;
+        parse(text).map_err(|problem| {
+            self.error_at(
+                entry.value.span().start,
+                format!("{}: {problem}", entry.path),
+            )
+        })
     }
 
     fn positive_integer<T: TryFrom<u64>>(&self, entry: &Entry) -> Result<T, ConfigError> {
@@ -702,6 +838,46 @@ mod tests {
     }
 
     #[test]
+    fn service_cluster_and_ip_hash_are_read_case_insensitively() {
+        let source = r#"
+            [Extensions.east]
+            servicecluster = "us-east"
+            [Extensions.east.Config]
+            iphash = true
+            [Extensions.west]
+            SERVICECLUSTER = ""
+            [Extensions.west.Config]
+            IPHash = false
+        "#;
+        let config = parse(source, "config.toml").unwrap();
+        let east = &config.extensions["east"];
+        assert_eq!(east.service_cluster.as_deref(), Some("us-east"));
+        assert!(east.proxy.ip_hash);
+        let west = &config.extensions["west"];
+        assert_eq!(
+            west.service_cluster, None,
+            "an empty name is unset, as in Go"
+        );
+        assert!(!west.proxy.ip_hash);
+        assert!(config.ignored_keys.is_empty(), "{:?}", config.ignored_keys);
+        let defaults = parse("[Extensions.d]", "config.toml").unwrap();
+        assert_eq!(defaults.extensions["d"].service_cluster, None);
+        assert!(!defaults.extensions["d"].proxy.ip_hash);
+    }
+
+    #[test]
+    fn service_cluster_and_ip_hash_type_errors_point_at_the_value() {
+        assert_eq!(
+            error("[Extensions.e]\nServiceCluster = 1"),
+            "config.toml:2:18: Extensions.e.ServiceCluster: expected a service cluster name, found 1"
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nIPHash = \"yes\""),
+            r#"config.toml:2:10: Extensions.e.Config.IPHash: expected true or false, found "yes""#
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_tables_are_ignored_in_file_order() {
         let source = r#"
             TLSCert = 1
@@ -842,6 +1018,54 @@ mod tests {
     }
 
     #[test]
+    fn tls_keys_are_read_and_mapped_to_rustls() {
+        let source = r#"
+            [Extensions.default.Config]
+            SSLProtocols = "TLSv1.1 TLSv1.2"
+            SSLCiphers = "ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-GCM-SHA256"
+            SecretsDir = "/var/lib/xlb/secrets"
+            SSLBackendCAFile = "/etc/xlb/backend-ca.pem"
+        "#;
+        let config = parse(source, "config.toml").unwrap();
+        let proxy = &config.extensions["default"].proxy;
+        let protocols = proxy.ssl_protocols.as_ref().unwrap();
+        assert_eq!(protocols.versions, [tls_policy::TlsVersion::Tls12]);
+        assert_eq!(protocols.unavailable, ["TLSv1.1"]);
+        let ciphers = proxy.ssl_ciphers.as_ref().unwrap();
+        assert!(ciphers
+            .suites
+            .contains(&rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256));
+        assert_eq!(ciphers.unavailable, ["DHE-RSA-AES128-GCM-SHA256"]);
+        assert_eq!(
+            proxy.secrets_dir.as_deref(),
+            Some(Path::new("/var/lib/xlb/secrets"))
+        );
+        assert_eq!(
+            proxy.ssl_backend_ca_file.as_deref(),
+            Some(Path::new("/etc/xlb/backend-ca.pem"))
+        );
+        assert!(config.ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_tls_names_are_errors_at_the_value_naming_them() {
+        assert_eq!(
+            error("[Extensions.default.Config]\nSSLCiphers = \"HIGH:ECDHE-RSA-AES512-GCM:!aNULL\""),
+            "config.toml:2:14: Extensions.default.Config.SSLCiphers: \
+             unknown cipher name: ECDHE-RSA-AES512-GCM"
+        );
+        assert_eq!(
+            error("[Extensions.default.Config]\nsslprotocols = \"TLSv1.2 TLSv2\""),
+            "config.toml:2:16: Extensions.default.Config.sslprotocols: unknown protocol name: \
+             TLSv2 (known: SSLv2 SSLv3 TLSv1 TLSv1.1 TLSv1.2 TLSv1.3)"
+        );
+        assert_eq!(
+            error("[Extensions.default.Config]\nSSLCiphers = 1"),
+            "config.toml:2:14: Extensions.default.Config.SSLCiphers: expected a string, found 1"
+        );
+    }
+
+    #[test]
     fn wrong_types_are_reported_at_the_value() {
         assert_eq!(
             error("[Extensions.default]\n  PublishedPort = \"80\""),
@@ -882,6 +1106,53 @@ mod tests {
         assert_eq!(
             error("[Extensions.e]\nPublishMode = \"vip\""),
             r#"config.toml:2:15: Extensions.e.PublishMode: expected "host" or "ingress", found "vip""#
+        );
+    }
+
+    #[test]
+    fn the_l4_table_sets_the_fast_paths_limits() {
+        let source = r#"
+            [l4]
+            Addresses = ["10.0.0.1", "fd00::1"]
+            SNATPorts = "62000-63000"
+            maglevRingSize = 251
+            ConnectionTableSize = 1024
+            MaxServices = 8
+            TCPIdleTimeout = "90s"
+        "#;
+        let l4 = parse(source, "config.toml").unwrap().l4;
+        assert_eq!(
+            l4.addresses,
+            [
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(l4.snat_ports, SnatPorts::new(62000, 63000).unwrap());
+        assert_eq!(l4.ring_size, RingSize::new(251).unwrap());
+        assert_eq!(l4.flow_entries, 1024);
+        assert_eq!(l4.service_slots, 8);
+        assert_eq!(l4.tcp_idle, Duration::from_secs(90));
+        assert_eq!(parse("", "config.toml").unwrap().l4, L4Settings::default());
+    }
+
+    #[test]
+    fn bad_l4_values_are_reported_at_the_value() {
+        assert_eq!(
+            error("[L4]\nAddresses = [\"10.0.0.1\", \"lb-00\"]"),
+            r#"config.toml:2:26: L4.Addresses[1]: expected an IP address, found "lb-00""#
+        );
+        assert_eq!(
+            error("[L4]\nSNATPorts = \"65535-61000\""),
+            r#"config.toml:2:13: L4.SNATPorts: expected a port range like "61000-65535", found "65535-61000""#
+        );
+        assert_eq!(
+            error("[L4]\nMaglevRingSize = 65536"),
+            "config.toml:2:18: L4.MaglevRingSize: expected a prime between 3 and 16777216 (65537 by default), found 65536"
+        );
+        assert_eq!(
+            error("[L4]\nTCPIdleTimeout = \"0s\""),
+            r#"config.toml:2:18: L4.TCPIdleTimeout: expected a duration greater than zero, found "0s""#
         );
     }
 

@@ -18,15 +18,29 @@ use crate::{
     cli::RunArgs,
     config::{self, Config, Extension, ProxyConfig},
     dataplane::Dataplane,
+    l4::{
+        service::{l4_route_table, L4RouteTable},
+        settings::{check_snat_ports, L4Settings},
+        steering::Steering,
+    },
     logging,
-    proxy::{self, ProxySettings, Router},
-    routes::{route_table, RouteTable},
-    swarm::Swarm,
+    proxy::{
+        self, BackendTlsClients, CertificateStore, HttpsListener, Listeners, ProxySettings, Router,
+        TlsTermination,
+    },
+    routes::{route_table, Route, RouteSettings, RouteTable},
+    swarm::{Swarm, SwarmSnapshot},
+    tls_policy::TlsPolicy,
 };
+
+/// Where the kernel says which source ports its own connections use.
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// Where the access log goes without `AccessLogPath`: standard output, as Interlock's proxy
 /// container logs it.
 const DEFAULT_ACCESS_LOG: &str = "/dev/stdout";
+/// How often certificate secrets are checked for changes.
+const CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
@@ -37,6 +51,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     for key in &config.ignored_keys {
         tracing::info!(key = %key, "config key not used by xlb: ignored");
     }
+    log_unavailable_tls_names(&extension.proxy);
     tracing::info!(extension = %name, config = %args.config.display(), "configuration loaded");
     apply_process_limits(&extension.proxy)?;
     let _pid_file = extension
@@ -119,27 +134,55 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let l7_ports = [extension.published_port];
-    let dataplane = match (&args.interface, args.no_xdp) {
-        (Some(interface), false) => Some(start_dataplane(interface, &l7_ports, &tasks, &shutdown)?),
+    let l7_ports: Vec<u16> = [Some(extension.published_port), extension.published_ssl_port]
+        .into_iter()
+        .flatten()
+        .collect();
+    let (dataplane, steering) = match (&args.interface, args.no_xdp) {
+        (Some(interface), false) => {
+            let dataplane = start_dataplane(interface, &l7_ports, &config.l4, &tasks, &shutdown)?;
+            let steering = Steering::start(dataplane.clone(), interface, &config.l4.addresses)
+                .await
+                .context("starting the L4 fast path")?;
+            (Some(dataplane), Some(steering))
+        }
         _ => {
             tracing::info!("running proxy-only: no XDP program attached (--no-xdp)");
-            None
+            (None, None)
         }
     };
 
     let proxy_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, extension.published_port));
     let proxy_listener = bind(proxy_addr, "the proxy (PublishedPort)").await?;
+    let (https, certificates) = match extension.published_ssl_port {
+        Some(port) => {
+            let (https, certificates) = https_listener(port, &extension.proxy).await?;
+            tasks.spawn(
+                Arc::clone(&certificates).watch(CERTIFICATE_POLL_INTERVAL, shutdown.clone()),
+            );
+            (Some(https), Some(certificates))
+        }
+        None => (None, None),
+    };
     let router = Router::new();
-    let settings = proxy_settings(&extension.proxy, proxy_id());
+    let settings = proxy_settings(&extension.proxy, proxy_id())?;
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
     tasks.spawn(log_failure(
         "proxy",
-        proxy::serve(proxy_listener, router.clone(), settings, shutdown.clone()),
+        proxy::serve(
+            Listeners {
+                http: proxy_listener,
+                https,
+            },
+            router.clone(),
+            settings,
+            shutdown.clone(),
+        ),
     ));
 
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
+        l4_routes: ArcSwap::default(),
         dataplane,
     });
     if let Some(addr) = config.listen_addr {
@@ -152,13 +195,21 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         .docker_url
         .clone()
         .unwrap_or_else(|| config.docker_url.clone());
-    tasks.spawn(discover(
+    let route_settings = route_settings(extension);
+    if let Some(cluster) = &route_settings.service_cluster {
+        tracing::info!(%cluster, "serving only the services of this cluster (ServiceCluster)");
+    }
+    let discovery = Discovery {
         docker_url,
-        config.poll_interval,
+        interval: config.poll_interval,
+        route_settings,
+        reserved_ports: l7_ports,
         router,
+        certificates,
         state,
-        shutdown.clone(),
-    ));
+        steering,
+    };
+    tasks.spawn(discovery.run(shutdown.clone()));
 
     wait_for_termination().await?;
     tracing::info!("shutting down: draining connections");
@@ -170,13 +221,14 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
 }
 
 /// The proxy's settings: the config's values where given, Interlock's defaults otherwise.
-fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> ProxySettings {
+fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> anyhow::Result<ProxySettings> {
     let defaults = ProxySettings::default();
     let limits = &defaults.handler.limits;
     let upstream = &defaults.upstream;
     let mut settings = ProxySettings {
         proxy_id,
         max_connections: config.max_connections.unwrap_or(defaults.max_connections),
+        backend_tls: BackendTlsClients::new(config.ssl_backend_ca_file.as_deref())?,
         drain_timeout: config.drain_timeout.unwrap_or(defaults.drain_timeout),
         access_log_path: Some(
             config
@@ -200,16 +252,20 @@ fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> ProxySettings {
     settings.upstream.connect_timeout = config.connect_timeout.unwrap_or(upstream.connect_timeout);
     settings.upstream.send_timeout = config.send_timeout.unwrap_or(upstream.send_timeout);
     settings.upstream.read_timeout = config.read_timeout.unwrap_or(upstream.read_timeout);
-    settings
+    Ok(settings)
 }
 
 fn start_dataplane(
     interface: &str,
     l7_ports: &[u16],
+    l4: &L4Settings,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<Mutex<Dataplane>>> {
-    let mut dataplane = Dataplane::load()?;
+    let local_ports = std::fs::read_to_string(LOCAL_PORT_RANGE)
+        .with_context(|| format!("reading {LOCAL_PORT_RANGE}"))?;
+    check_snat_ports(l4.snat_ports, &local_ports).map_err(anyhow::Error::msg)?;
+    let mut dataplane = Dataplane::load_with(l4)?;
     let forwarder = dataplane.forward_logs(log::logger())?;
     tasks.spawn(
         shutdown
@@ -224,73 +280,164 @@ fn start_dataplane(
     Ok(Arc::new(Mutex::new(dataplane)))
 }
 
-/// Polls Swarm every `interval` and applies route changes. When Docker cannot be reached the
-/// last good table keeps serving.
-async fn discover(
+/// What the extension's config changes in routing: `ServiceCluster` and `IPHash`.
+fn route_settings(extension: &Extension) -> RouteSettings {
+    RouteSettings {
+        service_cluster: extension.service_cluster.clone(),
+        ip_hash: extension.proxy.ip_hash,
+    }
+}
+
+/// Discovery: polls Swarm every `interval` and hands each snapshot's route tables to their
+/// consumers. When Docker cannot be reached the last good tables keep serving.
+struct Discovery {
     docker_url: String,
     interval: Duration,
+    route_settings: RouteSettings,
+    /// The L7 proxy's ports, which L4 listeners may not claim.
+    reserved_ports: Vec<u16>,
     router: Arc<Router>,
+    certificates: Option<Arc<CertificateStore>>,
     state: Arc<AdminState>,
-    shutdown: CancellationToken,
-) {
-    let mut swarm: Option<Swarm> = None;
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let connected = match swarm.take() {
-            Some(connected) => connected,
-            None => match Swarm::connect(&docker_url).await {
-                Ok(connected) => {
-                    tracing::info!(url = %docker_url, "connected to the Docker API");
-                    connected
+    /// The XDP L4 fast path, unless proxy-only.
+    steering: Option<Steering>,
+}
+
+impl Discovery {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut swarm: Option<Swarm> = None;
+        let mut ticks = tokio::time::interval(self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let connected = match swarm.take() {
+                Some(connected) => connected,
+                None => match Swarm::connect(&self.docker_url).await {
+                    Ok(connected) => {
+                        tracing::info!(url = %self.docker_url, "connected to the Docker API");
+                        connected
+                    }
+                    Err(error) => {
+                        let error = format!("{:#}", anyhow::Error::from(error));
+                        tracing::warn!(error, "discovery");
+                        continue;
+                    }
+                },
+            };
+            match connected.snapshot().await {
+                Ok(snapshot) => {
+                    self.apply(&snapshot).await;
+                    swarm = Some(connected);
                 }
                 Err(error) => {
-                    tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        "discovery"
-                    );
-                    continue;
+                    let error = format!("{:#}", anyhow::Error::from(error));
+                    tracing::warn!(error, "discovery failed: keeping the last route tables");
                 }
-            },
-        };
-        match connected.snapshot().await {
-            Ok(snapshot) => {
-                let table = route_table(&snapshot);
-                let current = state.routes.load_full();
-                if table != *current {
-                    log_changes(&current, &table);
-                    router.update(&table);
-                    state.routes.store(Arc::new(table));
-                }
-                swarm = Some(connected);
             }
-            Err(error) => {
-                tracing::warn!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "discovery failed: keeping the last route table"
-                );
+        }
+    }
+
+    /// Hands one snapshot's route tables to the proxy, the certificates and the XDP L4 path.
+    async fn apply(&mut self, snapshot: &SwarmSnapshot) {
+        let table = route_table(snapshot, &self.route_settings);
+        let current = self.state.routes.load_full();
+        if table != *current {
+            log_changes(&current, &table);
+            self.router.update(&table);
+            if let Some(certificates) = &self.certificates {
+                certificates.update(&table);
+            }
+            self.state.routes.store(Arc::new(table));
+        }
+        let l4_table = l4_route_table(snapshot, &self.reserved_ports);
+        let current_l4 = self.state.l4_routes.load_full();
+        if l4_table != *current_l4 {
+            log_l4_changes(&current_l4, &l4_table);
+            self.state.l4_routes.store(Arc::new(l4_table));
+        }
+        // Every poll, not only on change: next hops resolve and need refreshing.
+        if let Some(steering) = self.steering.as_mut() {
+            if let Err(error) = steering.update(&self.state.l4_routes.load()).await {
+                let error = format!("{:#}", anyhow::Error::from(error));
+                tracing::warn!(error, "L4 maps not updated");
             }
         }
     }
 }
 
+/// The SSL port (`PublishedSSLPort`): TLS as `SSLProtocols`/`SSLCiphers` say, certificates from
+/// the secrets directory.
+async fn https_listener(
+    port: u16,
+    proxy_config: &ProxyConfig,
+) -> anyhow::Result<(HttpsListener, Arc<CertificateStore>)> {
+    let policy = TlsPolicy::new(
+        proxy_config.ssl_protocols.as_ref(),
+        proxy_config.ssl_ciphers.as_ref(),
+    );
+    let secrets_dir = proxy_config
+        .secrets_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(proxy::DEFAULT_SECRETS_DIR));
+    let certificates = CertificateStore::new(&secrets_dir, policy.crypto_provider());
+    let termination = TlsTermination::new(&policy, Arc::clone(&certificates))
+        .context("SSLProtocols and SSLCiphers leave no usable TLS configuration")?;
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listener = bind(addr, "the proxy's SSL port (PublishedSSLPort)").await?;
+    tracing::info!(%addr, secrets_dir = %secrets_dir.display(), "TLS listening");
+    Ok((
+        HttpsListener {
+            listener,
+            termination,
+        },
+        certificates,
+    ))
+}
+
+/// Names in `SSLProtocols`/`SSLCiphers` that OpenSSL knows and rustls does not implement.
+fn log_unavailable_tls_names(proxy_config: &ProxyConfig) {
+    let protocols = proxy_config
+        .ssl_protocols
+        .iter()
+        .flat_map(|p| &p.unavailable);
+    for name in protocols {
+        tracing::warn!(protocol = %name, "SSLProtocols: not implemented by rustls, not offered");
+    }
+    let ciphers = proxy_config.ssl_ciphers.iter().flat_map(|c| &c.unavailable);
+    for name in ciphers {
+        tracing::warn!(cipher = %name, "SSLCiphers: not implemented by rustls, not offered");
+    }
+}
+
 fn log_changes(old: &RouteTable, new: &RouteTable) {
-    for (host, route) in &new.routes {
-        if old.routes.get(host) != Some(route) {
-            let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
-            tracing::info!(host = %host, service = %route.service, endpoints = %endpoints.join(","), "route");
+    for (host, routes) in &new.routes {
+        for route in routes {
+            if !old.routes.get(host).is_some_and(|old| old.contains(route)) {
+                log_route(host, route);
+            }
         }
     }
-    for host in old
-        .routes
-        .keys()
-        .filter(|host| !new.routes.contains_key(*host))
-    {
-        tracing::info!(host = %host, "route removed");
+    if let Some(route) = &new.default_backend {
+        if old.default_backend.as_ref() != Some(route) {
+            log_route("(default backend)", route);
+        }
+    }
+    for (host, routes) in &old.routes {
+        for route in routes {
+            let kept = new
+                .routes
+                .get(host)
+                .is_some_and(|new| new.iter().any(|new| new.context_root == route.context_root));
+            if !kept {
+                tracing::info!(host = %host, context_root = %route.context_root, "route removed");
+            }
+        }
+    }
+    if old.default_backend.is_some() && new.default_backend.is_none() {
+        tracing::info!("default backend removed");
     }
     for rejected in new
         .rejected
@@ -298,6 +445,35 @@ fn log_changes(old: &RouteTable, new: &RouteTable) {
         .filter(|rejected| !old.rejected.contains(rejected))
     {
         tracing::warn!(service = %rejected.service, reason = %rejected.reason, "service disabled");
+    }
+}
+
+fn log_route(host: &str, route: &Route) {
+    let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        host = %host,
+        context_root = %route.context_root,
+        service = %route.service,
+        endpoints = %endpoints.join(","),
+        "route"
+    );
+}
+
+fn log_l4_changes(old: &L4RouteTable, new: &L4RouteTable) {
+    for route in new
+        .listeners
+        .iter()
+        .filter(|route| !old.listeners.contains(route))
+    {
+        let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
+        tracing::info!(listener = %route.listener, service = %route.service, endpoints = %endpoints.join(","), "L4 route");
+    }
+    for rejected in new
+        .rejected
+        .iter()
+        .filter(|rejected| !old.rejected.contains(rejected))
+    {
+        tracing::warn!(service = %rejected.service, reason = %rejected.reason, "L4 ports not steered");
     }
 }
 
@@ -367,7 +543,7 @@ mod tests {
 
     #[test]
     fn absent_proxy_keys_take_interlock_defaults() {
-        let settings = proxy_settings(&ProxyConfig::default(), "lb-1".to_owned());
+        let settings = proxy_settings(&ProxyConfig::default(), "lb-1".to_owned()).unwrap();
         assert_eq!(settings.proxy_id, "lb-1");
         assert_eq!(settings.max_connections, 1024);
         let limits = &settings.handler.limits;
@@ -395,7 +571,7 @@ mod tests {
             drain_timeout: Some(Duration::from_secs(5)),
             ..ProxyConfig::default()
         };
-        let settings = proxy_settings(&config, "lb-1".to_owned());
+        let settings = proxy_settings(&config, "lb-1".to_owned()).unwrap();
         assert_eq!(settings.max_connections, 10);
         assert_eq!(settings.upstream.connect_timeout, Duration::from_secs(1));
         assert_eq!(settings.upstream.send_timeout, Duration::from_secs(2));
@@ -417,7 +593,26 @@ mod tests {
             client_max_body_size: Some(0),
             ..ProxyConfig::default()
         };
-        let settings = proxy_settings(&config, "lb-1".to_owned());
+        let settings = proxy_settings(&config, "lb-1".to_owned()).unwrap();
         assert_eq!(settings.handler.limits.max_body_size, None);
+    }
+
+    #[test]
+    fn service_cluster_and_ip_hash_reach_the_route_table() {
+        let source = "[Extensions.east]\nServiceCluster = \"east\"\n\
+                      [Extensions.east.Config]\nIPHash = true\n";
+        let config = config::parse(source, "config.toml").unwrap();
+        let (_, extension) = select_extension(&config, None).unwrap();
+        assert_eq!(
+            route_settings(&extension),
+            RouteSettings {
+                service_cluster: Some("east".into()),
+                ip_hash: true,
+            }
+        );
+        assert_eq!(
+            route_settings(&Extension::default()),
+            RouteSettings::default()
+        );
     }
 }

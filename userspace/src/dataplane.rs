@@ -1,5 +1,5 @@
 //! The XDP dataplane: loads the embedded program, attaches it to one interface, fills its maps
-//! and reads its counters.
+//! and reads its counters. The L4 maps are written through [`L4Maps`].
 //!
 //! The object is built by `cargo xtask build-ebpf` and embedded at compile time, so the `xlb`
 //! binary runs without the source tree. Dropping a [`Dataplane`] detaches the program.
@@ -7,13 +7,18 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use xlb_common::{Counter, Stat, L7_PORT_ENABLED};
+
+use crate::l4::{
+    maps::{L4MapHandles, L4Maps, L4Traffic},
+    settings::L4Settings,
+};
 
 /// The XDP object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
@@ -47,6 +52,10 @@ pub enum DataplaneError {
     },
     #[error("forwarding the XDP program's log failed")]
     Log(#[source] std::io::Error),
+    #[error("XDP map {map} is full ({capacity} entries)")]
+    Full { map: &'static str, capacity: u32 },
+    #[error("the L4 settings need {0} Maglev ring entries, more than a BPF array holds")]
+    RingsTooLarge(u64),
 }
 
 /// How the program ended up attached.
@@ -79,24 +88,46 @@ pub struct Dataplane {
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, Counter>,
     l7_ports: HashMap<MapData, u16, u32>,
+    l4: L4Maps,
 }
 
 impl Dataplane {
-    /// Loads the embedded program into the kernel, not attached anywhere yet.
+    /// Loads the embedded program with the default L4 settings, not attached anywhere yet.
     pub fn load() -> Result<Self, DataplaneError> {
+        Self::load_with(&L4Settings::default())
+    }
+
+    /// Loads the embedded program into the kernel, its L4 maps sized and configured by
+    /// `settings`, not attached anywhere yet.
+    pub fn load_with(settings: &L4Settings) -> Result<Self, DataplaneError> {
+        let ring_entries = u32::try_from(settings.ring_entries())
+            .map_err(|_| DataplaneError::RingsTooLarge(settings.ring_entries()))?;
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("RINGS", ring_entries)
+            .map_max_entries("FLOWS", settings.flow_entries)
+            .map_max_entries("SERVICE_STATS", settings.service_slots)
             .load(OBJECT)
             .map_err(|error| DataplaneError::Load(Box::new(error)))?;
-        let stats = take_map(&mut ebpf, "STATS")?;
-        let stats =
-            PerCpuArray::try_from(stats).map_err(|source| map_error("STATS", "opened", source))?;
-        let l7_ports = take_map(&mut ebpf, "L7_PORTS")?;
-        let l7_ports = HashMap::try_from(l7_ports)
-            .map_err(|source| map_error("L7_PORTS", "opened", source))?;
+        let stats = open(&mut ebpf, "STATS", PerCpuArray::try_from)?;
+        let l7_ports = open(&mut ebpf, "L7_PORTS", HashMap::try_from)?;
+        let mut settings_map: Array<MapData, xlb_common::Settings> =
+            open(&mut ebpf, "SETTINGS", Array::try_from)?;
+        settings_map
+            .set(0, settings.to_map_value(), 0)
+            .map_err(|source| map_error("SETTINGS", "written", source))?;
+        let handles = L4MapHandles {
+            services: open(&mut ebpf, "SERVICES", HashMap::try_from)?,
+            rings: open(&mut ebpf, "RINGS", Array::try_from)?,
+            backends: open(&mut ebpf, "BACKENDS", Array::try_from)?,
+            ports: open(&mut ebpf, "L4_PORTS", HashMap::try_from)?,
+            service_stats: open(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
+            backend_stats: open(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
+        };
         let mut dataplane = Self {
             ebpf,
             stats,
             l7_ports,
+            l4: L4Maps::new(handles, settings.ring_size, settings.service_slots),
         };
         dataplane
             .program()?
@@ -157,6 +188,16 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The L4 maps: services, rings, backends.
+    pub fn l4(&mut self) -> &mut L4Maps {
+        &mut self.l4
+    }
+
+    /// Per-service and per-backend L4 traffic, summed over CPUs.
+    pub fn l4_traffic(&self) -> Result<L4Traffic, DataplaneError> {
+        self.l4.traffic()
+    }
+
     /// Every counter, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, DataplaneError> {
         let mut totals = BTreeMap::new();
@@ -213,12 +254,19 @@ impl<L: log::Log> LogForwarder<L> {
     }
 }
 
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DataplaneError> {
-    ebpf.take_map(name)
-        .ok_or(DataplaneError::Missing { kind: "map", name })
+/// Takes map `name` out of the object as a `T`.
+fn open<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, DataplaneError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })?;
+    convert(map).map_err(|source| map_error(name, "opened", source))
 }
 
-fn map_error(
+pub(crate) fn map_error(
     map: &'static str,
     action: &'static str,
     source: aya::maps::MapError,

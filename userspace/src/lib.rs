@@ -7,7 +7,10 @@
 //! - [`config`]: Interlock's `config.toml`, accepted as it is.
 //! - [`swarm`]: discovery through the Docker API (bollard).
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
-//! - [`proxy`]: the L7 HTTP proxy (hyper): Host routing and Interlock's response headers.
+//! - [`proxy`]: the L7 HTTP proxy (hyper): routing by host and path, balancing, redirects, TLS,
+//!   HTTP/2, WebSockets and Interlock's response headers.
+//! - [`tls_policy`]: `SSLProtocols`/`SSLCiphers` mapped to rustls versions and suites.
+//! - [`l4`]: the L4 fast path's userspace side: Maglev tables, service labels, map writing.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`daemon`]: `xlb run`, wiring the above together.
@@ -20,7 +23,9 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod l4;
 pub mod logging;
 pub mod proxy;
 pub mod routes;
 pub mod swarm;
+pub mod tls_policy;

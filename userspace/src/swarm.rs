@@ -11,15 +11,14 @@ use bollard::{
     Docker, API_DEFAULT_VERSION,
 };
 
-use crate::routes::LABEL_HOSTS;
-
 /// How long one Docker API call may take.
 const API_TIMEOUT_SECS: u64 = 10;
 
 /// What Swarm looked like at one moment: the input of [`crate::routes::route_table`].
 #[derive(Debug, Clone, Default)]
 pub struct SwarmSnapshot {
-    /// Services labelled `com.docker.lb.hosts`.
+    /// Every service: which ones carry Interlock's or xlb's labels is for the route tables to
+    /// decide (a default backend need not name a host; Docker ANDs label filters anyway).
     pub services: Vec<Service>,
     /// Their tasks that Swarm wants running.
     pub tasks: Vec<Task>,
@@ -74,15 +73,12 @@ impl Swarm {
         Ok(Self { docker })
     }
 
-    /// Reads the labelled services, their tasks that should be running, and the nodes.
+    /// Reads the services, the tasks that should be running, and the nodes.
     pub async fn snapshot(&self) -> Result<SwarmSnapshot, SwarmError> {
         let list_error = |what| move |source| SwarmError::List { what, source };
         let services = self
             .docker
-            .list_services(Some(ListServicesOptions {
-                filters: Some(filter("label", LABEL_HOSTS)),
-                ..Default::default()
-            }))
+            .list_services(None::<ListServicesOptions>)
             .await
             .map_err(list_error("services"))?;
         let tasks = self

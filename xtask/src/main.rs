@@ -4,6 +4,7 @@
 mod build_ebpf;
 mod demo;
 mod exec;
+mod fuzz_xdp;
 mod test;
 mod toolchain;
 
@@ -24,6 +25,8 @@ enum Command {
     Demo(demo::Options),
     /// Run every test: unit, packet-level (BPF_PROG_TEST_RUN) and end to end (dockerd + Swarm).
     Test(test::Options),
+    /// Fuzz the XDP program with N seeded random and mutated frames (BPF_PROG_TEST_RUN).
+    FuzzXdp(fuzz_xdp::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +34,6 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(options) => build_ebpf::run(&options).map(|_| ()),
         Command::Demo(options) => demo::run(&options),
         Command::Test(options) => test::run(&options),
+        Command::FuzzXdp(options) => fuzz_xdp::run(&options),
     }
 }

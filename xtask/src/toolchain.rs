@@ -17,8 +17,16 @@ use crate::exec::exec;
 
 /// Debian packages for building the XDP program.
 pub const EBPF_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
-/// Debian packages the tests and the demo run: a real Docker engine, namespaces, veth tuning.
-pub const RUNTIME_PACKAGES: &[&str] = &["docker.io", "iproute2", "ethtool", "iptables", "curl"];
+/// Debian packages the tests and the demo run: a real Docker engine, namespaces, veth tuning,
+/// and the HTTP/2 clients the proxy is tested with (curl, h2load).
+pub const RUNTIME_PACKAGES: &[&str] = &[
+    "docker.io",
+    "iproute2",
+    "ethtool",
+    "iptables",
+    "curl",
+    "nghttp2-client",
+];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

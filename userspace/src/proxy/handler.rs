@@ -1,23 +1,25 @@
 //! One request's trip through the proxy, as explicit phases: check (Host, declared body size) →
-//! route by Host → build the upstream request → forward it → decorate the response. Failures
-//! become the proxy's own one-line text answers, and every answer ends with an access log line.
+//! route by Host and path (or answer with a redirect) → build the upstream request → forward it
+//! → decorate the response. Failures become the proxy's own one-line text answers, and every
+//! answer ends with an access log line.
 //!
-//! Forwarding tries the route's endpoints in the router's order, passively healthy ones first
-//! (see [`super::health`]). A request moves on to the next endpoint when no connection could be
-//! made, and, when it may be replayed (see [`super::retry`]), also when the exchange failed or
-//! timed out or the upstream answered 502, 503 or 504; at most `upstream_tries` upstreams receive
-//! it, each endpoint at most once.
+//! Forwarding tries the route's endpoints in the order the service's balancing method gives,
+//! passively healthy ones first (see [`super::health`]). A request moves on to the next endpoint
+//! when no connection could be made, and, when it may be replayed (see [`super::retry`]), also
+//! when the exchange failed or timed out or the upstream answered 502, 503 or 504; at most
+//! `upstream_tries` upstreams receive it, each endpoint at most once. WebSocket upgrades go to
+//! the first endpoint that accepts a connection of their own (see [`super::websocket`]).
 
 use std::{
-    net::SocketAddr,
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{
-    header, request::Parts, uri::PathAndQuery, uri::Scheme, Method, Request, Response, StatusCode,
-    Uri, Version,
+    header, uri::PathAndQuery, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
@@ -25,13 +27,16 @@ use tracing::{debug, warn};
 
 use super::{
     access_log::{AccessEntry, AccessLog, UpstreamAttempt},
+    backend_tls::BackendTlsPools,
     headers::{self, ClientFacts, ProxyIdentity, RequestId, UpstreamAnswer},
     health::PassiveHealth,
+    http2,
     limits::{self, ClientBody, ClientBodyError, ClientLimits, HostError},
     observed::ObservedBody,
     retry::{self, ForwardBody, OutgoingRequest},
-    router::{Router, ServiceRoute},
+    router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, Stall, UpstreamError, UpstreamPool, UpstreamResponse},
+    websocket, Scheme,
 };
 
 /// The body of every response the proxy gives its clients.
@@ -46,6 +51,8 @@ pub enum ProxyError {
     MissingHost,
     #[error("no service for host {0:?}")]
     UnknownHost(String),
+    #[error("no service for path {path:?} on host {host:?}")]
+    NoContextRoot { host: String, path: String },
     #[error("service {service:?} for host {host:?} has no running tasks")]
     NoEndpoints { host: String, service: String },
     #[error("no endpoint of service {service:?} accepted a connection ({tried} tried)")]
@@ -61,6 +68,10 @@ pub enum ProxyError {
     ClientBody(#[from] ClientBodyError),
     #[error("method CONNECT is not supported")]
     ConnectMethod,
+    #[error("redirect location {0:?} is not a valid header value")]
+    UnencodableLocation(String),
+    #[error("service {service:?} cannot use TLS to its tasks: {problem}")]
+    BackendTls { service: String, problem: String },
 }
 
 impl ProxyError {
@@ -76,22 +87,16 @@ impl ProxyError {
             Self::MissingHost | Self::UnknownHost(_) | Self::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::NoEndpointReachable { .. } | Self::UpstreamFailed { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::NoEndpointReachable { .. }
+            | Self::UpstreamFailed { .. }
+            | Self::BackendTls { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::NoContextRoot { .. } => StatusCode::NOT_FOUND,
             Self::ClientBody(error) => error.status(),
             Self::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnencodableLocation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
-}
-
-/// The client connection a request arrived on.
-#[derive(Debug, Clone)]
-pub struct ClientConnection {
-    pub addr: SocketAddr,
-    /// How the client reached the proxy, told to upstreams as `X-Forwarded-Proto`.
-    pub scheme: Scheme,
 }
 
 /// How requests are checked and forwarded.
@@ -115,21 +120,30 @@ impl Default for HandlerSettings {
     }
 }
 
-/// Everything a request needs from the proxy: routes, upstream connections and their health,
-/// identity, settings, the access log.
+/// Everything a request needs from the proxy: routes, upstream connections (plain and TLS) and
+/// their health, identity, settings, the access log.
 pub struct RequestHandler {
     router: Arc<Router>,
     upstreams: UpstreamPool<ForwardBody>,
+    backend_tls: BackendTlsPools,
     health: Arc<PassiveHealth>,
     identity: ProxyIdentity,
     settings: HandlerSettings,
     access_log: Option<AccessLog>,
 }
 
+/// The client side of one request, as the upstream request is built from it.
+struct ClientSide<'a> {
+    request_id: &'a RequestId,
+    addr: IpAddr,
+    scheme: Scheme,
+}
+
 impl RequestHandler {
     pub fn new(
         router: Arc<Router>,
         upstreams: UpstreamPool<ForwardBody>,
+        backend_tls: BackendTlsPools,
         health: Arc<PassiveHealth>,
         identity: ProxyIdentity,
         settings: HandlerSettings,
@@ -138,6 +152,7 @@ impl RequestHandler {
         Self {
             router,
             upstreams,
+            backend_tls,
             health,
             identity,
             settings,
@@ -145,17 +160,43 @@ impl RequestHandler {
         }
     }
 
+    /// Closes upstream connections idle for too long, plain and TLS, and forgets stale
+    /// ejections.
+    pub fn evict_idle_upstreams(&self, now: Instant) {
+        self.upstreams.evict_expired();
+        self.backend_tls.evict_expired();
+        self.health.forget_stale(now);
+    }
+
+    /// Drains the endpoints not in `current` from every upstream pool, plain and TLS.
+    pub fn drain_removed_endpoints(&self, current: &HashSet<SocketAddr>, drain_timeout: Duration) {
+        self.upstreams.retain_endpoints(current, drain_timeout);
+        self.backend_tls.retain_endpoints(current, drain_timeout);
+    }
+
     /// Proxies one client request; every outcome is a response, never an error.
     pub async fn handle(
         &self,
         request: Request<Incoming>,
-        connection: &ClientConnection,
+        client: SocketAddr,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_id = RequestId::fresh();
+        // A listener that terminates TLS marks its requests with `Scheme::Https` in their
+        // extensions; a request without the mark came in plain.
+        let scheme = request
+            .extensions()
+            .get::<Scheme>()
+            .copied()
+            .unwrap_or(Scheme::Http);
+        // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`; report them as IPv4.
+        let client_side = ClientSide {
+            request_id: &request_id,
+            addr: client.ip().to_canonical(),
+            scheme,
+        };
         let mut entry = AccessEntry {
-            // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`: report IPv4.
-            client: connection.addr.ip().to_canonical(),
+            client: client_side.addr,
             request_line: request_line(&request),
             status: StatusCode::OK,
             referer: header_text(&request, header::REFERER),
@@ -166,10 +207,10 @@ impl RequestHandler {
         let host = request_host(&request).map(str::to_owned);
 
         let outcome = self
-            .proxy(request, &request_id, connection, &mut entry.upstreams)
+            .proxy(request, &client_side, &mut entry.upstreams)
             .await;
         let (response, upstream) = match outcome {
-            Ok((response, answer)) => (response, Some(answer.addr)),
+            Ok((response, answer)) => (response, answer.map(|answer| answer.addr)),
             Err(error) => {
                 if let ProxyError::UpstreamFailed { source, .. } = &error {
                     warn!(request_id = request_id.as_str(), error = %source, "upstream failed");
@@ -180,7 +221,8 @@ impl RequestHandler {
         entry.status = response.status();
         debug!(
             request_id = request_id.as_str(),
-            client = %connection.addr,
+            %client,
+            ?scheme,
             request = entry.request_line,
             host = host.as_deref().unwrap_or("-"),
             status = entry.status.as_u16(),
@@ -202,19 +244,36 @@ impl RequestHandler {
     async fn proxy(
         &self,
         request: Request<Incoming>,
-        request_id: &RequestId,
-        connection: &ClientConnection,
+        client: &ClientSide<'_>,
         attempts: &mut Vec<UpstreamAttempt>,
-    ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
+    ) -> Result<(Response<ProxyBody>, Option<UpstreamAnswer>), ProxyError> {
         self.check_phase(&request)?;
-        let route = self.route_phase(&request)?;
-        let upstream_request = self.upstream_request_phase(request, request_id, connection);
+        let (route, upstream_target) = match self.route_phase(&request, client.scheme)? {
+            Routed::Forward {
+                route,
+                upstream_target,
+            } => (route, upstream_target),
+            Routed::Redirect { status, location } => {
+                let answer = self.redirect_answer(status, location, client.request_id)?;
+                return Ok((answer, None));
+            }
+        };
+        if websocket::is_upgrade(&request, route.transport()) {
+            let (response, answer) = self
+                .websocket_phase(&route, request, client, upstream_target)
+                .await?;
+            return Ok((response, Some(answer)));
+        }
+        let endpoints = route.endpoint_order(request.headers(), client.addr);
+        let upstream_request = self
+            .upstream_request_phase(request, client, upstream_target)
+            .map(|body| ClientBody::new(body, &self.settings.limits));
         let outgoing = OutgoingRequest::prepare(upstream_request).await?;
-        let endpoints = route.failover_order().collect();
-        let (upstream, answer) = self
+        let (upstream, answer, in_flight) = self
             .forward_phase(&route, endpoints, outgoing, attempts)
             .await?;
-        Ok((self.response_phase(upstream, request_id, answer), answer))
+        let response = self.response_phase(upstream, client.request_id, answer, in_flight);
+        Ok((response, Some(answer)))
     }
 
     /// Check: the request is well-formed enough to route, and its declared body allowed.
@@ -225,77 +284,110 @@ impl RequestHandler {
         Ok(())
     }
 
-    /// Route: the Host's service, which must have at least one endpoint.
-    fn route_phase(&self, request: &Request<Incoming>) -> Result<Arc<ServiceRoute>, ProxyError> {
+    /// Route: by Host and path to a service with at least one endpoint, or to a redirect.
+    fn route_phase(
+        &self,
+        request: &Request<Incoming>,
+        scheme: Scheme,
+    ) -> Result<Routed, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
         let host = request_host(request).ok_or(ProxyError::MissingHost)?;
-        let route = self
+        let target = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let routed = self
             .router
-            .route(host)
-            .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
-        if route.endpoints().is_empty() {
-            return Err(ProxyError::NoEndpoints {
-                host: host.to_owned(),
-                service: route.service().to_owned(),
-            });
+            .route(scheme, host, &target)
+            .map_err(|miss| match miss {
+                RouteMiss::UnknownHost => ProxyError::UnknownHost(host.to_owned()),
+                RouteMiss::NoContextRoot => ProxyError::NoContextRoot {
+                    host: host.to_owned(),
+                    path: target.path().to_owned(),
+                },
+            })?;
+        if let Routed::Forward { route, .. } = &routed {
+            if route.endpoint_count() == 0 {
+                return Err(ProxyError::NoEndpoints {
+                    host: host.to_owned(),
+                    service: route.service().to_owned(),
+                });
+            }
         }
-        Ok(route)
+        Ok(routed)
     }
 
-    /// Build the upstream request: same method, headers and body (with the client body limits
-    /// applied), origin-form target, HTTP/1.1 (upstream connections are kept alive even for
-    /// HTTP/1.0 clients).
+    /// Build the upstream request: same method, headers and streaming body, the routed
+    /// origin-form target, HTTP/1.1 (upstream connections are kept alive even for HTTP/1.0
+    /// clients).
     fn upstream_request_phase(
         &self,
         request: Request<Incoming>,
-        request_id: &RequestId,
-        connection: &ClientConnection,
-    ) -> Request<ClientBody> {
+        client: &ClientSide<'_>,
+        target: PathAndQuery,
+    ) -> Request<Incoming> {
         let (mut parts, body) = request.into_parts();
-        parts.uri = origin_form(&parts);
+        http2::adapt_for_http1(&mut parts);
+        parts.uri = Uri::from(target);
         parts.version = Version::HTTP_11;
         parts.extensions.clear();
-        let client = ClientFacts {
-            request_id,
-            addr: connection.addr.ip().to_canonical(),
-            scheme: connection.scheme.as_str(),
+        let facts = ClientFacts {
+            request_id: client.request_id,
+            addr: client.addr,
+            scheme: forwarded_proto(client.scheme),
             underscores_in_headers: self.settings.underscores_in_headers,
         };
-        headers::prepare_upstream_request(&mut parts.headers, client);
-        Request::from_parts(parts, ClientBody::new(body, &self.settings.limits))
+        headers::prepare_upstream_request(&mut parts.headers, facts);
+        Request::from_parts(parts, body)
     }
 
     /// Forward: each of `endpoints` in turn, passively healthy ones first, for as long as the
-    /// request may go on to the next one. Every try is recorded in `attempts`.
+    /// request may go on to the next one; over TLS for `ssl_backend` services. Every try is
+    /// recorded in `attempts` and counted as in flight on its endpoint; the endpoint whose
+    /// answer is relayed keeps counting it.
     async fn forward_phase(
         &self,
         route: &ServiceRoute,
-        endpoints: Vec<SocketAddr>,
+        endpoints: Vec<Endpoint>,
         mut outgoing: OutgoingRequest,
         attempts: &mut Vec<UpstreamAttempt>,
-    ) -> Result<(UpstreamResponse<ForwardBody>, UpstreamAnswer), ProxyError> {
+    ) -> Result<(UpstreamResponse<ForwardBody>, UpstreamAnswer, InFlight), ProxyError> {
+        let upstreams = match &route.transport().backend_tls {
+            None => self.upstreams.clone(),
+            Some(backend) => {
+                self.backend_tls
+                    .pool(backend)
+                    .map_err(|problem| ProxyError::BackendTls {
+                        service: route.service().to_owned(),
+                        problem,
+                    })?
+            }
+        };
         let candidates = self
             .health
-            .healthy_first(endpoints, |addr| *addr, Instant::now());
+            .healthy_first(endpoints, Endpoint::addr, Instant::now());
         let tries = self.settings.upstream_tries.max(1);
         let replayable = outgoing.is_replayable();
         let mut received = 0;
         // A 502/503/504 answer held back while another endpoint is tried, and the last failure.
-        let mut held_answer: Option<(UpstreamResponse<ForwardBody>, UpstreamAnswer)> = None;
+        let mut held_answer = None;
         let mut last_failure = None;
-        for (index, &addr) in candidates.iter().enumerate() {
+        for (index, endpoint) in candidates.iter().enumerate() {
             if received >= tries {
                 break;
             }
             let Some(request) = outgoing.next_try() else {
                 break;
             };
+            let addr = endpoint.addr();
+            let in_flight = endpoint.start_request();
             let started = Instant::now();
             let may_retry =
                 |received: usize| replayable && received < tries && index + 1 < candidates.len();
-            match self.upstreams.send(addr, request).await {
+            match upstreams.send(addr, request).await {
                 Ok(upstream) => {
                     self.health.record_success(addr);
                     received += 1;
@@ -312,10 +404,10 @@ impl RequestHandler {
                             %status,
                             "upstream answered with a gateway error; trying the next endpoint"
                         );
-                        held_answer = Some((upstream, answer));
+                        held_answer = Some((upstream, answer, in_flight));
                         continue;
                     }
-                    return Ok((upstream, answer));
+                    return Ok((upstream, answer, in_flight));
                 }
                 Err(SendError::NotSent { request, error }) => {
                     if error.is_unreachable() {
@@ -369,14 +461,58 @@ impl RequestHandler {
         )
     }
 
+    /// WebSocket: the upgrade relayed on a connection of its own, spliced after `101`.
+    async fn websocket_phase(
+        &self,
+        route: &ServiceRoute,
+        mut request: Request<Incoming>,
+        client: &ClientSide<'_>,
+        upstream_target: PathAndQuery,
+    ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
+        let endpoints = self.health.healthy_first(
+            route.endpoint_order(request.headers(), client.addr),
+            Endpoint::addr,
+            Instant::now(),
+        );
+        let upgrade = websocket::Upgrade::take(&mut request);
+        let tls = match &route.transport().backend_tls {
+            None => None,
+            Some(backend) => Some(self.backend_tls.upstream_tls(backend).map_err(|problem| {
+                ProxyError::BackendTls {
+                    service: route.service().to_owned(),
+                    problem,
+                }
+            })?),
+        };
+        let upstream_request = self.upstream_request_phase(request, client, upstream_target);
+        upgrade
+            .forward(
+                route,
+                &endpoints,
+                upstream_request,
+                tls,
+                client.request_id,
+                &self.identity,
+            )
+            .await
+    }
+
     /// Decorate: the upstream's answer, hop-by-hop removed and the proxy headers stamped.
     fn response_phase(
         &self,
         upstream: UpstreamResponse<ForwardBody>,
         request_id: &RequestId,
         answer: UpstreamAnswer,
+        in_flight: InFlight,
     ) -> Response<ProxyBody> {
-        let mut response = upstream.response.map(BodyExt::boxed);
+        let mut response = upstream.response.map(|body| {
+            // The request stays in flight until its body is relayed or dropped.
+            body.map_frame(move |frame| {
+                let _until_body_ends = &in_flight;
+                frame
+            })
+            .boxed()
+        });
         headers::prepare_client_response(
             response.headers_mut(),
             request_id,
@@ -388,22 +524,47 @@ impl RequestHandler {
 
     /// The proxy's own answer: the error as one line of text, with the identity headers.
     fn local_answer(&self, error: &ProxyError, request_id: &RequestId) -> Response<ProxyBody> {
-        let body = Full::new(Bytes::from(format!("{error}\n")))
+        let mut response = self.text_answer(error.status(), format!("{error}\n"), request_id);
+        if error.closes_connection() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// A redirect (`com.docker.lb.redirects`, `ssl_only`), with the identity headers.
+    fn redirect_answer(
+        &self,
+        status: StatusCode,
+        location: String,
+        request_id: &RequestId,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        // Built from a request target and a label checked as a URL, so only a bug lands here.
+        let value = HeaderValue::try_from(location.as_str())
+            .map_err(|_| ProxyError::UnencodableLocation(location.clone()))?;
+        let mut response =
+            self.text_answer(status, format!("redirecting to {location}\n"), request_id);
+        response.headers_mut().insert(header::LOCATION, value);
+        Ok(response)
+    }
+
+    fn text_answer(
+        &self,
+        status: StatusCode,
+        text: String,
+        request_id: &RequestId,
+    ) -> Response<ProxyBody> {
+        let body = Full::new(Bytes::from(text))
             .map_err(|never| match never {})
             .boxed();
         let mut response = Response::new(body);
-        *response.status_mut() = error.status();
+        *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if error.closes_connection() {
-            headers.insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-        }
         headers::stamp_identity(headers, request_id, &self.identity);
         response
     }
@@ -414,6 +575,14 @@ fn attempt(addr: SocketAddr, status: StatusCode, response_time: Duration) -> Ups
         addr,
         status,
         response_time,
+    }
+}
+
+/// `X-Forwarded-Proto`: how the client reached the proxy.
+fn forwarded_proto(scheme: Scheme) -> &'static str {
+    match scheme {
+        Scheme::Http => "http",
+        Scheme::Https => "https",
     }
 }
 
@@ -439,13 +608,4 @@ fn request_line<B>(request: &Request<B>) -> String {
 fn header_text<B>(request: &Request<B>, name: header::HeaderName) -> Option<String> {
     let value = request.headers().get(name)?;
     Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
-}
-
-fn origin_form(parts: &Parts) -> Uri {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(path_and_query)
 }

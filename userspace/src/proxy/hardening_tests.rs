@@ -407,12 +407,17 @@ async fn expect_100_continue_and_unanswered_upgrades_keep_working() {
 async fn the_http2_preface_reaches_hyper_untouched() {
     let backend = EchoBackend::start().await;
     let proxy = proxy_for(&backend).await;
-    let exchange = proxy.raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut connection = RawConnection::connect(proxy.addr).await;
+    connection.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    connection.finish_sending().await;
+    let exchange = connection.read_until_closed().await;
     assert!(exchange.closed);
-    // hyper's HTTP/1 server closes on the preface without an answer; the guard must not
-    // answer it as a malformed HTTP/1 request.
-    assert!(
-        exchange.received.is_empty(),
+    // hyper's HTTP/2 server (h2c with prior knowledge) opens with its SETTINGS frame; the guard
+    // must not answer the preface as a malformed HTTP/1 request.
+    let settings_frame_type = 0x4;
+    assert_eq!(
+        exchange.received.get(3),
+        Some(&settings_frame_type),
         "{:?}",
         String::from_utf8_lossy(&exchange.received)
     );

@@ -1,7 +1,9 @@
-//! The L7 HTTP proxy: accepts client connections and serves them with hyper's HTTP/1.1 server,
-//! at most `max_connections` at once, until shut down gracefully.
+//! The L7 HTTP proxy: accepts client connections on the plain port and the SSL port and serves
+//! them with hyper (HTTP/1.1, and HTTP/2 by TLS ALPN or h2c prior knowledge), at most
+//! `max_connections` at once, until shut down gracefully.
 //!
-//! - `router`: Host → service route, round robin, atomically swapped tables.
+//! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
+//!   method, atomically swapped tables.
 //! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
 //! - `retry`: which requests may go to another endpoint, and their replayable bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
@@ -10,54 +12,77 @@
 //! - `limits`: what the proxy accepts from clients (sizes, timeouts, Host).
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
 //! - `access_log`: a line per request; `observed`: the body wrapper that ends one.
+//! - `websocket`: WebSocket upgrades on `websocket_endpoints`, spliced after `101`.
+//! - `backend_tls`: TLS towards the tasks (`ssl_backend`).
+//! - `http2`: HTTP/2 requests made fit for the HTTP/1.1 upstream.
+//! - `tls`: the SSL port: passthrough by SNI or TLS termination (`certificates`, `client_hello`,
+//!   `passthrough`).
 
 mod access_log;
+mod backend_tls;
+mod certificates;
+mod client_hello;
 mod handler;
 mod head_guard;
 mod headers;
 mod health;
+mod http2;
 mod limits;
 mod observed;
+mod passthrough;
 mod retry;
 mod router;
+mod tls;
 mod upstream;
+mod websocket;
 
 #[cfg(test)]
 mod hardening_tests;
 #[cfg(test)]
 mod resilience_tests;
 #[cfg(test)]
+mod routing_tests;
+#[cfg(test)]
 mod test_support;
+#[cfg(test)]
+mod tls_test_support;
 
 use std::{
-    collections::HashSet, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc,
+    collections::HashSet, convert::Infallible, io, net::SocketAddr, path::PathBuf, sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
-use http::{uri::Scheme, Response, StatusCode};
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http::{Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn, Request};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::{watch, OwnedSemaphorePermit, Semaphore},
+    sync::{watch, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
+pub use backend_tls::{BackendTlsClients, BackendTlsError};
+pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
 pub use handler::HandlerSettings;
 pub use health::EjectionPeriods;
 pub use limits::ClientLimits;
 pub use router::{Router, ServiceRoute};
+pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
 
 use access_log::AccessLog;
-use handler::{ClientConnection, ProxyBody, RequestHandler};
+use backend_tls::BackendTlsPools;
+use handler::{ProxyBody, RequestHandler};
 use head_guard::{ConnectionState, GuardSettings, HeadGuard};
 use headers::ProxyIdentity;
 use health::PassiveHealth;
 use observed::ObservedBody;
-use retry::ForwardBody;
 use upstream::UpstreamPool;
 
 /// How long to pause accepting after an accept error such as running out of file descriptors,
@@ -71,9 +96,11 @@ pub struct ProxySettings {
     pub proxy_id: String,
     /// `MaxConnections`: client connections served at once (at least one).
     pub max_connections: usize,
+    /// How `ssl_backend` services are reached: what `ssl_backend_tls_verify=required` trusts.
+    pub backend_tls: BackendTlsClients,
     /// Client limits, header handling and retries.
     pub handler: HandlerSettings,
-    /// Upstream timeouts and connection pooling.
+    /// Upstream timeouts and connection pooling, plain and TLS.
     pub upstream: PoolSettings,
     /// Passive health.
     pub ejection: EjectionPeriods,
@@ -84,10 +111,12 @@ pub struct ProxySettings {
 }
 
 impl Default for ProxySettings {
+    /// Interlock's defaults, the web PKI roots for `ssl_backend`, and no access log.
     fn default() -> Self {
         Self {
             proxy_id: "xlb".to_owned(),
             max_connections: 1024,
+            backend_tls: BackendTlsClients::default(),
             handler: HandlerSettings::default(),
             upstream: PoolSettings::default(),
             ejection: EjectionPeriods::default(),
@@ -97,16 +126,42 @@ impl Default for ProxySettings {
     }
 }
 
-/// Serves HTTP on `listener` until `shutdown` is cancelled.
+/// The proxy's listening sockets: the plain HTTP port and, when configured, the SSL port.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub https: Option<HttpsListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(http: TcpListener) -> Self {
+        Self { http, https: None }
+    }
+}
+
+/// Which port a request arrived on; every request carries it as an extension.
+pub use crate::routes::Scheme;
+
+/// What serving one client connection needs.
+#[derive(Clone)]
+struct ConnectionContext {
+    handler: Arc<RequestHandler>,
+    guard: Arc<GuardSettings>,
+    router: Arc<Router>,
+    shutdown: CancellationToken,
+}
+
+/// Serves HTTP on the plain listener, and HTTPS or TLS passthrough on the SSL listener if
+/// any, until `shutdown` is cancelled.
 ///
 /// On shutdown it stops accepting, closes idle keep-alive connections, and returns once the
 /// requests in flight have been answered and the access log written.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     router: Arc<Router>,
     settings: ProxySettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Listeners { http, https } = listeners.into();
     let identity = ProxyIdentity::new(&settings.proxy_id, &crate::build_info::server_info())
         .with_context(|| {
             format!(
@@ -124,35 +179,45 @@ pub async fn serve(
         None => (None, None),
     };
     let upstreams = UpstreamPool::new(settings.upstream.clone());
+    let backend_tls = BackendTlsPools::new(settings.backend_tls, settings.upstream.clone());
     let health = Arc::new(PassiveHealth::new(settings.ejection));
+    let handler = Arc::new(RequestHandler::new(
+        Arc::clone(&router),
+        upstreams,
+        backend_tls,
+        health,
+        identity.clone(),
+        settings.handler.clone(),
+        access_log.clone(),
+    ));
     let tasks = TaskTracker::new();
     tasks.spawn(evict_idle_upstreams(
-        upstreams.clone(),
-        Arc::clone(&health),
+        Arc::clone(&handler),
         settings.upstream.idle_timeout / 2,
         shutdown.clone(),
     ));
     tasks.spawn(drain_removed_endpoints(
         router.endpoints(),
-        upstreams.clone(),
+        Arc::clone(&handler),
         settings.drain_timeout,
         shutdown.clone(),
-    ));
-    let handler = Arc::new(RequestHandler::new(
-        router,
-        upstreams,
-        health,
-        identity.clone(),
-        settings.handler.clone(),
-        access_log.clone(),
     ));
     let guard = Arc::new(GuardSettings {
         limits: settings.handler.limits.clone(),
         identity,
         access_log,
     });
+    let context = ConnectionContext {
+        handler,
+        guard,
+        router,
+        shutdown: shutdown.clone(),
+    };
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    info!(addr = ?listener.local_addr().ok(), "proxy listening");
+    info!(addr = ?http.local_addr().ok(), "proxy listening");
+    if let Some(https) = &https {
+        info!(addr = ?https.listener.local_addr().ok(), "proxy listening for TLS");
+    }
 
     loop {
         // Waiting for a slot before accepting leaves excess clients in the kernel's backlog.
@@ -164,29 +229,36 @@ pub async fn serve(
                 Err(_closed) => break,
             },
         };
-        let (stream, client) = tokio::select! {
+        let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "accepting a proxy connection failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            },
+            accepted = http.accept() => accepted.map(|(stream, client)| (stream, client, None)),
+            accepted = accept_tls(https.as_ref()) => accepted,
         };
-        tasks.spawn(serve_connection(
-            stream,
-            client,
-            Arc::clone(&handler),
-            Arc::clone(&guard),
-            permit,
-            shutdown.clone(),
-        ));
+        let (stream, client, termination) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "accepting a proxy connection failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%client, %error, "could not disable Nagle on client connection");
+        }
+        let context = context.clone();
+        tasks.spawn(async move {
+            let _slot = permit;
+            match termination {
+                None => serve_http(stream, client, Scheme::Http, context).await,
+                Some(termination) => {
+                    tls::serve_connection(stream, client, termination, context).await
+                }
+            }
+        });
     }
 
-    drop(listener);
+    drop((http, https));
     tasks.close();
     info!(
         tasks = tasks.len(),
@@ -194,57 +266,60 @@ pub async fn serve(
     );
     tasks.wait().await;
     // The last access log handles go with these; the writer then flushes and ends.
-    drop((handler, guard));
+    drop(context);
     if let Some(writer) = access_log_writer {
         writer.await.context("the access log writer failed")?;
     }
     Ok(())
 }
 
-/// Serves one client connection until the client leaves or, on shutdown, until its request in
-/// flight (if any) has been answered.
-async fn serve_connection(
-    stream: TcpStream,
-    client: SocketAddr,
-    handler: Arc<RequestHandler>,
-    guard: Arc<GuardSettings>,
-    _slot: OwnedSemaphorePermit,
-    shutdown: CancellationToken,
-) {
-    if let Err(error) = stream.set_nodelay(true) {
-        debug!(%client, %error, "could not disable Nagle on client connection");
+/// The next connection on the SSL port, with how to terminate it; never, without one.
+async fn accept_tls(
+    https: Option<&HttpsListener>,
+) -> io::Result<(TcpStream, SocketAddr, Option<TlsTermination>)> {
+    match https {
+        Some(https) => {
+            let (stream, client) = https.listener.accept().await?;
+            Ok((stream, client, Some(https.termination.clone())))
+        }
+        None => std::future::pending().await,
     }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (told apart by the connection preface) on one client connection,
+/// behind the request head guard, until the client leaves or, on shutdown, until its requests
+/// in flight have been answered.
+async fn serve_http<IO>(io: IO, client: SocketAddr, scheme: Scheme, context: ConnectionContext)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let state = Arc::new(ConnectionState::default());
-    let limits = &guard.limits;
-    let builder = {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive(!limits.keepalive_timeout.is_zero())
-            // The guard times request heads out, answering 408 where hyper would just close.
-            .header_read_timeout(None)
-            .max_headers(limits.max_headers);
-        builder
-    };
-    let io = HeadGuard::new(stream, client, Arc::clone(&guard), Arc::clone(&state));
-    let connection_info = ClientConnection {
-        addr: client,
-        scheme: Scheme::HTTP,
-    };
-    let service = service_fn(move |request| {
+    let limits = &context.guard.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(!limits.keepalive_timeout.is_zero())
+        // The guard times request heads out, answering 408 where hyper would just close.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers);
+    builder.http2().timer(TokioTimer::new());
+    let io = HeadGuard::new(io, client, Arc::clone(&context.guard), Arc::clone(&state));
+    let handler = Arc::clone(&context.handler);
+    let service = service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(scheme);
         let handler = Arc::clone(&handler);
         let state = Arc::clone(&state);
-        let connection_info = connection_info.clone();
         async move {
-            let response = handler.handle(request, &connection_info).await;
+            let response = handler.handle(request, client).await;
             Ok::<_, Infallible>(tell_guard_when_done(response, state))
         }
     });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
+        () = context.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -269,29 +344,27 @@ fn tell_guard_when_done(
 /// Closes expired idle upstream connections and forgets stale ejections periodically, so that
 /// endpoints no longer requested do not keep connections or records.
 async fn evict_idle_upstreams(
-    upstreams: UpstreamPool<ForwardBody>,
-    health: Arc<PassiveHealth>,
+    handler: Arc<RequestHandler>,
     period: Duration,
     shutdown: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while shutdown.run_until_cancelled(ticks.tick()).await.is_some() {
-        upstreams.evict_expired();
-        health.forget_stale(std::time::Instant::now());
+        handler.evict_idle_upstreams(std::time::Instant::now());
     }
 }
 
-/// Drains the endpoints that leave the routes, as soon as they do.
+/// Drains the endpoints that leave the routes, as soon as they do, in every upstream pool.
 async fn drain_removed_endpoints(
     mut endpoints: watch::Receiver<Arc<HashSet<SocketAddr>>>,
-    upstreams: UpstreamPool<ForwardBody>,
+    handler: Arc<RequestHandler>,
     drain_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     while let Some(Ok(())) = shutdown.run_until_cancelled(endpoints.changed()).await {
         let current = Arc::clone(&endpoints.borrow_and_update());
-        upstreams.retain_endpoints(&current, drain_timeout);
+        handler.drain_removed_endpoints(&current, drain_timeout);
     }
 }
 

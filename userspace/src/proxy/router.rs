@@ -1,9 +1,11 @@
-//! Host-based routing: the compiled route table, swapped atomically on every update, and the
-//! round-robin order in which a route's endpoints are tried.
+//! Where a request goes: the compiled route table (exact hosts, `*.suffix` wildcards, the
+//! default backend), swapped atomically on every update; the longest context root matching the
+//! path; the service's redirects and `ssl_only`; and the order in which the service's endpoints
+//! are tried, by its balancing method.
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -11,17 +13,63 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
+use cookie::Cookie;
+use http::{
+    header::COOKIE,
+    uri::{Authority, PathAndQuery},
+    HeaderMap, StatusCode,
+};
 use tokio::sync::watch;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::routes::RouteTable;
+use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme, Transport, ROOT_CONTEXT};
 
 /// The proxy's current view of the route table, swapped atomically on every update.
 #[derive(Debug, Default)]
 pub struct Router {
-    routes: ArcSwap<HashMap<String, Arc<ServiceRoute>>>,
-    /// Every endpoint of the current routes, for draining the ones that left.
+    table: ArcSwap<CompiledTable>,
+    /// Every endpoint of the current routes, the default backend's included, for draining the
+    /// ones that left.
     endpoints: watch::Sender<Arc<HashSet<SocketAddr>>>,
+}
+
+/// The route table arranged for lookups; hosts share their service's [`ServiceRoute`].
+#[derive(Debug, Default)]
+struct CompiledTable {
+    /// Host name → its service routes, longest context root first.
+    exact: HashMap<String, Vec<Arc<ServiceRoute>>>,
+    /// `*.example.org` keyed by its suffix `.example.org`.
+    wildcard: HashMap<String, Vec<Arc<ServiceRoute>>>,
+    default_backend: Option<Arc<ServiceRoute>>,
+    /// By service name, to carry round-robin positions across updates.
+    services: HashMap<String, Arc<ServiceRoute>>,
+    /// Requests in flight per endpoint, carried across updates so that requests that started
+    /// before one are still counted after it.
+    outstanding: HashMap<SocketAddr, Arc<AtomicUsize>>,
+}
+
+/// Why a request matched no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteMiss {
+    /// No service answers this host, and there is no default backend.
+    UnknownHost,
+    /// Services answer this host, but none of their context roots holds the path.
+    NoContextRoot,
+}
+
+/// What to do with a routed request.
+#[derive(Debug)]
+pub enum Routed {
+    /// Send it to one of the route's endpoints, with this request target.
+    Forward {
+        route: Arc<ServiceRoute>,
+        upstream_target: PathAndQuery,
+    },
+    /// Answer it with a redirect.
+    Redirect {
+        status: StatusCode,
+        location: String,
+    },
 }
 
 impl Router {
@@ -31,30 +79,57 @@ impl Router {
 
     /// Replaces the routes; requests already in flight finish on the endpoints they picked.
     ///
-    /// A host that stays in the table keeps its round-robin position, so that frequent
+    /// A service that stays in the table keeps its round-robin position, so that frequent
     /// updates with unchanged endpoints do not keep sending the next request to the first one.
     pub fn update(&self, table: &RouteTable) {
-        let previous = self.routes.load();
-        let compiled = table
-            .routes
-            .iter()
-            .map(|(host, route)| {
-                let next = previous
-                    .get(host)
-                    .map_or(0, |old| old.next.load(Ordering::Relaxed));
-                let compiled = ServiceRoute {
-                    service: route.service.clone(),
-                    endpoints: route.endpoints.clone(),
-                    next: AtomicUsize::new(next),
-                };
-                (host.clone(), Arc::new(compiled))
-            })
-            .collect::<HashMap<_, _>>();
-        let endpoints: HashSet<SocketAddr> = compiled
-            .values()
-            .flat_map(|route| route.endpoints.iter().copied())
-            .collect();
-        self.routes.store(Arc::new(compiled));
+        let previous = self.table.load();
+        let mut compiled = CompiledTable::default();
+        let mut compile = |route: &Route| -> Arc<ServiceRoute> {
+            if let Some(done) = compiled.services.get(&route.service) {
+                return Arc::clone(done);
+            }
+            let endpoints = route
+                .endpoints
+                .iter()
+                .map(|&addr| {
+                    let counter = compiled.outstanding.entry(addr).or_insert_with(|| {
+                        previous.outstanding.get(&addr).cloned().unwrap_or_default()
+                    });
+                    Endpoint {
+                        addr,
+                        outstanding: Arc::clone(counter),
+                    }
+                })
+                .collect();
+            let next = previous
+                .services
+                .get(&route.service)
+                .map_or(0, |old| old.next.load(Ordering::Relaxed));
+            let service_route = Arc::new(ServiceRoute {
+                route: route.clone(),
+                endpoints,
+                next: AtomicUsize::new(next),
+            });
+            compiled
+                .services
+                .insert(route.service.clone(), Arc::clone(&service_route));
+            service_route
+        };
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (host, routes) in &table.routes {
+            let routes: Vec<_> = routes.iter().map(&mut compile).collect();
+            match host.strip_prefix('*') {
+                Some(suffix) => wildcard.insert(suffix.to_owned(), routes),
+                None => exact.insert(host.clone(), routes),
+            };
+        }
+        let default_backend = table.default_backend.as_ref().map(&mut compile);
+        compiled.exact = exact;
+        compiled.wildcard = wildcard;
+        compiled.default_backend = default_backend;
+        let endpoints: HashSet<SocketAddr> = compiled.outstanding.keys().copied().collect();
+        self.table.store(Arc::new(compiled));
         self.endpoints.send_if_modified(|current| {
             let changed = **current != endpoints;
             if changed {
@@ -69,11 +144,50 @@ impl Router {
         self.endpoints.subscribe()
     }
 
-    /// The route for a `Host` header value (or request authority): matched case-insensitively,
-    /// with any port and a trailing dot ignored. IPv6 literals keep their brackets (`[::1]`).
-    pub fn route(&self, host: &str) -> Option<Arc<ServiceRoute>> {
+    /// Routes a request by its scheme, `Host` value (or request authority) and target.
+    ///
+    /// The host is matched case-insensitively, with any port and a trailing dot ignored: an
+    /// exact name first, then the most specific wildcard, then the default backend. Among the
+    /// host's services, the one with the longest context root holding the path wins.
+    pub fn route(
+        &self,
+        scheme: Scheme,
+        host: &str,
+        target: &PathAndQuery,
+    ) -> Result<Routed, RouteMiss> {
+        let key = route_key(host).ok_or(RouteMiss::UnknownHost)?;
+        let table = self.table.load();
+        let routes = table.host_routes(&key).ok_or(RouteMiss::UnknownHost)?;
+        let route = routes
+            .iter()
+            .find(|route| route.serves_path(target.path()))
+            .ok_or(RouteMiss::NoContextRoot)?;
+        Ok(route.decide(scheme, &key, target))
+    }
+
+    /// The service serving `host` at its root path: where a TLS connection is relayed when that
+    /// service asks for passthrough, since there is no HTTP request to route by.
+    pub fn host_service(&self, host: &str) -> Option<Arc<ServiceRoute>> {
         let key = route_key(host)?;
-        self.routes.load().get(&key).cloned()
+        let table = self.table.load();
+        let routes = table.host_routes(&key)?;
+        routes.iter().find(|route| route.serves_path("/")).cloned()
+    }
+}
+
+impl CompiledTable {
+    fn host_routes(&self, key: &str) -> Option<&[Arc<ServiceRoute>]> {
+        if let Some(routes) = self.exact.get(key) {
+            return Some(routes);
+        }
+        // Left to right, the first suffix found is the longest: the most specific wildcard.
+        let wildcard = key
+            .match_indices('.')
+            .find_map(|(dot, _)| self.wildcard.get(&key[dot..]));
+        match wildcard {
+            Some(routes) => Some(routes),
+            None => self.default_backend.as_ref().map(std::slice::from_ref),
+        }
     }
 }
 
@@ -85,62 +199,295 @@ pub fn route_key(host: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_ascii_lowercase())
 }
 
-/// One host's service and endpoints, as of the route update the request was routed with.
+/// One service's route, as of the route update the request was routed with.
 #[derive(Debug)]
 pub struct ServiceRoute {
-    service: String,
-    endpoints: Vec<SocketAddr>,
+    route: Route,
+    endpoints: Vec<Endpoint>,
     next: AtomicUsize,
 }
 
 impl ServiceRoute {
-    /// The Swarm service behind this host.
+    /// The Swarm service behind this route.
     pub fn service(&self) -> &str {
-        &self.service
+        &self.route.service
     }
 
-    pub fn endpoints(&self) -> &[SocketAddr] {
-        &self.endpoints
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
     }
 
-    /// Every endpoint exactly once: first the round-robin pick, then the ones after it (wrapping
-    /// around), which are the fallbacks when connecting fails.
-    pub fn failover_order(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+    /// How the service is reached: TLS and WebSocket labels.
+    pub fn transport(&self) -> &Transport {
+        &self.route.transport
+    }
+
+    /// Whether the context root holds `path`: equal to it, or followed by `/`, so that `/app`
+    /// serves `/app` and `/app/x` but not `/apple`.
+    fn serves_path(&self, path: &str) -> bool {
+        let root = self.route.context_root.as_str();
+        root == ROOT_CONTEXT
+            || path
+                .strip_prefix(root)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// The service's redirects first, then `ssl_only`, else forwarding.
+    fn decide(self: &Arc<Self>, scheme: Scheme, host: &str, target: &PathAndQuery) -> Routed {
+        let redirect = self.route.redirects.iter().find(
+            |Redirect {
+                 source_scheme,
+                 source_host,
+                 ..
+             }| { *source_scheme == scheme && source_host == host },
+        );
+        if let Some(redirect) = redirect {
+            return Routed::Redirect {
+                status: StatusCode::FOUND,
+                location: format!("{}{target}", redirect.target),
+            };
+        }
+        if self.route.ssl_only && scheme == Scheme::Http {
+            return Routed::Redirect {
+                status: StatusCode::MOVED_PERMANENTLY,
+                location: format!("https://{host}{target}"),
+            };
+        }
+        Routed::Forward {
+            route: Arc::clone(self),
+            upstream_target: self.upstream_target(target),
+        }
+    }
+
+    /// The request target upstream: without the context root when `context_root_rewrite` is
+    /// set (`/app/x?q` → `/x?q`, `/app` → `/`).
+    fn upstream_target(&self, target: &PathAndQuery) -> PathAndQuery {
+        let root = self.route.context_root.as_str();
+        if !self.route.context_root_rewrite || root == ROOT_CONTEXT {
+            return target.clone();
+        }
+        let rest = target.path().strip_prefix(root).unwrap_or(target.path());
+        let path = if rest.is_empty() { "/" } else { rest };
+        let rewritten = match target.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_owned(),
+        };
+        // A suffix of a valid target is valid; keep the original should that ever not hold.
+        rewritten.parse().unwrap_or_else(|_| target.clone())
+    }
+
+    /// Every endpoint once, in the order to try them: the balancing method's choice first,
+    /// then the fallbacks should connecting fail.
+    ///
+    /// - round robin: the next endpoint in turn, then the ones after it;
+    /// - least outstanding: fewest requests in flight first, ties in round-robin order;
+    /// - ip hash and sticky cookie: rendezvous hashing of the client address or cookie value,
+    ///   so a key keeps its endpoint while that endpoint exists, and adding or removing an
+    ///   endpoint moves only the keys that endpoint wins or held. Requests without the cookie
+    ///   go round robin.
+    pub fn endpoint_order(&self, headers: &HeaderMap, client: IpAddr) -> Vec<Endpoint> {
+        match &self.route.balance {
+            Balance::RoundRobin => self.round_robin_order(),
+            Balance::LeastConn => {
+                let mut order: Vec<(usize, Endpoint)> = self
+                    .round_robin_order()
+                    .into_iter()
+                    .map(|endpoint| (endpoint.outstanding(), endpoint))
+                    .collect();
+                order.sort_by_key(|(outstanding, _)| *outstanding);
+                order.into_iter().map(|(_, endpoint)| endpoint).collect()
+            }
+            Balance::IpHash => self.rendezvous_order(&ip_bytes(client)),
+            Balance::StickyCookie { cookie } => match cookie_value(headers, cookie) {
+                Some(value) => self.rendezvous_order(value.as_bytes()),
+                None => self.round_robin_order(),
+            },
+        }
+    }
+
+    fn round_robin_order(&self) -> Vec<Endpoint> {
         let count = self.endpoints.len();
         let start = match count {
             0 => 0,
             _ => self.next.fetch_add(1, Ordering::Relaxed) % count,
         };
-        (0..count).map(move |offset| self.endpoints[(start + offset) % count])
+        (0..count)
+            .map(|offset| self.endpoints[(start + offset) % count].clone())
+            .collect()
     }
+
+    /// Highest random weight first: each endpoint's weight is a hash of the key and the
+    /// endpoint's address, so the order depends on nothing else.
+    fn rendezvous_order(&self, key: &[u8]) -> Vec<Endpoint> {
+        let seed = xxh3_64(key);
+        let mut weighted: Vec<(u64, &Endpoint)> = self
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                (
+                    xxh3_64_with_seed(&addr_bytes(endpoint.addr), seed),
+                    endpoint,
+                )
+            })
+            .collect();
+        weighted.sort_by(|(a_weight, a), (b_weight, b)| {
+            b_weight.cmp(a_weight).then_with(|| a.addr.cmp(&b.addr))
+        });
+        weighted
+            .into_iter()
+            .map(|(_, endpoint)| endpoint.clone())
+            .collect()
+    }
+}
+
+/// An endpoint as offered to the forward phase: its address, and the count of requests in
+/// flight to it that least-outstanding balancing reads.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    addr: SocketAddr,
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counts a request to this endpoint as in flight until the returned guard is dropped:
+    /// hold it until the response body has been relayed.
+    pub fn start_request(&self) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.outstanding))
+    }
+
+    fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// One request in flight to an endpoint; see [`Endpoint::start_request`].
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The first non-empty value of cookie `name` in the request's `Cookie` headers (HTTP/2
+/// clients may send several).
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|cookie| cookie.name() == name && !cookie.value().is_empty())
+        .map(|cookie| cookie.value().to_owned())
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn addr_bytes(addr: SocketAddr) -> Vec<u8> {
+    let mut bytes = ip_bytes(addr.ip());
+    bytes.extend_from_slice(&addr.port().to_be_bytes());
+    bytes
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use http::HeaderValue;
 
     use super::*;
-    use crate::routes::Route;
+    use crate::proxy::test_support::{route, table};
+    use crate::routes::Redirect;
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))
     }
 
-    fn table(entries: &[(&str, &[u16])]) -> RouteTable {
-        let routes: BTreeMap<_, _> = entries
-            .iter()
-            .map(|(host, ports)| {
-                let route = Route {
-                    service: format!("svc-{host}"),
-                    endpoints: ports.iter().copied().map(addr).collect(),
-                };
-                (host.to_string(), route)
-            })
-            .collect();
+    fn target(text: &str) -> PathAndQuery {
+        text.parse().unwrap()
+    }
+
+    fn ports(endpoints: &[Endpoint]) -> Vec<u16> {
+        endpoints.iter().map(|e| e.addr().port()).collect()
+    }
+
+    /// A table from `(host, routes)` pairs.
+    fn table_of(hosts: Vec<(&str, Vec<Route>)>, default_backend: Option<Route>) -> RouteTable {
         RouteTable {
-            routes,
+            routes: hosts
+                .into_iter()
+                .map(|(host, routes)| (host.to_owned(), routes))
+                .collect(),
+            default_backend,
             rejected: Vec::new(),
         }
+    }
+
+    fn with_root(mut route: Route, root: &str, rewrite: bool) -> Route {
+        route.context_root = root.to_owned();
+        route.context_root_rewrite = rewrite;
+        route
+    }
+
+    fn with_balance(mut route: Route, balance: Balance) -> Route {
+        route.balance = balance;
+        route
+    }
+
+    /// The service a plain HTTP request is forwarded to, and the target it is sent with.
+    fn forwarded(router: &Router, host: &str, path: &str) -> Result<(String, String), RouteMiss> {
+        match router.route(Scheme::Http, host, &target(path))? {
+            Routed::Forward {
+                route,
+                upstream_target,
+            } => Ok((route.service().to_owned(), upstream_target.to_string())),
+            Routed::Redirect { status, location } => {
+                panic!("{host}{path} redirected ({status}) to {location}")
+            }
+        }
+    }
+
+    fn redirected(
+        router: &Router,
+        scheme: Scheme,
+        host: &str,
+        path: &str,
+    ) -> Option<(u16, String)> {
+        match router.route(scheme, host, &target(path)).unwrap() {
+            Routed::Redirect { status, location } => Some((status.as_u16(), location)),
+            Routed::Forward { .. } => None,
+        }
+    }
+
+    fn service_of(router: &Router, host: &str, path: &str) -> Result<String, RouteMiss> {
+        forwarded(router, host, path).map(|(service, _)| service)
+    }
+
+    fn order(route: &ServiceRoute, headers: &HeaderMap, client: IpAddr) -> Vec<u16> {
+        ports(&route.endpoint_order(headers, client))
+    }
+
+    fn forward_route(router: &Router, host: &str) -> Arc<ServiceRoute> {
+        match router.route(Scheme::Http, host, &target("/")).unwrap() {
+            Routed::Forward { route, .. } => route,
+            Routed::Redirect { .. } => panic!("redirected"),
+        }
+    }
+
+    fn local() -> IpAddr {
+        IpAddr::from([127, 0, 0, 1])
     }
 
     #[test]
@@ -176,19 +523,147 @@ mod tests {
     #[test]
     fn routes_by_normalised_host() {
         let router = Router::new();
-        router.update(&table(&[("app.example.com", &[1])]));
-        let route = router.route("APP.example.com:443").expect("routed");
-        assert_eq!(route.service(), "svc-app.example.com");
-        assert!(router.route("other.example.com").is_none());
+        router.update(&table(&[("app.example.com", &[addr(1)])]));
+        assert_eq!(
+            service_of(&router, "APP.example.com:443", "/").as_deref(),
+            Ok("svc-app.example.com")
+        );
+        assert_eq!(
+            service_of(&router, "other.example.com", "/"),
+            Err(RouteMiss::UnknownHost)
+        );
+        assert_eq!(service_of(&router, "a b", "/"), Err(RouteMiss::UnknownHost));
     }
 
     #[test]
-    fn failover_order_rotates_and_covers_every_endpoint_once() {
+    fn exact_host_beats_wildcards_and_the_most_specific_wildcard_wins() {
         let router = Router::new();
-        router.update(&table(&[("a", &[1, 2, 3])]));
-        let route = router.route("a").unwrap();
+        router.update(&table_of(
+            vec![
+                ("*.example.org", vec![route("any", &[addr(1)])]),
+                ("*.a.example.org", vec![route("under-a", &[addr(2)])]),
+                ("x.a.example.org", vec![route("exact", &[addr(3)])]),
+            ],
+            None,
+        ));
+        let service = |host| service_of(&router, host, "/");
+        assert_eq!(service("x.a.example.org").as_deref(), Ok("exact"));
+        assert_eq!(service("y.a.example.org").as_deref(), Ok("under-a"));
+        assert_eq!(service("z.y.a.example.org").as_deref(), Ok("under-a"));
+        assert_eq!(service("a.example.org").as_deref(), Ok("any"));
+        assert_eq!(service("B.Example.Org:80").as_deref(), Ok("any"));
+        assert_eq!(service("example.org"), Err(RouteMiss::UnknownHost));
+        assert_eq!(service("example.com"), Err(RouteMiss::UnknownHost));
+    }
+
+    #[test]
+    fn the_longest_context_root_holding_the_path_wins() {
+        let router = Router::new();
+        // Longest first, as the route table keeps them.
+        router.update(&table_of(
+            vec![(
+                "app",
+                vec![
+                    with_root(route("v2", &[addr(3)]), "/api/v2", false),
+                    with_root(route("api", &[addr(2)]), "/api", true),
+                    route("web", &[addr(1)]),
+                ],
+            )],
+            None,
+        ));
+        let to = |path| forwarded(&router, "app", path).unwrap();
+        let pair = |service: &str, target: &str| (service.to_owned(), target.to_owned());
+        assert_eq!(to("/api/v2/x?y=1"), pair("v2", "/api/v2/x?y=1"));
+        assert_eq!(to("/api/v2"), pair("v2", "/api/v2"));
+        assert_eq!(to("/api/v20"), pair("api", "/v20"));
+        assert_eq!(to("/api/x?y=1"), pair("api", "/x?y=1"));
+        assert_eq!(to("/api"), pair("api", "/"));
+        assert_eq!(to("/api/"), pair("api", "/"));
+        assert_eq!(to("/api?q=1"), pair("api", "/?q=1"));
+        assert_eq!(to("/apiary"), pair("web", "/apiary"));
+        assert_eq!(to("/"), pair("web", "/"));
+    }
+
+    #[test]
+    fn a_known_host_without_a_matching_context_root_is_no_route() {
+        let router = Router::new();
+        router.update(&table_of(
+            vec![(
+                "app",
+                vec![with_root(route("api", &[addr(1)]), "/api", false)],
+            )],
+            Some(route("fallback", &[addr(9)])),
+        ));
+        assert_eq!(
+            service_of(&router, "app", "/other"),
+            Err(RouteMiss::NoContextRoot)
+        );
+        assert_eq!(service_of(&router, "app", "/api/x").as_deref(), Ok("api"));
+    }
+
+    #[test]
+    fn the_default_backend_serves_unknown_hosts_only() {
+        let router = Router::new();
+        router.update(&table_of(
+            vec![("app", vec![route("app", &[addr(1)])])],
+            Some(route("fallback", &[addr(9)])),
+        ));
+        assert_eq!(service_of(&router, "app", "/").as_deref(), Ok("app"));
+        assert_eq!(
+            service_of(&router, "nobody.example", "/x").as_deref(),
+            Ok("fallback")
+        );
+        assert_eq!(
+            service_of(&router, "10.0.0.7:80", "/").as_deref(),
+            Ok("fallback")
+        );
+    }
+
+    #[test]
+    fn redirects_match_scheme_and_host_and_keep_the_request_uri() {
+        let mut both = route("web", &[addr(1)]);
+        both.redirects = vec![Redirect {
+            source_scheme: Scheme::Http,
+            source_host: "old.local".into(),
+            target: "http://new.local".into(),
+        }];
+        let router = Router::new();
+        router.update(&table_of(
+            vec![("old.local", vec![both.clone()]), ("new.local", vec![both])],
+            None,
+        ));
+        assert_eq!(
+            redirected(&router, Scheme::Http, "Old.Local:80", "/a/b?c=d"),
+            Some((302, "http://new.local/a/b?c=d".into()))
+        );
+        assert_eq!(
+            redirected(&router, Scheme::Http, "old.local", "/"),
+            Some((302, "http://new.local/".into()))
+        );
+        assert_eq!(redirected(&router, Scheme::Https, "old.local", "/"), None);
+        assert_eq!(redirected(&router, Scheme::Http, "new.local", "/"), None);
+    }
+
+    #[test]
+    fn ssl_only_sends_plain_http_to_https_on_the_same_host_and_uri() {
+        let mut secure = route("secure", &[addr(1)]);
+        secure.ssl_only = true;
+        let router = Router::new();
+        router.update(&table_of(vec![("app", vec![secure])], None));
+        assert_eq!(
+            redirected(&router, Scheme::Http, "App:8080", "/x?y=1"),
+            Some((301, "https://app/x?y=1".into()))
+        );
+        assert_eq!(redirected(&router, Scheme::Https, "app", "/x"), None);
+    }
+
+    #[test]
+    fn round_robin_rotates_and_covers_every_endpoint_once() {
+        let router = Router::new();
+        router.update(&table(&[("a", &[addr(1), addr(2), addr(3)])]));
+        let route = forward_route(&router, "a");
         let orders: Vec<Vec<u16>> = (0..4)
-            .map(|_| route.failover_order().map(|a| a.port()).collect())
+            .map(|_| order(&route, &HeaderMap::new(), local()))
             .collect();
         assert_eq!(
             orders,
@@ -197,25 +672,205 @@ mod tests {
     }
 
     #[test]
-    fn failover_order_of_a_route_without_endpoints_is_empty() {
+    fn a_route_without_endpoints_has_an_empty_order() {
         let router = Router::new();
         router.update(&table(&[("a", &[])]));
-        assert_eq!(router.route("a").unwrap().failover_order().count(), 0);
+        let route = forward_route(&router, "a");
+        assert_eq!(route.endpoint_count(), 0);
+        assert!(route.endpoint_order(&HeaderMap::new(), local()).is_empty());
     }
 
     #[test]
     fn update_keeps_round_robin_position_and_leaves_routed_requests_alone() {
         let router = Router::new();
-        router.update(&table(&[("a", &[1, 2])]));
-        let in_flight = router.route("a").unwrap();
-        assert_eq!(in_flight.failover_order().next(), Some(addr(1)));
+        router.update(&table(&[("a", &[addr(1), addr(2)])]));
+        let in_flight = forward_route(&router, "a");
+        assert_eq!(order(&in_flight, &HeaderMap::new(), local())[0], 1);
 
-        router.update(&table(&[("a", &[1, 2])]));
-        let after_same = router.route("a").unwrap();
-        assert_eq!(after_same.failover_order().next(), Some(addr(2)));
+        router.update(&table(&[("a", &[addr(1), addr(2)])]));
+        let after_same = forward_route(&router, "a");
+        assert_eq!(order(&after_same, &HeaderMap::new(), local())[0], 2);
 
-        router.update(&table(&[("a", &[7])]));
-        assert_eq!(router.route("a").unwrap().endpoints(), [addr(7)]);
-        assert_eq!(in_flight.endpoints(), [addr(1), addr(2)]);
+        router.update(&table(&[("a", &[addr(7)])]));
+        assert_eq!(
+            order(&forward_route(&router, "a"), &HeaderMap::new(), local()),
+            [7]
+        );
+        assert_eq!(in_flight.endpoint_count(), 2);
+    }
+
+    #[test]
+    fn least_outstanding_prefers_idle_endpoints_and_counts_survive_updates() {
+        let endpoints = [addr(1), addr(2), addr(3)];
+        let router = Router::new();
+        let routes = |endpoints: &[SocketAddr]| {
+            table_of(
+                vec![(
+                    "a",
+                    vec![with_balance(route("a", endpoints), Balance::LeastConn)],
+                )],
+                None,
+            )
+        };
+        router.update(&routes(&endpoints));
+        let route = forward_route(&router, "a");
+        let none = HeaderMap::new();
+        let first = route.endpoint_order(&none, local());
+        let busy_one = first[0].start_request();
+        let busy_two = first[0].start_request();
+        let second = route.endpoint_order(&none, local());
+        assert_ne!(second[0].addr(), first[0].addr());
+        assert_eq!(second[2].addr(), first[0].addr(), "the busiest goes last");
+        let also_busy = second[0].start_request();
+
+        // After an update, the requests started before still count.
+        router.update(&routes(&endpoints));
+        let after = forward_route(&router, "a").endpoint_order(&none, local());
+        let idle: BTreeSet<SocketAddr> = endpoints
+            .iter()
+            .copied()
+            .filter(|a| *a != first[0].addr() && *a != second[0].addr())
+            .collect();
+        assert_eq!(ports(&after[..1]), [idle.first().unwrap().port()]);
+        assert_eq!(after[1].addr(), second[0].addr());
+        assert_eq!(after[2].addr(), first[0].addr());
+
+        drop((busy_one, busy_two, also_busy));
+        let idle_again = forward_route(&router, "a");
+        let starts: BTreeSet<u16> = (0..3)
+            .map(|_| idle_again.endpoint_order(&none, local())[0].addr().port())
+            .collect();
+        assert_eq!(starts.len(), 3, "equal loads fall back to round robin");
+    }
+
+    #[test]
+    fn sticky_cookie_keeps_a_session_on_its_endpoint_without_cookie_round_robin() {
+        let router = Router::new();
+        let sticky = Balance::StickyCookie {
+            cookie: "session".into(),
+        };
+        router.update(&table_of(
+            vec![(
+                "a",
+                vec![with_balance(
+                    route("a", &[addr(1), addr(2), addr(3)]),
+                    sticky,
+                )],
+            )],
+            None,
+        ));
+        let route = forward_route(&router, "a");
+        let with_cookies = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(COOKIE, HeaderValue::from_str(value).unwrap());
+            }
+            headers
+        };
+        let session = with_cookies(&["theme=dark; session=abc123"]);
+        let first = order(&route, &session, local());
+        for _ in 0..5 {
+            assert_eq!(order(&route, &session, local()), first);
+        }
+        assert_eq!(
+            order(
+                &route,
+                &with_cookies(&["theme=dark", "session=abc123"]),
+                local()
+            ),
+            first,
+            "the cookie is found in a second Cookie header"
+        );
+        let firsts: BTreeSet<u16> = (0..30)
+            .map(|n| order(&route, &with_cookies(&[&format!("session=s{n}")]), local())[0])
+            .collect();
+        assert_eq!(firsts.len(), 3, "sessions spread over every endpoint");
+        for headers in [
+            with_cookies(&[]),
+            with_cookies(&["session="]),
+            with_cookies(&["other=abc123"]),
+        ] {
+            let starts: BTreeSet<u16> = (0..3)
+                .map(|_| order(&route, &headers, local())[0])
+                .collect();
+            assert_eq!(starts.len(), 3, "no session cookie: round robin");
+        }
+    }
+
+    #[test]
+    fn ip_hash_keeps_a_client_on_its_endpoint() {
+        let router = Router::new();
+        router.update(&table_of(
+            vec![(
+                "a",
+                vec![with_balance(
+                    route("a", &[addr(1), addr(2), addr(3)]),
+                    Balance::IpHash,
+                )],
+            )],
+            None,
+        ));
+        let route = forward_route(&router, "a");
+        let none = HeaderMap::new();
+        let client = IpAddr::from([192, 0, 2, 7]);
+        let first = order(&route, &none, client);
+        for _ in 0..5 {
+            assert_eq!(order(&route, &none, client), first);
+        }
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(
+            order(&route, &none, mapped),
+            first,
+            "IPv4-mapped is the same client"
+        );
+        let firsts: BTreeSet<u16> = (0..30u8)
+            .map(|n| order(&route, &none, IpAddr::from([192, 0, 2, n]))[0])
+            .collect();
+        assert_eq!(firsts.len(), 3, "clients spread over every endpoint");
+    }
+
+    /// The first choice of 2000 keys over `endpoints`, with rendezvous hashing.
+    fn assignment(endpoints: &[SocketAddr]) -> BTreeMap<String, SocketAddr> {
+        let router = Router::new();
+        let sticky = Balance::StickyCookie { cookie: "s".into() };
+        router.update(&table_of(
+            vec![("a", vec![with_balance(route("a", endpoints), sticky)])],
+            None,
+        ));
+        let route = forward_route(&router, "a");
+        (0..2000)
+            .map(|n| {
+                let key = format!("key-{n}");
+                let mut headers = HeaderMap::new();
+                headers.insert(COOKIE, HeaderValue::from_str(&format!("s={key}")).unwrap());
+                (key, route.endpoint_order(&headers, local())[0].addr())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adding_or_removing_an_endpoint_moves_only_the_sessions_it_takes_or_held() {
+        let four: Vec<SocketAddr> = (1..=4).map(addr).collect();
+        let five: Vec<SocketAddr> = (1..=5).map(addr).collect();
+        let before = assignment(&four);
+        let added = assignment(&five);
+        let moved: Vec<&String> = before.keys().filter(|k| before[*k] != added[*k]).collect();
+        assert!(
+            moved.iter().all(|key| added[*key] == addr(5)),
+            "a session moved between two old endpoints"
+        );
+        // The newcomer takes about a fifth (400 of 2000); a modulo hash would move ~80%.
+        assert!((250..=550).contains(&moved.len()), "{} moved", moved.len());
+
+        let without_two: Vec<SocketAddr> = four.iter().copied().filter(|a| *a != addr(2)).collect();
+        let removed = assignment(&without_two);
+        for (key, endpoint) in &before {
+            if *endpoint != addr(2) {
+                assert_eq!(
+                    removed[key], *endpoint,
+                    "{key} moved though its endpoint stayed"
+                );
+            }
+        }
     }
 }

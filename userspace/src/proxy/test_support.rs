@@ -1,11 +1,12 @@
 //! Test fixtures on real sockets: the proxy serving on 127.0.0.1, an echo backend that reports
-//! what it received as JSON, misbehaving backends, a keep-alive test client, a raw TCP client,
-//! and addresses that refuse or never answer connections.
+//! what it received as JSON, misbehaving backends, a keep-alive test client (from any
+//! 127.0.0.0/8 address), a raw TCP client, and addresses that refuse or never answer
+//! connections.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -21,15 +22,16 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     task::{JoinHandle, JoinSet},
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{serve, ProxySettings, Router};
-use crate::routes::{Route, RouteTable};
+use crate::routes::{Balance, Route, RouteTable, Transport, ROOT_CONTEXT};
 
-/// The proxy, serving on 127.0.0.1 until dropped or shut down.
+/// The proxy serving on an ephemeral 127.0.0.1 port, its router open to route updates, until
+/// dropped or shut down.
 pub struct RunningProxy {
     pub addr: SocketAddr,
     pub router: Arc<Router>,
@@ -38,6 +40,7 @@ pub struct RunningProxy {
 }
 
 impl RunningProxy {
+    /// One round-robin service per host (see [`table`]).
     pub async fn start(routes: &[(&str, &[SocketAddr])]) -> Self {
         Self::start_with_max_connections(routes, 64).await
     }
@@ -53,12 +56,20 @@ impl RunningProxy {
         Self::start_with(routes, settings).await
     }
 
+    pub async fn start_with_table(table: &RouteTable) -> Self {
+        Self::serve(table, ProxySettings::default()).await
+    }
+
     /// The proxy with `settings`, but always with the test proxy id.
     pub async fn start_with(routes: &[(&str, &[SocketAddr])], settings: ProxySettings) -> Self {
+        Self::serve(&table(routes), settings).await
+    }
+
+    async fn serve(table: &RouteTable, settings: ProxySettings) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = Router::new();
-        router.update(&table(routes));
+        router.update(table);
         let settings = ProxySettings {
             proxy_id: "lb-test-1".into(),
             ..settings
@@ -99,21 +110,32 @@ impl Drop for RunningProxy {
     }
 }
 
-/// A route table with one service per host.
+/// A route table with one round-robin service per host, named `svc-HOST`.
 pub fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
     let routes: BTreeMap<_, _> = routes
         .iter()
         .map(|(host, endpoints)| {
-            let route = Route {
-                service: format!("svc-{host}"),
-                endpoints: endpoints.to_vec(),
-            };
-            (host.to_string(), route)
+            let route = route(&format!("svc-{host}"), endpoints);
+            (host.to_string(), vec![route])
         })
         .collect();
     RouteTable {
         routes,
-        rejected: Vec::new(),
+        ..RouteTable::default()
+    }
+}
+
+/// A plain route of `service`: every path, round robin, no redirect.
+pub fn route(service: &str, endpoints: &[SocketAddr]) -> Route {
+    Route {
+        service: service.to_owned(),
+        context_root: ROOT_CONTEXT.to_owned(),
+        context_root_rewrite: false,
+        endpoints: endpoints.to_vec(),
+        balance: Balance::RoundRobin,
+        ssl_only: false,
+        redirects: Vec::new(),
+        transport: Transport::default(),
     }
 }
 
@@ -196,7 +218,7 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn echo(
+pub async fn echo(
     port: u16,
     status: StatusCode,
     request: Request<Incoming>,
@@ -344,7 +366,14 @@ pub struct TestClient {
 
 impl TestClient {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::connect_from(addr, IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// A connection from `local` (any address of 127.0.0.0/8 works on Linux' loopback).
+    pub async fn connect_from(addr: SocketAddr, local: IpAddr) -> Self {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(local, 0)).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();

@@ -1,5 +1,6 @@
 //! Connections to upstream endpoints: a small pool of HTTP/1.1 keep-alive connections per
-//! endpoint address, built on `hyper::client::conn::http1`, with nginx's upstream timeouts.
+//! endpoint address, built on `hyper::client::conn::http1`, over plain TCP or, for a pool made
+//! `with_tls`, over TLS, with nginx's upstream timeouts.
 //!
 //! A request is handed back to the caller whenever it provably never reached the upstream
 //! (connect refused or timed out, or the connection closed before the request was written), so
@@ -34,11 +35,12 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
     time::Sleep,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+
+use super::backend_tls::{connect_task, UpstreamTls};
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -79,6 +81,10 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connecting to upstream {addr}: no answer within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with upstream {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with upstream {addr}: no answer within {timeout:?}")]
+    TlsTimeout { addr: SocketAddr, timeout: Duration },
     #[error("HTTP/1.1 handshake with upstream {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -163,6 +169,8 @@ impl<B> Clone for UpstreamPool<B> {
 
 struct PoolShared<B> {
     settings: PoolSettings,
+    /// TLS around every new connection, for `ssl_backend` services.
+    tls: Option<UpstreamTls>,
     endpoints: Mutex<HashMap<SocketAddr, Endpoint<B>>>,
     next_generation: AtomicU64,
 }
@@ -195,9 +203,19 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     pub fn new(settings: PoolSettings) -> Self {
+        Self::with_transport(settings, None)
+    }
+
+    /// A pool whose connections speak TLS to the upstream.
+    pub fn with_tls(settings: PoolSettings, tls: UpstreamTls) -> Self {
+        Self::with_transport(settings, Some(tls))
+    }
+
+    fn with_transport(settings: PoolSettings, tls: Option<UpstreamTls>) -> Self {
         Self {
             shared: Arc::new(PoolShared {
                 settings,
+                tls,
                 endpoints: Mutex::new(HashMap::new()),
                 next_generation: AtomicU64::new(0),
             }),
@@ -325,15 +343,7 @@ where
         addr: SocketAddr,
     ) -> Result<(SendRequest<B>, Membership), UpstreamError> {
         let settings = &self.shared.settings;
-        let timeout = settings.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
-        };
-        if let Err(error) = stream.set_nodelay(true) {
-            debug!(%addr, %error, "could not disable Nagle on upstream connection");
-        }
+        let stream = connect_task(addr, self.shared.tls.as_ref(), settings.connect_timeout).await?;
         let stream = TimedStream::new(stream, settings.read_timeout, settings.send_timeout);
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
@@ -452,15 +462,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TimedStream<S> {
         }
     }
 
+    /// `made_progress` tells whether a completed call moved bytes: a flush does not, and must
+    /// not restart the read timeout, or a connection woken by its own read timer would push the
+    /// deadline back on every wake and never time out.
     fn poll_write_with<T>(
         &mut self,
         cx: &mut Context<'_>,
         write: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+        made_progress: impl FnOnce(&T) -> bool,
     ) -> Poll<io::Result<T>> {
         match write(Pin::new(&mut self.stream), cx) {
             Poll::Ready(result) => {
                 self.write_blocked_since = None;
-                if result.is_ok() {
+                if result.as_ref().is_ok_and(made_progress) {
                     self.last_progress = tokio::time::Instant::now();
                 }
                 Poll::Ready(result)
@@ -524,7 +538,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedStream<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |stream, cx| stream.poll_write(cx, data))
+        self.poll_write_with(cx, |stream, cx| stream.poll_write(cx, data), |&n| n > 0)
     }
 
     fn poll_write_vectored(
@@ -532,7 +546,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedStream<S> {
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |stream, cx| stream.poll_write_vectored(cx, data))
+        self.poll_write_with(
+            cx,
+            |stream, cx| stream.poll_write_vectored(cx, data),
+            |&n| n > 0,
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -540,7 +558,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedStream<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_with(cx, |stream, cx| stream.poll_flush(cx))
+        self.poll_write_with(cx, |stream, cx| stream.poll_flush(cx), |()| false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,0 +1,222 @@
+//! Shared by the L4 packet tests: one loaded program with L4 services configured through the
+//! daemon's own map writer, frames built with etherparse, and checksum checks by etherparse
+//! (an implementation independent of the program's incremental updates).
+
+#![allow(dead_code)] // each test crate uses a different part
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use xlb::{
+    dataplane::{Dataplane, Stats},
+    l4::{
+        maglev::RingSize,
+        maps::{BackendPlan, ServicePlan},
+        service::{Listener, Protocol},
+        settings::{L4Settings, SnatPorts},
+    },
+};
+use xlb_common::NextHop;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+/// The LB's MAC on the client side: where clients send.
+pub const LB_FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+/// The LB's MAC on the backend side.
+pub const LB_BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x2b];
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbe];
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 2);
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+pub const SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 78, 1, 1);
+pub const BACKEND_A: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 1, 2), 30001);
+pub const BACKEND_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 1, 3), 30002);
+
+/// BPF_PROG_TEST_RUN runs the program as if the frame arrived on loopback.
+pub const INGRESS_IFINDEX: u32 = 1;
+/// Another interface for redirect cases (never used to send: test runs do not transmit).
+pub const OTHER_IFINDEX: u32 = 4242;
+
+pub const TCP_SERVICE: Listener = Listener {
+    port: 5432,
+    protocol: Protocol::Tcp,
+};
+pub const UDP_SERVICE: Listener = Listener {
+    port: 53,
+    protocol: Protocol::Udp,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Small maps: a prime ring of 251, four slots.
+pub fn settings(snat_ports: SnatPorts) -> L4Settings {
+    L4Settings {
+        snat_ports,
+        ring_size: RingSize::new(251).unwrap(),
+        flow_entries: 4096,
+        service_slots: 4,
+        ..L4Settings::default()
+    }
+}
+
+pub fn backend(endpoint: SocketAddrV4, ifindex: u32) -> BackendPlan {
+    BackendPlan {
+        endpoint,
+        snat_addr: SNAT_ADDR,
+        next_hop: NextHop {
+            ifindex,
+            src_mac: LB_BACK_MAC,
+            dst_mac: BACKEND_MAC,
+        },
+    }
+}
+
+pub fn service(listener: Listener, backends: Vec<BackendPlan>) -> ServicePlan {
+    ServicePlan {
+        listener,
+        addresses: vec![LB_ADDR],
+        backends,
+    }
+}
+
+/// A loaded program steering `plan` with `settings`.
+pub fn dataplane(settings: &L4Settings, plan: &[ServicePlan]) -> Dataplane {
+    let mut dataplane =
+        Dataplane::load_with(settings).expect("load the XDP program (tests run as root)");
+    dataplane.l4().apply(plan).unwrap();
+    dataplane
+}
+
+/// One run through the kernel: the verdict and the frame as the program left it.
+pub fn run(dataplane: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = dataplane
+        .program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|error| panic!("test run of {} bytes: {error}", frame.len()));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// How much each stat moved between two readings, by name, only those that moved.
+pub fn moved(before: &Stats, after: &Stats) -> Vec<(&'static str, u64)> {
+    after
+        .0
+        .iter()
+        .filter_map(|(name, total)| {
+            let delta = total.packets - before.0.get(name).map_or(0, |b| b.packets);
+            (delta > 0).then_some((*name, delta))
+        })
+        .collect()
+}
+
+/// An Ethernet + IPv4 frame builder step with the given addresses and TTL.
+pub fn ipv4(
+    macs: ([u8; 6], [u8; 6]),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    PacketBuilder::ethernet2(macs.0, macs.1).ipv4(src.octets(), dst.octets(), ttl)
+}
+
+/// A TCP segment; `flags` picks SYN / ACK / FIN / RST on the builder.
+pub fn tcp(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    flags: impl FnOnce(
+        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let builder = ipv4(macs, *src.ip(), *dst.ip(), ttl).tcp(src.port(), dst.port(), 1000, 64240);
+    let mut frame = Vec::new();
+    flags(builder).write(&mut frame, payload).unwrap();
+    frame
+}
+
+pub fn udp(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    ipv4(macs, *src.ip(), *dst.ip(), ttl)
+        .udp(src.port(), dst.port())
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+/// What etherparse reads in a frame: addresses, ports, TTL; with the IPv4 header checksum and
+/// the TCP/UDP checksum recomputed by etherparse and compared with the frame's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub ttl: u8,
+    pub proto: u8,
+}
+
+pub fn inspect(frame: &[u8]) -> Result<Seen, String> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).map_err(|e| e.to_string())?;
+    let Some(etherparse::LinkHeader::Ethernet2(eth)) = headers.link else {
+        return Err("no Ethernet II header".into());
+    };
+    let Some(NetHeaders::Ipv4(ip, _)) = headers.net else {
+        return Err("no IPv4 header".into());
+    };
+    if ip.header_checksum != ip.calc_header_checksum() {
+        return Err(format!(
+            "IPv4 header checksum {:#06x}, should be {:#06x}",
+            ip.header_checksum,
+            ip.calc_header_checksum()
+        ));
+    }
+    let payload = headers.payload.slice();
+    let (src_port, dst_port) = match headers.transport {
+        Some(TransportHeader::Tcp(tcp)) => {
+            let expected = tcp.calc_checksum_ipv4(&ip, payload).unwrap();
+            if tcp.checksum != expected {
+                return Err(format!(
+                    "TCP checksum {:#06x}, should be {expected:#06x}",
+                    tcp.checksum
+                ));
+            }
+            (tcp.source_port, tcp.destination_port)
+        }
+        Some(TransportHeader::Udp(udp)) => {
+            let expected = udp.calc_checksum_ipv4(&ip, payload).unwrap();
+            if udp.checksum != 0 && udp.checksum != expected {
+                return Err(format!(
+                    "UDP checksum {:#06x}, should be {expected:#06x}",
+                    udp.checksum
+                ));
+            }
+            (udp.source_port, udp.destination_port)
+        }
+        _ => return Err("no TCP or UDP header".into()),
+    };
+    Ok(Seen {
+        src_mac: eth.source,
+        dst_mac: eth.destination,
+        src: SocketAddrV4::new(ip.source.into(), src_port),
+        dst: SocketAddrV4::new(ip.destination.into(), dst_port),
+        ttl: ip.time_to_live,
+        proto: ip.protocol.0,
+    })
+}

@@ -1,0 +1,415 @@
+//! The map writer: makes the XDP program's L4 maps hold a [`ServicePlan`] list, changing only
+//! what changed.
+//!
+//! Backends get small stable ids (0 = none). Each service (listener) gets a slot with two Maglev
+//! rings: an update writes the positions of the inactive ring that differ from what it holds,
+//! then flips the service's `active_ring` in one `SERVICES` update per LB address, so the
+//! datapath sees the old table or the new one, never a mix. The ring written next is the one
+//! the datapath left a whole poll interval earlier.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use serde::Serialize;
+use xlb_common::{
+    ring_index, wire_ipv4, wire_port, Backend, ListenPort, NextHop, ServiceKey, ServiceValue,
+    TrafficCounters, L4_PORT_ENABLED, MAX_BACKENDS, NO_BACKEND,
+};
+
+use super::{
+    maglev::{maglev_table, RingSize},
+    service::Listener,
+};
+use crate::dataplane::{map_error, DataplaneError};
+
+/// One service as the maps should hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub listener: Listener,
+    /// LB addresses it answers on.
+    pub addresses: Vec<Ipv4Addr>,
+    /// Endpoints whose next hop is known; the others get no flows until it is.
+    pub backends: Vec<BackendPlan>,
+}
+
+/// A backend and how to reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendPlan {
+    pub endpoint: SocketAddrV4,
+    /// This node's address toward the endpoint: the source of forwarded packets.
+    pub snat_addr: Ipv4Addr,
+    pub next_hop: NextHop,
+}
+
+impl BackendPlan {
+    fn map_value(&self) -> Backend {
+        Backend {
+            addr: wire_ipv4(*self.endpoint.ip()),
+            port: wire_port(self.endpoint.port()),
+            _pad: 0,
+            snat_addr: wire_ipv4(self.snat_addr),
+            next_hop: self.next_hop,
+        }
+    }
+}
+
+/// What an [`L4Maps::apply`] changed, for the log and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Ring positions written, over all services.
+    pub ring_positions_written: usize,
+    /// Services whose live ring was flipped.
+    pub rings_flipped: usize,
+    /// Listeners left out because every service slot is taken.
+    pub out_of_slots: Vec<Listener>,
+}
+
+/// Traffic of one service or backend, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub forward_packets: u64,
+    pub forward_bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Traffic of every listener and backend written, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct L4Traffic {
+    pub services: BTreeMap<Listener, Traffic>,
+    pub backends: BTreeMap<SocketAddrV4, Traffic>,
+}
+
+struct SlotState {
+    slot: u32,
+    active_ring: u32,
+    keys: BTreeSet<ServiceKey>,
+}
+
+/// The L4 maps of a loaded program, and what the writer knows they hold.
+pub struct L4Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    rings: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    ports: HashMap<MapData, ListenPort, u32>,
+    service_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    ring_size: RingSize,
+    service_slots: u32,
+    /// Contents of both rings of every slot ever used (empty = all `NO_BACKEND`).
+    ring_contents: Vec<[Vec<u32>; 2]>,
+    listeners: BTreeMap<Listener, SlotState>,
+    backend_ids: BTreeMap<SocketAddrV4, (u32, Backend)>,
+    next_backend_id: u32,
+}
+
+/// The maps [`L4Maps`] writes, taken from the loaded object.
+pub struct L4MapHandles {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub rings: Array<MapData, u32>,
+    pub backends: Array<MapData, Backend>,
+    pub ports: HashMap<MapData, ListenPort, u32>,
+    pub service_stats: PerCpuArray<MapData, TrafficCounters>,
+    pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
+}
+
+impl L4Maps {
+    pub fn new(handles: L4MapHandles, ring_size: RingSize, service_slots: u32) -> L4Maps {
+        L4Maps {
+            services: handles.services,
+            rings: handles.rings,
+            backends: handles.backends,
+            ports: handles.ports,
+            service_stats: handles.service_stats,
+            backend_stats: handles.backend_stats,
+            ring_size,
+            service_slots,
+            ring_contents: Vec::new(),
+            listeners: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            next_backend_id: 1,
+        }
+    }
+
+    /// Makes the maps steer exactly `plan`.
+    pub fn apply(&mut self, plan: &[ServicePlan]) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+        self.write_backends(plan)?;
+        for service in plan {
+            self.write_service(service, &mut report)?;
+        }
+        let planned: BTreeSet<Listener> = plan.iter().map(|service| service.listener).collect();
+        let removed: Vec<Listener> = self
+            .listeners
+            .keys()
+            .filter(|listener| !planned.contains(listener))
+            .copied()
+            .collect();
+        for listener in removed {
+            if let Some(state) = self.listeners.remove(&listener) {
+                for key in &state.keys {
+                    remove_key(&mut self.services, key, "SERVICES")?;
+                }
+            }
+        }
+        self.forget_unused_backends(plan)?;
+        self.write_ports(plan)?;
+        Ok(report)
+    }
+
+    /// The backend id of each endpoint currently written.
+    pub fn backend_ids(&self) -> BTreeMap<SocketAddrV4, u32> {
+        self.backend_ids
+            .iter()
+            .map(|(endpoint, (id, _))| (*endpoint, *id))
+            .collect()
+    }
+
+    /// The slot of each listener currently written.
+    pub fn service_slots(&self) -> BTreeMap<Listener, u32> {
+        self.listeners
+            .iter()
+            .map(|(listener, state)| (*listener, state.slot))
+            .collect()
+    }
+
+    /// Traffic of every listener and every backend, summed over CPUs.
+    pub fn traffic(&self) -> Result<L4Traffic, DataplaneError> {
+        let mut traffic = L4Traffic::default();
+        for (listener, state) in &self.listeners {
+            let total = sum(&self.service_stats, state.slot, "SERVICE_STATS")?;
+            traffic.services.insert(*listener, total);
+        }
+        for (endpoint, (id, _)) in &self.backend_ids {
+            let total = sum(&self.backend_stats, *id, "BACKEND_STATS")?;
+            traffic.backends.insert(*endpoint, total);
+        }
+        Ok(traffic)
+    }
+
+    fn write_backends(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
+        for backend in plan.iter().flat_map(|service| &service.backends) {
+            let value = backend.map_value();
+            let id = match self.backend_ids.get(&backend.endpoint) {
+                Some((_, written)) if *written == value => continue,
+                Some((id, _)) => *id,
+                None => self.free_backend_id().ok_or(DataplaneError::Full {
+                    map: "BACKENDS",
+                    capacity: MAX_BACKENDS - 1,
+                })?,
+            };
+            self.backends
+                .set(id, value, 0)
+                .map_err(|source| map_error("BACKENDS", "updated", source))?;
+            self.backend_ids.insert(backend.endpoint, (id, value));
+        }
+        Ok(())
+    }
+
+    /// The next unused id after the last one given: ids are reused as late as possible, so a
+    /// late packet of a removed backend's flow is not counted for a new one.
+    fn free_backend_id(&mut self) -> Option<u32> {
+        let used: BTreeSet<u32> = self.backend_ids.values().map(|(id, _)| *id).collect();
+        let candidates = (self.next_backend_id..MAX_BACKENDS).chain(1..self.next_backend_id);
+        let id = candidates.into_iter().find(|id| !used.contains(id))?;
+        self.next_backend_id = id + 1;
+        Some(id)
+    }
+
+    fn forget_unused_backends(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
+        let planned: BTreeSet<SocketAddrV4> = plan
+            .iter()
+            .flat_map(|service| service.backends.iter().map(|backend| backend.endpoint))
+            .collect();
+        let unused: Vec<SocketAddrV4> = self
+            .backend_ids
+            .keys()
+            .filter(|endpoint| !planned.contains(endpoint))
+            .copied()
+            .collect();
+        for endpoint in unused {
+            if let Some((id, _)) = self.backend_ids.remove(&endpoint) {
+                self.backends
+                    .set(id, Backend::default(), 0)
+                    .map_err(|source| map_error("BACKENDS", "updated", source))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn allocate_slot(&mut self) -> Option<u32> {
+        let used: BTreeSet<u32> = self.listeners.values().map(|state| state.slot).collect();
+        (0..self.service_slots).find(|slot| !used.contains(slot))
+    }
+
+    fn write_service(
+        &mut self,
+        service: &ServicePlan,
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
+        let (slot, active_ring, old_keys) = match self.listeners.get(&service.listener) {
+            Some(state) => (state.slot, state.active_ring, state.keys.clone()),
+            None => match self.allocate_slot() {
+                Some(slot) => (slot, 0, BTreeSet::new()),
+                None => {
+                    report.out_of_slots.push(service.listener);
+                    return Ok(());
+                }
+            },
+        };
+        let endpoints: Vec<(SocketAddr, u32)> = service
+            .backends
+            .iter()
+            .filter_map(|backend| {
+                let (id, _) = self.backend_ids.get(&backend.endpoint)?;
+                Some((SocketAddr::V4(backend.endpoint), *id))
+            })
+            .collect();
+        let table = maglev_table(&endpoints, self.ring_size);
+        let size = self.ring_size.get() as usize;
+        let wanted: Vec<u32> = if table.is_empty() {
+            vec![NO_BACKEND; size]
+        } else {
+            table
+        };
+        while self.ring_contents.len() <= slot as usize {
+            self.ring_contents.push([Vec::new(), Vec::new()]);
+        }
+        let live = &self.ring_contents[slot as usize][active_ring as usize];
+        let live_matches = ring_equals(live, &wanted);
+        let keys: BTreeSet<ServiceKey> = service
+            .addresses
+            .iter()
+            .map(|addr| ServiceKey {
+                addr: wire_ipv4(*addr),
+                port: wire_port(service.listener.port),
+                proto: service.listener.protocol.number(),
+                _pad: 0,
+            })
+            .collect();
+        let new_active = if live_matches {
+            active_ring
+        } else {
+            let inactive = 1 - active_ring;
+            report.ring_positions_written += self.write_ring(slot, inactive, &wanted)?;
+            report.rings_flipped += 1;
+            inactive
+        };
+        let value = ServiceValue {
+            slot,
+            active_ring: new_active,
+        };
+        for key in &keys {
+            if new_active != active_ring || !old_keys.contains(key) {
+                self.services
+                    .insert(key, value, 0)
+                    .map_err(|source| map_error("SERVICES", "updated", source))?;
+            }
+        }
+        for key in old_keys.difference(&keys) {
+            remove_key(&mut self.services, key, "SERVICES")?;
+        }
+        self.listeners.insert(
+            service.listener,
+            SlotState {
+                slot,
+                active_ring: new_active,
+                keys,
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes the positions of ring `ring` of `slot` that differ from `wanted`.
+    fn write_ring(
+        &mut self,
+        slot: u32,
+        ring: u32,
+        wanted: &[u32],
+    ) -> Result<usize, DataplaneError> {
+        let ring_size = self.ring_size.get();
+        let held = std::mem::take(&mut self.ring_contents[slot as usize][ring as usize]);
+        let mut written = 0;
+        for (position, id) in wanted.iter().enumerate() {
+            let current = held.get(position).copied().unwrap_or(NO_BACKEND);
+            if current != *id {
+                let index = ring_index(slot, ring, ring_size, position as u32);
+                self.rings
+                    .set(index, *id, 0)
+                    .map_err(|source| map_error("RINGS", "updated", source))?;
+                written += 1;
+            }
+        }
+        self.ring_contents[slot as usize][ring as usize] = wanted.to_vec();
+        Ok(written)
+    }
+
+    fn write_ports(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<ListenPort> = plan
+            .iter()
+            .map(|service| ListenPort {
+                port: service.listener.port,
+                proto: service.listener.protocol.number(),
+                _pad: 0,
+            })
+            .collect();
+        let stale: Vec<ListenPort> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|port| !wanted.contains(port))
+            .collect();
+        for port in stale {
+            remove_key(&mut self.ports, &port, "L4_PORTS")?;
+        }
+        for port in wanted {
+            self.ports
+                .insert(port, L4_PORT_ENABLED, 0)
+                .map_err(|source| map_error("L4_PORTS", "updated", source))?;
+        }
+        Ok(())
+    }
+}
+
+/// An empty ring stands for one of `NO_BACKEND` only.
+fn ring_equals(held: &[u32], wanted: &[u32]) -> bool {
+    if held.is_empty() {
+        wanted.iter().all(|id| *id == NO_BACKEND)
+    } else {
+        held == wanted
+    }
+}
+
+fn remove_key<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(map_error(name, "updated", source)),
+    }
+}
+
+fn sum(
+    map: &PerCpuArray<MapData, TrafficCounters>,
+    index: u32,
+    name: &'static str,
+) -> Result<Traffic, DataplaneError> {
+    let per_cpu = map
+        .get(&index, 0)
+        .map_err(|source| map_error(name, "read", source))?;
+    Ok(per_cpu
+        .iter()
+        .fold(Traffic::default(), |total, cpu| Traffic {
+            forward_packets: total.forward_packets + cpu.forward_packets,
+            forward_bytes: total.forward_bytes + cpu.forward_bytes,
+            reply_packets: total.reply_packets + cpu.reply_packets,
+            reply_bytes: total.reply_bytes + cpu.reply_bytes,
+            new_flows: total.new_flows + cpu.new_flows,
+        }))
+}

@@ -1,0 +1,119 @@
+//! Keeps the XDP program's L4 maps in step with Swarm: on every discovery poll, the L4 route
+//! table's endpoints get their next hops resolved, the plan is built and written.
+//!
+//! It runs every poll, not only when the route table changes, because next hops resolve after
+//! their endpoints appear and neighbour entries need refreshing while XDP uses them.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::{
+    neighbours::{NeighbourError, NeighbourResolver, Resolution},
+    plan::{backend_addresses, plan},
+    service::L4RouteTable,
+};
+use crate::dataplane::{Dataplane, DataplaneError};
+
+/// How long to wait once for neighbours just asked for, before leaving them to the next poll.
+const RESOLUTION_GRACE: Duration = Duration::from_millis(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    #[error("resolving next hops")]
+    Neighbours(#[from] NeighbourError),
+    #[error("writing the L4 maps")]
+    Maps(#[from] DataplaneError),
+}
+
+pub struct Steering {
+    dataplane: Arc<Mutex<Dataplane>>,
+    resolver: NeighbourResolver,
+    addresses: Vec<Ipv4Addr>,
+    left_out: BTreeMap<SocketAddr, String>,
+}
+
+impl Steering {
+    /// Steers on `configured` LB addresses, or on the IPv4 addresses of `interface`.
+    pub async fn start(
+        dataplane: Arc<Mutex<Dataplane>>,
+        interface: &str,
+        configured: &[IpAddr],
+    ) -> Result<Steering, SteeringError> {
+        let resolver = NeighbourResolver::connect()?;
+        let addresses: Vec<Ipv4Addr> = if configured.is_empty() {
+            resolver.interface_ipv4_addresses(interface).await?
+        } else {
+            for ipv6 in configured.iter().filter(|addr| addr.is_ipv6()) {
+                tracing::warn!(address = %ipv6, "[L4] Addresses: IPv6 is not steered (IPv4 NAT only); ignored");
+            }
+            configured
+                .iter()
+                .filter_map(|addr| match addr {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        };
+        if addresses.is_empty() {
+            tracing::warn!(
+                interface,
+                "no IPv4 address to answer L4 services on: none is steered (set [L4] Addresses)"
+            );
+        } else {
+            tracing::info!(?addresses, "L4 services answer on these addresses");
+        }
+        Ok(Steering {
+            dataplane,
+            resolver,
+            addresses,
+            left_out: BTreeMap::new(),
+        })
+    }
+
+    /// Resolves next hops and writes what changed.
+    pub async fn update(&mut self, table: &L4RouteTable) -> Result<(), SteeringError> {
+        let backends = backend_addresses(table);
+        let mut resolutions = self.resolver.resolve(&backends).await?;
+        if resolutions.values().any(|r| *r == Resolution::Pending) {
+            tokio::time::sleep(RESOLUTION_GRACE).await;
+            resolutions = self.resolver.resolve(&backends).await?;
+        }
+        let plan = plan(table, &self.addresses, &resolutions);
+        let dataplane = self.dataplane.clone();
+        let services = plan.services.clone();
+        let report = tokio::task::block_in_place(move || {
+            let mut dataplane = dataplane
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            dataplane.l4().apply(&services)
+        })?;
+        if report.rings_flipped > 0 {
+            tracing::info!(
+                rings = report.rings_flipped,
+                positions = report.ring_positions_written,
+                "L4 Maglev tables updated"
+            );
+        }
+        for listener in &report.out_of_slots {
+            tracing::warn!(%listener, "L4 service not steered: every service slot is taken ([L4] MaxServices)");
+        }
+        for (endpoint, reason) in &plan.left_out {
+            if self.left_out.get(endpoint) != Some(reason) {
+                tracing::warn!(%endpoint, %reason, "L4 endpoint gets no flows");
+            }
+        }
+        for endpoint in self
+            .left_out
+            .keys()
+            .filter(|e| !plan.left_out.contains_key(e))
+        {
+            tracing::info!(%endpoint, "L4 endpoint steered");
+        }
+        self.left_out = plan.left_out;
+        Ok(())
+    }
+}

@@ -1,0 +1,367 @@
+//! Interlock's routing labels through a running proxy, over real sockets on 127.0.0.0/8:
+//! context roots and their rewrite, wildcards, redirects, `ssl_only`, the default backend, and
+//! each balancing method's choice of endpoint, including fallbacks when one refuses.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use super::test_support::{
+    refused_addr, route, EchoBackend, RunningProxy, TestClient, TestResponse,
+};
+use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme};
+
+fn table(hosts: Vec<(&str, Vec<Route>)>, default_backend: Option<Route>) -> RouteTable {
+    RouteTable {
+        routes: hosts
+            .into_iter()
+            .map(|(host, routes)| (host.to_owned(), routes))
+            .collect(),
+        default_backend,
+        rejected: Vec::new(),
+    }
+}
+
+fn balanced(service: &str, endpoints: &[SocketAddr], balance: Balance) -> Route {
+    Route {
+        balance,
+        ..route(service, endpoints)
+    }
+}
+
+fn sticky(service: &str, endpoints: &[SocketAddr]) -> Route {
+    let cookie = "session".to_owned();
+    balanced(service, endpoints, Balance::StickyCookie { cookie })
+}
+
+fn port_of(response: &TestResponse) -> u16 {
+    assert_eq!(response.status, 200, "{response:?}");
+    response.echo()["port"].as_u64().unwrap() as u16
+}
+
+async fn get_with_cookie(client: &mut TestClient, cookie: &str) -> TestResponse {
+    let request = Request::get("/")
+        .header("host", "app")
+        .header("cookie", cookie)
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    client.send(request).await
+}
+
+async fn backends(count: usize) -> Vec<EchoBackend> {
+    let mut started = Vec::new();
+    for _ in 0..count {
+        started.push(EchoBackend::start().await);
+    }
+    started
+}
+
+fn addrs(backends: &[EchoBackend]) -> Vec<SocketAddr> {
+    backends.iter().map(|b| b.addr).collect()
+}
+
+#[tokio::test]
+async fn the_longest_context_root_wins_and_rewrite_strips_it() {
+    let [web, api, v2] = [
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+        EchoBackend::start().await,
+    ];
+    let mut api_route = route("api", &[api.addr]);
+    api_route.context_root = "/api".into();
+    api_route.context_root_rewrite = true;
+    let mut v2_route = route("v2", &[v2.addr]);
+    v2_route.context_root = "/api/v2".into();
+    let proxy = RunningProxy::start_with_table(&table(
+        vec![("app", vec![v2_route, api_route, route("web", &[web.addr])])],
+        None,
+    ))
+    .await;
+
+    let mut client = proxy.client().await;
+    let cases = [
+        ("/api/v2/users?id=1", v2.addr, "/api/v2/users?id=1"),
+        ("/api/users?id=1", api.addr, "/users?id=1"),
+        ("/api", api.addr, "/"),
+        ("/apiary", web.addr, "/apiary"),
+        ("/", web.addr, "/"),
+    ];
+    for (path, backend, upstream_path) in cases {
+        let response = client.get("app", path).await;
+        assert_eq!(port_of(&response), backend.port(), "{path}");
+        assert_eq!(response.echo()["path"], upstream_path, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_path_outside_every_context_root_of_a_host_is_404() {
+    let backend = EchoBackend::start().await;
+    let mut api = route("api", &[backend.addr]);
+    api.context_root = "/api".into();
+    let proxy = RunningProxy::start_with_table(&table(vec![("app", vec![api])], None)).await;
+    let response = proxy.get("app", "/other").await;
+    assert_eq!(response.status, 404);
+    assert_eq!(
+        response.text(),
+        "no service for path \"/other\" on host \"app\"\n"
+    );
+    assert!(!response.header("x-request-id").is_empty());
+    assert_eq!(backend.connections_accepted(), 0);
+}
+
+#[tokio::test]
+async fn wildcard_hosts_route_subdomains_exact_names_first() {
+    let [any, exact] = [EchoBackend::start().await, EchoBackend::start().await];
+    let proxy = RunningProxy::start_with_table(&table(
+        vec![
+            ("*.example.org", vec![route("any", &[any.addr])]),
+            ("www.example.org", vec![route("exact", &[exact.addr])]),
+        ],
+        None,
+    ))
+    .await;
+    assert_eq!(
+        port_of(&proxy.get("api.example.org", "/").await),
+        any.addr.port()
+    );
+    assert_eq!(
+        port_of(&proxy.get("a.b.Example.org:80", "/").await),
+        any.addr.port()
+    );
+    assert_eq!(
+        port_of(&proxy.get("www.example.org", "/").await),
+        exact.addr.port()
+    );
+    assert_eq!(proxy.get("example.org", "/").await.status, 503);
+}
+
+#[tokio::test]
+async fn redirects_answer_302_to_the_target_with_the_request_uri() {
+    let backend = EchoBackend::start().await;
+    let mut web = route("web", &[backend.addr]);
+    web.redirects = vec![Redirect {
+        source_scheme: Scheme::Http,
+        source_host: "old.local".into(),
+        target: "http://new.local".into(),
+    }];
+    let proxy = RunningProxy::start_with_table(&table(
+        vec![("old.local", vec![web.clone()]), ("new.local", vec![web])],
+        None,
+    ))
+    .await;
+
+    let response = proxy.get("old.local", "/a/b?c=d").await;
+    assert_eq!(response.status, 302);
+    assert_eq!(response.header("location"), "http://new.local/a/b?c=d");
+    assert!(!response.header("x-request-id").is_empty());
+    assert_eq!(response.header("x-proxy-id"), "lb-test-1");
+    assert_eq!(
+        backend.connections_accepted(),
+        0,
+        "a redirect is answered locally"
+    );
+
+    assert_eq!(
+        port_of(&proxy.get("new.local", "/a").await),
+        backend.addr.port()
+    );
+}
+
+#[tokio::test]
+async fn ssl_only_answers_plain_http_with_301_to_https() {
+    let backend = EchoBackend::start().await;
+    let mut secure = route("secure", &[backend.addr]);
+    secure.ssl_only = true;
+    let proxy = RunningProxy::start_with_table(&table(vec![("app", vec![secure])], None)).await;
+    let response = proxy.get("App:80", "/x?y=1").await;
+    assert_eq!(response.status, 301);
+    assert_eq!(response.header("location"), "https://app/x?y=1");
+    assert_eq!(backend.connections_accepted(), 0);
+}
+
+#[tokio::test]
+async fn the_default_backend_serves_unknown_hosts_instead_of_503() {
+    let [app, fallback] = [EchoBackend::start().await, EchoBackend::start().await];
+    let proxy = RunningProxy::start_with_table(&table(
+        vec![("app", vec![route("app", &[app.addr])])],
+        Some(route("fallback", &[fallback.addr])),
+    ))
+    .await;
+    assert_eq!(port_of(&proxy.get("app", "/").await), app.addr.port());
+    let unknown = proxy.get("nobody.example", "/ping").await;
+    assert_eq!(port_of(&unknown), fallback.addr.port());
+    assert_eq!(unknown.echo()["host"], "nobody.example");
+    assert_eq!(
+        port_of(&proxy.get("127.0.0.1", "/").await),
+        fallback.addr.port()
+    );
+}
+
+#[tokio::test]
+async fn sticky_sessions_stay_put_and_move_only_to_an_added_endpoint() {
+    let mut started = backends(4).await;
+    let newcomer = started.pop().unwrap();
+    let three = addrs(&started);
+    let proxy =
+        RunningProxy::start_with_table(&table(vec![("app", vec![sticky("app", &three)])], None))
+            .await;
+    let mut client = proxy.client().await;
+
+    let mut assigned = BTreeMap::new();
+    for session in 0..24 {
+        let cookie = format!("theme=dark; session=user-{session}");
+        let first = port_of(&get_with_cookie(&mut client, &cookie).await);
+        for _ in 0..3 {
+            let again = port_of(&get_with_cookie(&mut client, &cookie).await);
+            assert_eq!(again, first, "session {session} changed endpoint");
+        }
+        assigned.insert(session, first);
+    }
+    let used: BTreeSet<u16> = assigned.values().copied().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "24 sessions spread over the 3 endpoints: {assigned:?}"
+    );
+
+    let mut four = three.clone();
+    four.push(newcomer.addr);
+    proxy
+        .router
+        .update(&table(vec![("app", vec![sticky("app", &four)])], None));
+    let mut moved = 0;
+    for (session, before) in &assigned {
+        let cookie = format!("session=user-{session}");
+        let now = port_of(&get_with_cookie(&mut client, &cookie).await);
+        if now != *before {
+            assert_eq!(
+                now,
+                newcomer.addr.port(),
+                "session {session} moved between old endpoints"
+            );
+            moved += 1;
+        }
+    }
+    assert!(
+        moved < assigned.len() / 2,
+        "{moved} of {} sessions moved",
+        assigned.len()
+    );
+
+    let without_cookie: BTreeSet<u16> = {
+        let mut seen = BTreeSet::new();
+        for _ in 0..4 {
+            seen.insert(port_of(&client.get("app", "/").await));
+        }
+        seen
+    };
+    assert_eq!(
+        without_cookie.len(),
+        4,
+        "requests without the cookie go round robin"
+    );
+}
+
+#[tokio::test]
+async fn ip_hash_keeps_each_client_address_on_one_endpoint() {
+    let started = backends(3).await;
+    let proxy = RunningProxy::start_with_table(&table(
+        vec![(
+            "app",
+            vec![balanced("app", &addrs(&started), Balance::IpHash)],
+        )],
+        None,
+    ))
+    .await;
+    let mut used = BTreeSet::new();
+    for last_octet in 2..=25u8 {
+        let client_ip = IpAddr::from([127, 0, 0, last_octet]);
+        let mut endpoint = None;
+        for _ in 0..3 {
+            // A new connection each time: the address, not the connection, decides.
+            let mut client = TestClient::connect_from(proxy.addr, client_ip).await;
+            let response = client.get("app", "/").await;
+            assert_eq!(response.echo()["real_ip"], client_ip.to_string());
+            let port = port_of(&response);
+            assert_eq!(
+                *endpoint.get_or_insert(port),
+                port,
+                "{client_ip} changed endpoint"
+            );
+        }
+        used.insert(endpoint.unwrap());
+    }
+    assert!(
+        used.len() >= 2,
+        "24 client addresses all hashed to {used:?}"
+    );
+}
+
+#[tokio::test]
+async fn least_outstanding_avoids_the_endpoint_busy_with_a_slow_request() {
+    let started = backends(2).await;
+    let proxy = RunningProxy::start_with_table(&table(
+        vec![(
+            "app",
+            vec![balanced("app", &addrs(&started), Balance::LeastConn)],
+        )],
+        None,
+    ))
+    .await;
+    let mut slow_client = proxy.client().await;
+    let slow = tokio::spawn(async move { slow_client.get("app", "/slow?delay_ms=1500").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut client = proxy.client().await;
+    let mut quick = BTreeSet::new();
+    for _ in 0..4 {
+        quick.insert(port_of(&client.get("app", "/").await));
+    }
+    let slow_port = port_of(&slow.await.unwrap());
+    assert_eq!(quick.len(), 1, "round robin would alternate: {quick:?}");
+    assert!(
+        !quick.contains(&slow_port),
+        "sent to the busy endpoint {slow_port}"
+    );
+
+    // Once the slow response has been relayed, both are idle again and alternate.
+    let mut after = BTreeSet::new();
+    for _ in 0..2 {
+        after.insert(port_of(&client.get("app", "/").await));
+    }
+    assert_eq!(after.len(), 2, "{after:?}");
+}
+
+#[tokio::test]
+async fn every_balancing_method_falls_back_to_the_next_endpoint_on_refusal() {
+    let live = EchoBackend::start().await;
+    let refused = refused_addr().await;
+    let endpoints = [refused, live.addr];
+    let methods = [
+        Balance::RoundRobin,
+        Balance::LeastConn,
+        Balance::IpHash,
+        Balance::StickyCookie {
+            cookie: "session".into(),
+        },
+    ];
+    for balance in methods {
+        let proxy = RunningProxy::start_with_table(&table(
+            vec![("app", vec![balanced("app", &endpoints, balance.clone())])],
+            None,
+        ))
+        .await;
+        let mut client = proxy.client().await;
+        for n in 0..6 {
+            let cookie = format!("session=s{n}");
+            let response = get_with_cookie(&mut client, &cookie).await;
+            assert_eq!(port_of(&response), live.addr.port(), "{balance:?}");
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The SSL port (`PublishedSSLPort`). Each connection's ClientHello is read first: a host
+//! labelled `ssl_passthrough=true` gets the TLS stream relayed untouched (`passthrough`), any
+//! other connection is terminated with rustls (certificate chosen by SNI, ALPN `h2` and
+//! `http/1.1`) and then served exactly like the plain port.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::ServerConfig;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use super::{certificates::CertificateStore, client_hello, passthrough, ConnectionContext};
+use crate::tls_policy::TlsPolicy;
+
+/// How long a client may take to complete its TLS handshake, ClientHello included.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// ALPN protocols offered, HTTP/2 preferred.
+const ALPN_PROTOCOLS: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The SSL port's listener and the TLS settings its connections are terminated with.
+pub struct HttpsListener {
+    pub listener: TcpListener,
+    pub termination: TlsTermination,
+}
+
+/// rustls' server side: the `SSLProtocols`/`SSLCiphers` policy and the certificate store.
+#[derive(Clone)]
+pub struct TlsTermination {
+    acceptor: TlsAcceptor,
+}
+
+impl TlsTermination {
+    pub fn new(
+        policy: &TlsPolicy,
+        certificates: Arc<CertificateStore>,
+    ) -> Result<Self, rustls::Error> {
+        let mut config = ServerConfig::builder_with_provider(policy.crypto_provider())
+            .with_protocol_versions(&policy.protocol_versions())?
+            .with_no_client_auth()
+            .with_cert_resolver(certificates);
+        config.alpn_protocols = ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect();
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+/// Serves one connection of the SSL port: relayed when its SNI names a passthrough host,
+/// terminated otherwise.
+pub(super) async fn serve_connection(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    termination: TlsTermination,
+    context: ConnectionContext,
+) {
+    let hello = match client_hello::read(&mut stream, HANDSHAKE_TIMEOUT).await {
+        Ok(hello) => hello,
+        Err(error) => {
+            debug!(%client, %error, "TLS connection dropped before its handshake");
+            return;
+        }
+    };
+    let passthrough_route = hello
+        .server_name
+        .as_deref()
+        .and_then(|name| context.router.host_service(name))
+        .filter(|route| route.transport().ssl_passthrough);
+    if let Some(route) = passthrough_route {
+        let relayed = passthrough::relay(stream, client, &hello.bytes, &route);
+        tokio::select! {
+            () = relayed => {}
+            () = context.shutdown.cancelled() => debug!(%client, "passthrough cut by shutdown"),
+        }
+        return;
+    }
+    let replayed = Replayed::new(hello.bytes, stream);
+    let accepted =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, termination.acceptor.accept(replayed)).await;
+    match accepted {
+        Ok(Ok(tls)) => super::serve_http(tls, client, super::Scheme::Https, context).await,
+        Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
+        Err(_) => debug!(%client, "TLS handshake timed out"),
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again before the rest.
+struct Replayed<S> {
+    prefix: Vec<u8>,
+    consumed: usize,
+    inner: S,
+}
+
+impl<S> Replayed<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            consumed: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.consumed < this.prefix.len() {
+            let remaining = &this.prefix[this.consumed..];
+            let count = remaining.len().min(buf.remaining());
+            buf.put_slice(&remaining[..count]);
+            this.consumed += count;
+            if this.consumed == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.consumed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        proxy::{
+            test_support::EchoBackend,
+            tls_test_support::{
+                https_get, peer_certificate, route, tls_connect, TempDir, TestCa, TlsEchoBackend,
+                TlsProxy, CERTIFICATE_POLL,
+            },
+        },
+        routes::{CertificateSecrets, Transport},
+        tls_policy,
+    };
+
+    fn terminated(name: &str) -> Transport {
+        Transport {
+            certificate: Some(CertificateSecrets {
+                cert: format!("{name}.crt"),
+                key: format!("{name}.key"),
+            }),
+            ..Transport::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn sni_selects_each_hosts_certificate() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let (a_cert, b_cert) = (ca.issue(&["a.example.org"]), ca.issue(&["b.example.org"]));
+        secrets.write_pair("a", &a_cert);
+        secrets.write_pair("b", &b_cert);
+        let (a, b) = (EchoBackend::start().await, EchoBackend::start().await);
+        let routes = BTreeMap::from([
+            (
+                "a.example.org".to_owned(),
+                route("a", &[a.addr], terminated("a")),
+            ),
+            (
+                "b.example.org".to_owned(),
+                route("b", &[b.addr], terminated("b")),
+            ),
+        ]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+
+        for (host, cert, backend) in [
+            ("a.example.org", &a_cert, &a),
+            ("b.example.org", &b_cert, &b),
+        ] {
+            let tls = tls_connect(proxy.https, host, ca.roots(), &[b"http/1.1"])
+                .await
+                .unwrap();
+            assert_eq!(peer_certificate(&tls), cert.der, "{host}");
+            let response = https_get(tls, host, "/over-tls").await;
+            assert_eq!(response.status, 200);
+            assert_eq!(response.echo()["port"], backend.addr.port());
+            assert_eq!(response.echo()["path"], "/over-tls");
+            assert_eq!(response.header("x-proxy-id"), "lb-tls-1");
+        }
+        let unknown = tls_connect(proxy.https, "c.example.org", ca.roots(), &[]).await;
+        assert!(
+            unknown.is_err(),
+            "a host without certificate got a handshake"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replaced_certificate_is_served_without_restart() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let first = ca.issue(&["app.example.org"]);
+        secrets.write_pair("app", &first);
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+        let served = || async {
+            let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
+                .await
+                .unwrap();
+            peer_certificate(&tls)
+        };
+        assert_eq!(served().await, first.der);
+
+        let second = ca.issue(&["app.example.org"]);
+        secrets.write_pair("app", &second);
+        let mut waited = Duration::ZERO;
+        while served().await != second.der {
+            assert!(
+                waited < Duration::from_secs(5),
+                "the new certificate was never served"
+            );
+            tokio::time::sleep(CERTIFICATE_POLL).await;
+            waited += CERTIFICATE_POLL;
+        }
+
+        // A broken replacement keeps the last good certificate in service.
+        secrets.write("app.crt", "not a certificate");
+        tokio::time::sleep(CERTIFICATE_POLL * 4).await;
+        assert_eq!(served().await, second.der);
+    }
+
+    #[tokio::test]
+    async fn passthrough_reaches_the_tls_backend_untouched() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        let backend_cert = ca.issue(&["pt.example.org"]);
+        let backend = TlsEchoBackend::start(&backend_cert).await;
+        let passthrough = Transport {
+            ssl_passthrough: true,
+            ..Transport::default()
+        };
+        let routes = BTreeMap::from([(
+            "pt.example.org".to_owned(),
+            route("pt", &[backend.addr], passthrough),
+        )]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+
+        let tls = tls_connect(proxy.https, "pt.example.org", ca.roots(), &[])
+            .await
+            .unwrap();
+        assert_eq!(peer_certificate(&tls), backend_cert.der);
+        let response = https_get(tls, "pt.example.org", "/untouched").await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.echo()["path"], "/untouched");
+        // The proxy never saw the HTTP inside: no header of its own, none added upstream.
+        assert!(!response.headers.contains_key("x-proxy-id"));
+        assert_eq!(response.echo()["request_id"], serde_json::Value::Null);
+    }
+
+    #[tokio::test]
+    async fn ssl_protocols_and_ciphers_restrict_the_handshake() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        let protocols = tls_policy::parse_protocols("TLSv1.2").unwrap();
+        let ciphers = tls_policy::parse_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305").unwrap();
+        let policy = TlsPolicy::new(Some(&protocols), Some(&ciphers));
+        let proxy = TlsProxy::start_with(routes, secrets.path(), &policy, None).await;
+
+        let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
+            .await
+            .unwrap();
+        let session = tls.get_ref().1;
+        assert_eq!(
+            session.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(
+            session.negotiated_cipher_suite().map(|suite| suite.suite()),
+            Some(rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+        );
+        let unwanted =
+            tls_connect_with_versions(proxy.https, "app.example.org", &ca, &rustls::version::TLS13)
+                .await;
+        assert!(unwanted.is_err(), "a TLS 1.3-only client was served");
+    }
+
+    /// A client offering one protocol version only.
+    async fn tls_connect_with_versions(
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &TestCa,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+        let stream = TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await
+    }
+
+    #[tokio::test]
+    async fn garbage_on_the_ssl_port_is_dropped_and_service_goes_on() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        let proxy = TlsProxy::start(routes, secrets.path()).await;
+        for garbage in [
+            &b"GET / HTTP/1.1\r\nHost: app.example.org\r\n\r\n"[..],
+            &[22, 3, 1, 0xff, 0xff],
+            &[0; 64],
+        ] {
+            let mut stream = TcpStream::connect(proxy.https).await.unwrap();
+            stream.write_all(garbage).await.unwrap();
+            let mut rest = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+            assert!(
+                matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+                "{garbage:?}: {rest:?}"
+            );
+        }
+        let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
+            .await
+            .unwrap();
+        assert_eq!(https_get(tls, "app.example.org", "/").await.status, 200);
+    }
+}

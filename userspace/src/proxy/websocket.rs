@@ -1,0 +1,298 @@
+//! `com.docker.lb.websocket_endpoints`: on those paths an HTTP/1.1 `Upgrade: websocket`
+//! request keeps its upgrade headers and goes to the task on a connection of its own (never a
+//! pooled one, which could not be reused afterwards). After the task's `101 Switching
+//! Protocols` both connections are handed over by hyper and spliced until either side closes.
+//!
+//! Paths match as nginx `location` prefixes do, which is what Interlock generated: `/ws`
+//! covers `/ws`, `/ws/chat` and `/wsx`.
+
+use std::{net::SocketAddr, time::Instant};
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, client::conn::http1, upgrade::OnUpgrade};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use super::{
+    backend_tls::{connect_task, UpstreamTls},
+    handler::{ProxyBody, ProxyError},
+    headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
+    router::{Endpoint, ServiceRoute},
+    upstream::{PoolSettings, UpstreamError},
+};
+use crate::routes::Transport;
+
+/// Whether `request` asks for a WebSocket on one of the route's WebSocket endpoints.
+pub fn is_upgrade<B>(request: &Request<B>, transport: &Transport) -> bool {
+    let path = request.uri().path();
+    request.method() == Method::GET
+        && request.version() == Version::HTTP_11
+        && has_token(request.headers(), header::UPGRADE, "websocket")
+        && has_token(request.headers(), header::CONNECTION, "upgrade")
+        && transport
+            .websocket_endpoints
+            .iter()
+            .any(|endpoint| path.starts_with(endpoint.as_str()))
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+/// A client's WebSocket upgrade, taken from its request before that is rewritten for the task.
+pub struct Upgrade {
+    client: OnUpgrade,
+    protocol: HeaderValue,
+}
+
+impl Upgrade {
+    pub fn take(request: &mut Request<Incoming>) -> Self {
+        let protocol = request
+            .headers()
+            .get(header::UPGRADE)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("websocket"));
+        Self {
+            client: hyper::upgrade::on(request),
+            protocol,
+        }
+    }
+
+    /// Sends the upstream request, with its upgrade headers restored, to the first endpoint
+    /// that accepts a connection; splices both sides once the task switches protocols.
+    pub async fn forward(
+        self,
+        route: &ServiceRoute,
+        endpoints: &[Endpoint],
+        mut request: Request<Incoming>,
+        tls: Option<UpstreamTls>,
+        request_id: &RequestId,
+        identity: &ProxyIdentity,
+    ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
+        let Self { client, protocol } = self;
+        restore_upgrade_headers(request.headers_mut(), &protocol);
+        let (addr, mut sender) = connect_any(route, endpoints, tls.as_ref()).await?;
+        let sent_at = Instant::now();
+        let mut response =
+            sender
+                .send_request(request)
+                .await
+                .map_err(|source| ProxyError::UpstreamFailed {
+                    addr,
+                    source: UpstreamError::Exchange { addr, source },
+                })?;
+        let answer = UpstreamAnswer {
+            addr,
+            response_time: sent_at.elapsed(),
+        };
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(client, upstream, addr));
+        }
+        let mut response = response.map(BodyExt::boxed);
+        headers::prepare_client_response(response.headers_mut(), request_id, identity, answer);
+        if switching {
+            restore_upgrade_headers(response.headers_mut(), &protocol);
+        }
+        Ok((response, answer))
+    }
+}
+
+/// The upgrade headers that hop-by-hop stripping removed, put back for this one hop pair.
+fn restore_upgrade_headers(headers: &mut HeaderMap, protocol: &HeaderValue) {
+    headers.insert(header::UPGRADE, protocol.clone());
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// A fresh connection to the first endpoint (round robin, then failover) that accepts one.
+async fn connect_any(
+    route: &ServiceRoute,
+    endpoints: &[Endpoint],
+    tls: Option<&UpstreamTls>,
+) -> Result<(SocketAddr, http1::SendRequest<Incoming>), ProxyError> {
+    for addr in endpoints.iter().map(Endpoint::addr) {
+        match connect(addr, tls).await {
+            Ok(sender) => return Ok((addr, sender)),
+            Err(error) => {
+                warn!(service = route.service(), %error, "WebSocket upstream unavailable; trying the next endpoint");
+            }
+        }
+    }
+    Err(ProxyError::NoEndpointReachable {
+        service: route.service().to_owned(),
+        tried: endpoints.len(),
+    })
+}
+
+/// A connection of its own to the task, which hyper hands over after `101`.
+async fn connect(
+    addr: SocketAddr,
+    tls: Option<&UpstreamTls>,
+) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    let stream = connect_task(addr, tls, PoolSettings::default().connect_timeout).await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            debug!(%addr, %error, "WebSocket upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Relays bytes both ways between the upgraded client and task connections.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, addr: SocketAddr) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(error), _) | (_, Err(error)) => {
+            debug!(%addr, %error, "WebSocket upgrade not completed");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => debug!(%addr, sent, received, "WebSocket closed"),
+        Err(error) => debug!(%addr, %error, "WebSocket ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest as _, Message};
+
+    use super::*;
+    use crate::{
+        proxy::tls_test_support::{route, TempDir, TlsProxy},
+        routes::Transport,
+    };
+
+    const HOST: &str = "chat.example.org";
+
+    /// A WebSocket server echoing every message, and answering plain HTTP requests with 426.
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(message)) = socket.next().await {
+                        if message.is_close() || socket.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn proxy_to(backend: SocketAddr, secrets: &TempDir) -> TlsProxy {
+        let transport = Transport {
+            websocket_endpoints: vec!["/ws".to_owned()],
+            ..Transport::default()
+        };
+        let routes = BTreeMap::from([(HOST.to_owned(), route("chat", &[backend], transport))]);
+        TlsProxy::start(routes, secrets.path()).await
+    }
+
+    #[tokio::test]
+    async fn websocket_echo_through_the_proxy() {
+        let secrets = TempDir::create("secrets");
+        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let stream = TcpStream::connect(proxy.http).await.unwrap();
+        let request = format!("ws://{HOST}/ws/room-1")
+            .into_client_request()
+            .unwrap();
+        let (mut socket, response) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .expect("the upgrade goes through the proxy");
+        assert_eq!(response.status(), 101);
+        assert!(response.headers().contains_key("x-request-id"));
+        assert!(response.headers().contains_key("x-upstream-addr"));
+
+        for text in ["hello", "through xlb", &"long ".repeat(20_000)] {
+            socket.send(Message::text(text)).await.unwrap();
+            assert_eq!(socket.next().await.unwrap().unwrap(), Message::text(text));
+        }
+        socket
+            .send(Message::binary(vec![0u8, 1, 2, 255]))
+            .await
+            .unwrap();
+        assert_eq!(
+            socket.next().await.unwrap().unwrap(),
+            Message::binary(vec![0u8, 1, 2, 255])
+        );
+        socket.close(None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn upgrades_outside_the_websocket_endpoints_are_not_relayed() {
+        let secrets = TempDir::create("secrets");
+        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let stream = TcpStream::connect(proxy.http).await.unwrap();
+        let request = format!("ws://{HOST}/elsewhere")
+            .into_client_request()
+            .unwrap();
+        let refused = tokio_tungstenite::client_async(request, stream).await;
+        assert!(
+            refused.is_err(),
+            "upgrade relayed outside websocket_endpoints"
+        );
+    }
+
+    #[test]
+    fn only_get_upgrades_on_a_websocket_endpoint_are_relayed() {
+        let transport = Transport {
+            websocket_endpoints: vec!["/ws".to_owned()],
+            ..Transport::default()
+        };
+        let upgrade = |method: Method, path: &str, connection: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header("upgrade", "WebSocket")
+                .header("connection", connection)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_upgrade(
+            &upgrade(Method::GET, "/ws", "keep-alive, Upgrade"),
+            &transport
+        ));
+        assert!(is_upgrade(
+            &upgrade(Method::GET, "/ws/x?y", "upgrade"),
+            &transport
+        ));
+        assert!(!is_upgrade(
+            &upgrade(Method::POST, "/ws", "upgrade"),
+            &transport
+        ));
+        assert!(!is_upgrade(
+            &upgrade(Method::GET, "/api", "upgrade"),
+            &transport
+        ));
+        assert!(!is_upgrade(
+            &upgrade(Method::GET, "/ws", "keep-alive"),
+            &transport
+        ));
+        assert!(!is_upgrade(
+            &upgrade(Method::GET, "/ws", "upgrade"),
+            &Transport::default()
+        ));
+    }
+}
