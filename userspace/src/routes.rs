@@ -685,40 +685,10 @@ pub(crate) fn service_name(service: &Service) -> String {
 
 #[cfg(test)]
 mod tests {
-    use bollard::models::{
-        EndpointPortConfig, ManagerStatus, NodeStatus, PortStatus, ServiceSpec, TaskStatus,
-    };
+    use bollard::models::{EndpointPortConfig, ManagerStatus, PortStatus, TaskStatus};
 
     use super::*;
-
-    fn service(id: &str, created: &str, labels: &[(&str, &str)]) -> Service {
-        Service {
-            id: Some(id.to_owned()),
-            created_at: Some(created.to_owned()),
-            spec: Some(ServiceSpec {
-                name: Some(id.to_owned()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn node(id: &str, addr: &str) -> Node {
-        Node {
-            id: Some(id.to_owned()),
-            status: Some(NodeStatus {
-                addr: Some(addr.to_owned()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::swarm::fixtures::{node, service};
 
     fn port(
         target: i64,

@@ -104,3 +104,36 @@ impl Swarm {
 fn filter(key: &str, value: &str) -> HashMap<String, Vec<String>> {
     HashMap::from([(key.to_owned(), vec![value.to_owned()])])
 }
+
+/// Swarm objects shaped as the Docker API returns them, for the route-table tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use bollard::models::{Node, NodeStatus, Service, ServiceSpec};
+
+    /// A service named `id`, created at `created` (ordering contested claims), with `labels`.
+    pub fn service(id: &str, created: &str, labels: &[(&str, &str)]) -> Service {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Service {
+            id: Some(id.to_owned()),
+            created_at: Some(created.to_owned()),
+            spec: Some(ServiceSpec {
+                name: Some(id.to_owned()),
+                labels: Some(labels.collect()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A node whose tasks are reached on `addr` (`Status.Addr`).
+    pub fn node(id: &str, addr: &str) -> Node {
+        Node {
+            id: Some(id.to_owned()),
+            status: Some(NodeStatus {
+                addr: Some(addr.to_owned()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}

@@ -272,11 +272,10 @@ fn host_published_ports(task: &Task, target: u16, protocol: Protocol) -> Vec<u16
 
 #[cfg(test)]
 mod tests {
-    use bollard::models::{
-        EndpointPortConfig, Node, NodeStatus, PortStatus, ServiceSpec, TaskState, TaskStatus,
-    };
+    use bollard::models::{EndpointPortConfig, PortStatus, TaskState, TaskStatus};
 
     use super::*;
+    use crate::swarm::fixtures::{node, service};
 
     fn claim(listen: u16, target: u16, protocol: Protocol) -> PortClaim {
         PortClaim {
@@ -347,30 +346,6 @@ mod tests {
         );
     }
 
-    fn service(id: &str, created: &str, ports: &str) -> Service {
-        Service {
-            id: Some(id.to_owned()),
-            created_at: Some(created.to_owned()),
-            spec: Some(ServiceSpec {
-                name: Some(id.to_owned()),
-                labels: Some([(LABEL_L4_PORTS.to_owned(), ports.to_owned())].into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn node(id: &str, addr: &str) -> Node {
-        Node {
-            id: Some(id.to_owned()),
-            status: Some(NodeStatus {
-                addr: Some(addr.to_owned()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
     /// A running task publishing (target, published, protocol) in host mode, each twice as
     /// Docker lists them (IPv4 and IPv6 binds).
     fn task(
@@ -414,7 +389,7 @@ mod tests {
     #[test]
     fn endpoints_are_node_address_and_published_port_of_the_claims_protocol() {
         let snapshot = SwarmSnapshot {
-            services: vec![service("dns", "1", "8443:443,53/udp")],
+            services: vec![service("dns", "1", &[(LABEL_L4_PORTS, "8443:443,53/udp")])],
             tasks: vec![
                 task(
                     "dns",
@@ -456,12 +431,12 @@ mod tests {
     fn conflicting_and_malformed_claims_reject_only_their_service() {
         let snapshot = SwarmSnapshot {
             services: vec![
-                service("newer", "2026-02-01", "6000,5432"),
-                service("older", "2026-01-01", "5432"),
-                service("web", "2026-01-02", "443"),
-                service("bad", "2026-01-03", "53/icmp"),
-                service("unpublished", "2026-01-04", "7000"),
-                service("udp-twin", "2026-03-01", "5432/udp"),
+                service("newer", "2026-02-01", &[(LABEL_L4_PORTS, "6000,5432")]),
+                service("older", "2026-01-01", &[(LABEL_L4_PORTS, "5432")]),
+                service("web", "2026-01-02", &[(LABEL_L4_PORTS, "443")]),
+                service("bad", "2026-01-03", &[(LABEL_L4_PORTS, "53/icmp")]),
+                service("unpublished", "2026-01-04", &[(LABEL_L4_PORTS, "7000")]),
+                service("udp-twin", "2026-03-01", &[(LABEL_L4_PORTS, "5432/udp")]),
             ],
             tasks: vec![
                 task("older", "n1", &[(5432, 30001, TCP)]),
@@ -503,7 +478,7 @@ mod tests {
     #[test]
     fn a_service_without_running_tasks_keeps_its_listener_without_endpoints() {
         let snapshot = SwarmSnapshot {
-            services: vec![service("db", "1", "5432")],
+            services: vec![service("db", "1", &[(LABEL_L4_PORTS, "5432")])],
             tasks: vec![],
             nodes: vec![],
         };
