@@ -485,15 +485,14 @@ impl RequestHandler {
             })?),
         };
         let upstream_request = self.upstream_request_phase(request, client, upstream_target);
+        let target = websocket::UpgradeTarget {
+            route,
+            endpoints: &endpoints,
+            tls,
+            connect_timeout: self.upstreams.connect_timeout(),
+        };
         upgrade
-            .forward(
-                route,
-                &endpoints,
-                upstream_request,
-                tls,
-                client.request_id,
-                &self.identity,
-            )
+            .forward(target, upstream_request, client.request_id, &self.identity)
             .await
     }
 

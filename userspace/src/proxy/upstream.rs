@@ -280,6 +280,11 @@ where
 
     /// Drains every endpoint not in `current`: its idle connections are closed now, its busy
     /// ones after their exchange, and any still busy after `drain_timeout` are aborted.
+    /// `ConnectTimeout`, for connections made outside the pool (WebSocket upgrades).
+    pub fn connect_timeout(&self) -> Duration {
+        self.shared.settings.connect_timeout
+    }
+
     pub fn retain_endpoints(&self, current: &HashSet<SocketAddr>, drain_timeout: Duration) {
         let drained: Vec<(SocketAddr, Endpoint<B>)> = {
             let mut endpoints = self.shared.lock_endpoints();

@@ -6,7 +6,10 @@
 //! Paths match as nginx `location` prefixes do, which is what Interlock generated: `/ws`
 //! covers `/ws`, `/ws/chat` and `/wsx`.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
@@ -19,7 +22,7 @@ use super::{
     handler::{ProxyBody, ProxyError},
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
     router::{Endpoint, ServiceRoute},
-    upstream::{PoolSettings, UpstreamError},
+    upstream::UpstreamError,
 };
 use crate::routes::Transport;
 
@@ -68,16 +71,14 @@ impl Upgrade {
     /// that accepts a connection; splices both sides once the task switches protocols.
     pub async fn forward(
         self,
-        route: &ServiceRoute,
-        endpoints: &[Endpoint],
+        target: UpgradeTarget<'_>,
         mut request: Request<Incoming>,
-        tls: Option<UpstreamTls>,
         request_id: &RequestId,
         identity: &ProxyIdentity,
     ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
         let Self { client, protocol } = self;
         restore_upgrade_headers(request.headers_mut(), &protocol);
-        let (addr, mut sender) = connect_any(route, endpoints, tls.as_ref()).await?;
+        let (addr, mut sender) = target.connect_any().await?;
         let sent_at = Instant::now();
         let mut response =
             sender
@@ -111,32 +112,42 @@ fn restore_upgrade_headers(headers: &mut HeaderMap, protocol: &HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
 }
 
-/// A fresh connection to the first endpoint (round robin, then failover) that accepts one.
-async fn connect_any(
-    route: &ServiceRoute,
-    endpoints: &[Endpoint],
-    tls: Option<&UpstreamTls>,
-) -> Result<(SocketAddr, http1::SendRequest<Incoming>), ProxyError> {
-    for addr in endpoints.iter().map(Endpoint::addr) {
-        match connect(addr, tls).await {
-            Ok(sender) => return Ok((addr, sender)),
-            Err(error) => {
-                warn!(service = route.service(), %error, "WebSocket upstream unavailable; trying the next endpoint");
+/// Where an upgrade request may go, and how to connect there.
+pub struct UpgradeTarget<'a> {
+    pub route: &'a ServiceRoute,
+    /// The route's endpoints in the order to try them.
+    pub endpoints: &'a [Endpoint],
+    /// TLS to the tasks (`ssl_backend`), if the service asks for it.
+    pub tls: Option<UpstreamTls>,
+    /// `ConnectTimeout`.
+    pub connect_timeout: Duration,
+}
+
+impl UpgradeTarget<'_> {
+    /// A fresh connection to the first endpoint that accepts one.
+    async fn connect_any(&self) -> Result<(SocketAddr, http1::SendRequest<Incoming>), ProxyError> {
+        for addr in self.endpoints.iter().map(Endpoint::addr) {
+            match connect(addr, self.tls.as_ref(), self.connect_timeout).await {
+                Ok(sender) => return Ok((addr, sender)),
+                Err(error) => {
+                    warn!(service = self.route.service(), %error, "WebSocket upstream unavailable; trying the next endpoint");
+                }
             }
         }
+        Err(ProxyError::NoEndpointReachable {
+            service: self.route.service().to_owned(),
+            tried: self.endpoints.len(),
+        })
     }
-    Err(ProxyError::NoEndpointReachable {
-        service: route.service().to_owned(),
-        tried: endpoints.len(),
-    })
 }
 
 /// A connection of its own to the task, which hyper hands over after `101`.
 async fn connect(
     addr: SocketAddr,
     tls: Option<&UpstreamTls>,
+    connect_timeout: Duration,
 ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-    let stream = connect_task(addr, tls, PoolSettings::default().connect_timeout).await?;
+    let stream = connect_task(addr, tls, connect_timeout).await?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
