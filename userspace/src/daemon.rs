@@ -164,7 +164,10 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         }
         None => (None, None),
     };
-    let router = Router::new();
+    let router = match extension.published_ssl_port {
+        Some(port) => Router::with_https_port(port),
+        None => Router::new(),
+    };
     let settings = proxy_settings(&extension.proxy, proxy_id())?;
     tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
     tasks.spawn(log_failure(

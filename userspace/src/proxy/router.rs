@@ -31,6 +31,8 @@ pub struct Router {
     /// Every endpoint of the current routes, the default backend's included, for draining the
     /// ones that left.
     endpoints: watch::Sender<Arc<HashSet<SocketAddr>>>,
+    /// The SSL port `ssl_only` redirects to, when it is not HTTPS's own 443.
+    https_port: Option<u16>,
 }
 
 /// The route table arranged for lookups; hosts share their service's [`ServiceRoute`].
@@ -75,6 +77,14 @@ pub enum Routed {
 impl Router {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A router whose `ssl_only` redirects name `port` (`PublishedSSLPort`) unless it is 443.
+    pub fn with_https_port(port: u16) -> Arc<Self> {
+        Arc::new(Self {
+            https_port: (port != 443).then_some(port),
+            ..Self::default()
+        })
     }
 
     /// Replaces the routes; requests already in flight finish on the endpoints they picked.
@@ -162,7 +172,7 @@ impl Router {
             .iter()
             .find(|route| route.serves_path(target.path()))
             .ok_or(RouteMiss::NoContextRoot)?;
-        Ok(route.decide(scheme, &key, target))
+        Ok(route.decide(scheme, &key, target, self.https_port))
     }
 
     /// The service serving `host` at its root path: where a TLS connection is relayed when that
@@ -233,7 +243,13 @@ impl ServiceRoute {
     }
 
     /// The service's redirects first, then `ssl_only`, else forwarding.
-    fn decide(self: &Arc<Self>, scheme: Scheme, host: &str, target: &PathAndQuery) -> Routed {
+    fn decide(
+        self: &Arc<Self>,
+        scheme: Scheme,
+        host: &str,
+        target: &PathAndQuery,
+        https_port: Option<u16>,
+    ) -> Routed {
         let redirect = self.route.redirects.iter().find(
             |Redirect {
                  source_scheme,
@@ -250,7 +266,10 @@ impl ServiceRoute {
         if self.route.ssl_only && scheme == Scheme::Http {
             return Routed::Redirect {
                 status: StatusCode::MOVED_PERMANENTLY,
-                location: format!("https://{host}{target}"),
+                location: match https_port {
+                    None => format!("https://{host}{target}"),
+                    Some(port) => format!("https://{host}:{port}{target}"),
+                },
             };
         }
         Routed::Forward {
@@ -655,6 +674,25 @@ mod tests {
             Some((301, "https://app/x?y=1".into()))
         );
         assert_eq!(redirected(&router, Scheme::Https, "app", "/x"), None);
+    }
+
+    #[test]
+    fn ssl_only_names_a_published_ssl_port_other_than_443() {
+        let mut secure = route("secure", &[addr(1)]);
+        secure.ssl_only = true;
+        let table = table_of(vec![("app", vec![secure])], None);
+        let router = Router::with_https_port(8443);
+        router.update(&table);
+        assert_eq!(
+            redirected(&router, Scheme::Http, "app:8080", "/x"),
+            Some((301, "https://app:8443/x".into()))
+        );
+        let router = Router::with_https_port(443);
+        router.update(&table);
+        assert_eq!(
+            redirected(&router, Scheme::Http, "app", "/x"),
+            Some((301, "https://app/x".into()))
+        );
     }
 
     #[test]
