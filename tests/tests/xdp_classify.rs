@@ -4,9 +4,10 @@
 //! Well-formed frames are built with etherparse (an independent implementation); malformed
 //! ones are derived from them by truncation and by corrupting one length field at a time.
 
+mod xdp_support;
+
 use std::sync::{Arc, Mutex};
 
-use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, VlanId};
 use xlb::dataplane::Dataplane;
 use xlb_common::Stat;
@@ -43,25 +44,9 @@ fn dataplane() -> Dataplane {
 /// counter moved (by one packet of the frame's size). Returns that class.
 fn classify(dataplane: &mut Dataplane, frame: &[u8]) -> Class {
     let before = dataplane.stats().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = dataplane
-        .program()
-        .unwrap()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .unwrap_or_else(|error| panic!("test run of {} bytes: {error}", frame.len()));
-    assert_eq!(
-        result.return_value, 2,
-        "verdict must be XDP_PASS for {frame:02x?}"
-    );
-    assert_eq!(
-        &out[..result.data_size_out as usize],
-        frame,
-        "a passed frame is untouched"
-    );
+    let (verdict, out) = xdp_support::run(dataplane, frame);
+    assert_eq!(verdict, 2, "verdict must be XDP_PASS for {frame:02x?}");
+    assert_eq!(out, frame, "a passed frame is untouched");
 
     let after = dataplane.stats().unwrap();
     let moved = |stat: Stat| after.get(stat).packets - before.get(stat).packets;

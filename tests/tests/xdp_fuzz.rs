@@ -11,7 +11,7 @@
 //! runs; `cargo xtask fuzz-xdp --frames N [--seed S]` sets them. A failure names the seed and
 //! the frame's index, so it replays exactly.
 
-mod l4_support;
+mod xdp_support;
 
 use std::{
     collections::HashMap,
@@ -20,7 +20,7 @@ use std::{
 
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use fastrand::Rng;
-use l4_support::*;
+use xdp_support::*;
 use xlb::{dataplane::Dataplane, l4::settings::SnatPorts};
 
 const DEFAULT_FRAMES: usize = 100_000;

@@ -2,12 +2,12 @@
 //! verdict, the exact output bytes (built independently with etherparse, whose checksums must
 //! match the program's incremental updates byte for byte) and the counters that moved.
 
-mod l4_support;
+mod xdp_support;
 
 use std::{net::SocketAddrV4, thread, time::Duration};
 
 use etherparse::PacketBuilderStep;
-use l4_support::*;
+use xdp_support::*;
 use xlb::{dataplane::Dataplane, l4::settings::SnatPorts};
 
 /// A single SNAT port makes every rewritten source port predictable.

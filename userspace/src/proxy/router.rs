@@ -427,7 +427,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::proxy::test_support::{route, table};
+    use crate::proxy::test_support::{route, table, table_of};
     use crate::routes::Redirect;
 
     fn addr(port: u16) -> SocketAddr {
@@ -440,18 +440,6 @@ mod tests {
 
     fn ports(endpoints: &[Endpoint]) -> Vec<u16> {
         endpoints.iter().map(|e| e.addr().port()).collect()
-    }
-
-    /// A table from `(host, routes)` pairs.
-    fn table_of(hosts: Vec<(&str, Vec<Route>)>, default_backend: Option<Route>) -> RouteTable {
-        RouteTable {
-            routes: hosts
-                .into_iter()
-                .map(|(host, routes)| (host.to_owned(), routes))
-                .collect(),
-            default_backend,
-            rejected: Vec::new(),
-        }
     }
 
     fn with_root(mut route: Route, root: &str, rewrite: bool) -> Route {

@@ -13,20 +13,9 @@ use http::Request;
 use http_body_util::Full;
 
 use super::test_support::{
-    refused_addr, route, EchoBackend, RunningProxy, TestClient, TestResponse,
+    refused_addr, route, table_of, EchoBackend, RunningProxy, TestClient, TestResponse,
 };
-use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme};
-
-fn table(hosts: Vec<(&str, Vec<Route>)>, default_backend: Option<Route>) -> RouteTable {
-    RouteTable {
-        routes: hosts
-            .into_iter()
-            .map(|(host, routes)| (host.to_owned(), routes))
-            .collect(),
-        default_backend,
-        rejected: Vec::new(),
-    }
-}
+use crate::routes::{Balance, Redirect, Route, Scheme};
 
 fn balanced(service: &str, endpoints: &[SocketAddr], balance: Balance) -> Route {
     Route {
@@ -78,7 +67,7 @@ async fn the_longest_context_root_wins_and_rewrite_strips_it() {
     api_route.context_root_rewrite = true;
     let mut v2_route = route("v2", &[v2.addr]);
     v2_route.context_root = "/api/v2".into();
-    let proxy = RunningProxy::start_with_table(&table(
+    let proxy = RunningProxy::start_with_table(&table_of(
         vec![("app", vec![v2_route, api_route, route("web", &[web.addr])])],
         None,
     ))
@@ -104,7 +93,7 @@ async fn a_path_outside_every_context_root_of_a_host_is_404() {
     let backend = EchoBackend::start().await;
     let mut api = route("api", &[backend.addr]);
     api.context_root = "/api".into();
-    let proxy = RunningProxy::start_with_table(&table(vec![("app", vec![api])], None)).await;
+    let proxy = RunningProxy::start_with_table(&table_of(vec![("app", vec![api])], None)).await;
     let response = proxy.get("app", "/other").await;
     assert_eq!(response.status, 404);
     assert_eq!(
@@ -118,7 +107,7 @@ async fn a_path_outside_every_context_root_of_a_host_is_404() {
 #[tokio::test]
 async fn wildcard_hosts_route_subdomains_exact_names_first() {
     let [any, exact] = [EchoBackend::start().await, EchoBackend::start().await];
-    let proxy = RunningProxy::start_with_table(&table(
+    let proxy = RunningProxy::start_with_table(&table_of(
         vec![
             ("*.example.org", vec![route("any", &[any.addr])]),
             ("www.example.org", vec![route("exact", &[exact.addr])]),
@@ -150,7 +139,7 @@ async fn redirects_answer_302_to_the_target_with_the_request_uri() {
         source_host: "old.local".into(),
         target: "http://new.local".into(),
     }];
-    let proxy = RunningProxy::start_with_table(&table(
+    let proxy = RunningProxy::start_with_table(&table_of(
         vec![("old.local", vec![web.clone()]), ("new.local", vec![web])],
         None,
     ))
@@ -178,7 +167,7 @@ async fn ssl_only_answers_plain_http_with_301_to_https() {
     let backend = EchoBackend::start().await;
     let mut secure = route("secure", &[backend.addr]);
     secure.ssl_only = true;
-    let proxy = RunningProxy::start_with_table(&table(vec![("app", vec![secure])], None)).await;
+    let proxy = RunningProxy::start_with_table(&table_of(vec![("app", vec![secure])], None)).await;
     let response = proxy.get("App:80", "/x?y=1").await;
     assert_eq!(response.status, 301);
     assert_eq!(response.header("location"), "https://app/x?y=1");
@@ -188,7 +177,7 @@ async fn ssl_only_answers_plain_http_with_301_to_https() {
 #[tokio::test]
 async fn the_default_backend_serves_unknown_hosts_instead_of_503() {
     let [app, fallback] = [EchoBackend::start().await, EchoBackend::start().await];
-    let proxy = RunningProxy::start_with_table(&table(
+    let proxy = RunningProxy::start_with_table(&table_of(
         vec![("app", vec![route("app", &[app.addr])])],
         Some(route("fallback", &[fallback.addr])),
     ))
@@ -209,7 +198,7 @@ async fn sticky_sessions_stay_put_and_move_only_to_an_added_endpoint() {
     let newcomer = started.pop().unwrap();
     let three = addrs(&started);
     let proxy =
-        RunningProxy::start_with_table(&table(vec![("app", vec![sticky("app", &three)])], None))
+        RunningProxy::start_with_table(&table_of(vec![("app", vec![sticky("app", &three)])], None))
             .await;
     let mut client = proxy.client().await;
 
@@ -234,7 +223,7 @@ async fn sticky_sessions_stay_put_and_move_only_to_an_added_endpoint() {
     four.push(newcomer.addr);
     proxy
         .router
-        .update(&table(vec![("app", vec![sticky("app", &four)])], None));
+        .update(&table_of(vec![("app", vec![sticky("app", &four)])], None));
     let mut moved = 0;
     for (session, before) in &assigned {
         let cookie = format!("session=user-{session}");
@@ -271,7 +260,7 @@ async fn sticky_sessions_stay_put_and_move_only_to_an_added_endpoint() {
 #[tokio::test]
 async fn ip_hash_keeps_each_client_address_on_one_endpoint() {
     let started = backends(3).await;
-    let proxy = RunningProxy::start_with_table(&table(
+    let proxy = RunningProxy::start_with_table(&table_of(
         vec![(
             "app",
             vec![balanced("app", &addrs(&started), Balance::IpHash)],
@@ -306,7 +295,7 @@ async fn ip_hash_keeps_each_client_address_on_one_endpoint() {
 #[tokio::test]
 async fn least_outstanding_avoids_the_endpoint_busy_with_a_slow_request() {
     let started = backends(2).await;
-    let proxy = RunningProxy::start_with_table(&table(
+    let proxy = RunningProxy::start_with_table(&table_of(
         vec![(
             "app",
             vec![balanced("app", &addrs(&started), Balance::LeastConn)],
@@ -352,7 +341,7 @@ async fn every_balancing_method_falls_back_to_the_next_endpoint_on_refusal() {
         },
     ];
     for balance in methods {
-        let proxy = RunningProxy::start_with_table(&table(
+        let proxy = RunningProxy::start_with_table(&table_of(
             vec![("app", vec![balanced("app", &endpoints, balance.clone())])],
             None,
         ))

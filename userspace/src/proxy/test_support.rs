@@ -110,6 +110,18 @@ impl Drop for RunningProxy {
     }
 }
 
+/// A route table from `(host, routes)` pairs and a default backend.
+pub fn table_of(hosts: Vec<(&str, Vec<Route>)>, default_backend: Option<Route>) -> RouteTable {
+    RouteTable {
+        routes: hosts
+            .into_iter()
+            .map(|(host, routes)| (host.to_owned(), routes))
+            .collect(),
+        default_backend,
+        rejected: Vec::new(),
+    }
+}
+
 /// A route table with one round-robin service per host, named `svc-HOST`.
 pub fn table(routes: &[(&str, &[SocketAddr])]) -> RouteTable {
     let routes: BTreeMap<_, _> = routes

@@ -1,6 +1,7 @@
-//! Shared by the L4 packet tests: one loaded program with L4 services configured through the
-//! daemon's own map writer, frames built with etherparse, and checksum checks by etherparse
-//! (an implementation independent of the program's incremental updates).
+//! Shared by the XDP packet tests: one run of a frame through the kernel; for the L4 tests, a
+//! loaded program with L4 services configured through the daemon's own map writer, frames built
+//! with etherparse, and checksum checks by etherparse (an implementation independent of the
+//! program's incremental updates).
 
 #![allow(dead_code)] // each test crate uses a different part
 
