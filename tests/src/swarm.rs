@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -19,6 +19,13 @@ use crate::wait::wait_until;
 pub struct Swarm {
     dockerd: Dockerd,
     advertise_addr: Ipv4Addr,
+}
+
+/// A running task as a load balancer sees it: where it answers, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningTask {
+    pub endpoint: SocketAddr,
+    pub running_since: SystemTime,
 }
 
 impl Swarm {
@@ -88,6 +95,17 @@ impl Swarm {
         service: &str,
         target_port: u16,
     ) -> Result<Vec<SocketAddr>> {
+        let endpoints: BTreeSet<SocketAddr> = self
+            .running_tasks(service, target_port)?
+            .into_iter()
+            .map(|task| task.endpoint)
+            .collect();
+        Ok(endpoints.into_iter().collect())
+    }
+
+    /// Every running task of `service` publishing TCP `target_port` in host mode, with the
+    /// time Swarm recorded it entering the running state (its `Status.Timestamp`).
+    pub fn running_tasks(&self, service: &str, target_port: u16) -> Result<Vec<RunningTask>> {
         let task_ids = self.docker(&[
             "service",
             "ps",
@@ -105,12 +123,17 @@ impl Swarm {
         inspect_args.extend_from_slice(&task_ids);
         let tasks: Vec<Value> = serde_json::from_str(&self.docker(&inspect_args)?)
             .context("cannot parse `docker inspect` of tasks")?;
-        let mut endpoints = BTreeSet::new();
+        let mut running = Vec::new();
         for task in &tasks {
             if task["Status"]["State"] != "running" {
                 continue;
             }
+            let timestamp = task["Status"]["Timestamp"].as_str().unwrap_or_default();
+            let running_since: SystemTime = chrono::DateTime::parse_from_rfc3339(timestamp)
+                .with_context(|| format!("task status timestamp {timestamp:?}"))?
+                .into();
             let node_addr = self.node_addr(task["NodeID"].as_str().unwrap_or_default())?;
+            let mut published_ports = BTreeSet::new();
             for port in task["Status"]["PortStatus"]["Ports"]
                 .as_array()
                 .into_iter()
@@ -120,12 +143,16 @@ impl Swarm {
                     if let Some(published) = port["PublishedPort"].as_u64() {
                         let published = u16::try_from(published)
                             .with_context(|| format!("published port {published} out of range"))?;
-                        endpoints.insert(SocketAddr::new(node_addr, published));
+                        published_ports.insert(published);
                     }
                 }
             }
+            running.extend(published_ports.into_iter().map(|port| RunningTask {
+                endpoint: SocketAddr::new(node_addr, port),
+                running_since,
+            }));
         }
-        Ok(endpoints.into_iter().collect())
+        Ok(running)
     }
 
     /// The address a node advertises (`Status.Addr`), where its host-mode

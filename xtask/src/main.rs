@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`. The README's two commands are `cargo xtask demo` and
 //! `cargo xtask test`; both install what they need on a fresh Debian 12 machine.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod exec;
@@ -25,6 +26,8 @@ enum Command {
     Demo(demo::Options),
     /// Run every test: unit, packet-level (BPF_PROG_TEST_RUN) and end to end (dockerd + Swarm).
     Test(test::Options),
+    /// Measure xlb against nginx, HAProxy, kernel NAT and direct, side by side (as root).
+    Bench(bench::Options),
     /// Fuzz the XDP program with N seeded random and mutated frames (BPF_PROG_TEST_RUN).
     FuzzXdp(fuzz_xdp::Options),
 }
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(options) => demo::run(&options),
         Command::Test(options) => test::run(&options),
         Command::FuzzXdp(options) => fuzz_xdp::run(&options),
+        Command::Bench(options) => bench::run(&options).map(|_| ()),
     }
 }

@@ -1,9 +1,12 @@
-//! `cargo xtask test`: every test of the project, the command CI runs.
+//! `cargo xtask test`: every test of the project, the command CI runs: cargo's tests, then a
+//! `--quick` bench run checked for a complete report (never for speed).
 
 use std::process::Command;
 
+use anyhow::Context as _;
+
 use crate::{
-    build_ebpf,
+    bench, build_ebpf,
     exec::{exec, workspace_root},
     toolchain,
 };
@@ -30,5 +33,27 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .current_dir(workspace_root())
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(&options.cargo_test_args),
-    )
+    )?;
+    if options.cargo_test_args.is_empty() {
+        let quick_dir = workspace_root().join("target/bench/quick");
+        // A previous run's files must not stand in for this run's.
+        if quick_dir.exists() {
+            std::fs::remove_dir_all(&quick_dir)
+                .with_context(|| format!("removing {}", quick_dir.display()))?;
+        }
+        let quick = bench::Options {
+            section: bench::Section::All,
+            duration: 1,
+            rates: Vec::new(),
+            quick: true,
+            out: Some(quick_dir),
+        };
+        let out = bench::run(&quick)?;
+        bench::check_report(&out, &[bench::QUICK_RATE])?;
+        eprintln!(
+            "xtask: the --quick bench produced every row and file ({})",
+            out.display()
+        );
+    }
+    Ok(())
 }

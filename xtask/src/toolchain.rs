@@ -126,3 +126,28 @@ pub fn ebpf_path(linker_bin: &Path) -> anyhow::Result<std::ffi::OsString> {
         .chain(std::env::split_paths(&inherited));
     std::env::join_paths(dirs).context("PATH holds an unusable entry")
 }
+
+/// oha, the open-loop HTTP load generator (none is packaged for Debian 12).
+pub const OHA_VERSION: &str = "1.16.0";
+
+/// The `oha` binary, built from crates.io into the tools cache on first use (about 4 minutes).
+pub fn ensure_oha() -> anyhow::Result<PathBuf> {
+    let root = tools_dir().join(format!("oha-{OHA_VERSION}"));
+    let binary = root.join("bin/oha");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: building oha {OHA_VERSION} into {} (once, about 4 minutes)",
+        root.display()
+    );
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    exec(
+        Command::new("cargo")
+            .args(["install", &format!("oha@{OHA_VERSION}"), "--locked"])
+            .arg("--root")
+            .arg(&root),
+    )
+    .context("building oha failed (it needs crates.io)")?;
+    Ok(binary)
+}

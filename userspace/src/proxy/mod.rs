@@ -24,7 +24,7 @@ mod certificates;
 mod client_hello;
 mod handler;
 mod head_guard;
-mod headers;
+pub mod headers;
 mod health;
 mod http2;
 mod limits;
@@ -72,7 +72,7 @@ pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
 pub use handler::HandlerSettings;
 pub use health::EjectionPeriods;
 pub use limits::ClientLimits;
-pub use router::{Router, ServiceRoute};
+pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
 

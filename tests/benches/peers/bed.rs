@@ -1,0 +1,166 @@
+//! The bench bed: one Ethernet segment with a load-generator namespace (`client`), the load
+//! balancer (`lb-00`) and a Swarm node (`node`, a private dockerd), and one backend service
+//! published `mode=host`, labelled for both xlb's L7 proxy and its L4 path.
+//!
+//! ```text
+//!   client 10.79.X.2 ──┐
+//!   lb-00  10.79.X.10 ─┼── br0 (switch)   lb-00's switch port carries a native XDP_PASS
+//!   node   10.79.X.30 ─┘                  program, tx checksum offload is off everywhere
+//! ```
+//!
+//! Every row runs on this same bed, so the settings XDP needs (the peer program, offload off)
+//! are in place for every row, not only xlb's. lb-00 forwards nothing unless a row turns
+//! forwarding on (kernel NAT) and off again: every sysctl it depends on is set, never assumed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use xlb::{
+    dataplane::{AttachMode, Dataplane},
+    l4::{maglev::RingSize, settings::L4Settings},
+};
+use xlb_testbed::{
+    build_docker_demo_binary, in_netns, require_root, Dockerd, Host, Netns, ScratchDir, Segment,
+    Swarm,
+};
+
+pub const SERVICE: &str = "bench";
+pub const HOST: &str = "bench.local";
+pub const IMAGE: &str = "xlb-bench-backend:latest";
+pub const TARGET_PORT: u16 = 8080;
+/// The L7 proxies' port on lb-00 (the seed config's `PublishedPort`).
+pub const L7_PORT: u16 = 80;
+/// xlb's admin endpoint on lb-00 (`ListenAddr`).
+pub const ADMIN_PORT: u16 = 8080;
+/// The L4 listener on lb-00, for every L4 row (`xlb.l4.ports=9000:8080`).
+pub const L4_PORT: u16 = 9000;
+pub const PATH: &str = "/ping";
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Fields drop in declaration order: the Swarm (and its engine) first, the switch last.
+pub struct Bed {
+    pub swarm: Swarm,
+    pub client: Host,
+    pub lb: Host,
+    pub node: Host,
+    /// The task endpoint every row ends at.
+    pub backend: SocketAddr,
+    pub scratch: ScratchDir,
+    _peer_program: Dataplane,
+    _segment: Segment,
+}
+
+impl Bed {
+    pub fn create() -> Result<Bed> {
+        require_root()?;
+        let docker_demo = build_docker_demo_binary()?;
+        let segment = Segment::create()?;
+        let client = segment.add_host("client", 2)?;
+        let lb = segment.add_host("lb-00", 10)?;
+        let node = segment.add_host("node", 30)?;
+        let peer_program = attach_peer_program(&segment, &lb)?;
+        set_router_off(&lb.netns)?;
+
+        let swarm = Swarm::init(Dockerd::start(&node.netns)?, node.addr)?;
+        swarm.build_image(IMAGE, &docker_demo)?;
+        swarm.service_create(&[
+            "--name",
+            SERVICE,
+            "--label",
+            &format!("com.docker.lb.hosts={HOST}"),
+            "--label",
+            &format!("com.docker.lb.port={TARGET_PORT}"),
+            "--label",
+            &format!("xlb.l4.ports={L4_PORT}:{TARGET_PORT}"),
+            "--publish",
+            &format!("mode=host,target={TARGET_PORT}"),
+            "--env",
+            "METADATA=bench",
+            IMAGE,
+        ])?;
+        let backend = swarm.wait_for_task_endpoints(SERVICE, TARGET_PORT, 1, CONVERGE)?[0];
+        Ok(Bed {
+            swarm,
+            client,
+            lb,
+            node,
+            backend,
+            scratch: ScratchDir::create("bench")?,
+            _peer_program: peer_program,
+            _segment: segment,
+        })
+    }
+
+    /// How the bed is built, for the report.
+    pub fn describe(&self) -> String {
+        format!(
+            "Topology: namespaces client ({}), lb-00 ({}) and node ({}, a private dockerd + Swarm) \
+             on one bridge; the backend is the Swarm service `{SERVICE}` (tests/docker-demo, \
+             FROM scratch) published mode=host at {}. lb-00's bridge port has a native XDP_PASS \
+             program and tx checksum offload is off on every veth, for every row.",
+            self.client.addr, self.lb.addr, self.node.addr, self.backend
+        )
+    }
+
+    /// Where the L7 proxies listen.
+    pub fn l7_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.lb.addr.into(), L7_PORT)
+    }
+
+    /// Where the L4 rows listen.
+    pub fn l4_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.lb.addr.into(), L4_PORT)
+    }
+
+    /// xlb's admin endpoint.
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.lb.addr.into(), ADMIN_PORT)
+    }
+}
+
+/// XDP_TX out of lb-00's veth is delivered only when the peer end (the bridge port) has a
+/// native XDP program; xlb's own program with no service passes everything.
+fn attach_peer_program(segment: &Segment, lb: &Host) -> Result<Dataplane> {
+    in_netns(&segment.switch, || -> Result<Dataplane> {
+        let mut program = Dataplane::load_with(&L4Settings {
+            ring_size: RingSize::new(3).expect("3 is prime"),
+            flow_entries: 16,
+            service_slots: 1,
+            ..L4Settings::default()
+        })?;
+        let mode = program.attach(&lb.switch_port)?;
+        anyhow::ensure!(
+            mode == AttachMode::Native,
+            "the peer XDP program attached in {mode:?} mode; XDP_TX needs native"
+        );
+        Ok(program)
+    })?
+    .context("attaching the XDP_PASS program to lb-00's bridge port")
+}
+
+/// lb-00 as a host, not a router: no forwarding, no redirects, FORWARD dropped. A namespace
+/// inherits the host's IPv4 settings (`ip_forward=1` where Docker runs), so each is set.
+pub fn set_router_off(lb: &Netns) -> Result<()> {
+    write_sysctls(
+        lb,
+        &[
+            ("net/ipv4/ip_forward", "0"),
+            ("net/ipv4/conf/all/send_redirects", "0"),
+            ("net/ipv4/conf/default/send_redirects", "0"),
+        ],
+    )?;
+    lb.run("iptables", &["-P", "FORWARD", "DROP"])?;
+    Ok(())
+}
+
+/// Writes `/proc/sys/<key>` inside `netns` (no procps needed).
+pub fn write_sysctls(netns: &Netns, settings: &[(&str, &str)]) -> Result<()> {
+    let script = settings
+        .iter()
+        .map(|(key, value)| format!("echo {value} > /proc/sys/{key}"))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    netns.run("sh", &["-c", &script])?;
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! Micro-benchmarks of what xlb does per request and per packet, through the real functions
+//! and, for packets, the real XDP program in the kernel (BPF_PROG_TEST_RUN): nothing is mocked.
+//!
+//! - `route_lookup`: the proxy's router finding a request's route among 1 000 services, by an
+//!   exact host (`exact_host`) and by a wildcard host whose service has a context root
+//!   (`wildcard_host_context_root`), with the router built from `route_table` as the daemon does.
+//! - `response_decoration/interlock_headers`: an upstream's response head made the client's
+//!   (hop-by-hop headers removed, Interlock's five `x-*` headers stamped).
+//! - `request_id/new`: one request id, as the proxy makes for every request.
+//! - `maglev`: one service's Maglev table with the default ring size, for 10 and 100 backends.
+//! - `xdp_packet`: one frame through the XDP program: a SYN for the L7 proxy, passed
+//!   (`l7_pass`); a SYN for an L4 service, NATed with a new conntrack entry (`l4_new_flow`); an
+//!   ACK of an established L4 flow (`l4_established`). Needs root; skipped without it.
+//!
+//! `cargo xtask bench` reads each `target/criterion/<group>/<id>/new/estimates.json`, so the
+//! group and bench names are an interface: renaming one breaks it.
+
+mod support;
+
+use std::{
+    hint::black_box,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use etherparse::{PacketBuilder, PacketBuilderStep, TcpHeader};
+use http::{header, uri::PathAndQuery, HeaderMap, HeaderValue};
+use support::{can_load_xdp, exact_host, l7_service_name, swarm_snapshot, SwarmShape, L7_PORTS};
+use xlb::{
+    build_info,
+    dataplane::Dataplane,
+    l4::{
+        maglev::{maglev_table, RingSize},
+        maps::{BackendPlan, ServicePlan},
+        service::{Listener, Protocol},
+    },
+    proxy::{
+        headers::{prepare_client_response, ProxyIdentity, RequestId, UpstreamAnswer},
+        Routed, Router, Scheme,
+    },
+    routes::{route_table, RouteSettings},
+};
+use xlb_common::{NextHop, Stat};
+
+fn route_lookup(c: &mut Criterion) {
+    let snapshot = swarm_snapshot(SwarmShape {
+        l7_services: 1_000,
+        l4_services: 0,
+        tasks_per_service: 3,
+        nodes: 8,
+    });
+    let table = route_table(&snapshot, &RouteSettings::default());
+    assert!(table.rejected.is_empty(), "{:?}", table.rejected);
+    let router = Router::new();
+    router.update(&table);
+
+    // Service 504 has a host of its own; services 500 and 501 share `*.tenants-50`, at `/` and
+    // at `/api`: the lookup misses the exact hosts, finds the wildcard, then the context root.
+    let exact = (exact_host(504), "/index.html", l7_service_name(504));
+    let wildcard = (
+        "shop.tenants-50.example.org".to_owned(),
+        "/api/orders/17?page=2",
+        l7_service_name(501),
+    );
+    let mut group = c.benchmark_group("route_lookup");
+    for (id, (host, target, service)) in [
+        ("exact_host", exact),
+        ("wildcard_host_context_root", wildcard),
+    ] {
+        let target = PathAndQuery::from_static(target);
+        assert_eq!(routed_service(&router, &host, &target), service);
+        group.bench_function(id, |b| {
+            b.iter(|| router.route(Scheme::Http, black_box(&host), black_box(&target)))
+        });
+    }
+    group.finish();
+}
+
+/// The service a request is forwarded to, checked before measuring so that a typo in a host
+/// cannot turn the benchmark into one of a miss.
+fn routed_service(router: &Router, host: &str, target: &PathAndQuery) -> String {
+    match router.route(Scheme::Http, host, target) {
+        Ok(Routed::Forward { route, .. }) => route.service().to_owned(),
+        other => panic!("{host}{target} is not forwarded: {other:?}"),
+    }
+}
+
+fn response_decoration(c: &mut Criterion) {
+    let identity = ProxyIdentity::new("lb-00", &build_info::server_info()).unwrap();
+    let request_id = RequestId::fresh();
+    let upstream = UpstreamAnswer {
+        addr: "10.1.0.3:10042".parse().unwrap(),
+        response_time: Duration::from_micros(4_400),
+    };
+    // A typical upstream head, hop-by-hop headers included since the proxy removes them too.
+    let mut head = HeaderMap::new();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CONTENT_LENGTH, "5120"),
+        (header::DATE, "Mon, 02 Jun 2025 10:00:00 GMT"),
+        (header::CACHE_CONTROL, "no-cache"),
+        (header::CONNECTION, "keep-alive"),
+        (header::HeaderName::from_static("keep-alive"), "timeout=5"),
+    ] {
+        head.insert(name, HeaderValue::from_static(value));
+    }
+    let mut group = c.benchmark_group("response_decoration");
+    group.bench_function("interlock_headers", |b| {
+        b.iter_batched_ref(
+            || head.clone(),
+            |headers| prepare_client_response(headers, &request_id, &identity, upstream),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn request_id(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request_id");
+    group.bench_function("new", |b| b.iter(RequestId::fresh));
+    group.finish();
+}
+
+fn maglev(c: &mut Criterion) {
+    let mut group = c.benchmark_group("maglev");
+    for count in [10, 100] {
+        let endpoints: Vec<(SocketAddr, u32)> = (0..count)
+            .map(|index| {
+                let node = Ipv4Addr::new(10, 1, 0, 1 + (index % 8) as u8);
+                let endpoint = SocketAddr::from((node, 10_000 + index as u16));
+                (endpoint, index + 1)
+            })
+            .collect();
+        group.bench_function(format!("build_ring_{count}_backends"), |b| {
+            b.iter(|| maglev_table(black_box(&endpoints), RingSize::DEFAULT))
+        });
+    }
+    group.finish();
+}
+
+/// The kernel's XDP verdicts (`enum xdp_action`).
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbe];
+const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+const SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 78, 1, 1);
+const L4_SERVICE: Listener = Listener {
+    port: 5432,
+    protocol: Protocol::Tcp,
+};
+/// BPF_PROG_TEST_RUN runs the program as if the frame arrived on loopback; a next hop on the
+/// same interface makes forwarded frames `XDP_TX`, which a test run never transmits.
+const TEST_RUN_IFINDEX: u32 = 1;
+/// Backends of the L4 service: enough (backend, SNAT port) pairs that a new flow's first SNAT
+/// port is almost always free (under 5% of them are taken before the program is reloaded).
+const L4_BACKENDS: u16 = 100;
+/// New flows per loaded program: 20 000 take 40 000 of the connection table's 262 144 entries.
+/// A fuller table makes each insert dearer (cache misses, then LRU eviction once full), so
+/// without a bound the result would depend on how many iterations criterion chose.
+const NEW_FLOWS_PER_LOAD: u32 = 20_000;
+/// Frames per `BPF_PROG_TEST_RUN` call when the frame can be run again as it is.
+const REPEAT: u32 = 10_000;
+
+/// The program with the defaults the daemon loads it with, the proxy on 80 and 443, and one
+/// L4 service with [`L4_BACKENDS`] backends.
+fn loaded_dataplane() -> Dataplane {
+    let mut dataplane = Dataplane::load().expect("load the XDP program");
+    dataplane.set_l7_ports(&L7_PORTS).unwrap();
+    let backends = (0..L4_BACKENDS)
+        .map(|index| BackendPlan {
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 78, 2, 1 + index as u8), 30_000 + index),
+            snat_addr: SNAT_ADDR,
+            next_hop: NextHop {
+                ifindex: TEST_RUN_IFINDEX,
+                src_mac: LB_MAC,
+                dst_mac: BACKEND_MAC,
+            },
+        })
+        .collect();
+    let service = ServicePlan {
+        listener: L4_SERVICE,
+        addresses: vec![LB_ADDR],
+        backends,
+    };
+    dataplane.l4().apply(&[service]).unwrap();
+    dataplane
+}
+
+type TcpFlags = fn(PacketBuilderStep<TcpHeader>) -> PacketBuilderStep<TcpHeader>;
+
+fn syn(step: PacketBuilderStep<TcpHeader>) -> PacketBuilderStep<TcpHeader> {
+    step.syn()
+}
+
+fn ack(step: PacketBuilderStep<TcpHeader>) -> PacketBuilderStep<TcpHeader> {
+    step.ack(1)
+}
+
+/// A client's TCP segment to the LB, 64-byte frame, no payload.
+fn tcp_to_lb(client: SocketAddrV4, port: u16, flags: TcpFlags) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(client.ip().octets(), LB_ADDR.octets(), 64)
+        .tcp(client.port(), port, 1000, 64240);
+    let mut frame = Vec::new();
+    flags(builder).write(&mut frame, &[]).unwrap();
+    frame
+}
+
+/// The `index`-th of 2^24 distinct clients (address and port).
+fn client(index: u32) -> SocketAddrV4 {
+    let [_, hi, lo, port_bits] = index.to_be_bytes();
+    let addr = Ipv4Addr::new(10, 79, hi, lo);
+    SocketAddrV4::new(addr, 40_000 + u16::from(port_bits))
+}
+
+/// Runs `frame` `repeat` times in one call; returns the kernel's time per run.
+fn run(dataplane: &mut Dataplane, frame: &[u8], repeat: u32, verdict: u32) -> Duration {
+    let result = dataplane
+        .program()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(result.return_value, verdict, "verdict of {frame:02x?}");
+    result.duration
+}
+
+/// Runs `frame` once and checks that it took the path the benchmark is named after.
+fn assert_counted(dataplane: &mut Dataplane, frame: &[u8], verdict: u32, stat: Stat) {
+    let before = dataplane.stats().unwrap().get(stat).packets;
+    run(dataplane, frame, 1, verdict);
+    let after = dataplane.stats().unwrap().get(stat).packets;
+    assert_eq!(
+        after - before,
+        1,
+        "{frame:02x?} is not counted as {}",
+        stat.name()
+    );
+}
+
+/// Per-packet times are the kernel's own (`TestRunResult::duration`, its mean time per run in
+/// one call), handed to criterion through `iter_custom`: copying the frame in and out and the
+/// syscall itself are not what a packet costs on the wire.
+fn xdp_packet(c: &mut Criterion) {
+    if !can_load_xdp("xdp_packet") {
+        return;
+    }
+    let mut group = c.benchmark_group("xdp_packet");
+
+    let mut dataplane = loaded_dataplane();
+    let l7_syn = tcp_to_lb(client(0), 80, syn);
+    assert_counted(&mut dataplane, &l7_syn, XDP_PASS, Stat::ClassL7);
+    // A passed frame is left as it came in, so one call can run it REPEAT times; the kernel
+    // reports the mean time per run, truncated to whole nanoseconds.
+    group.bench_function("l7_pass", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let repeat = left.min(u64::from(REPEAT)) as u32;
+                total += run(&mut dataplane, &l7_syn, repeat, XDP_PASS) * repeat;
+                left -= u64::from(repeat);
+            }
+            total
+        })
+    });
+
+    // An L4 frame is rewritten in place (NAT), and with `repeat` the kernel runs the program
+    // again on the rewritten frame, which is no longer for the service: 1 run of 1000 would be
+    // NATed and 999 passed. So each L4 frame gets a call of its own (`repeat` = 1), and its
+    // time includes the kernel's fixed cost of timing one call (tens of nanoseconds: l7_pass
+    // costs that much more with `repeat` = 1).
+    let mut new_flows = NewFlows::start();
+    group.bench_function("l4_new_flow", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| new_flows.next()).sum())
+    });
+
+    let established = client(0);
+    let first_syn = tcp_to_lb(established, L4_SERVICE.port, syn);
+    assert_counted(&mut dataplane, &first_syn, XDP_TX, Stat::L4NewFlow);
+    let l4_ack = tcp_to_lb(established, L4_SERVICE.port, ack);
+    assert_counted(&mut dataplane, &l4_ack, XDP_TX, Stat::L4Forwarded);
+    group.bench_function("l4_established", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| run(&mut dataplane, &l4_ack, 1, XDP_TX))
+                .sum()
+        })
+    });
+    group.finish();
+}
+
+/// SYNs of distinct clients, each a new flow, on a program reloaded (untimed) every
+/// [`NEW_FLOWS_PER_LOAD`] flows so that the connection table never fills.
+struct NewFlows {
+    dataplane: Dataplane,
+    flows: u32,
+}
+
+impl NewFlows {
+    fn start() -> NewFlows {
+        let mut dataplane = loaded_dataplane();
+        assert_counted(
+            &mut dataplane,
+            &tcp_to_lb(client(0), L4_SERVICE.port, syn),
+            XDP_TX,
+            Stat::L4NewFlow,
+        );
+        NewFlows {
+            dataplane,
+            flows: 1,
+        }
+    }
+
+    /// The kernel's time for the next client's SYN.
+    fn next(&mut self) -> Duration {
+        if self.flows == NEW_FLOWS_PER_LOAD {
+            *self = NewFlows::start();
+        }
+        let frame = tcp_to_lb(client(self.flows), L4_SERVICE.port, syn);
+        self.flows += 1;
+        run(&mut self.dataplane, &frame, 1, XDP_TX)
+    }
+}
+
+criterion_group!(
+    benches,
+    route_lookup,
+    response_decoration,
+    request_id,
+    maglev,
+    xdp_packet
+);
+criterion_main!(benches);

@@ -1,0 +1,243 @@
+//! `cargo xtask bench [l7|l4|control|micro|all]`: xlb measured side by side with nginx,
+//! HAProxy, kernel NAT and direct, in one run, on namespaces it creates and removes.
+//!
+//! It installs what the run needs (Debian's nginx-light, haproxy, wrk and linux-perf; oha
+//! built once into the tools cache), builds xlb with its XDP program, runs criterion's micro
+//! and control benches (`userspace/benches/`), then the side-by-side program
+//! (`tests/benches/peers/`), which prints the tables and writes `report.md`, `report.json` and
+//! SVG plots under `target/bench/<timestamp>/`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    build_ebpf,
+    exec::{exec, workspace_root},
+    toolchain,
+};
+
+/// Debian packages the bench runs besides the test packages: the peers and the load.
+pub const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk", "linux-perf"];
+/// The one open-loop rate of a `--quick` run (the peers program's choice, checked here).
+pub const QUICK_RATE: u32 = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    L7,
+    L4,
+    Control,
+    Micro,
+    All,
+}
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Section::L7 => "l7",
+            Section::L4 => "l4",
+            Section::Control => "control",
+            Section::Micro => "micro",
+            Section::All => "all",
+        }
+    }
+
+    /// Whether criterion's benches run for this section (micro; control's snapshot bench).
+    fn criterion_benches(self) -> &'static [&'static str] {
+        match self {
+            Section::Micro => &["micro"],
+            Section::Control => &["control"],
+            Section::All => &["micro", "control"],
+            Section::L7 | Section::L4 => &[],
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// What to measure.
+    #[arg(value_enum, default_value = "all")]
+    pub section: Section,
+    /// Seconds of load per measurement.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Open-loop rates in requests per second (each measured for --duration).
+    #[arg(long = "rate", num_args = 1..)]
+    pub rates: Vec<u32>,
+    /// About a second per row: checks that the bench works, its numbers mean little.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where the report goes (default: target/bench/<timestamp>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs the bench; returns the directory holding its report.
+pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
+    toolchain::require_root("`cargo xtask bench`")?;
+    toolchain::ensure_packages(toolchain::RUNTIME_PACKAGES)?;
+    toolchain::ensure_packages(BENCH_PACKAGES)?;
+    let oha = toolchain::ensure_oha()?;
+    build_ebpf::run(&build_ebpf::Options { release: true })?;
+    let root = workspace_root();
+    exec(cargo(&root).args(["build", "--release", "-p", "xlb", "--bins"]))?;
+
+    let out = match &options.out {
+        Some(out) => out.clone(),
+        None => root.join("target/bench").join(timestamp()?),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let criterion_dir = out.join("criterion");
+    for bench in options.section.criterion_benches() {
+        let mut command = cargo(&root);
+        command
+            .args(["bench", "-p", "xlb", "--bench", bench])
+            .env("CRITERION_HOME", &criterion_dir);
+        if options.quick {
+            command.args(["--", "--quick"]);
+        }
+        exec(&mut command)?;
+    }
+
+    let mut peers = cargo(&root);
+    peers
+        .args(["bench", "-p", "xlb-testbed", "--bench", "peers", "--"])
+        .arg(options.section.name())
+        .arg("--out")
+        .arg(&out)
+        .arg("--xlb")
+        .arg(root.join("target/release/xlb"))
+        .arg("--oha")
+        .arg(&oha)
+        .arg("--criterion-dir")
+        .arg(&criterion_dir)
+        .args(["--duration", &options.duration.to_string()])
+        .arg("--command")
+        .arg(command_line(options));
+    if !options.rates.is_empty() {
+        peers.arg("--rate");
+        peers.args(options.rates.iter().map(u32::to_string));
+    }
+    if options.quick {
+        peers.arg("--quick");
+    }
+    exec(&mut peers)?;
+    Ok(out)
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO"));
+    command.current_dir(root);
+    command
+}
+
+/// The command as the user would type it, for the report.
+fn command_line(options: &Options) -> String {
+    let mut line = format!("cargo xtask bench {}", options.section.name());
+    if options.quick {
+        line.push_str(" --quick");
+    } else {
+        line.push_str(&format!(" --duration {}", options.duration));
+    }
+    for rate in &options.rates {
+        line.push_str(&format!(" --rate {rate}"));
+    }
+    line
+}
+
+fn timestamp() -> anyhow::Result<String> {
+    let output = Command::new("date")
+        .arg("-u")
+        .arg("+%Y%m%d-%H%M%S")
+        .output()
+        .context("running date")?;
+    if !output.status.success() {
+        bail!("date failed: {}", output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// What `cargo xtask test` checks of a `--quick` run: every row produced numbers and every
+/// file exists. Nothing about speed.
+pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
+    let path = dir.join("report.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let mut problems = Vec::new();
+    for (table, expected_rows) in [("l7", 7), ("l4", 10)] {
+        let rows = report[table].as_array().cloned().unwrap_or_default();
+        if rows.len() != expected_rows {
+            problems.push(format!(
+                "{table}: {} rows, expected {expected_rows}",
+                rows.len()
+            ));
+        }
+        for row in &rows {
+            let name = format!("{table} {} ({})", row["name"], row["variant"]);
+            if !row["error"].is_null() {
+                problems.push(format!("{name}: {}", row["error"]));
+            }
+            if row["closed"]["requests"].as_u64().unwrap_or(0) == 0 {
+                problems.push(format!("{name}: no closed-loop requests"));
+            }
+            if row["cost"]["machine_busy_us_per_request"]
+                .as_f64()
+                .is_none()
+            {
+                problems.push(format!("{name}: no cost"));
+            }
+            let keep_alive = row["connections"] == "keep-alive";
+            let open = row["open"].as_array().map_or(0, Vec::len);
+            if keep_alive && open != rates.len() {
+                problems.push(format!(
+                    "{name}: {open} open-loop results, expected {}",
+                    rates.len()
+                ));
+            }
+        }
+    }
+    let control = &report["control"];
+    if !control["error"].is_null()
+        || control["routable_after_ms"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    {
+        problems.push(format!("control: {}", control));
+    }
+    for bench in report["micro"].as_array().into_iter().flatten() {
+        if bench["mean_ns"].as_f64().is_none() {
+            problems.push(format!(
+                "micro {}/{}: no result",
+                bench["group"], bench["id"]
+            ));
+        }
+    }
+    let mut files = vec![
+        "report.md".to_owned(),
+        "l7-latency.svg".to_owned(),
+        "l7-cpu.svg".to_owned(),
+        "l4-latency-keep-alive.svg".to_owned(),
+        "l4-latency-new-connection.svg".to_owned(),
+        "l4-cpu-keep-alive.svg".to_owned(),
+        "l4-cpu-new-connection.svg".to_owned(),
+    ];
+    files.extend(rates.iter().map(|rate| format!("l7-open-{rate}.svg")));
+    for file in files {
+        if !dir.join(&file).is_file() {
+            problems.push(format!("{file} is missing"));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "the bench report in {} is incomplete:\n- {}",
+            dir.display(),
+            problems.join("\n- ")
+        );
+    }
+    Ok(())
+}
