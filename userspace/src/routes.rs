@@ -158,6 +158,7 @@ struct ServiceLabels {
 /// rejected.
 pub fn route_table(snapshot: &SwarmSnapshot, settings: &RouteSettings) -> RouteTable {
     let node_addrs = node_addresses(&snapshot.nodes);
+    let tasks = snapshot.tasks_by_service();
     let mut services: Vec<&Service> = snapshot
         .services
         .iter()
@@ -172,16 +173,10 @@ pub fn route_table(snapshot: &SwarmSnapshot, settings: &RouteSettings) -> RouteT
         let name = service_name(service);
         let routed = match serves_cluster(service, settings) {
             Ok(false) => continue,
-            Ok(true) => {
-                let tasks = snapshot
-                    .tasks
-                    .iter()
-                    .filter(|task| task.service_id == service.id);
-                service_labels(service, settings).and_then(|labels| {
-                    let endpoints = endpoints(&labels, tasks, &node_addrs)?;
-                    table.claim(&name, labels, endpoints)
-                })
-            }
+            Ok(true) => service_labels(service, settings).and_then(|labels| {
+                let endpoints = endpoints(&labels, tasks.of(service), &node_addrs)?;
+                table.claim(&name, labels, endpoints)
+            }),
             Err(reason) => Err(reason),
         };
         if let Err(reason) = routed {
@@ -319,15 +314,15 @@ fn service_labels(service: &Service, settings: &RouteSettings) -> Result<Service
 }
 
 /// Node address + published port of each running task, or why the service has none.
-fn endpoints<'a>(
+fn endpoints(
     labels: &ServiceLabels,
-    tasks: impl Iterator<Item = &'a Task>,
+    tasks: &[&Task],
     node_addrs: &HashMap<&str, IpAddr>,
 ) -> Result<Vec<SocketAddr>, String> {
     let port = labels.port;
     let mut endpoints = BTreeSet::new();
     let mut running_without_port = 0;
-    for task in tasks.filter(|task| is_running(task)) {
+    for task in tasks.iter().filter(|task| is_running(task)) {
         let node = task.node_id.as_deref().and_then(|id| node_addrs.get(id));
         let published = host_published_ports(task, port);
         if published.is_empty() {

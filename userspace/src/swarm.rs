@@ -25,6 +25,35 @@ pub struct SwarmSnapshot {
     pub nodes: Vec<Node>,
 }
 
+impl SwarmSnapshot {
+    /// The tasks grouped by service, in one pass over them: the route tables look each
+    /// service's tasks up here, since scanning every task for every service made a build
+    /// O(services × tasks), seconds for 10 000 services with 100 000 tasks.
+    pub fn tasks_by_service(&self) -> TasksByService<'_> {
+        let mut by_service: HashMap<Option<&str>, Vec<&Task>> = HashMap::new();
+        for task in &self.tasks {
+            by_service
+                .entry(task.service_id.as_deref())
+                .or_default()
+                .push(task);
+        }
+        TasksByService(by_service)
+    }
+}
+
+/// A snapshot's tasks by the id of their service, see [`SwarmSnapshot::tasks_by_service`].
+#[derive(Debug)]
+pub struct TasksByService<'a>(HashMap<Option<&'a str>, Vec<&'a Task>>);
+
+impl<'a> TasksByService<'a> {
+    /// The tasks of one of the snapshot's services, in snapshot order.
+    pub fn of(&self, service: &'a Service) -> &[&'a Task] {
+        self.0
+            .get(&service.id.as_deref())
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
     #[error("DockerURL {0:?} is neither unix:///path nor tcp://host:port")]

@@ -145,6 +145,7 @@ fn parse_claim(item: &str) -> Option<PortClaim> {
 /// `l7_ports` (where the L7 proxy listens).
 pub fn l4_route_table(snapshot: &SwarmSnapshot, l7_ports: &[u16]) -> L4RouteTable {
     let node_addrs = node_addresses(&snapshot.nodes);
+    let tasks_by_service = snapshot.tasks_by_service();
     let mut services: Vec<&Service> = snapshot
         .services
         .iter()
@@ -156,10 +157,11 @@ pub fn l4_route_table(snapshot: &SwarmSnapshot, l7_ports: &[u16]) -> L4RouteTabl
     let mut rejected = Vec::new();
     for service in services {
         let name = service_name(service);
-        let tasks: Vec<&Task> = snapshot
-            .tasks
+        let tasks: Vec<&Task> = tasks_by_service
+            .of(service)
             .iter()
-            .filter(|task| task.service_id == service.id && is_running(task))
+            .copied()
+            .filter(|task| is_running(task))
             .collect();
         let routes = parse_l4_ports(label(service, LABEL_L4_PORTS).unwrap_or_default())
             .and_then(|claims| check_free(&claims, &listeners, l7_ports).map(|()| claims))
