@@ -98,7 +98,8 @@ impl Bed {
             "Topology: namespaces client ({}), lb-00 ({}) and node ({}, a private dockerd + Swarm) \
              on one bridge; the backend is the Swarm service `{SERVICE}` (tests/docker-demo, \
              FROM scratch) published mode=host at {}. lb-00's bridge port has a native XDP_PASS \
-             program and tx checksum offload is off on every veth, for every row.",
+             program and tx checksum offload is off on every veth, for every row; lb-00 has \
+             forwarding off (but for kernel NAT's row) and tcp_tw_reuse=1.",
             self.client.addr, self.lb.addr, self.node.addr, self.backend
         )
     }
@@ -141,6 +142,12 @@ fn attach_peer_program(segment: &Segment, lb: &Host) -> Result<Dataplane> {
 
 /// lb-00 as a host, not a router: no forwarding, no redirects, FORWARD dropped. A namespace
 /// inherits the host's IPv4 settings (`ip_forward=1` where Docker runs), so each is set.
+///
+/// `tcp_tw_reuse=1`, as on a production proxy node: a proxy holding fewer idle upstream
+/// connections than its clients use (nginx's `keepalive 32`, xlb's 32 per endpoint, against 64
+/// client connections) opens and closes upstream connections all the time, and without reuse
+/// their TIME_WAIT ports pile up until every connect scans a nearly full port range, which
+/// would make each row pay for the rows before it.
 pub fn set_router_off(lb: &Netns) -> Result<()> {
     write_sysctls(
         lb,
@@ -148,6 +155,7 @@ pub fn set_router_off(lb: &Netns) -> Result<()> {
             ("net/ipv4/ip_forward", "0"),
             ("net/ipv4/conf/all/send_redirects", "0"),
             ("net/ipv4/conf/default/send_redirects", "0"),
+            ("net/ipv4/tcp_tw_reuse", "1"),
         ],
     )?;
     lb.run("iptables", &["-P", "FORWARD", "DROP"])?;

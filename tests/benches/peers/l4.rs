@@ -1,9 +1,11 @@
 //! The L4 table: GETs to the L4 port of lb-00, both a new TCP connection per request and
-//! keep-alive, through kernel NAT (iptables DNAT + MASQUERADE), HAProxy `mode tcp` and xlb's
-//! XDP path (the service's `xlb.l4.ports` label), against `direct` (client → backend) and
-//! `the wire` (the load generator inside lb-00 → backend: one crossing of lb-00's veth each
-//! way, the transport any balancer on lb-00 adds to direct). The machine's busy time is the
-//! cost figure here, since XDP and the kernel's forwarding run in softirq, outside any process.
+//! keep-alive, through HAProxy `mode tcp`, xlb's XDP path (the service's `xlb.l4.ports`
+//! label) and kernel NAT (iptables DNAT + MASQUERADE), against `direct` (client → backend)
+//! and `the wire` (the load generator inside lb-00 → backend). On this bridged segment the
+//! wire crosses as many veths as direct, from lb-00's namespace: it is the path of a balancer's
+//! own upstream half. A balancer on lb-00 adds a crossing into lb-00 and out of it, which is
+//! what its "over direct" column prices. The machine's busy time is the cost figure here,
+//! since XDP and the kernel's forwarding run in softirq, outside any process.
 
 use anyhow::Result;
 
@@ -11,7 +13,7 @@ use crate::{
     bed::Bed,
     load::{Connections, Target},
     progress::Progress,
-    proxies::{self, AccessLog, KernelNat, ProxyInputs},
+    proxies::{self, AccessLog, KernelNat, ProxyInputs, Running},
     row::{self, Row, RowSpec},
     Options, Plan,
 };
@@ -21,6 +23,22 @@ struct Setup<'a> {
     from: &'a xlb_testbed::Netns,
     to: std::net::SocketAddr,
     pids: Vec<u32>,
+}
+
+/// The client aiming at lb-00's L4 port, once `started` (the program on lb-00) is up.
+fn via_lb<'a, T>(
+    bed: &'a Bed,
+    started: &Result<T>,
+    pids: impl FnOnce(&T) -> Vec<u32>,
+) -> Result<Setup<'a>> {
+    match started {
+        Ok(running) => Ok(Setup {
+            from: &bed.client.netns,
+            to: bed.l4_addr(),
+            pids: pids(running),
+        }),
+        Err(error) => Err(anyhow::anyhow!("{error:#}")),
+    }
 }
 
 pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -> Result<Vec<Row>> {
@@ -76,19 +94,6 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
         }),
     );
     {
-        let nat = KernelNat::start(bed);
-        measure_both(
-            "kernel NAT (iptables)",
-            nat.as_ref()
-                .map(|_| Setup {
-                    from: &bed.client.netns,
-                    to: bed.l4_addr(),
-                    pids: Vec::new(),
-                })
-                .map_err(|error| anyhow::anyhow!("{error:#}")),
-        );
-    }
-    {
         let inputs = ProxyInputs {
             listen: bed.l4_addr(),
             backend: bed.backend,
@@ -96,17 +101,7 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
             access_log: AccessLog::Off,
         };
         let haproxy = proxies::start_haproxy_tcp(bed, &inputs);
-        measure_both(
-            "HAProxy mode tcp",
-            haproxy
-                .as_ref()
-                .map(|running| Setup {
-                    from: &bed.client.netns,
-                    to: bed.l4_addr(),
-                    pids: running.pids(),
-                })
-                .map_err(|error| anyhow::anyhow!("{error:#}")),
-        );
+        measure_both("HAProxy mode tcp", via_lb(bed, &haproxy, Running::pids));
     }
     {
         let inputs = ProxyInputs {
@@ -118,16 +113,13 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
         let xlb = proxies::start_xlb(bed, &options.xlb, &inputs, bed.l4_addr());
         // xlb's process only programs the maps; the packets are its XDP program's work,
         // charged to the machine, so no process is metered here.
-        measure_both(
-            "xlb XDP",
-            xlb.as_ref()
-                .map(|_| Setup {
-                    from: &bed.client.netns,
-                    to: bed.l4_addr(),
-                    pids: Vec::new(),
-                })
-                .map_err(|error| anyhow::anyhow!("{error:#}")),
-        );
+        measure_both("xlb XDP", via_lb(bed, &xlb, |_| Vec::new()));
+    }
+    // Kernel NAT runs last: its conntrack entries outlive its rules (the client reuses ports,
+    // and a stale DNAT entry would steer a later row's SYN to a forwarding-off kernel).
+    {
+        let nat = KernelNat::start(bed);
+        measure_both("kernel NAT (iptables)", via_lb(bed, &nat, |_| Vec::new()));
     }
     Ok(rows)
 }

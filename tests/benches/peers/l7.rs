@@ -33,11 +33,13 @@ impl Proxy {
     }
 
     fn start(self, bed: &Bed, options: &Options, inputs: &ProxyInputs) -> Result<Running> {
-        match self {
+        let running = match self {
             Proxy::Nginx => proxies::start_nginx(bed, inputs),
             Proxy::Haproxy => proxies::start_haproxy_http(bed, inputs),
             Proxy::Xlb => proxies::start_xlb(bed, &options.xlb, inputs, bed.l7_addr()),
-        }
+        }?;
+        proxies::check_interlock_headers(bed, bed.l7_addr(), self.name())?;
+        Ok(running)
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use xlb_testbed::{wait_until, Netns, Process, Segment};
+use xlb_testbed::{seed::HttpResponse, wait_until, Netns, Process, Segment};
 
 use crate::bed::{set_router_off, write_sysctls, Bed, HOST, L4_PORT, PATH};
 
@@ -136,6 +136,41 @@ pub fn wait_for_200(bed: &Bed, to: SocketAddr, what: &str, log: &Path) -> Result
         Ok(status.ok().filter(|code| code == "200").map(|_| ()))
     })
     .with_context(|| format!("{what}'s log:\n{}", read_log(log)))
+}
+
+/// The response headers Interlock's proxy adds: every L7 row must pay for the same work.
+const INTERLOCK_HEADERS: [&str; 5] = [
+    "x-request-id",
+    "x-proxy-id",
+    "x-server-info",
+    "x-upstream-addr",
+    "x-upstream-response-time",
+];
+
+/// Fails unless a GET through `to` carries all of [`INTERLOCK_HEADERS`].
+pub fn check_interlock_headers(bed: &Bed, to: SocketAddr, what: &str) -> Result<()> {
+    let url = format!("http://{to}{PATH}");
+    let output = bed.client.netns.run(
+        "curl",
+        &[
+            "-si",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("Host: {HOST}"),
+            &url,
+        ],
+    )?;
+    let response = HttpResponse::parse(&output)?;
+    let missing: Vec<&str> = INTERLOCK_HEADERS
+        .into_iter()
+        .filter(|name| response.header(name).is_none())
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{what}'s responses lack {missing:?}: the rows would not compare\n{output}"
+    );
+    Ok(())
 }
 
 pub fn start_nginx(bed: &Bed, inputs: &ProxyInputs) -> Result<Running> {
@@ -368,25 +403,31 @@ http {{
     )
 }
 
+/// HAProxy's `global` section, the same for both modes: one thread, the connection and file
+/// limits, and the log (to standard output) when there is one; and the `maxconn` it sets.
+fn haproxy_global(access_log: AccessLog) -> (String, u64) {
+    let open_files = open_file_limit();
+    let maxconn = haproxy_maxconn(open_files);
+    let log = match access_log {
+        AccessLog::Off => "",
+        AccessLog::File => "    log stdout format raw local0\n",
+    };
+    let global =
+        format!("global\n    nbthread 1\n    maxconn {maxconn}\n    ulimit-n {open_files}\n{log}");
+    (global, maxconn)
+}
+
 /// HAProxy in `mode http` with the same headers as nginx's config.
 pub fn haproxy_http_config(inputs: &ProxyInputs) -> String {
-    let (global_log, defaults_log) = match inputs.access_log {
-        AccessLog::Off => ("", ""),
-        AccessLog::File => (
-            "    log stdout format raw local0\n",
-            "    log global\n    option httplog\n",
-        ),
+    let (global, maxconn) = haproxy_global(inputs.access_log);
+    let defaults_log = match inputs.access_log {
+        AccessLog::Off => "",
+        AccessLog::File => "    log global\n    option httplog\n",
     };
     let listen = inputs.listen;
     let backend = inputs.backend;
-    let open_files = open_file_limit();
-    let maxconn = haproxy_maxconn(open_files);
     format!(
-        r#"global
-    nbthread 1
-    maxconn {maxconn}
-    ulimit-n {open_files}
-{global_log}
+        r#"{global}
 defaults
     mode http
 {defaults_log}    option http-keep-alive
@@ -423,16 +464,11 @@ backend up-{HOST}
 
 /// HAProxy in `mode tcp` relaying the L4 port to the backend.
 pub fn haproxy_tcp_config(inputs: &ProxyInputs) -> String {
+    let (global, maxconn) = haproxy_global(AccessLog::Off);
     let listen = inputs.listen;
     let backend = inputs.backend;
-    let open_files = open_file_limit();
-    let maxconn = haproxy_maxconn(open_files);
     format!(
-        r#"global
-    nbthread 1
-    maxconn {maxconn}
-    ulimit-n {open_files}
-
+        r#"{global}
 defaults
     mode tcp
     timeout connect 5s
