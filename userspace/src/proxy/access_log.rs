@@ -1,5 +1,12 @@
-//! `AccessLogPath`: a line per request, appended to a file by a writer task so that requests
+//! `AccessLogPath`: a line per request, appended to a file by a writer thread so that requests
 //! never wait for the disk.
+//!
+//! Lines are gathered in memory and written in batches, as nginx's `access_log ... buffer=32k
+//! flush=100ms` does: a request only formats its line and appends it under a lock, and the
+//! writer is woken once per batch (when [`BATCH_BYTES`] are waiting, or when the first line
+//! after a quiet spell arrives), not once per request. The writer is a plain thread rather
+//! than a task on tokio's blocking pool: each `tokio::fs` write is a hand-off to a pool thread
+//! and back, two context switches a request.
 //!
 //! The line is nginx's "combined" format followed by the request id and the upstream fields of
 //! Interlock's trace format, comma-separated per endpoint tried as nginx writes them:
@@ -14,28 +21,30 @@
 
 use std::{
     fmt::Write as _,
-    io,
+    fs::OpenOptions,
+    io::{self, Write as _},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
     },
     time::Duration,
 };
 
 use http::StatusCode;
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
-};
+use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::headers::format_response_time;
 
-/// Lines waiting for the writer; beyond this, lines are dropped and counted rather than slowing
-/// requests down.
-const QUEUED_LINES: usize = 16 * 1024;
+/// Bytes of lines that make a batch: the writer is woken when this much is waiting.
+const BATCH_BYTES: usize = 32 * 1024;
+/// The longest a line waits for its batch to be written.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes held while the writer is behind (a stalled disk); beyond this, lines are dropped and
+/// counted rather than slowing requests down or growing without bound.
+const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 
 /// One request, as the access log reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,80 +69,179 @@ pub struct UpstreamAttempt {
     pub response_time: Duration,
 }
 
-/// A handle to the access log; cheap to clone.
+/// A handle to the access log; cheap to clone. The writer finishes once every handle is gone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    lines: mpsc::Sender<String>,
-    dropped: Arc<AtomicU64>,
+    handle: Arc<Handle>,
+}
+
+/// Dropped with the last [`AccessLog`]: tells the writer to write what is left and stop.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    held: Mutex<Held>,
+    wake_writer: Condvar,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    bytes: Vec<u8>,
+    /// The writer waits without a deadline (nothing was held): the next line must wake it.
+    writer_idle: bool,
+    /// The writer has been woken for a full batch and has not taken it yet.
+    batch_signalled: bool,
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        // A panic while holding the lock leaves only bytes behind, which are still good lines.
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl AccessLog {
-    /// Opens `path` for appending and returns the log and its writer, a future to run until every
-    /// handle is dropped. `/dev/stdout` and `/dev/stderr` are xlb's own standard output and
-    /// error, which need not be reopenable (a socket to journald is not).
-    pub async fn open(
+    /// Opens `path` for appending and starts its writer; returns the log and a future that
+    /// completes once the writer has written the last line, after every handle is dropped.
+    /// `/dev/stdout` and `/dev/stderr` are xlb's own standard output and error, which need not
+    /// be reopenable (a socket to journald is not).
+    pub fn open(
         path: &Path,
     ) -> io::Result<(Self, impl std::future::Future<Output = ()> + Send + 'static)> {
-        let file: Box<dyn AsyncWrite + Send + Unpin> = if path == Path::new("/dev/stdout") {
-            Box::new(tokio::io::stdout())
+        let out: Box<dyn io::Write + Send> = if path == Path::new("/dev/stdout") {
+            Box::new(io::stdout())
         } else if path == Path::new("/dev/stderr") {
-            Box::new(tokio::io::stderr())
+            Box::new(io::stderr())
         } else {
-            let file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .await?;
-            Box::new(file)
+            Box::new(OpenOptions::new().create(true).append(true).open(path)?)
         };
-        let (lines, queued) = mpsc::channel(QUEUED_LINES);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let writer = write_lines(queued, file, path.to_owned(), Arc::clone(&dropped));
-        Ok((Self { lines, dropped }, writer))
+        let shared = Arc::new(Shared {
+            held: Mutex::new(Held::default()),
+            wake_writer: Condvar::new(),
+            dropped: AtomicU64::new(0),
+        });
+        let (finished, writer_done) = oneshot::channel();
+        let writer = WriterThread {
+            shared: Arc::clone(&shared),
+            out,
+            path: path.to_owned(),
+            failing: false,
+        };
+        std::thread::Builder::new()
+            .name("xlb-access-log".to_owned())
+            .spawn(move || {
+                writer.run();
+                let _ = finished.send(());
+            })?;
+        let log = Self {
+            handle: Arc::new(Handle { shared }),
+        };
+        Ok((log, async move {
+            let _ = writer_done.await;
+        }))
     }
 
     /// Queues the line for `entry`, which sent `body_bytes` response body bytes.
     pub fn record(&self, entry: &AccessEntry, body_bytes: u64) {
         let time = chrono::Local::now().format("%d/%b/%Y:%H:%M:%S %z");
         let line = format_line(entry, body_bytes, &time.to_string());
-        if self.lines.try_send(line).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.handle.shared;
+        let mut held = shared.lock();
+        if held.bytes.len() + line.len() > MAX_HELD_BYTES {
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        held.bytes.extend_from_slice(line.as_bytes());
+        let wake = if held.writer_idle {
+            held.writer_idle = false;
+            true
+        } else if held.bytes.len() >= BATCH_BYTES && !held.batch_signalled {
+            held.batch_signalled = true;
+            true
+        } else {
+            false
+        };
+        drop(held);
+        if wake {
+            shared.wake_writer.notify_one();
         }
     }
 }
 
-async fn write_lines(
-    mut queued: mpsc::Receiver<String>,
-    file: Box<dyn AsyncWrite + Send + Unpin>,
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake_writer.notify_one();
+    }
+}
+
+struct WriterThread {
+    shared: Arc<Shared>,
+    out: Box<dyn io::Write + Send>,
     path: PathBuf,
-    dropped: Arc<AtomicU64>,
-) {
-    let mut file = tokio::io::BufWriter::new(file);
-    let mut failing = false;
-    while let Some(line) = queued.recv().await {
-        let mut result = file.write_all(line.as_bytes()).await;
-        // Write what queued up meanwhile, then flush once the queue is empty.
-        while let (Ok(()), Ok(line)) = (&result, queued.try_recv()) {
-            result = file.write_all(line.as_bytes()).await;
+    failing: bool,
+}
+
+impl WriterThread {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH_BYTES);
+        loop {
+            let closed = {
+                let mut held = self.shared.lock();
+                if !held.closed && held.bytes.is_empty() {
+                    held.writer_idle = true;
+                    while held.writer_idle && !held.closed {
+                        held = self
+                            .shared
+                            .wake_writer
+                            .wait(held)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
+                }
+                if !held.closed && held.bytes.len() < BATCH_BYTES {
+                    held = self
+                        .shared
+                        .wake_writer
+                        .wait_timeout_while(held, FLUSH_INTERVAL, |held| {
+                            !held.closed && held.bytes.len() < BATCH_BYTES
+                        })
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                std::mem::swap(&mut held.bytes, &mut batch);
+                held.batch_signalled = false;
+                held.closed
+            };
+            self.write(&batch);
+            batch.clear();
+            if closed {
+                return;
+            }
         }
-        if result.is_ok() {
-            result = file.flush().await;
-        }
-        let lost = dropped.swap(0, Ordering::Relaxed);
+    }
+
+    fn write(&mut self, batch: &[u8]) {
+        let result = self.out.write_all(batch).and_then(|()| self.out.flush());
+        let lost = self.shared.dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             warn!(
-                path = %path.display(),
+                path = %self.path.display(),
                 lines = lost,
                 "access log lines dropped: the writer fell behind"
             );
         }
         match result {
-            Err(error) if !failing => {
-                warn!(path = %path.display(), %error, "writing the access log failed");
-                failing = true;
+            Err(error) if !self.failing => {
+                warn!(path = %self.path.display(), %error, "writing the access log failed");
+                self.failing = true;
             }
             Err(_) => {}
-            Ok(()) => failing = false,
+            Ok(()) => self.failing = false,
         }
     }
 }
@@ -243,7 +351,7 @@ mod tests {
     async fn lines_are_appended_to_the_file() {
         let path = std::env::temp_dir().join(format!("xlb-access-{}.log", uuid::Uuid::new_v4()));
         std::fs::write(&path, "earlier line\n").unwrap();
-        let (log, writer) = AccessLog::open(&path).await.unwrap();
+        let (log, writer) = AccessLog::open(&path).unwrap();
         let writer = tokio::spawn(writer);
         log.record(&entry(), 5);
         log.record(&entry(), 6);

@@ -171,7 +171,7 @@ pub async fn serve(
         })?;
     let (access_log, access_log_writer) = match &settings.access_log_path {
         Some(path) => {
-            let (log, writer) = AccessLog::open(path).await.with_context(|| {
+            let (log, writer) = AccessLog::open(path).with_context(|| {
                 format!("opening the access log {} (AccessLogPath)", path.display())
             })?;
             (Some(log), Some(tokio::spawn(writer)))
