@@ -38,8 +38,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 pub struct RequestId(HeaderValue);
 
 impl RequestId {
+    /// 122 random bits from a thread-local generator (uuid's `fast-rng`): a `getrandom`
+    /// syscall per request would cost more than the rest of the id.
     pub fn fresh() -> Self {
-        Self(ascii_header_value(uuid::Uuid::new_v4().simple()))
+        let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
+        let text = uuid::Uuid::new_v4().simple().encode_lower(&mut hex);
+        Self(HeaderValue::from_str(text).expect("hex digits are a valid header value"))
     }
 
     pub fn as_str(&self) -> &str {
