@@ -241,3 +241,83 @@ pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report of a --quick run as the peers program writes it, with every file beside it.
+    fn complete_report(dir: &Path) -> serde_json::Value {
+        let row = |name: &str, connections: &str| {
+            serde_json::json!({
+                "name": name,
+                "variant": connections,
+                "connections": connections,
+                "closed": {"requests": 100},
+                "open": if connections == "keep-alive" { vec![serde_json::json!({"rate": QUICK_RATE})] } else { vec![] },
+                "cost": {"machine_busy_us_per_request": 10.0},
+                "error": null,
+            })
+        };
+        let report = serde_json::json!({
+            "l7": (0..7).map(|index| row(&format!("l7-{index}"), "keep-alive")).collect::<Vec<_>>(),
+            "l4": (0..10)
+                .map(|index| row(&format!("l4-{index}"), if index % 2 == 0 { "keep-alive" } else { "new-per-request" }))
+                .collect::<Vec<_>>(),
+            "control": {"routable_after_ms": [120.0, 80.0], "error": null},
+            "micro": [{"group": "maglev", "id": "build_ring_10_backends", "mean_ns": 2.0e6}],
+        });
+        for file in [
+            "report.md",
+            "l7-latency.svg",
+            "l7-cpu.svg",
+            "l4-latency-keep-alive.svg",
+            "l4-latency-new-connection.svg",
+            "l4-cpu-keep-alive.svg",
+            "l4-cpu-new-connection.svg",
+            &format!("l7-open-{QUICK_RATE}.svg"),
+        ] {
+            std::fs::write(dir.join(file), "x").unwrap();
+        }
+        report
+    }
+
+    fn check(report: &serde_json::Value, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(dir.join("report.json"), report.to_string()).unwrap();
+        check_report(dir, &[QUICK_RATE])
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_complete_report_passes_and_every_gap_is_named() {
+        let dir = scratch("check");
+        let report = complete_report(&dir);
+        check(&report, &dir).unwrap();
+
+        let mut failed_row = report.clone();
+        failed_row["l7"][6]["error"] = "xlb did not start".into();
+        failed_row["l7"][6]["closed"] = serde_json::Value::Null;
+        let error = check(&failed_row, &dir).unwrap_err().to_string();
+        assert!(error.contains("xlb did not start"), "{error}");
+        assert!(error.contains("no closed-loop requests"), "{error}");
+
+        let mut missing_bench = report.clone();
+        missing_bench["micro"][0]["mean_ns"] = serde_json::Value::Null;
+        let error = check(&missing_bench, &dir).unwrap_err().to_string();
+        assert!(error.contains("build_ring_10_backends"), "{error}");
+
+        let mut no_control = report.clone();
+        no_control["control"]["routable_after_ms"] = serde_json::json!([]);
+        assert!(check(&no_control, &dir).is_err());
+
+        std::fs::remove_file(dir.join("l7-cpu.svg")).unwrap();
+        let error = check(&report, &dir).unwrap_err().to_string();
+        assert!(error.contains("l7-cpu.svg is missing"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
