@@ -347,6 +347,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_line_after_a_quiet_spell_is_written_without_waiting_for_a_batch() {
+        let path = std::env::temp_dir().join(format!("xlb-access-{}.log", uuid::Uuid::new_v4()));
+        let (log, _writer) = AccessLog::open(&path).unwrap();
+        // Let the writer go idle (nothing held), then log one line and keep the log open.
+        std::thread::sleep(FLUSH_INTERVAL * 2);
+        log.record(&entry(), 7);
+        let deadline = std::time::Instant::now() + FLUSH_INTERVAL * 10;
+        let mut written = String::new();
+        while std::time::Instant::now() < deadline && written.is_empty() {
+            std::thread::sleep(FLUSH_INTERVAL / 4);
+            written = std::fs::read_to_string(&path).unwrap();
+        }
+        drop(log);
+        std::fs::remove_file(&path).unwrap();
+        assert!(written.contains("\" 200 7 \""), "{written:?}");
+    }
+
     #[tokio::test]
     async fn lines_are_appended_to_the_file() {
         let path = std::env::temp_dir().join(format!("xlb-access-{}.log", uuid::Uuid::new_v4()));
