@@ -16,7 +16,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{dataplane::Dataplane, l4::service::L4RouteTable, routes::RouteTable};
+use crate::{
+    dataplane::Dataplane, l4::service::L4RouteTable, proxy::WorkerStats, routes::RouteTable,
+};
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -26,6 +28,8 @@ pub struct AdminState {
     pub l4_routes: ArcSwap<L4RouteTable>,
     /// The XDP program, unless running proxy-only.
     pub dataplane: Option<Arc<Mutex<Dataplane>>>,
+    /// The L7 proxy's workers, shown under `"proxy"`.
+    pub proxy_workers: Arc<WorkerStats>,
 }
 
 /// Serves admin requests on `listener` until `shutdown` is cancelled.
@@ -80,8 +84,9 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
 }
 
 fn stats(state: &AdminState) -> Response<Full<Bytes>> {
+    let proxy = json!({ "workers": state.proxy_workers.report() });
     let Some(dataplane) = &state.dataplane else {
-        return json_response(&json!({ "xdp": null }));
+        return json_response(&json!({ "proxy": proxy, "xdp": null }));
     };
     let dataplane = dataplane
         .lock()
@@ -102,6 +107,7 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
                 .map(|(endpoint, traffic)| (endpoint.to_string(), traffic))
                 .collect();
             json_response(&json!({
+                "proxy": proxy,
                 "xdp": stats,
                 "l4": { "services": services, "backends": backends },
             }))

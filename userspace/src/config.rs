@@ -96,6 +96,8 @@ impl Default for Extension {
 /// the proxy's default applies.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ProxyConfig {
+    /// `WorkerProcesses` (nginx `worker_processes`): how many proxy workers serve the ports.
+    pub worker_processes: Option<WorkerProcesses>,
     pub user: Option<String>,
     pub pid_path: Option<PathBuf>,
     pub rlimit_nofile: Option<u64>,
@@ -133,6 +135,24 @@ pub struct ProxyConfig {
     /// `SSLBackendCAFile`: PEM certificates that `ssl_backend_tls_verify=required` trusts
     /// instead of the built-in web PKI roots.
     pub ssl_backend_ca_file: Option<PathBuf>,
+}
+
+/// `WorkerProcesses`: a count, or `"auto"` for one worker per CPU this process may run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerProcesses {
+    Count(std::num::NonZeroUsize),
+    Auto,
+}
+
+impl WorkerProcesses {
+    /// The number of workers to start; `auto` counts the CPUs in this process's affinity mask,
+    /// as nginx does.
+    pub fn resolve(self) -> usize {
+        match self {
+            Self::Count(count) => count.get(),
+            Self::Auto => std::thread::available_parallelism().map_or(1, Into::into),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +294,7 @@ impl Reader<'_> {
         let mut proxy = ProxyConfig::default();
         for entry in self.entries(sections)? {
             match entry.lowercase_name().as_str() {
+                "workerprocesses" => proxy.worker_processes = Some(self.worker_processes(&entry)?),
                 "user" => proxy.user = self.optional_string(&entry, "a user name")?.map(Into::into),
                 "pidpath" => {
                     proxy.pid_path = self.optional_string(&entry, "a path")?.map(Into::into)
@@ -515,6 +536,21 @@ impl Reader<'_> {
             .filter(|&number| number > 0)
             .and_then(|number| T::try_from(number).ok())
             .ok_or_else(|| self.expected(entry, EXPECTED))
+    }
+
+    /// A positive integer, or the string `"auto"` (any case), as nginx's `worker_processes`.
+    fn worker_processes(&self, entry: &Entry) -> Result<WorkerProcesses, ConfigError> {
+        const EXPECTED: &str = r#"a positive integer or "auto""#;
+        match entry.value.get_ref() {
+            DeValue::String(text) if text.eq_ignore_ascii_case("auto") => Ok(WorkerProcesses::Auto),
+            DeValue::Integer(integer) => u64::from_str_radix(integer.as_str(), integer.radix())
+                .ok()
+                .and_then(|count| usize::try_from(count).ok())
+                .and_then(std::num::NonZeroUsize::new)
+                .map(WorkerProcesses::Count)
+                .ok_or_else(|| self.expected(entry, EXPECTED)),
+            _ => Err(self.expected(entry, EXPECTED)),
+        }
     }
 
     /// nginx's time syntax, as Interlock writes it into nginx.conf: whole seconds as an integer
@@ -792,12 +828,15 @@ mod tests {
         assert_eq!(proxy.pid_path, Some(PathBuf::from("/var/run/proxy.pid")));
         assert_eq!(proxy.rlimit_nofile, Some(65535));
         assert_eq!(proxy.max_connections, Some(2048));
+        assert_eq!(
+            proxy.worker_processes,
+            Some(WorkerProcesses::Count(1.try_into().unwrap()))
+        );
         let extension_keys = "Image Args ServiceName ProxyImage ProxyArgs ProxyServiceName \
             ProxyConfigPath ProxyReplicas TargetPort TargetSSLPort";
         let ignored = extension_keys
             .split_whitespace()
             .map(|key| format!("Extensions.default.{key}"))
-            .chain(["Extensions.default.Config.WorkerProcesses".to_owned()])
             .collect::<Vec<_>>();
         assert_eq!(config.ignored_keys, ignored);
     }
@@ -1063,6 +1102,37 @@ mod tests {
             error("[Extensions.default.Config]\nSSLCiphers = 1"),
             "config.toml:2:14: Extensions.default.Config.SSLCiphers: expected a string, found 1"
         );
+    }
+
+    #[test]
+    fn worker_processes_is_a_count_or_auto() {
+        let workers = |value: &str| {
+            let source = format!("[Extensions.x.Config]\nWorkerProcesses = {value}");
+            parse(&source, "config.toml").unwrap().extensions["x"]
+                .proxy
+                .worker_processes
+        };
+        let count = |n: usize| Some(WorkerProcesses::Count(n.try_into().unwrap()));
+        assert_eq!(workers("1"), count(1));
+        assert_eq!(workers("4"), count(4));
+        assert_eq!(workers("\"auto\""), Some(WorkerProcesses::Auto));
+        assert_eq!(workers("\"AUTO\""), Some(WorkerProcesses::Auto));
+        assert!(WorkerProcesses::Auto.resolve() >= 1);
+        assert_eq!(count(4).unwrap().resolve(), 4);
+        for (value, found) in [
+            ("0", "0"),
+            ("-2", "-2"),
+            ("\"four\"", "\"four\""),
+            ("1.5", "1.5"),
+        ] {
+            assert_eq!(
+                error(&format!("[Extensions.x.Config]\nWorkerProcesses = {value}")),
+                format!(
+                    "config.toml:2:19: Extensions.x.Config.WorkerProcesses: expected a positive \
+                     integer or \"auto\", found {found}"
+                )
+            );
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    num::NonZeroUsize,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -16,7 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState},
     cli::RunArgs,
-    config::{self, Config, Extension, ProxyConfig},
+    config::{self, Config, Extension, ProxyConfig, WorkerProcesses},
     dataplane::Dataplane,
     l4::{
         service::{l4_route_table, L4RouteTable},
@@ -25,7 +26,7 @@ use crate::{
     },
     logging,
     proxy::{
-        self, BackendTlsClients, CertificateStore, HttpsListener, Listeners, ProxySettings, Router,
+        self, BackendTlsClients, BoundWorkers, CertificateStore, ProxyPorts, ProxySettings, Router,
         TlsTermination,
     },
     routes::{route_table, Route, RouteSettings, RouteTable},
@@ -39,6 +40,8 @@ const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// Where the access log goes without `AccessLogPath`: standard output, as Interlock's proxy
 /// container logs it.
 const DEFAULT_ACCESS_LOG: &str = "/dev/stdout";
+/// `WorkerProcesses` when the config has none: Interlock's nginx template writes 1.
+const DEFAULT_WORKER_PROCESSES: WorkerProcesses = WorkerProcesses::Count(NonZeroUsize::MIN);
 /// How often certificate secrets are checked for changes.
 const CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -153,10 +156,9 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
     };
 
     let proxy_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, extension.published_port));
-    let proxy_listener = bind(proxy_addr, "the proxy (PublishedPort)").await?;
     let (https, certificates) = match extension.published_ssl_port {
         Some(port) => {
-            let (https, certificates) = https_listener(port, &extension.proxy).await?;
+            let (https, certificates) = tls_termination(port, &extension.proxy)?;
             tasks.spawn(
                 Arc::clone(&certificates).watch(CERTIFICATE_POLL_INTERVAL, shutdown.clone()),
             );
@@ -164,29 +166,39 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         }
         None => (None, None),
     };
+    let workers = extension
+        .proxy
+        .worker_processes
+        .unwrap_or(DEFAULT_WORKER_PROCESSES)
+        .resolve();
+    let ports = ProxyPorts {
+        http: proxy_addr,
+        https,
+    };
+    let proxy_workers = BoundWorkers::bind(&ports, workers)?;
+    let worker_stats = proxy_workers.stats();
     let router = match extension.published_ssl_port {
         Some(port) => Router::with_https_port(port),
         None => Router::new(),
     };
     let settings = proxy_settings(&extension.proxy, proxy_id())?;
-    tracing::info!(addr = %proxy_addr, proxy_id = %settings.proxy_id, "L7 proxy listening");
+    tracing::info!(
+        addr = %proxy_addr,
+        ssl_addr = ?ports.https.as_ref().map(|(addr, _)| addr),
+        workers,
+        proxy_id = %settings.proxy_id,
+        "L7 proxy listening"
+    );
     tasks.spawn(log_failure(
         "proxy",
-        proxy::serve(
-            Listeners {
-                http: proxy_listener,
-                https,
-            },
-            router.clone(),
-            settings,
-            shutdown.clone(),
-        ),
+        proxy_workers.serve(router.clone(), settings, shutdown.clone()),
     ));
 
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
         l4_routes: ArcSwap::default(),
         dataplane,
+        proxy_workers: worker_stats,
     });
     if let Some(addr) = config.listen_addr {
         let listener = bind(addr, "the admin endpoint (ListenAddr)").await?;
@@ -373,10 +385,10 @@ impl Discovery {
 
 /// The SSL port (`PublishedSSLPort`): TLS as `SSLProtocols`/`SSLCiphers` say, certificates from
 /// the secrets directory.
-async fn https_listener(
+fn tls_termination(
     port: u16,
     proxy_config: &ProxyConfig,
-) -> anyhow::Result<(HttpsListener, Arc<CertificateStore>)> {
+) -> anyhow::Result<((SocketAddr, TlsTermination), Arc<CertificateStore>)> {
     let policy = TlsPolicy::new(
         proxy_config.ssl_protocols.as_ref(),
         proxy_config.ssl_ciphers.as_ref(),
@@ -389,15 +401,8 @@ async fn https_listener(
     let termination = TlsTermination::new(&policy, Arc::clone(&certificates))
         .context("SSLProtocols and SSLCiphers leave no usable TLS configuration")?;
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener = bind(addr, "the proxy's SSL port (PublishedSSLPort)").await?;
-    tracing::info!(%addr, secrets_dir = %secrets_dir.display(), "TLS listening");
-    Ok((
-        HttpsListener {
-            listener,
-            termination,
-        },
-        certificates,
-    ))
+    tracing::info!(%addr, secrets_dir = %secrets_dir.display(), "TLS termination configured");
+    Ok(((addr, termination), certificates))
 }
 
 /// Names in `SSLProtocols`/`SSLCiphers` that OpenSSL knows and rustls does not implement.

@@ -73,6 +73,12 @@ pub struct Options {
     /// Where the report goes (default: target/bench/<timestamp>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Only these L7 programs (nginx, haproxy, xlb; repeatable), beside the direct row.
+    #[arg(long)]
+    pub only: Vec<String>,
+    /// Record a perf profile of each proxy's closed loop into <out>/profiles/.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Runs the bench; returns the directory holding its report.
@@ -124,6 +130,12 @@ pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
     if options.quick {
         peers.arg("--quick");
     }
+    for only in &options.only {
+        peers.args(["--only", only]);
+    }
+    if options.profile {
+        peers.arg("--profile");
+    }
     exec(&mut peers)?;
     Ok(out)
 }
@@ -145,6 +157,12 @@ fn command_line(options: &Options) -> String {
     for rate in &options.rates {
         line.push_str(&format!(" --rate {rate}"));
     }
+    for only in &options.only {
+        line.push_str(&format!(" --only {only}"));
+    }
+    if options.profile {
+        line.push_str(" --profile");
+    }
     line
 }
 
@@ -158,6 +176,36 @@ fn timestamp() -> anyhow::Result<String> {
         bail!("date failed: {}", output.status);
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The L7 programs a `--profile` run profiles, as its profile files are named.
+const PROFILED_PROGRAMS: [&str; 3] = ["nginx", "haproxy", "xlb"];
+
+/// What `cargo xtask test` checks of a `--profile` run: each L7 proxy has a non-empty flat
+/// profile.
+pub fn check_profiles(dir: &Path) -> anyhow::Result<()> {
+    let profiles = dir.join("profiles");
+    let texts: Vec<(String, u64)> = std::fs::read_dir(&profiles)
+        .with_context(|| format!("reading {}", profiles.display()))?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "txt"))
+        .map(|entry| {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            (entry.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    for program in PROFILED_PROGRAMS {
+        if !texts
+            .iter()
+            .any(|(name, size)| name.starts_with(program) && *size > 0)
+        {
+            bail!(
+                "no profile of {program} in {} (found: {texts:?})",
+                profiles.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What `cargo xtask test` checks of a `--quick` run: every row produced numbers and every

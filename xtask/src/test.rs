@@ -47,9 +47,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             rates: Vec::new(),
             quick: true,
             out: Some(quick_dir),
+            only: Vec::new(),
+            profile: true,
         };
         let out = bench::run(&quick)?;
         bench::check_report(&out, &[bench::QUICK_RATE])?;
+        bench::check_profiles(&out)?;
         eprintln!(
             "xtask: the --quick bench produced every row and file ({})",
             out.display()

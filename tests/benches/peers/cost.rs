@@ -158,6 +158,85 @@ impl RssSampler {
     }
 }
 
+/// perf writes what it has and exits on SIGINT.
+fn interrupt_perf(process: &mut Process, what: &str) -> Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(process.pid() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .with_context(|| format!("interrupting perf for {what}"))?;
+    xlb_testbed::wait_until(what, Duration::from_secs(30), || {
+        Ok(process.exit_status()?.map(|_| ()))
+    })
+}
+
+/// `perf record` of the processes under test for the length of the load (`--profile`): the
+/// samples in `<name>.data`, and where the CPU went, flat by symbol, in `<name>.txt`.
+pub struct Profile {
+    process: Process,
+    data: PathBuf,
+}
+
+/// Samples per second: enough for a flat profile of a 10 s load, little enough not to weigh.
+const PROFILE_FREQUENCY: &str = "999";
+
+impl Profile {
+    pub fn start(pids: &[u32], dir: &Path, name: &str) -> Result<Profile> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file_name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let data = dir.join(format!("{file_name}.data"));
+        let pids = pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut command = Command::new("perf");
+        command
+            .args(["record", "-q", "-F", PROFILE_FREQUENCY, "-p", &pids, "-o"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let process = Process::spawn(command)?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Profile { process, data })
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        interrupt_perf(&mut self.process, "perf record to write its samples")?;
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "0.3",
+            ])
+            .args(["--sort", "dso,symbol", "-i"])
+            .arg(&self.data)
+            .stderr(Stdio::null())
+            .output()
+            .context("running perf report")?;
+        anyhow::ensure!(
+            report.status.success(),
+            "perf report -i {} failed: {}",
+            self.data.display(),
+            report.status
+        );
+        let text = self.data.with_extension("txt");
+        std::fs::write(&text, &report.stdout).with_context(|| format!("writing {}", text.display()))
+    }
+}
+
 /// `perf stat` attached to the processes (all their threads) for the length of the load.
 struct PerfStat {
     process: Process,
@@ -200,16 +279,7 @@ impl PerfStat {
 
     /// perf prints its counts when interrupted.
     fn finish(mut self) -> Result<PerfCounts> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.process.pid() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .context("interrupting perf stat")?;
-        xlb_testbed::wait_until(
-            "perf stat to print its counts",
-            Duration::from_secs(10),
-            || Ok(self.process.exit_status()?.map(|_| ())),
-        )?;
+        interrupt_perf(&mut self.process, "perf stat to print its counts")?;
         let text = std::fs::read_to_string(&self.output)
             .with_context(|| format!("reading {}", self.output.display()))?;
         let count = |event: &str| -> Result<u64> {

@@ -69,7 +69,10 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
     progress.done(&direct.summary());
     rows.push(direct);
 
-    for proxy in Proxy::ALL {
+    for proxy in Proxy::ALL
+        .into_iter()
+        .filter(|proxy| options.wants_program(proxy.name()))
+    {
         for access_log in [AccessLog::Off, AccessLog::File] {
             progress.step(&format!("L7: {}, {}", proxy.name(), access_log.label()));
             let inputs = ProxyInputs {

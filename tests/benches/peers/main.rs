@@ -85,6 +85,15 @@ pub struct Options {
     /// Idle keep-alive client connections held open to measure RSS per connection.
     #[arg(long, default_value_t = 10_000)]
     pub idle_connections: usize,
+    /// L7 programs to measure (nginx, haproxy, xlb; repeatable); all of them by default. The
+    /// direct row always runs: it is the floor the others are read against.
+    #[arg(long = "only")]
+    pub only: Vec<String>,
+    /// Record a `perf record` profile of every proxy during its closed loop, into
+    /// `<out>/profiles/` (the `.data` and a flat `perf report` as text). Sampling costs the
+    /// proxy a little CPU, so a profiled run's cost figures read slightly high.
+    #[arg(long)]
+    pub profile: bool,
     /// The command line to print in the report (the one the user typed).
     #[arg(long, default_value = "cargo xtask bench")]
     pub command: String,
@@ -101,6 +110,8 @@ pub struct Plan {
     pub rates: Vec<u32>,
     pub scale_events: usize,
     pub idle_connections: usize,
+    /// Where `--profile` puts its profiles.
+    pub profile_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -112,6 +123,7 @@ impl Options {
                 rates: vec![1_000],
                 scale_events: 2,
                 idle_connections: 200,
+                profile_dir: self.profile_dir(),
             }
         } else {
             Plan {
@@ -120,8 +132,18 @@ impl Options {
                 rates: self.rates.clone(),
                 scale_events: self.scale_events,
                 idle_connections: self.idle_connections,
+                profile_dir: self.profile_dir(),
             }
         }
+    }
+
+    fn profile_dir(&self) -> Option<PathBuf> {
+        self.profile.then(|| self.out.join("profiles"))
+    }
+
+    /// Whether `--only` leaves this L7 program in.
+    pub fn wants_program(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|only| only.eq_ignore_ascii_case(name))
     }
 
     fn wants(&self, section: Section) -> bool {

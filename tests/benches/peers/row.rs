@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::{
-    cost::{rss_kib, Cost, Meter},
+    cost::{rss_kib, Cost, Meter, Profile},
     idle::IdleConnections,
     load::{closed_loop, open_loop, Connections, LoadResult, Target},
     Plan,
@@ -114,9 +114,20 @@ fn try_measure(spec: &RowSpec, plan: &Plan, oha: &Path, scratch: &Path) -> Resul
     closed_loop(&spec.target, plan.warmup, scratch)?;
     let idle_kib = rss_kib(&spec.pids);
 
+    let profile = match &plan.profile_dir {
+        Some(dir) if !spec.pids.is_empty() => Some(Profile::start(
+            &spec.pids,
+            dir,
+            &format!("{}-{}", spec.name, spec.variant),
+        )?),
+        _ => None,
+    };
     let meter = Meter::start(&spec.pids, scratch)?;
     let closed = closed_loop(&spec.target, plan.duration, scratch)?;
     let cost = meter.finish(closed.requests)?;
+    if let Some(profile) = profile {
+        profile.finish()?;
+    }
     anyhow::ensure!(
         closed.requests > 0,
         "no request was answered with a 2xx ({} errors)",

@@ -15,6 +15,7 @@
 //! - `websocket`: WebSocket upgrades on `websocket_endpoints`, spliced after `101`.
 //! - `backend_tls`: TLS towards the tasks (`ssl_backend`).
 //! - `http2`: HTTP/2 requests made fit for the HTTP/1.1 upstream.
+//! - `workers`: `WorkerProcesses` threads, each with its own runtime, listeners and pools.
 //! - `tls`: the SSL port: passthrough by SNI or TLS termination (`certificates`, `client_hello`,
 //!   `passthrough`).
 
@@ -35,6 +36,7 @@ mod router;
 mod tls;
 mod upstream;
 mod websocket;
+mod workers;
 
 #[cfg(test)]
 mod hardening_tests;
@@ -65,7 +67,7 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub use backend_tls::{BackendTlsClients, BackendTlsError};
 pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
@@ -75,6 +77,7 @@ pub use limits::ClientLimits;
 pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
+pub use workers::{BoundWorkers, ProxyPorts, WorkerReport, WorkerStats};
 
 use access_log::AccessLog;
 use backend_tls::BackendTlsPools;
@@ -84,6 +87,7 @@ use headers::ProxyIdentity;
 use health::PassiveHealth;
 use observed::ObservedBody;
 use upstream::UpstreamPool;
+use workers::WorkerCounters;
 
 /// How long to pause accepting after an accept error such as running out of file descriptors,
 /// instead of spinning on it.
@@ -151,7 +155,8 @@ struct ConnectionContext {
 }
 
 /// Serves HTTP on the plain listener, and HTTPS or TLS passthrough on the SSL listener if
-/// any, until `shutdown` is cancelled.
+/// any, until `shutdown` is cancelled: one worker, on the runtime that calls it (see
+/// [`BoundWorkers`] for several).
 ///
 /// On shutdown it stops accepting, closes idle keep-alive connections, and returns once the
 /// requests in flight have been answered and the access log written.
@@ -161,34 +166,84 @@ pub async fn serve(
     settings: ProxySettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Listeners { http, https } = listeners.into();
-    let identity = ProxyIdentity::new(&settings.proxy_id, &crate::build_info::server_info())
-        .with_context(|| {
-            format!(
-                "proxy id {:?} is not a valid header value",
-                settings.proxy_id
-            )
-        })?;
-    let (access_log, access_log_writer) = match &settings.access_log_path {
-        Some(path) => {
-            let (log, writer) = AccessLog::open(path).with_context(|| {
-                format!("opening the access log {} (AccessLogPath)", path.display())
+    let (shared, access_log_writer) = ProxyShared::open(settings)?;
+    let counters = Arc::default();
+    serve_worker(listeners.into(), router, &shared, counters, shutdown).await?;
+    shared.finish(access_log_writer).await
+}
+
+/// What every worker shares: the settings, the proxy's identity, passive health (an endpoint
+/// one worker cannot reach is skipped by all) and the access log.
+struct ProxyShared {
+    settings: ProxySettings,
+    identity: ProxyIdentity,
+    health: Arc<PassiveHealth>,
+    access_log: Option<AccessLog>,
+}
+
+/// The access log's writer, running until the last handle of the log is gone.
+type AccessLogWriter = tokio::task::JoinHandle<()>;
+
+impl ProxyShared {
+    /// Checks the identity and opens the access log; its writer runs on the caller's runtime.
+    fn open(settings: ProxySettings) -> anyhow::Result<(Self, Option<AccessLogWriter>)> {
+        let identity = ProxyIdentity::new(&settings.proxy_id, &crate::build_info::server_info())
+            .with_context(|| {
+                format!(
+                    "proxy id {:?} is not a valid header value",
+                    settings.proxy_id
+                )
             })?;
-            (Some(log), Some(tokio::spawn(writer)))
+        let (access_log, writer) = match &settings.access_log_path {
+            Some(path) => {
+                let (log, writer) = AccessLog::open(path).with_context(|| {
+                    format!("opening the access log {} (AccessLogPath)", path.display())
+                })?;
+                (Some(log), Some(tokio::spawn(writer)))
+            }
+            None => (None, None),
+        };
+        let health = Arc::new(PassiveHealth::new(settings.ejection));
+        let shared = Self {
+            settings,
+            identity,
+            health,
+            access_log,
+        };
+        Ok((shared, writer))
+    }
+
+    /// Lets go of the access log and waits until its writer has written every line.
+    async fn finish(self, writer: Option<AccessLogWriter>) -> anyhow::Result<()> {
+        drop(self);
+        match writer {
+            Some(writer) => writer.await.context("the access log writer failed"),
+            None => Ok(()),
         }
-        None => (None, None),
-    };
+    }
+}
+
+/// One worker: accepts on its listeners and serves each connection with its own upstream
+/// pools, until `shutdown`; then returns once its requests in flight have been answered.
+async fn serve_worker(
+    listeners: Listeners,
+    router: Arc<Router>,
+    shared: &ProxyShared,
+    counters: Arc<WorkerCounters>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Listeners { http, https } = listeners;
+    let settings = &shared.settings;
     let upstreams = UpstreamPool::new(settings.upstream.clone());
-    let backend_tls = BackendTlsPools::new(settings.backend_tls, settings.upstream.clone());
-    let health = Arc::new(PassiveHealth::new(settings.ejection));
+    let backend_tls = BackendTlsPools::new(settings.backend_tls.clone(), settings.upstream.clone());
     let handler = Arc::new(RequestHandler::new(
         Arc::clone(&router),
         upstreams,
         backend_tls,
-        health,
-        identity.clone(),
+        Arc::clone(&shared.health),
+        shared.identity.clone(),
         settings.handler.clone(),
-        access_log.clone(),
+        shared.access_log.clone(),
     ));
     let tasks = TaskTracker::new();
     tasks.spawn(evict_idle_upstreams(
@@ -204,8 +259,8 @@ pub async fn serve(
     ));
     let guard = Arc::new(GuardSettings {
         limits: settings.handler.limits.clone(),
-        identity,
-        access_log,
+        identity: shared.identity.clone(),
+        access_log: shared.access_log.clone(),
     });
     let context = ConnectionContext {
         handler,
@@ -214,10 +269,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     };
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
-    info!(addr = ?http.local_addr().ok(), "proxy listening");
-    if let Some(https) = &https {
-        info!(addr = ?https.listener.local_addr().ok(), "proxy listening for TLS");
-    }
+    debug!(addr = ?http.local_addr().ok(), "proxy worker listening");
 
     loop {
         // Waiting for a slot before accepting leaves excess clients in the kernel's backlog.
@@ -247,8 +299,9 @@ pub async fn serve(
             debug!(%client, %error, "could not disable Nagle on client connection");
         }
         let context = context.clone();
+        let open = counters.connection_opened();
         tasks.spawn(async move {
-            let _slot = permit;
+            let _slot = (permit, open);
             match termination {
                 None => serve_http(stream, client, Scheme::Http, context).await,
                 Some(termination) => {
@@ -260,16 +313,11 @@ pub async fn serve(
 
     drop((http, https));
     tasks.close();
-    info!(
+    debug!(
         tasks = tasks.len(),
-        "proxy shutting down; finishing requests in flight"
+        "proxy worker shutting down; finishing requests in flight"
     );
     tasks.wait().await;
-    // The last access log handles go with these; the writer then flushes and ends.
-    drop(context);
-    if let Some(writer) = access_log_writer {
-        writer.await.context("the access log writer failed")?;
-    }
     Ok(())
 }
 
