@@ -34,6 +34,12 @@ pub struct Cost {
     pub context_switches_per_request: Option<f64>,
     /// Peak RSS of the proxy's processes during the load.
     pub rss_under_load_kib: Option<u64>,
+    /// TCP connections the proxy's namespace opened (`ActiveOpens`): upstream connections a
+    /// proxy opened, beyond the ones it keeps alive.
+    pub tcp_connects_per_request: Option<f64>,
+    /// TCP segments the proxy's namespace sent (`OutSegs`), both sides: how many writes became
+    /// packets, and the ACKs.
+    pub tcp_segments_out_per_request: Option<f64>,
 }
 
 /// A measurement under way: started just before the load, finished just after it.
@@ -43,6 +49,7 @@ pub struct Meter {
     machine_ticks: u64,
     perf: Option<PerfStat>,
     rss: Option<RssSampler>,
+    tcp: Option<TcpCounters>,
 }
 
 impl Meter {
@@ -58,6 +65,10 @@ impl Meter {
             machine_ticks: machine_busy_ticks()?,
             perf,
             rss: (!pids.is_empty()).then(|| RssSampler::start(pids)),
+            tcp: pids
+                .first()
+                .map(|&pid| TcpCounters::read(pid))
+                .transpose()?,
         })
     }
 
@@ -67,6 +78,10 @@ impl Meter {
         let per_request = |count: f64| count / requests.max(1) as f64;
         let ticks_to_us = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6;
         let counts = self.perf.map(PerfStat::finish).transpose()?;
+        let tcp = match (self.tcp, self.pids.first()) {
+            (Some(before), Some(&pid)) => Some(TcpCounters::read(pid)?.since(before)),
+            _ => None,
+        };
         Ok(Cost {
             process_cpu_us_per_request: (!self.pids.is_empty())
                 .then(|| per_request(ticks_to_us(process_ticks))),
@@ -74,7 +89,45 @@ impl Meter {
             syscalls_per_request: counts.map(|c| per_request(c.syscalls as f64)),
             context_switches_per_request: counts.map(|c| per_request(c.context_switches as f64)),
             rss_under_load_kib: self.rss.map(RssSampler::finish),
+            tcp_connects_per_request: tcp.map(|tcp| per_request(tcp.active_opens as f64)),
+            tcp_segments_out_per_request: tcp.map(|tcp| per_request(tcp.out_segments as f64)),
         })
+    }
+}
+
+/// The TCP counters of a process's network namespace (`/proc/PID/net/snmp`).
+#[derive(Debug, Clone, Copy)]
+struct TcpCounters {
+    active_opens: u64,
+    out_segments: u64,
+}
+
+impl TcpCounters {
+    fn read(pid: u32) -> Result<TcpCounters> {
+        let path = format!("/proc/{pid}/net/snmp");
+        let snmp = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // Two `Tcp:` lines: the field names, then their values.
+        let mut tcp = snmp.lines().filter_map(|line| line.strip_prefix("Tcp:"));
+        let (names, values) = tcp.next().zip(tcp.next()).context("no Tcp lines")?;
+        let field = |wanted: &str| -> Result<u64> {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == wanted)
+                .and_then(|(_, value)| value.parse().ok())
+                .with_context(|| format!("no Tcp {wanted} in {path}"))
+        };
+        Ok(TcpCounters {
+            active_opens: field("ActiveOpens")?,
+            out_segments: field("OutSegs")?,
+        })
+    }
+
+    fn since(self, before: TcpCounters) -> TcpCounters {
+        TcpCounters {
+            active_opens: self.active_opens.saturating_sub(before.active_opens),
+            out_segments: self.out_segments.saturating_sub(before.out_segments),
+        }
     }
 }
 
@@ -201,7 +254,18 @@ impl Profile {
             .join(",");
         let mut command = Command::new("perf");
         command
-            .args(["record", "-q", "-F", PROFILE_FREQUENCY, "-p", &pids, "-o"])
+            // Call chains by frame pointer: whole for the kernel, as deep as they go for the
+            // proxies (whose builds may omit frame pointers).
+            .args([
+                "record",
+                "-q",
+                "-g",
+                "-F",
+                PROFILE_FREQUENCY,
+                "-p",
+                &pids,
+                "-o",
+            ])
             .arg(&data)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -257,9 +257,10 @@ fn l7_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
     let _ = writeln!(
         out,
         "| row | variant | CPU µs/request | × nginx | syscalls/request | context switches/request \
+         | TCP segments out/request | TCP connects/request \
          | RSS idle MiB | RSS under load MiB | RSS per idle connection |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     let cpu = |row: &Row| {
         row.cost
             .as_ref()
@@ -267,7 +268,7 @@ fn l7_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
     };
     for row in rows.iter().filter(|row| row.name != "direct") {
         let Some(cost) = &row.cost else {
-            failed_line(out, row, 9);
+            failed_line(out, row, 11);
             continue;
         };
         let nginx = rows
@@ -290,13 +291,15 @@ fn l7_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {memory} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {memory} |",
             row.name,
             row.variant,
             optional(cpu(row), 1),
             optional(ratio, 2),
             optional(cost.syscalls_per_request, 2),
             optional(cost.context_switches_per_request, 2),
+            optional(cost.tcp_segments_out_per_request, 2),
+            optional(cost.tcp_connects_per_request, 3),
         );
     }
 

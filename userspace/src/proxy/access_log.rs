@@ -20,6 +20,7 @@
 //! ones written as `-`.
 
 use std::{
+    cell::RefCell,
     fmt::Write as _,
     fs::OpenOptions,
     io::{self, Write as _},
@@ -29,14 +30,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Condvar, Mutex, MutexGuard, PoisonError,
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use http::StatusCode;
 use tokio::sync::oneshot;
 use tracing::warn;
-
-use super::headers::format_response_time;
 
 /// Bytes of lines that make a batch: the writer is woken when this much is waiting.
 const BATCH_BYTES: usize = 32 * 1024;
@@ -146,17 +145,25 @@ impl AccessLog {
         }))
     }
 
-    /// Queues the line for `entry`, which sent `body_bytes` response body bytes.
+    /// Queues the line for `entry`, which sent `body_bytes` response body bytes. The line is
+    /// formatted into a buffer the thread keeps, with a timestamp formatted once a second.
     pub fn record(&self, entry: &AccessEntry, body_bytes: u64) {
-        let time = chrono::Local::now().format("%d/%b/%Y:%H:%M:%S %z");
-        let line = format_line(entry, body_bytes, &time.to_string());
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch { line, clock } = scratch;
+            line.clear();
+            write_line(line, entry, body_bytes, clock.now());
+            self.append(line.as_bytes());
+        });
+    }
+
+    fn append(&self, line: &[u8]) {
         let shared = &self.handle.shared;
         let mut held = shared.lock();
         if held.bytes.len() + line.len() > MAX_HELD_BYTES {
             shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        held.bytes.extend_from_slice(line.as_bytes());
+        held.bytes.extend_from_slice(line);
         let wake = if held.writer_idle {
             held.writer_idle = false;
             true
@@ -170,6 +177,43 @@ impl AccessLog {
         if wake {
             shared.wake_writer.notify_one();
         }
+    }
+}
+
+/// What each thread that logs keeps between lines, so that a line costs no allocation.
+#[derive(Default)]
+struct Scratch {
+    line: String,
+    clock: LocalTimeCache,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// nginx's `$time_local` (`10/Oct/2000:13:55:36 -0700`), formatted again only when the
+/// second changes: a strftime per request cost more than the rest of the line.
+#[derive(Default)]
+struct LocalTimeCache {
+    second: Option<u64>,
+    text: String,
+}
+
+impl LocalTimeCache {
+    fn now(&mut self) -> &str {
+        let second = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        if self.second != Some(second) {
+            self.second = Some(second);
+            self.text.clear();
+            let _ = write!(
+                self.text,
+                "{}",
+                chrono::Local::now().format("%d/%b/%Y:%H:%M:%S %z")
+            );
+        }
+        &self.text
     }
 }
 
@@ -246,44 +290,64 @@ impl WriterThread {
     }
 }
 
-/// The log line for `entry`, with its trailing newline.
-pub fn format_line(entry: &AccessEntry, body_bytes: u64, local_time: &str) -> String {
-    let mut line = String::with_capacity(256);
-    let optional = |value: &Option<String>| value.as_deref().map_or_else(|| "-".to_owned(), escape);
-    let upstream_field =
-        |field: &dyn Fn(&UpstreamAttempt) -> String| match entry.upstreams.as_slice() {
-            [] => "-".to_owned(),
-            tried => tried.iter().map(field).collect::<Vec<_>>().join(", "),
-        };
-    let _ = writeln!(
-        line,
-        "{client} - - [{local_time}] \"{request}\" {status} {body_bytes} \"{referer}\" \"{agent}\" \
-         {request_id} \"{addrs}\" \"{statuses}\" \"{times}\"",
-        client = entry.client,
-        request = escape(&entry.request_line),
-        status = entry.status.as_u16(),
-        referer = optional(&entry.referer),
-        agent = optional(&entry.user_agent),
-        request_id = entry.request_id,
-        addrs = upstream_field(&|tried| tried.addr.to_string()),
-        statuses = upstream_field(&|tried| tried.status.as_u16().to_string()),
-        times = upstream_field(&|tried| format_response_time(tried.response_time)),
-    );
-    line
+/// Appends the log line for `entry`, with its trailing newline, to `line`.
+pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local_time: &str) {
+    let _ = write!(line, "{} - - [{local_time}] \"", entry.client);
+    push_escaped(line, &entry.request_line);
+    let _ = write!(line, "\" {} {body_bytes} \"", entry.status.as_u16());
+    push_optional(line, entry.referer.as_deref());
+    line.push_str("\" \"");
+    push_optional(line, entry.user_agent.as_deref());
+    let _ = write!(line, "\" {} \"", entry.request_id);
+    push_upstream_field(line, &entry.upstreams, |line, tried| {
+        let _ = write!(line, "{}", tried.addr);
+    });
+    line.push_str("\" \"");
+    push_upstream_field(line, &entry.upstreams, |line, tried| {
+        let _ = write!(line, "{}", tried.status.as_u16());
+    });
+    line.push_str("\" \"");
+    push_upstream_field(line, &entry.upstreams, |line, tried| {
+        let _ = write!(line, "{:.3}", tried.response_time.as_secs_f64());
+    });
+    line.push_str("\"\n");
+}
+
+/// An optional value, escaped, or `-` when absent.
+fn push_optional(line: &mut String, value: Option<&str>) {
+    match value {
+        Some(value) => push_escaped(line, value),
+        None => line.push('-'),
+    }
+}
+
+/// One field per endpoint tried, comma-separated as nginx writes them, or `-` for none.
+fn push_upstream_field(
+    line: &mut String,
+    tried: &[UpstreamAttempt],
+    field: impl Fn(&mut String, &UpstreamAttempt),
+) {
+    if tried.is_empty() {
+        line.push('-');
+    }
+    for (index, attempt) in tried.iter().enumerate() {
+        if index > 0 {
+            line.push_str(", ");
+        }
+        field(line, attempt);
+    }
 }
 
 /// nginx's default log escaping: `"`, `\`, control characters and bytes above 0x7e as `\xHH`.
-fn escape(value: &str) -> String {
-    let mut escaped = String::with_capacity(value.len());
+fn push_escaped(line: &mut String, value: &str) {
     for byte in value.bytes() {
         match byte {
             b'"' | b'\\' | ..0x20 | 0x7f.. => {
-                let _ = write!(escaped, "\\x{byte:02X}");
+                let _ = write!(line, "\\x{byte:02X}");
             }
-            printable => escaped.push(char::from(printable)),
+            printable => line.push(char::from(printable)),
         }
     }
-    escaped
 }
 
 #[cfg(test)]
@@ -315,6 +379,12 @@ mod tests {
         }
     }
 
+    fn format_line(entry: &AccessEntry, body_bytes: u64, local_time: &str) -> String {
+        let mut line = String::new();
+        write_line(&mut line, entry, body_bytes, local_time);
+        line
+    }
+
     #[test]
     fn line_is_combined_format_plus_request_id_and_upstreams() {
         assert_eq!(
@@ -341,10 +411,25 @@ mod tests {
 
     #[test]
     fn values_are_escaped_like_nginx() {
-        assert_eq!(
-            escape("a\"b\\c\td\u{7f}é"),
-            "a\\x22b\\x5Cc\\x09d\\x7F\\xC3\\xA9"
-        );
+        let mut escaped = String::new();
+        push_escaped(&mut escaped, "a\"b\\c\td\u{7f}é");
+        assert_eq!(escaped, "a\\x22b\\x5Cc\\x09d\\x7F\\xC3\\xA9");
+    }
+
+    #[test]
+    fn the_cached_time_is_the_local_time_of_this_second() {
+        let mut clock = LocalTimeCache::default();
+        // Formatted on either side of a second boundary, the two can differ once; not twice.
+        let matches = (0..2).any(|_| {
+            let expected = chrono::Local::now()
+                .format("%d/%b/%Y:%H:%M:%S %z")
+                .to_string();
+            clock.now() == expected
+        });
+        assert!(matches, "{} is not the local time", clock.now());
+        let first = clock.now().to_owned();
+        std::thread::sleep(Duration::from_millis(1_100));
+        assert_ne!(clock.now(), first, "the cached time never moves on");
     }
 
     #[test]

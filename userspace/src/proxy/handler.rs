@@ -204,7 +204,10 @@ impl RequestHandler {
             request_id: request_id.as_str().to_owned(),
             upstreams: Vec::new(),
         };
-        let host = request_host(&request).map(str::to_owned);
+        // Only the debug line below needs the host as its own string.
+        let host = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| request_host(&request).map(str::to_owned))
+            .flatten();
 
         let outcome = self
             .proxy(request, &client_side, &mut entry.upstreams)

@@ -21,6 +21,7 @@ use std::{
     fmt::Write as _,
     future::Future,
     io,
+    mem::MaybeUninit,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -46,6 +47,9 @@ use super::{
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Header lines the guard can parse in one head: nginx's default limit, and `max_headers`'s.
+const HEADER_SLOTS: usize = 100;
 
 /// Bytes read from the client at a time.
 const READ_CHUNK: usize = 8 << 10;
@@ -320,9 +324,12 @@ impl<IO> HeadGuard<IO> {
                 HeadCheck::Incomplete
             };
         }
-        let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&self.head) {
+        // On the stack and uninitialised: a zeroed heap array per head cost a malloc and a
+        // 3 KiB memset for every request.
+        let mut slots = [const { MaybeUninit::<httparse::Header>::uninit() }; HEADER_SLOTS];
+        let slots = &mut slots[..limits.max_headers.min(HEADER_SLOTS)];
+        let mut request = httparse::Request::new(&mut []);
+        match request.parse_with_uninit_headers(&self.head, slots) {
             Ok(httparse::Status::Partial) if self.head.len() > limits.max_head_size => too_large(),
             Ok(httparse::Status::Partial) => HeadCheck::Incomplete,
             Ok(httparse::Status::Complete(length)) if length > limits.max_head_size => too_large(),

@@ -4,6 +4,7 @@
 //! headers stamped on every response (`x-request-id`, `x-proxy-id`, `x-server-info`,
 //! `x-upstream-addr`, `x-upstream-response-time`).
 
+use bytes::Bytes;
 use std::{fmt::Display, net::IpAddr, net::SocketAddr, time::Duration};
 
 use http::{
@@ -83,7 +84,7 @@ pub struct ClientFacts<'a> {
     /// The client's address.
     pub addr: IpAddr,
     /// `http` or `https`: how the client reached the proxy.
-    pub scheme: &'a str,
+    pub scheme: &'static str,
     /// nginx's `underscores_in_headers`: when off, headers with `_` in their name are dropped.
     pub underscores_in_headers: bool,
 }
@@ -121,8 +122,7 @@ pub fn prepare_upstream_request(headers: &mut HeaderMap, client: ClientFacts<'_>
     headers.insert(X_REAL_IP, ascii_header_value(client.addr));
     let forwarded_for = forwarded_for_with(headers, client.addr);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
-    let scheme = HeaderValue::from_str(client.scheme).unwrap_or(HeaderValue::from_static("http"));
-    headers.insert(X_FORWARDED_PROTO, scheme);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
 }
 
 /// nginx ignores header names containing `_` unless `underscores_in_headers` is on, because
@@ -141,13 +141,16 @@ fn remove_underscored(headers: &mut HeaderMap) {
 /// The `X-Forwarded-For` chain with `client` appended; several incoming headers are joined
 /// into one list, as RFC 9110 allows for comma-separated fields.
 fn forwarded_for_with(headers: &HeaderMap, client: IpAddr) -> HeaderValue {
-    let mut chain: Vec<u8> = Vec::new();
+    use std::io::Write as _;
+    let mut chain: Vec<u8> = Vec::with_capacity(64);
     for earlier in headers.get_all(X_FORWARDED_FOR) {
         chain.extend_from_slice(earlier.as_bytes());
         chain.extend_from_slice(b", ");
     }
-    chain.extend_from_slice(client.to_string().as_bytes());
-    HeaderValue::from_bytes(&chain).unwrap_or_else(|_| ascii_header_value(client))
+    let _ = write!(chain, "{client}");
+    // The chain's own buffer becomes the value: no second copy.
+    HeaderValue::from_maybe_shared(Bytes::from(chain))
+        .unwrap_or_else(|_| ascii_header_value(client))
 }
 
 /// Turns the upstream's response headers into the client's: hop-by-hop removed, then stamped.
