@@ -368,4 +368,24 @@ mod tests {
         assert!(error.contains("l7-cpu.svg is missing"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn every_proxy_needs_a_non_empty_profile() {
+        let dir = scratch("profiles");
+        let profiles = dir.join("profiles");
+        std::fs::create_dir_all(&profiles).unwrap();
+        for program in PROFILED_PROGRAMS {
+            std::fs::write(
+                profiles.join(format!("{program}-access-log-off.txt")),
+                "42% x",
+            )
+            .unwrap();
+        }
+        check_profiles(&dir).unwrap();
+
+        std::fs::write(profiles.join("xlb-access-log-off.txt"), "").unwrap();
+        let error = check_profiles(&dir).unwrap_err().to_string();
+        assert!(error.contains("no profile of xlb"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

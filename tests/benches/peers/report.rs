@@ -74,8 +74,9 @@ impl Report {
             rates: plan.rates.clone(),
             pinning: format!(
                 "load generators (wrk, oha) pinned to CPU {LOAD_CPU}, the proxy under test to CPU \
-                 {PROXY_CPU} (taskset; xlb's runtime then runs one worker thread, like nginx's one \
-                 worker and HAProxy's one thread); the backend and the kernel's softirq work float"
+                 {PROXY_CPU} (taskset; xlb runs the seed's WorkerProcesses = 1, one worker thread, \
+                 as nginx runs one worker and HAProxy one thread); the backend and the kernel's \
+                 softirq work float"
             ),
             notes: vec![format!(
                 "Every proxy may hold {MAX_CONNECTIONS} client connections (the seed's \
