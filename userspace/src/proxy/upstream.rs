@@ -14,7 +14,6 @@
 use std::{
     collections::{HashMap, HashSet},
     error::Error as StdError,
-    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -40,7 +39,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::backend_tls::{connect_task, UpstreamTls};
+use super::{
+    backend_tls::{connect_task, UpstreamTls},
+    deadline,
+};
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -507,10 +509,7 @@ fn poll_deadline<T>(
     cx: &mut Context<'_>,
     stall: Stall,
 ) -> Poll<io::Result<T>> {
-    if sleep.deadline() != deadline {
-        sleep.as_mut().reset(deadline);
-    }
-    ready!(sleep.as_mut().poll(cx));
+    ready!(deadline::poll_until(sleep, deadline, cx));
     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stall)))
 }
 
