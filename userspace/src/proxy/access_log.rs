@@ -37,6 +37,8 @@ use http::StatusCode;
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::ascii::Ascii;
+
 /// Bytes of lines that make a batch: the writer is woken when this much is waiting.
 const BATCH_BYTES: usize = 32 * 1024;
 /// The longest a line waits for its batch to be written.
@@ -292,7 +294,8 @@ impl WriterThread {
 
 /// Appends the log line for `entry`, with its trailing newline, to `line`.
 pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local_time: &str) {
-    let _ = write!(line, "{} - - [{local_time}] \"", entry.client);
+    line.push_str(Ascii::ip(entry.client).as_str());
+    let _ = write!(line, " - - [{local_time}] \"");
     push_escaped(line, &entry.request_line);
     let _ = write!(line, "\" {} {body_bytes} \"", entry.status.as_u16());
     push_optional(line, entry.referer.as_deref());
@@ -300,7 +303,7 @@ pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local
     push_optional(line, entry.user_agent.as_deref());
     let _ = write!(line, "\" {} \"", entry.request_id);
     push_upstream_field(line, &entry.upstreams, |line, tried| {
-        let _ = write!(line, "{}", tried.addr);
+        line.push_str(Ascii::socket_addr(tried.addr).as_str());
     });
     line.push_str("\" \"");
     push_upstream_field(line, &entry.upstreams, |line, tried| {
@@ -308,7 +311,7 @@ pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local
     });
     line.push_str("\" \"");
     push_upstream_field(line, &entry.upstreams, |line, tried| {
-        let _ = write!(line, "{:.3}", tried.response_time.as_secs_f64());
+        line.push_str(Ascii::seconds_with_millis(tried.response_time).as_str());
     });
     line.push_str("\"\n");
 }

@@ -4,13 +4,15 @@
 //! headers stamped on every response (`x-request-id`, `x-proxy-id`, `x-server-info`,
 //! `x-upstream-addr`, `x-upstream-response-time`).
 
-use bytes::Bytes;
-use std::{fmt::Display, net::IpAddr, net::SocketAddr, time::Duration};
+use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
+use bytes::Bytes;
 use http::{
     header::{self, InvalidHeaderValue},
     HeaderMap, HeaderName, HeaderValue,
 };
+
+use super::ascii::Ascii;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
@@ -119,7 +121,7 @@ pub fn prepare_upstream_request(headers: &mut HeaderMap, client: ClientFacts<'_>
         remove_underscored(headers);
     }
     headers.insert(X_REQUEST_ID, client.request_id.0.clone());
-    headers.insert(X_REAL_IP, ascii_header_value(client.addr));
+    headers.insert(X_REAL_IP, Ascii::ip(client.addr).header_value());
     let forwarded_for = forwarded_for_with(headers, client.addr);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme));
@@ -141,16 +143,15 @@ fn remove_underscored(headers: &mut HeaderMap) {
 /// The `X-Forwarded-For` chain with `client` appended; several incoming headers are joined
 /// into one list, as RFC 9110 allows for comma-separated fields.
 fn forwarded_for_with(headers: &HeaderMap, client: IpAddr) -> HeaderValue {
-    use std::io::Write as _;
     let mut chain: Vec<u8> = Vec::with_capacity(64);
     for earlier in headers.get_all(X_FORWARDED_FOR) {
         chain.extend_from_slice(earlier.as_bytes());
         chain.extend_from_slice(b", ");
     }
-    let _ = write!(chain, "{client}");
+    chain.extend_from_slice(Ascii::ip(client).as_str().as_bytes());
     // The chain's own buffer becomes the value: no second copy.
     HeaderValue::from_maybe_shared(Bytes::from(chain))
-        .unwrap_or_else(|_| ascii_header_value(client))
+        .unwrap_or_else(|_| Ascii::ip(client).header_value())
 }
 
 /// Turns the upstream's response headers into the client's: hop-by-hop removed, then stamped.
@@ -162,10 +163,13 @@ pub fn prepare_client_response(
 ) {
     remove_hop_by_hop(headers);
     stamp_identity(headers, request_id, identity);
-    headers.insert(X_UPSTREAM_ADDR, ascii_header_value(upstream.addr));
+    headers.insert(
+        X_UPSTREAM_ADDR,
+        Ascii::socket_addr(upstream.addr).header_value(),
+    );
     headers.insert(
         X_UPSTREAM_RESPONSE_TIME,
-        ascii_header_value(format_response_time(upstream.response_time)),
+        Ascii::seconds_with_millis(upstream.response_time).header_value(),
     );
 }
 
@@ -174,17 +178,6 @@ pub fn stamp_identity(headers: &mut HeaderMap, request_id: &RequestId, identity:
     headers.insert(X_REQUEST_ID, request_id.0.clone());
     headers.insert(X_PROXY_ID, identity.proxy_id.clone());
     headers.insert(X_SERVER_INFO, identity.server_info.clone());
-}
-
-/// Seconds with millisecond precision, like nginx's `$upstream_response_time` (`0.004`).
-pub fn format_response_time(elapsed: Duration) -> String {
-    format!("{:.3}", elapsed.as_secs_f64())
-}
-
-/// A header value from text that is printable ASCII by construction (hex digits, IP
-/// addresses, decimal numbers), so conversion cannot fail.
-fn ascii_header_value(text: impl Display) -> HeaderValue {
-    HeaderValue::try_from(text.to_string()).expect("printable ASCII is a valid header value")
 }
 
 #[cfg(test)]
@@ -328,13 +321,6 @@ mod tests {
         assert_eq!(map["x-upstream-response-time"], "0.004");
         assert_eq!(map.get_all("x-proxy-id").iter().count(), 1);
         assert!(!map.contains_key("connection"));
-    }
-
-    #[test]
-    fn response_time_has_three_decimals() {
-        assert_eq!(format_response_time(Duration::ZERO), "0.000");
-        assert_eq!(format_response_time(Duration::from_millis(1_234)), "1.234");
-        assert_eq!(format_response_time(Duration::from_secs(61)), "61.000");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling).
 //! - `limits`: what the proxy accepts from clients (sizes, timeouts, Host).
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
+//! - `ascii`: addresses and times written into headers and log lines without `fmt`.
 //! - `access_log`: a line per request; `observed`: the body wrapper that ends one.
 //! - `websocket`: WebSocket upgrades on `websocket_endpoints`, spliced after `101`.
 //! - `backend_tls`: TLS towards the tasks (`ssl_backend`).
@@ -21,6 +22,7 @@
 //!   `passthrough`).
 
 mod access_log;
+mod ascii;
 mod backend_tls;
 mod certificates;
 mod client_hello;
