@@ -1,6 +1,6 @@
 //! `xlb run` as a user meets it without a Swarm: XDP falls back to generic mode on a driver
-//! without native XDP, the proxy and admin endpoint serve while Docker is unreachable, SIGTERM
-//! ends it cleanly, and a bad config is refused with its position.
+//! without native XDP, the proxy (with several workers) and admin endpoint serve while Docker
+//! is unreachable, SIGTERM ends it cleanly, and a bad config is refused with its position.
 
 use std::{process::Stdio, time::Duration};
 
@@ -13,6 +13,9 @@ PollInterval = "500ms"
 [Extensions.default]
 PublishMode = "host"
 PublishedPort = 8000
+
+[Extensions.default.Config]
+WorkerProcesses = 3
 "#;
 
 #[test]
@@ -60,6 +63,34 @@ fn runs_without_docker_falls_back_to_generic_xdp_and_stops_on_sigterm() {
         )
         .unwrap();
     assert_eq!(unknown, "503");
+
+    // WorkerProcesses = 3: three workers share the port, each counting its own connections.
+    for _ in 0..20 {
+        netns
+            .run(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    "Host: a.local",
+                    "http://127.0.0.1:8000/",
+                ],
+            )
+            .unwrap();
+    }
+    let stats = netns
+        .run("curl", &["-sf", "http://127.0.0.1:9000/stats"])
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let workers = stats["proxy"]["workers"].as_array().expect("proxy.workers");
+    assert_eq!(workers.len(), 3, "{stats}");
+    let accepted: u64 = workers
+        .iter()
+        .map(|worker| worker["connections_accepted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(accepted, 21, "{stats}");
 
     let routes = netns
         .run("curl", &["-sf", "http://127.0.0.1:9000/routes"])
