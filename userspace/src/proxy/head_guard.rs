@@ -19,6 +19,7 @@
 
 use std::{
     fmt::Write as _,
+    future::Future,
     io,
     mem::MaybeUninit,
     net::SocketAddr,
@@ -40,7 +41,6 @@ use tracing::debug;
 
 use super::{
     access_log::{AccessEntry, AccessLog},
-    deadline,
     headers::{ProxyIdentity, RequestId},
     limits::ClientLimits,
 };
@@ -418,7 +418,10 @@ impl<IO> HeadGuard<IO> {
                 (idle_since + allowed, Expiry::Idle)
             }
         };
-        match deadline::poll_until(&mut self.timer, deadline, cx) {
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        match self.timer.as_mut().poll(cx) {
             Poll::Ready(()) => Some(expiry),
             Poll::Pending => None,
         }
@@ -488,9 +491,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadGuard<IO> {
                 }
                 None => {}
             }
-            // Uninitialised: zeroing 8 KiB for every read cost more than the read's copy.
-            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-            let mut chunk = ReadBuf::uninit(&mut chunk);
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut chunk = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
             if chunk.filled().is_empty() {
                 // The client closed its side: hyper sees the end of the stream as it is.

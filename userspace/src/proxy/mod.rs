@@ -8,7 +8,6 @@
 //! - `retry`: which requests may go to another endpoint, and their replayable bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
 //! - `upstream`: keep-alive connection pool per upstream endpoint, timeouts, drain.
-//! - `deadline`: timeouts that move with every read and write, without a timer update each.
 //! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling).
 //! - `limits`: what the proxy accepts from clients (sizes, timeouts, Host).
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
@@ -26,7 +25,6 @@ mod ascii;
 mod backend_tls;
 mod certificates;
 mod client_hello;
-mod deadline;
 mod handler;
 mod head_guard;
 pub mod headers;

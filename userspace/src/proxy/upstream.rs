@@ -14,6 +14,7 @@
 use std::{
     collections::{HashMap, HashSet},
     error::Error as StdError,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -39,10 +40,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::{
-    backend_tls::{connect_task, UpstreamTls},
-    deadline,
-};
+use super::backend_tls::{connect_task, UpstreamTls};
 
 /// How long a pooled connection may take to become ready for its next request: normally
 /// microseconds after its previous response ended; longer only while the previous request body
@@ -513,7 +511,10 @@ fn poll_deadline<T>(
     cx: &mut Context<'_>,
     stall: Stall,
 ) -> Poll<io::Result<T>> {
-    ready!(deadline::poll_until(sleep, deadline, cx));
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    ready!(sleep.as_mut().poll(cx));
     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stall)))
 }
 
