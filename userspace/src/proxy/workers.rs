@@ -391,10 +391,12 @@ mod tests {
                 })
             })
             .collect();
-        crate::proxy::test_support::eventually("both workers to hold a request", || {
+        // Every request has reached the backend (one upstream connection each, as they run at
+        // once), so each is in flight, not just accepted: a connection whose request is still
+        // unread when shutdown comes is closed, as nginx closes it.
+        crate::proxy::test_support::eventually("every request in flight on both workers", || {
             let report = workers.stats.report();
-            report.iter().map(|w| w.connections_open).sum::<u64>() == 16
-                && report.iter().all(|w| w.connections_open > 0)
+            backend.connections_accepted() == 16 && report.iter().all(|w| w.connections_open > 0)
         })
         .await;
         workers.shutdown.cancel();
