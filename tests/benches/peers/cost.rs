@@ -211,6 +211,22 @@ impl RssSampler {
     }
 }
 
+/// `perf -p`'s list of the processes to attach to.
+fn perf_pid_list(pids: &[u32]) -> String {
+    pids.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Starts perf attached to processes; it attaches to every thread before it starts counting,
+/// so it is given that moment.
+fn spawn_perf(command: Command) -> Result<Process> {
+    let process = Process::spawn(command)?;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(process)
+}
+
 /// perf writes what it has and exits on SIGINT.
 fn interrupt_perf(process: &mut Process, what: &str) -> Result<()> {
     nix::sys::signal::kill(
@@ -247,11 +263,7 @@ impl Profile {
             })
             .collect();
         let data = dir.join(format!("{file_name}.data"));
-        let pids = pids
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let pids = perf_pid_list(pids);
         let mut command = Command::new("perf");
         command
             // Call chains by frame pointer: whole for the kernel, as deep as they go for the
@@ -270,8 +282,7 @@ impl Profile {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let process = Process::spawn(command)?;
-        std::thread::sleep(Duration::from_millis(200));
+        let process = spawn_perf(command)?;
         Ok(Profile { process, data })
     }
 
@@ -318,11 +329,7 @@ const CONTEXT_SWITCH_EVENT: &str = "context-switches";
 
 impl PerfStat {
     fn start(pids: &[u32], output: &Path) -> Result<PerfStat> {
-        let pids = pids
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let pids = perf_pid_list(pids);
         let mut command = Command::new("perf");
         command
             .args(["stat", "-x", ",", "-e"])
@@ -332,9 +339,7 @@ impl PerfStat {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let process = Process::spawn(command)?;
-        // perf attaches to every thread before it starts counting; give it that moment.
-        std::thread::sleep(Duration::from_millis(200));
+        let process = spawn_perf(command)?;
         Ok(PerfStat {
             process,
             output: output.to_path_buf(),

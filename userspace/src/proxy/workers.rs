@@ -117,11 +117,9 @@ impl BoundWorkers {
         let http = bind_group(ports.http, workers)
             .with_context(|| format!("binding the proxy's port {} (PublishedPort)", ports.http))?;
         let mut https = match &ports.https {
-            Some((addr, _)) => bind_group(*addr, workers)
-                .with_context(|| format!("binding the proxy's SSL port {addr} (PublishedSSLPort)"))?
-                .into_iter()
-                .map(Some)
-                .collect(),
+            Some((addr, _)) => bind_group(*addr, workers).with_context(|| {
+                format!("binding the proxy's SSL port {addr} (PublishedSSLPort)")
+            })?,
             None => Vec::new(),
         }
         .into_iter();
@@ -129,7 +127,7 @@ impl BoundWorkers {
             .into_iter()
             .map(|http| WorkerSockets {
                 http,
-                https: https.next().flatten(),
+                https: https.next(),
             })
             .collect();
         let stats = Arc::new(WorkerStats::new(sockets.len()));
