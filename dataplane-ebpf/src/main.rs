@@ -4,7 +4,8 @@
 //! an L4 service, or a backend's reply to a tracked flow? → connection table, Maglev pick, SNAT,
 //! rewrite and transmit ([`steer`]) → otherwise classify (L7 proxy port or other) and pass to
 //! the kernel. Every frame is counted on entry, by class, by final verdict and, on the L4 path,
-//! by outcome, in the per-CPU `STATS` array; the daemon sums it.
+//! by outcome and by the table event it caused, in this CPU's `STATS` block (one lookup per
+//! frame); the daemon sums the CPUs.
 #![no_std]
 #![no_main]
 
@@ -13,16 +14,15 @@ mod parse;
 mod steer;
 
 use aya_ebpf::{
-    bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use xlb_common::{
-    Backend, Counter, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
-    TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, MAX_BACKENDS,
-    MAX_L4_PORTS, MAX_L7_PORTS, MAX_SERVICE_KEYS,
+    Backend, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat, StatsBlock,
+    Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS,
+    MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_SERVICE_KEYS, MAX_SNAT_ADDRS,
 };
 
 use crate::{
@@ -30,8 +30,9 @@ use crate::{
     steer::{is_snat_port, lookup_service, reply_to_client, steer_to_backend, L4Packet, Verdict},
 };
 
+/// One element: this CPU's counters (see [`Tally`]).
 #[map]
-static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+static STATS: PerCpuArray<StatsBlock> = PerCpuArray::with_max_entries(1, 0);
 
 /// TCP ports (host byte order) the userspace L7 proxy listens on; filled by the daemon.
 #[map]
@@ -56,13 +57,48 @@ static RINGS: Array<u32> =
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// The connection table: forward and reply entries of every tracked flow.
+///
+/// A plain hash, not an LRU: nothing a flood creates can push a live flow out. Entries leave
+/// when their flow has expired: taken over where a new flow's SNAT tuple collides with them
+/// ([`steer`]), reopened by a SYN, or removed by the daemon's sweep. A full table refuses new
+/// flows (`l4_drop_flow_table`) and keeps every established one.
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Limits and timeouts, written by the daemon before it attaches the program.
+/// Where this CPU's walk over the SNAT tuples goes on: each new flow takes the next tuple, so
+/// a tuple is reused only after all the others, the longest possible after its last flow.
 #[map]
-static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a new flow's two entries are built before they are inserted: [reply, forward].
+#[map]
+static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(2, 0);
+
+/// Limits and timeouts, set by the daemon when it loads the program: read-only data the
+/// verifier knows as constants, read with [`setting`].
+#[unsafe(no_mangle)]
+static SETTINGS: Settings = Settings {
+    ring_size: 0,
+    snat_port_first: 0,
+    snat_port_last: 0,
+    snat_addrs: [0; MAX_SNAT_ADDRS],
+    snat_addr_count: 0,
+    _pad: 0,
+    timeouts: Timeouts {
+        tcp_handshake_ns: 0,
+        tcp_established_ns: 0,
+        tcp_closing_ns: 0,
+        tcp_time_wait_ns: 0,
+        udp_ns: 0,
+    },
+};
+
+/// A field of [`SETTINGS`], read from the loaded data rather than the compile-time zeros.
+#[inline(always)]
+fn setting<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference to a field of a static is valid for reads.
+    unsafe { core::ptr::read_volatile(field) }
+}
 
 /// Traffic per service slot.
 #[map]
@@ -73,13 +109,31 @@ static SERVICE_STATS: PerCpuArray<TrafficCounters> =
 #[map]
 static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-#[inline(always)]
-fn count(stat: Stat, bytes: usize) {
-    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+/// This CPU's counters, looked up once per frame.
+struct Tally {
+    block: Option<*mut StatsBlock>,
+    bytes: u64,
+}
+
+impl Tally {
+    #[inline(always)]
+    fn new(bytes: usize) -> Tally {
+        Tally {
+            block: STATS.get_ptr_mut(0),
+            bytes: bytes as u64,
+        }
+    }
+
+    #[inline(always)]
+    fn count(&self, stat: Stat) {
+        let Some(block) = self.block else {
+            return;
+        };
         // SAFETY: a per-CPU slot is only ever touched by the CPU running this program.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += bytes as u64;
+        let counters = unsafe { &mut (*block).counters };
+        if let Some(counter) = counters.get_mut(stat as usize) {
+            counter.packets += 1;
+            counter.bytes += self.bytes;
         }
     }
 }
@@ -123,10 +177,7 @@ fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Ve
             let ports = frame.transport.ports()?;
             is_l4_port(u16::from_be(ports.dst), frame.ipv6_proto).then_some((
                 Stat::ClassL4Ipv6,
-                Verdict {
-                    action: xdp_action::XDP_PASS,
-                    outcome: None,
-                },
+                Verdict::PASS,
             ))
         }
         NetworkKind::TaggedIpv4 | NetworkKind::Other => None,
@@ -147,29 +198,24 @@ fn pass_class(frame: &Frame) -> Stat {
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let bytes = frame_len(&ctx);
-    count(Stat::Received, bytes);
+    let tally = Tally::new(bytes);
+    tally.count(Stat::Received);
     let (class, verdict) = match parse(&ctx) {
-        Ok(frame) => l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| {
-            let pass = Verdict {
-                action: xdp_action::XDP_PASS,
-                outcome: None,
-            };
-            (pass_class(&frame), pass)
-        }),
+        Ok(frame) => l4_verdict(&ctx, &frame, bytes)
+            .unwrap_or_else(|| (pass_class(&frame), Verdict::PASS)),
         Err(Malformed) => {
             debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
-            let pass = Verdict {
-                action: xdp_action::XDP_PASS,
-                outcome: None,
-            };
-            (Stat::ClassMalformed, pass)
+            (Stat::ClassMalformed, Verdict::PASS)
         }
     };
-    count(class, bytes);
+    tally.count(class);
     if let Some(outcome) = verdict.outcome {
-        count(outcome, bytes);
+        tally.count(outcome);
     }
-    count(Stat::for_verdict(verdict.action), bytes);
+    if let Some(event) = verdict.event {
+        tally.count(event);
+    }
+    tally.count(Stat::for_verdict(verdict.action));
     verdict.action
 }
 

@@ -45,6 +45,7 @@ pub struct Ports {
 #[derive(Clone, Copy, Default)]
 pub struct TcpFlags {
     pub syn: bool,
+    pub ack: bool,
     pub fin: bool,
     pub rst: bool,
 }
@@ -76,6 +77,7 @@ impl Transport {
         ports: Ports { src: 0, dst: 0 },
         flags: TcpFlags {
             syn: false,
+            ack: false,
             fin: false,
             rst: false,
         },
@@ -162,6 +164,7 @@ fn parse_tcp(ctx: &XdpContext, offset: usize, ip_end: usize) -> Result<Transport
         },
         flags: TcpFlags {
             syn: tcp.syn() != 0,
+            ack: tcp.ack() != 0,
             fin: tcp.fin() != 0,
             rst: tcp.rst() != 0,
         },

@@ -12,21 +12,25 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{
-    ring_index, wire_port, FlowKey, FlowValue, NextHop, ServiceKey, ServiceValue, Settings, Stat,
-    TrafficCounters, CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT, CLOSE_RST, DIRECTION_FORWARD,
-    DIRECTION_REPLY, IPPROTO_TCP, NO_BACKEND, SNAT_ATTEMPTS,
+    flow_expired, flow_last_seen, flow_state, ring_index, wire_port, FlowKey, FlowState,
+    FlowValue, NextHop, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD,
+    DIRECTION_REPLY, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND,
+    SNAT_ATTEMPTS,
 };
 
 use crate::{
     checksum,
-    parse::{ptr_at, read_at, Ipv4, Malformed, Ports, TcpFlags, Transport, TransportKind},
-    BACKENDS, BACKEND_STATS, FLOWS, RINGS, SERVICES, SERVICE_STATS, SETTINGS,
+    parse::{ptr_at, Ipv4, Malformed, Ports, TcpFlags, Transport, TransportKind},
+    setting, BACKENDS, BACKEND_STATS, FLOWS, FLOW_SCRATCH, RINGS, SERVICES, SERVICE_STATS, SETTINGS,
+    SNAT_CURSOR,
 };
 
-/// The XDP action for a frame and the `L4*` outcome it is counted under.
+/// The XDP action for a frame, the `L4*` outcome it is counted under, and the table event it
+/// caused, if any (counted besides the outcome).
 pub struct Verdict {
     pub action: u32,
     pub outcome: Option<Stat>,
+    pub event: Option<Stat>,
 }
 
 /// A header the parse accepted could not be re-read for rewriting: impossible unless the parse
@@ -35,13 +39,22 @@ pub struct Verdict {
 const REWRITE_FAILED: Verdict = Verdict {
     action: xdp_action::XDP_ABORTED,
     outcome: None,
+    event: None,
 };
 
 impl Verdict {
+    /// Passed to the kernel, not L4 traffic.
+    pub const PASS: Verdict = Verdict {
+        action: xdp_action::XDP_PASS,
+        outcome: None,
+        event: None,
+    };
+
     fn pass(outcome: Stat) -> Verdict {
         Verdict {
             action: xdp_action::XDP_PASS,
             outcome: Some(outcome),
+            event: None,
         }
     }
 
@@ -49,7 +62,12 @@ impl Verdict {
         Verdict {
             action: xdp_action::XDP_DROP,
             outcome: Some(outcome),
+            event: None,
         }
+    }
+
+    fn with_event(self, event: Option<Stat>) -> Verdict {
+        Verdict { event, ..self }
     }
 }
 
@@ -89,12 +107,9 @@ impl<'a> L4Packet<'a> {
         }
     }
 
-    fn close_flags(&self, fin_bit: u32) -> u32 {
-        match self.tcp_flags {
-            Some(flags) if flags.rst => CLOSE_RST,
-            Some(flags) if flags.fin => fin_bit,
-            _ => 0,
-        }
+    /// A SYN without ACK: the client asks for a new connection.
+    fn is_connection_request(&self) -> bool {
+        matches!(self.tcp_flags, Some(flags) if flags.syn && !flags.ack && !flags.rst)
     }
 }
 
@@ -111,23 +126,17 @@ pub fn lookup_service(packet: &L4Packet) -> Option<ServiceValue> {
     unsafe { SERVICES.get(&key).copied() }
 }
 
-#[inline(always)]
-fn settings() -> Settings {
-    SETTINGS.get(0).copied().unwrap_or_default()
-}
-
 /// Could this packet be a backend's reply to a SNAT port? Saves a table lookup for all else.
 #[inline(always)]
 pub fn is_snat_port(port: u16) -> bool {
-    let settings = settings();
     let port = u16::from_be(port);
-    settings.snat_port_first <= port && port <= settings.snat_port_last
+    setting(&SETTINGS.snat_port_first) <= port && port <= setting(&SETTINGS.snat_port_last)
 }
 
 #[inline(always)]
 fn add_traffic(
     counters: Option<*mut TrafficCounters>,
-    direction: u32,
+    direction: u8,
     bytes: usize,
     new_flow: bool,
 ) {
@@ -150,7 +159,7 @@ fn add_traffic(
 
 /// Counts a packet of a flow for its service and its backend.
 #[inline(always)]
-fn count_traffic(flow: &FlowValue, direction: u32, bytes: usize, new_flow: bool) {
+fn count_traffic(flow: &FlowValue, direction: u8, bytes: usize, new_flow: bool) {
     add_traffic(
         SERVICE_STATS.get_ptr_mut(flow.service_slot),
         direction,
@@ -165,78 +174,148 @@ fn count_traffic(flow: &FlowValue, direction: u32, bytes: usize, new_flow: bool)
     );
 }
 
-/// Why a tracked entry cannot be used.
-enum Untracked {
-    /// Idle past its timeout: both entries were removed, the packet may start a new flow.
-    Expired,
-    /// Its peer entry is gone or belongs to another flow (LRU eviction): both were removed.
+/// The timeout of a flow in `state`, from the global settings (one field read, no copy of
+/// the whole table onto the 512-byte stack).
+#[inline(always)]
+fn timeout(state: FlowState) -> u64 {
+    let timeouts = &SETTINGS.timeouts;
+    setting(match state {
+        FlowState::Handshake => &timeouts.tcp_handshake_ns,
+        FlowState::Established => &timeouts.tcp_established_ns,
+        FlowState::Closing => &timeouts.tcp_closing_ns,
+        FlowState::TimeWait => &timeouts.tcp_time_wait_ns,
+        FlowState::Udp => &timeouts.udp_ns,
+    })
+}
+
+/// What the connection table says about a packet whose 5-tuple has an entry.
+enum Tracked {
+    /// Forward it as the entry says (the entry in the table: read in place, not copied).
+    Flow(*const FlowValue),
+    /// A connection request on a tuple whose flow is over (closed or expired): its entries
+    /// were removed and the packet starts a new flow.
+    Reopened,
+    /// The entry's peer is gone or belongs to another flow (half of a pair removed, or a
+    /// tuple taken over): the entry was removed and the packet dropped.
     Lost,
 }
 
+/// Records `now` as the entry's last use, at most once per [`LAST_SEEN_GRANULARITY_NS`]: an
+/// established flow's packets otherwise write nothing to the table.
 #[inline(always)]
-fn timeout_ns(settings: &Settings, proto: u8, close_flags: u32) -> u64 {
-    let both_fins = CLOSE_FIN_FROM_CLIENT | CLOSE_FIN_FROM_BACKEND;
-    if proto != IPPROTO_TCP {
-        settings.udp_idle_ns
-    } else if close_flags & CLOSE_RST != 0 || close_flags & both_fins == both_fins {
-        settings.tcp_closing_ns
-    } else {
-        settings.tcp_idle_ns
+fn touch(entry: &mut FlowValue, now: u64) {
+    if now.wrapping_sub(entry.last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
+        entry.last_seen_ns = now;
     }
 }
 
-/// The entry for `key` if it is live, its peer still pointing back at it. Refreshes its last
-/// use and records FIN/RST in both entries.
+/// Does this packet change what the flow's latches say? Only those packets look up the peer
+/// entry; every other packet of a tracked flow is forwarded after one table lookup.
 #[inline(always)]
-fn tracked_flow(
+fn changes_latches(entry: &FlowValue, flags: Option<TcpFlags>) -> bool {
+    let Some(flags) = flags else {
+        return false;
+    };
+    if flags.syn || flags.fin || flags.rst {
+        return true;
+    }
+    if entry.direction == DIRECTION_FORWARD {
+        entry.established == 0 && entry.answered != 0
+    } else {
+        entry.rst != 0
+    }
+}
+
+/// Sets a latch in both entries of a flow (see `FlowValue`).
+macro_rules! latch {
+    ($entry:expr, $peer:expr, $field:ident, $value:expr) => {
+        $entry.$field = $value;
+        $peer.$field = $value;
+    };
+}
+
+/// Applies a flag-carrying packet to the latches of its flow, in both entries.
+#[inline(always)]
+fn advance(
     key: &FlowKey,
+    entry: &mut FlowValue,
     packet: &L4Packet,
-    settings: &Settings,
+    flags: TcpFlags,
     now: u64,
-) -> Result<Option<FlowValue>, Untracked> {
-    let Some(entry) = FLOWS.get_ptr_mut(key) else {
-        return Ok(None);
-    };
-    // SAFETY: FLOWS values are plain data; a concurrent update can at worst mix two versions of
-    // fields that are only ever set to the same values for a live flow.
-    let entry = unsafe { &mut *entry };
+) -> Tracked {
     let peer_key = entry.peer_key(key.proto);
-    let peer = FLOWS.get_ptr_mut(&peer_key);
-    let peer = match peer {
-        // SAFETY: as above.
-        Some(peer) => unsafe { &mut *peer },
-        None => {
-            let _ = FLOWS.remove(key);
-            return Err(Untracked::Lost);
-        }
+    let Some(peer) = FLOWS.get_ptr_mut(&peer_key) else {
+        let _ = FLOWS.remove(key);
+        return Tracked::Lost;
     };
+    // SAFETY: FLOWS values are plain data; concurrent writers only ever set latches.
+    let peer = unsafe { &mut *peer };
     if peer.peer_key(key.proto) != *key {
         let _ = FLOWS.remove(key);
-        return Err(Untracked::Lost);
+        return Tracked::Lost;
     }
-    let last_seen = if entry.last_seen_ns > peer.last_seen_ns {
-        entry.last_seen_ns
+    if entry.direction == DIRECTION_FORWARD {
+        if packet.is_connection_request() {
+            let state = flow_state(key.proto, entry, peer);
+            let over = matches!(state, FlowState::Closing | FlowState::TimeWait)
+                || flow_expired(timeout, key.proto, entry, peer, now);
+            if over {
+                remove_pair(key, &peer_key);
+                return Tracked::Reopened;
+            }
+        }
+        if flags.rst {
+            latch!(entry, peer, rst, 1);
+        }
+        if flags.fin {
+            latch!(entry, peer, fin_from_client, 1);
+        }
+        if flags.ack && !flags.syn && (entry.answered | peer.answered) != 0 {
+            latch!(entry, peer, established, 1);
+        }
     } else {
-        peer.last_seen_ns
-    };
-    let close_flags = entry.close_flags | peer.close_flags;
-    if now.saturating_sub(last_seen) > timeout_ns(settings, key.proto, close_flags) {
-        let _ = FLOWS.remove(&peer_key);
-        let _ = FLOWS.remove(key);
-        return Err(Untracked::Expired);
+        if flags.syn && flags.ack {
+            latch!(entry, peer, answered, 1);
+        }
+        if flags.fin {
+            if (entry.fin_from_client | peer.fin_from_client) == 0 {
+                latch!(entry, peer, backend_closed_first, 1);
+            }
+            latch!(entry, peer, fin_from_backend, 1);
+        }
+        if flags.rst {
+            latch!(entry, peer, rst, 1);
+        } else if (entry.rst | peer.rst) != 0 {
+            // The backend still talks after a RST: it did not take it (a blind RST answered
+            // with a challenge ACK), so the flow is not closing.
+            latch!(entry, peer, rst, 0);
+        }
     }
-    entry.last_seen_ns = now;
-    let fin_bit = if entry.direction == DIRECTION_FORWARD {
-        CLOSE_FIN_FROM_CLIENT
-    } else {
-        CLOSE_FIN_FROM_BACKEND
-    };
-    let seen = packet.close_flags(fin_bit);
-    if seen & !close_flags != 0 {
-        entry.close_flags = close_flags | seen;
-        peer.close_flags = close_flags | seen;
+    touch(entry, now);
+    Tracked::Flow(entry)
+}
+
+/// Removes both entries of a flow: the forward one first, so that its SNAT tuple (the reply
+/// key) is free only once nothing forwards into it.
+#[inline(always)]
+fn remove_pair(forward_key: &FlowKey, reply_key: &FlowKey) {
+    let _ = FLOWS.remove(forward_key);
+    let _ = FLOWS.remove(reply_key);
+}
+
+/// The entry for `key`, if any, after this packet.
+#[inline(always)]
+fn tracked_flow(key: &FlowKey, packet: &L4Packet, now: u64) -> Option<Tracked> {
+    let entry = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: FLOWS values are plain data; concurrent writers only ever set latches and
+    // `last_seen_ns`, and a torn read of either is harmless.
+    let entry = unsafe { &mut *entry };
+    if changes_latches(entry, packet.tcp_flags) {
+        let flags = packet.tcp_flags.unwrap_or_default();
+        return Some(advance(key, entry, packet, flags, now));
     }
-    Ok(Some(*entry))
+    touch(entry, now);
+    Some(Tracked::Flow(entry))
 }
 
 /// 32-bit finaliser of MurmurHash3: spreads every input bit over the whole word.
@@ -263,103 +342,205 @@ fn flow_hash(key: &FlowKey) -> u32 {
 
 /// The backend Maglev picks for a new flow, from the service's live ring.
 #[inline(always)]
-fn pick_backend(key: &FlowKey, service: &ServiceValue, settings: &Settings) -> u32 {
+fn pick_backend(key: &FlowKey, service: &ServiceValue) -> u32 {
+    let ring_size = setting(&SETTINGS.ring_size);
     // `checked_rem`: an unconfigured ring size of 0 means no backend, not a panic path the
     // verifier would refuse.
-    let Some(position) = flow_hash(key).checked_rem(settings.ring_size) else {
+    let Some(position) = flow_hash(key).checked_rem(ring_size) else {
         return NO_BACKEND;
     };
-    let index = ring_index(
-        service.slot,
-        service.active_ring & 1,
-        settings.ring_size,
-        position,
-    );
+    let index = ring_index(service.slot, service.active_ring & 1, ring_size, position);
     RINGS.get(index).copied().unwrap_or(NO_BACKEND)
 }
 
-/// Creates the reply and forward entries of a new flow, allocating its SNAT source port.
+/// What a SNAT tuple's current holder allows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// The tuple was free, or its holder expired and was removed: the reply entry is in.
+    Claimed { reclaimed: bool },
+    /// Held by a flow in TIME_WAIT whose closing timeout has passed: taken only when every
+    /// other tuple tried is live.
+    TimeWait,
+    /// Held by a live flow.
+    Live,
+}
+
+/// Tries to put `reply` at `reply_key`, removing an expired holder first, and a holder in
+/// TIME_WAIT past its closing timeout too when `take_time_wait`.
 ///
-/// The reply entry, keyed by (backend, LB SNAT address and port), is inserted first with
-/// `BPF_NOEXIST`: the kernel refuses a key that exists, so two flows can never share a
-/// (LB address, port, backend) tuple, even when two CPUs race for it.
+/// The insert is `BPF_NOEXIST`: the kernel refuses a key that exists, so two flows never share
+/// a SNAT tuple even when two CPUs race for it.
+// Not inlined: the SNAT walk calls it up to `SNAT_ATTEMPTS` times, and a BPF-to-BPF call keeps
+// each call's locals out of the caller's 512-byte stack frame.
+#[inline(never)]
+fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_time_wait: bool) -> Holder {
+    if FLOWS.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+        return Holder::Claimed { reclaimed: false };
+    }
+    // SAFETY (both lookups): read in place; FLOWS values are plain data.
+    let Some(holder) = (unsafe { FLOWS.get(reply_key) }) else {
+        return Holder::Live; // removed just now by another CPU, which may be claiming it
+    };
+    let forward_key = holder.peer_key(reply_key.proto);
+    let holder_forward = match unsafe { FLOWS.get(&forward_key) } {
+        Some(forward) if forward.peer_key(reply_key.proto) == *reply_key => Some(forward),
+        // Half a pair, or the forward key now belongs to another flow: nothing uses the tuple.
+        _ => None,
+    };
+    if let Some(forward) = holder_forward {
+        if !flow_expired(timeout, reply_key.proto, holder, forward, now) {
+            let state = flow_state(reply_key.proto, holder, forward);
+            let idle = now.saturating_sub(flow_last_seen(holder, forward));
+            if state != FlowState::TimeWait || idle <= timeout(FlowState::Closing) {
+                return Holder::Live;
+            }
+            if !take_time_wait {
+                return Holder::TimeWait;
+            }
+        }
+        let _ = FLOWS.remove(&forward_key);
+    }
+    let _ = FLOWS.remove(reply_key);
+    if FLOWS.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
+        Holder::Claimed { reclaimed: true }
+    } else {
+        Holder::Live
+    }
+}
+
+/// The SNAT tuple number `index` (of addresses × ports) toward `backend_snat_addr`'s backend:
+/// its address and port, wire order.
 #[inline(always)]
+fn snat_tuple(index: u32, range: u32, backend_snat_addr: u32) -> Option<(u32, u16)> {
+    // `checked_*`: a zero range has been refused already, and no panic path may reach the
+    // verifier.
+    let first = u32::from(setting(&SETTINGS.snat_port_first));
+    let port = wire_port((first + index.checked_rem(range)?) as u16);
+    if setting(&SETTINGS.snat_addr_count) == 0 {
+        return Some((backend_snat_addr, port));
+    }
+    let addr = SETTINGS.snat_addrs.get(index.checked_div(range)? as usize)?;
+    Some((setting(addr), port))
+}
+
+/// Creates the reply and forward entries of a new flow, allocating its SNAT tuple: the next
+/// ones on this CPU's walk are tried in turn (free, or expired and reclaimed), then the first
+/// TIME_WAIT hold met; the event says which.
+///
+/// The entries are built in this CPU's `FLOW_SCRATCH` slots, not on the stack (the verifier
+/// allows 512 bytes for a whole call chain); the forward one is returned from there.
+// Not inlined, for the same reason as `claim`: the established path's frame stays small.
+#[inline(never)]
 fn new_flow(
     ctx: &XdpContext,
     key: &FlowKey,
     service: &ServiceValue,
-    settings: &Settings,
     now: u64,
-) -> Result<FlowValue, Verdict> {
-    let backend_id = pick_backend(key, service, settings);
+) -> Result<(*const FlowValue, Option<Stat>), Verdict> {
+    let backend_id = pick_backend(key, service);
     let backend = match BACKENDS.get(backend_id) {
-        Some(backend) if backend_id != NO_BACKEND && backend.addr != 0 => *backend,
+        Some(backend) if backend_id != NO_BACKEND && backend.addr != 0 => backend,
         _ => return Err(Verdict::drop(Stat::L4DropNoBackend)),
     };
-    let eth: EthHdr = read_at(ctx, 0).map_err(|Malformed| REWRITE_FAILED)?;
-    let to_client = NextHop {
-        ifindex: ctx.ingress_ifindex() as u32,
-        src_mac: eth.dst_addr,
-        dst_mac: eth.src_addr,
-    };
-    let first = u32::from(settings.snat_port_first);
-    let last = u32::from(settings.snat_port_last);
+    let first = u32::from(setting(&SETTINGS.snat_port_first));
+    let last = u32::from(setting(&SETTINGS.snat_port_last));
     if first == 0 || last < first {
         return Err(Verdict::drop(Stat::L4DropSnatExhausted));
     }
     let range = last - first + 1;
-    // SAFETY: helper calls without pointer arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
+    let addresses = match setting(&SETTINGS.snat_addr_count) {
+        0 => 1,
+        count => count,
+    };
+    let tuples = range * addresses;
+    let (Some(cursor), Some(reply), Some(forward)) = (
+        SNAT_CURSOR.get_ptr_mut(0),
+        FLOW_SCRATCH.get_ptr_mut(0),
+        FLOW_SCRATCH.get_ptr_mut(1),
+    ) else {
+        return Err(Verdict::drop(Stat::L4DropSnatExhausted));
+    };
+    // SAFETY: per-CPU slots are only ever touched by the CPU running this program, and XDP
+    // runs to completion on it.
+    let (cursor, reply, forward) = unsafe { (&mut *cursor, &mut *reply, &mut *forward) };
+    if *cursor == 0 {
+        // SAFETY: helper call without arguments. CPUs start their walks apart.
+        *cursor = unsafe { bpf_get_prandom_u32() } | 1;
+    }
+    let eth: *const EthHdr = ptr_at(ctx, 0).map_err(|Malformed| REWRITE_FAILED)?;
+    // SAFETY: `ptr_at` checked the header lies inside the frame; byte arrays.
+    let (client_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+    *reply = FlowValue {
+        last_seen_ns: now,
+        new_src_addr: key.dst_addr,
+        new_dst_addr: key.src_addr,
+        new_src_port: key.dst_port,
+        new_dst_port: key.src_port,
+        next_hop: NextHop {
+            ifindex: ctx.ingress_ifindex() as u32,
+            src_mac: our_mac,
+            dst_mac: client_mac,
+        },
+        service_slot: service.slot,
+        backend_id,
+        direction: DIRECTION_REPLY,
+        ..FlowValue::default()
+    };
+    let mut claimed: Option<(FlowKey, Option<Stat>)> = None;
+    let mut time_wait: Option<FlowKey> = None;
     for attempt in 0..SNAT_ATTEMPTS {
-        let offset = start.wrapping_add(attempt).checked_rem(range).unwrap_or(0);
-        let snat_port = wire_port((first + offset) as u16);
+        let Some(index) = cursor.wrapping_add(attempt).checked_rem(tuples) else {
+            break;
+        };
+        let Some((snat_addr, snat_port)) = snat_tuple(index, range, backend.snat_addr) else {
+            break;
+        };
         let reply_key = FlowKey {
             src_addr: backend.addr,
-            dst_addr: backend.snat_addr,
+            dst_addr: snat_addr,
             src_port: backend.port,
             dst_port: snat_port,
             proto: key.proto,
             _pad: [0; 3],
         };
-        let reply = FlowValue {
-            last_seen_ns: now,
-            new_src_addr: key.dst_addr,
-            new_dst_addr: key.src_addr,
-            new_src_port: key.dst_port,
-            new_dst_port: key.src_port,
-            next_hop: to_client,
-            service_slot: service.slot,
-            backend_id,
-            direction: DIRECTION_REPLY,
-            close_flags: 0,
-            _pad: 0,
-        };
-        if FLOWS
-            .insert(&reply_key, &reply, BPF_NOEXIST as u64)
-            .is_err()
-        {
-            continue;
+        match claim(&reply_key, reply, now, false) {
+            Holder::Claimed { reclaimed } => {
+                *cursor = index.wrapping_add(1);
+                claimed = Some((reply_key, reclaimed.then_some(Stat::L4FlowReclaimed)));
+                break;
+            }
+            Holder::TimeWait if time_wait.is_none() => time_wait = Some(reply_key),
+            Holder::TimeWait | Holder::Live => {}
         }
-        let forward = FlowValue {
-            last_seen_ns: now,
-            new_src_addr: backend.snat_addr,
-            new_dst_addr: backend.addr,
-            new_src_port: snat_port,
-            new_dst_port: backend.port,
-            next_hop: backend.next_hop,
-            service_slot: service.slot,
-            backend_id,
-            direction: DIRECTION_FORWARD,
-            close_flags: 0,
-            _pad: 0,
-        };
-        if FLOWS.insert(key, &forward, BPF_ANY as u64).is_err() {
-            let _ = FLOWS.remove(&reply_key);
-            return Err(Verdict::drop(Stat::L4DropFlowTable));
-        }
-        return Ok(forward);
     }
-    Err(Verdict::drop(Stat::L4DropSnatExhausted))
+    if claimed.is_none() {
+        if let Some(reply_key) = time_wait {
+            if let Holder::Claimed { .. } = claim(&reply_key, reply, now, true) {
+                claimed = Some((reply_key, Some(Stat::L4SnatTimeWaitReused)));
+            }
+        }
+        *cursor = cursor.wrapping_add(SNAT_ATTEMPTS);
+    }
+    let Some((reply_key, event)) = claimed else {
+        return Err(Verdict::drop(Stat::L4DropSnatExhausted));
+    };
+    *forward = FlowValue {
+        last_seen_ns: now,
+        new_src_addr: reply_key.dst_addr,
+        new_dst_addr: backend.addr,
+        new_src_port: reply_key.dst_port,
+        new_dst_port: backend.port,
+        next_hop: backend.next_hop,
+        service_slot: service.slot,
+        backend_id,
+        direction: DIRECTION_FORWARD,
+        ..FlowValue::default()
+    };
+    if FLOWS.insert(key, &*forward, BPF_ANY as u64).is_err() {
+        let _ = FLOWS.remove(&reply_key);
+        return Err(Verdict::drop(Stat::L4DropFlowTable));
+    }
+    Ok((forward as *const FlowValue, event))
 }
 
 /// Rewrites addresses, ports, TTL and MACs as `flow` says, fixing checksums incrementally.
@@ -421,6 +602,7 @@ fn transmit(ctx: &XdpContext, next_hop: &NextHop, outcome: Stat) -> Verdict {
         return Verdict {
             action: xdp_action::XDP_TX,
             outcome: Some(outcome),
+            event: None,
         };
     }
     // SAFETY: helper call without pointer arguments.
@@ -429,6 +611,7 @@ fn transmit(ctx: &XdpContext, next_hop: &NextHop, outcome: Stat) -> Verdict {
         Verdict {
             action,
             outcome: Some(outcome),
+            event: None,
         }
     } else {
         Verdict::drop(Stat::L4DropRedirect)
@@ -444,72 +627,77 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
     if packet.ip.ttl <= 1 {
         return Verdict::pass(Stat::L4PassTtl);
     }
-    let settings = settings();
     // SAFETY: helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = packet.key();
-    let tracked = match tracked_flow(&key, packet, &settings, now) {
-        Ok(tracked) => tracked,
-        Err(Untracked::Expired) => {
-            crate::count(Stat::L4FlowExpired, packet.bytes);
+    let mut event = None;
+    let tracked = match tracked_flow(&key, packet, now) {
+        // SAFETY: the entry stays mapped while the program runs (RCU).
+        Some(Tracked::Flow(flow)) => Some(unsafe { &*flow }),
+        Some(Tracked::Reopened) => {
+            event = Some(Stat::L4FlowReopened);
             None
         }
-        Err(Untracked::Lost) => return Verdict::drop(Stat::L4DropFlowLost),
+        Some(Tracked::Lost) => return Verdict::drop(Stat::L4DropFlowLost),
+        None => None,
     };
     let (flow, outcome) = match tracked {
         Some(flow) => (flow, Stat::L4Forwarded),
         None => {
             let starts_flow = match packet.tcp_flags {
-                Some(flags) => flags.syn && !flags.rst,
+                Some(_) => packet.is_connection_request(),
                 None => true,
             };
             if !starts_flow {
-                return Verdict::pass(Stat::L4PassNoFlow);
+                return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
             }
-            match new_flow(ctx, &key, service, &settings, now) {
-                Ok(flow) => (flow, Stat::L4NewFlow),
-                Err(verdict) => return verdict,
+            match new_flow(ctx, &key, service, now) {
+                Ok((flow, claim_event)) => {
+                    event = event.or(claim_event);
+                    // SAFETY: this CPU's scratch slot, valid while the program runs.
+                    (unsafe { &*flow }, Stat::L4NewFlow)
+                }
+                Err(verdict) => return verdict.with_event(event),
             }
         }
     };
-    if rewrite(ctx, packet, &flow).is_err() {
+    if rewrite(ctx, packet, flow).is_err() {
         return REWRITE_FAILED;
     }
     count_traffic(
-        &flow,
+        flow,
         DIRECTION_FORWARD,
         packet.bytes,
         outcome == Stat::L4NewFlow,
     );
-    transmit(ctx, &flow.next_hop, outcome)
+    transmit(ctx, &flow.next_hop, outcome).with_event(event)
 }
 
 /// A backend's packet to a SNAT port: the tracked flow's reply entry, if any, sends it back to
 /// the client. `None` when no flow is tracked for it (the frame is not L4 traffic).
 #[inline(always)]
 pub fn reply_to_client(ctx: &XdpContext, packet: &L4Packet) -> Option<Verdict> {
-    let settings = settings();
     // SAFETY: helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = packet.key();
-    let flow = match tracked_flow(&key, packet, &settings, now) {
-        Ok(Some(flow)) if flow.direction == DIRECTION_REPLY => flow,
-        Ok(_) => return None,
-        Err(Untracked::Expired) => {
-            crate::count(Stat::L4FlowExpired, packet.bytes);
-            return None;
-        }
-        Err(Untracked::Lost) => return Some(Verdict::drop(Stat::L4DropFlowLost)),
+    let flow = match tracked_flow(&key, packet, now)? {
+        // SAFETY: the entry stays mapped while the program runs (RCU).
+        Tracked::Flow(flow) => unsafe { &*flow },
+        Tracked::Reopened => return None,
+        Tracked::Lost => return Some(Verdict::drop(Stat::L4DropFlowLost)),
     };
+    if flow.direction != DIRECTION_REPLY {
+        return None;
+    }
     if packet.ip.fragment {
         return Some(Verdict::pass(Stat::L4PassFragment));
     }
     if packet.ip.ttl <= 1 {
         return Some(Verdict::pass(Stat::L4PassTtl));
     }
-    if rewrite(ctx, packet, &flow).is_err() {
+    if rewrite(ctx, packet, flow).is_err() {
         return Some(REWRITE_FAILED);
     }
-    count_traffic(&flow, DIRECTION_REPLY, packet.bytes, false);
+    count_traffic(flow, DIRECTION_REPLY, packet.bytes, false);
     Some(transmit(ctx, &flow.next_hop, Stat::L4Replied))
 }

@@ -23,6 +23,7 @@ use crate::l4::{
     settings::{L4Settings, SnatPorts},
 };
 use crate::tls_policy;
+use xlb_common::MAX_SNAT_ADDRS;
 
 pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(3);
@@ -346,6 +347,11 @@ impl Reader<'_> {
                 "connectiontablesize" => l4.flow_entries = self.positive_integer(&entry)?,
                 "maxservices" => l4.service_slots = self.positive_integer(&entry)?,
                 "tcpidletimeout" => l4.tcp_idle = self.positive_duration(&entry)?,
+                "tcphandshaketimeout" => l4.tcp_handshake = self.positive_duration(&entry)?,
+                "tcpclosingtimeout" => l4.tcp_closing = self.positive_duration(&entry)?,
+                "tcptimewaittimeout" => l4.tcp_time_wait = self.positive_duration(&entry)?,
+                "udpidletimeout" => l4.udp_idle = self.positive_duration(&entry)?,
+                "snataddresses" => l4.snat_addresses = self.snat_addresses(&entry)?,
                 _ => self.ignore(&entry),
             }
         }
@@ -457,6 +463,32 @@ impl Reader<'_> {
                     );
                     self.error_at(item.span().start, message)
                 })
+            })
+            .collect()
+    }
+
+    /// `[L4] SNATAddresses`: IPv4 only (the L4 NAT is IPv4), at most what the program holds.
+    fn snat_addresses(&self, entry: &Entry) -> Result<Vec<Ipv4Addr>, ConfigError> {
+        let addresses = self.ip_addresses(entry)?;
+        if addresses.len() > MAX_SNAT_ADDRS {
+            let message = format!(
+                "{}: at most {MAX_SNAT_ADDRS} SNAT addresses, found {}",
+                entry.path,
+                addresses.len()
+            );
+            return Err(self.error_at(entry.value.span().start, message));
+        }
+        addresses
+            .into_iter()
+            .map(|addr| match addr {
+                IpAddr::V4(v4) => Ok(v4),
+                IpAddr::V6(v6) => {
+                    let message = format!(
+                        "{}: {v6} is IPv6; SNAT addresses are IPv4 (the L4 NAT is IPv4)",
+                        entry.path
+                    );
+                    Err(self.error_at(entry.value.span().start, message))
+                }
             })
             .collect()
     }
@@ -1189,8 +1221,21 @@ mod tests {
             ConnectionTableSize = 1024
             MaxServices = 8
             TCPIdleTimeout = "90s"
+            TCPHandshakeTimeout = "3s"
+            TCPClosingTimeout = "2s"
+            TCPTimeWaitTimeout = "30s"
+            UDPIdleTimeout = "5s"
+            SNATAddresses = ["10.0.0.21", "10.0.0.22"]
         "#;
         let l4 = parse(source, "config.toml").unwrap().l4;
+        assert_eq!(l4.tcp_handshake, Duration::from_secs(3));
+        assert_eq!(l4.tcp_closing, Duration::from_secs(2));
+        assert_eq!(l4.tcp_time_wait, Duration::from_secs(30));
+        assert_eq!(l4.udp_idle, Duration::from_secs(5));
+        assert_eq!(
+            l4.snat_addresses,
+            [Ipv4Addr::new(10, 0, 0, 21), Ipv4Addr::new(10, 0, 0, 22)]
+        );
         assert_eq!(
             l4.addresses,
             [
@@ -1223,6 +1268,15 @@ mod tests {
         assert_eq!(
             error("[L4]\nTCPIdleTimeout = \"0s\""),
             r#"config.toml:2:18: L4.TCPIdleTimeout: expected a duration greater than zero, found "0s""#
+        );
+        assert_eq!(
+            error("[L4]\nSNATAddresses = [\"fd00::1\"]"),
+            "config.toml:2:17: L4.SNATAddresses: fd00::1 is IPv6; SNAT addresses are IPv4 (the L4 NAT is IPv4)"
+        );
+        let seventeen: Vec<String> = (1..=17).map(|i| format!("\"10.0.0.{i}\"")).collect();
+        assert_eq!(
+            error(&format!("[L4]\nSNATAddresses = [{}]", seventeen.join(","))),
+            "config.toml:2:17: L4.SNATAddresses: at most 16 SNAT addresses, found 17"
         );
     }
 

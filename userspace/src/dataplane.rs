@@ -13,7 +13,7 @@ use aya::{
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
-use xlb_common::{Counter, Stat, L7_PORT_ENABLED};
+use xlb_common::{Stat, StatsBlock, L7_PORT_ENABLED};
 
 use crate::l4::{
     maps::{L4MapHandles, L4Maps, L4Traffic},
@@ -86,7 +86,7 @@ impl Stats {
 /// The loaded XDP program and the maps the daemon owns.
 pub struct Dataplane {
     ebpf: Ebpf,
-    stats: PerCpuArray<MapData, Counter>,
+    stats: PerCpuArray<MapData, StatsBlock>,
     l7_ports: HashMap<MapData, u16, u32>,
     l4: L4Maps,
 }
@@ -102,19 +102,16 @@ impl Dataplane {
     pub fn load_with(settings: &L4Settings) -> Result<Self, DataplaneError> {
         let ring_entries = u32::try_from(settings.ring_entries())
             .map_err(|_| DataplaneError::RingsTooLarge(settings.ring_entries()))?;
+        let program_settings = settings.to_program_settings();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("RINGS", ring_entries)
             .map_max_entries("FLOWS", settings.flow_entries)
             .map_max_entries("SERVICE_STATS", settings.service_slots)
+            .override_global("SETTINGS", &program_settings, true)
             .load(OBJECT)
             .map_err(|error| DataplaneError::Load(Box::new(error)))?;
         let stats = open(&mut ebpf, "STATS", PerCpuArray::try_from)?;
         let l7_ports = open(&mut ebpf, "L7_PORTS", HashMap::try_from)?;
-        let mut settings_map: Array<MapData, xlb_common::Settings> =
-            open(&mut ebpf, "SETTINGS", Array::try_from)?;
-        settings_map
-            .set(0, settings.to_map_value(), 0)
-            .map_err(|source| map_error("SETTINGS", "written", source))?;
         let handles = L4MapHandles {
             services: open(&mut ebpf, "SERVICES", HashMap::try_from)?,
             rings: open(&mut ebpf, "RINGS", Array::try_from)?,
@@ -200,20 +197,23 @@ impl Dataplane {
 
     /// Every counter, summed over CPUs.
     pub fn stats(&self) -> Result<Stats, DataplaneError> {
-        let mut totals = BTreeMap::new();
-        for stat in Stat::ALL {
-            let per_cpu = self
-                .stats
-                .get(&(stat as u32), 0)
-                .map_err(|source| map_error("STATS", "read", source))?;
-            let total = per_cpu
-                .iter()
-                .fold(CounterTotals::default(), |sum, cpu| CounterTotals {
-                    packets: sum.packets + cpu.packets,
-                    bytes: sum.bytes + cpu.bytes,
+        let per_cpu = self
+            .stats
+            .get(&0, 0)
+            .map_err(|source| map_error("STATS", "read", source))?;
+        let totals = Stat::ALL
+            .iter()
+            .map(|&stat| {
+                let total = per_cpu.iter().fold(CounterTotals::default(), |sum, cpu| {
+                    let counter = cpu.counters[stat as usize];
+                    CounterTotals {
+                        packets: sum.packets + counter.packets,
+                        bytes: sum.bytes + counter.bytes,
+                    }
                 });
-            totals.insert(stat.name(), total);
-        }
+                (stat.name(), total)
+            })
+            .collect();
         Ok(Stats(totals))
     }
 

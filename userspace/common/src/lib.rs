@@ -38,8 +38,18 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default connection-table capacity, in entries (each flow takes two: forward and reply).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 
-/// Ports tried for a new flow's SNAT source port before the flow is dropped.
+/// SNAT tuples tried for a new flow before it is dropped: the free one, or the first whose
+/// holder has expired, is taken; failing both, the oldest TIME_WAIT hold seen (see
+/// [`FlowState::TimeWait`]).
 pub const SNAT_ATTEMPTS: u32 = 16;
+
+/// Most SNAT addresses a node can use (`[L4] SNATAddresses`).
+pub const MAX_SNAT_ADDRS: usize = 16;
+
+/// A flow entry's `last_seen_ns` is rewritten only when it is older than this: an established
+/// flow's packets then write nothing to the shared table but once a second (timeouts are
+/// seconds long, so the coarser age costs nothing).
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -65,7 +75,23 @@ pub const fn port_from_wire(wire: u16) -> u16 {
     u16::from_be_bytes(wire.to_ne_bytes())
 }
 
-/// One slot of the per-CPU `STATS` array: how many frames, and how many bytes, were counted.
+/// The single element of the per-CPU `STATS` array: every counter of one CPU, so a frame's
+/// counts cost one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatsBlock {
+    pub counters: [Counter; Stat::COUNT as usize],
+}
+
+impl Default for StatsBlock {
+    fn default() -> Self {
+        StatsBlock {
+            counters: [Counter::default(); Stat::COUNT as usize],
+        }
+    }
+}
+
+/// How many frames, and how many bytes, were counted under one [`Stat`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
@@ -117,16 +143,23 @@ pub enum Stat {
     L4DropFlowTable = 20,
     /// Dropped: a tracked flow whose other entry vanished (evicted); both are removed.
     L4DropFlowLost = 21,
-    /// An event, counted besides the frame's outcome: a tracked flow had been idle past its
-    /// timeout and its entries were removed.
-    L4FlowExpired = 22,
+    /// An event: a SYN on the tuple of a flow that is over (closed, or idle past its timeout)
+    /// removed its entries and started a new flow (the client reused its port).
+    L4FlowReopened = 22,
     /// Dropped: `bpf_redirect` refused the egress interface.
     L4DropRedirect = 23,
+    /// An event, counted besides `L4NewFlow`: the new flow took the SNAT tuple of an expired
+    /// flow, whose entries were removed.
+    L4FlowReclaimed = 24,
+    /// An event, counted besides `L4NewFlow`: every SNAT tuple tried was live, so the new flow
+    /// took one the backend may still hold in TIME_WAIT (it accepts the new SYN when it is
+    /// newer, RFC 6191, and otherwise frees it on the client's RST: a one-second retry).
+    L4SnatTimeWaitReused = 25,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -152,8 +185,10 @@ impl Stat {
         Stat::L4DropSnatExhausted,
         Stat::L4DropFlowTable,
         Stat::L4DropFlowLost,
-        Stat::L4FlowExpired,
+        Stat::L4FlowReopened,
         Stat::L4DropRedirect,
+        Stat::L4FlowReclaimed,
+        Stat::L4SnatTimeWaitReused,
     ];
 
     /// The name userspace reports this stat under.
@@ -181,8 +216,10 @@ impl Stat {
             Stat::L4DropSnatExhausted => "l4_drop_snat_exhausted",
             Stat::L4DropFlowTable => "l4_drop_flow_table",
             Stat::L4DropFlowLost => "l4_drop_flow_lost",
-            Stat::L4FlowExpired => "l4_flow_expired",
+            Stat::L4FlowReopened => "l4_flow_reopened",
             Stat::L4DropRedirect => "l4_drop_redirect",
+            Stat::L4FlowReclaimed => "l4_flow_reclaimed",
+            Stat::L4SnatTimeWaitReused => "l4_snat_time_wait_reused",
         }
     }
 
@@ -266,7 +303,8 @@ pub struct NextHop {
     pub dst_mac: [u8; 6],
 }
 
-/// The single element of the `SETTINGS` array: limits and timeouts chosen by the daemon.
+/// The program's read-only global `SETTINGS`, set by the daemon when it loads the program (the
+/// verifier then knows them as constants): limits and timeouts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -275,10 +313,74 @@ pub struct Settings {
     /// SNAT source ports, inclusive, host byte order.
     pub snat_port_first: u16,
     pub snat_port_last: u16,
-    pub tcp_idle_ns: u64,
-    pub udp_idle_ns: u64,
-    /// Timeout once a TCP flow saw FIN both ways, or a RST.
+    /// SNAT addresses (wire order) shared by every backend; when `snat_addr_count` is 0 each
+    /// backend's own `Backend::snat_addr` (this node's route source toward it) is used.
+    pub snat_addrs: [u32; MAX_SNAT_ADDRS],
+    pub snat_addr_count: u32,
+    pub _pad: u32,
+    pub timeouts: Timeouts,
+}
+
+/// How long a flow in each [`FlowState`] may stay idle before its entries may be removed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_handshake_ns: u64,
+    pub tcp_established_ns: u64,
     pub tcp_closing_ns: u64,
+    pub tcp_time_wait_ns: u64,
+    pub udp_ns: u64,
+}
+
+impl Timeouts {
+    pub const fn for_state(&self, state: FlowState) -> u64 {
+        match state {
+            FlowState::Handshake => self.tcp_handshake_ns,
+            FlowState::Established => self.tcp_established_ns,
+            FlowState::Closing => self.tcp_closing_ns,
+            FlowState::TimeWait => self.tcp_time_wait_ns,
+            FlowState::Udp => self.udp_ns,
+        }
+    }
+}
+
+/// Where a tracked flow is in its life, from the latches of its two entries (see
+/// [`FlowValue`]). The XDP program and the daemon's sweep read it through the same function,
+/// so they agree on when a flow may go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FlowState {
+    /// TCP, until the client ACKs the backend's SYN-ACK: a spoofed SYN never gets further, so
+    /// it is held only briefly.
+    Handshake,
+    Established,
+    /// TCP after a RST, or FIN both ways with the client's first: the backend closed passively
+    /// and holds no TIME_WAIT, so only late segments are waited for.
+    Closing,
+    /// TCP after FIN both ways with the backend's first: the backend's socket sits in
+    /// TIME_WAIT on the SNAT tuple, which is not reused until it is over (unless every other
+    /// tuple is live, see `Stat::L4SnatTimeWaitReused`).
+    TimeWait,
+    Udp,
+}
+
+impl FlowState {
+    pub const ALL: [FlowState; 5] = [
+        FlowState::Handshake,
+        FlowState::Established,
+        FlowState::Closing,
+        FlowState::TimeWait,
+        FlowState::Udp,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowState::Handshake => "handshake",
+            FlowState::Established => "established",
+            FlowState::Closing => "closing",
+            FlowState::TimeWait => "time_wait",
+            FlowState::Udp => "udp",
+        }
+    }
 }
 
 /// Key of the `FLOWS` connection table: a packet's 5-tuple as received (wire order).
@@ -312,22 +414,23 @@ impl FlowKey {
 }
 
 /// `FlowValue::direction` of an entry for client → backend packets.
-pub const DIRECTION_FORWARD: u32 = 0;
+pub const DIRECTION_FORWARD: u8 = 0;
 /// `FlowValue::direction` of an entry for backend → client packets.
-pub const DIRECTION_REPLY: u32 = 1;
-
-/// `FlowValue::close_flags`: the client sent FIN.
-pub const CLOSE_FIN_FROM_CLIENT: u32 = 1;
-/// `FlowValue::close_flags`: the backend sent FIN.
-pub const CLOSE_FIN_FROM_BACKEND: u32 = 2;
-/// `FlowValue::close_flags`: either side sent RST.
-pub const CLOSE_RST: u32 = 4;
+pub const DIRECTION_REPLY: u8 = 1;
 
 /// Value of the `FLOWS` connection table: how to rewrite and send packets of one direction.
+///
+/// The TCP progress is kept as one-way latches, one byte each, written with plain stores (0 →
+/// 1) into both entries: two CPUs updating a flow at once can each only set what was seen, so
+/// no atomic read-modify-write is needed. The one exception is `rst`, cleared again when the
+/// backend keeps talking after it (a blind RST from outside, which the backend answers with a
+/// challenge ACK, RFC 5961, does not close the flow). A SYN on a closed flow's tuple clears
+/// them all (the client reopened it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet either way.
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of this direction's last packet, to within
+    /// [`LAST_SEEN_GRANULARITY_NS`]. A flow is idle since the later of its two entries'.
     pub last_seen_ns: u64,
     /// The packet's new 4-tuple (wire order); reversed, it is the peer entry's key.
     pub new_src_addr: u32,
@@ -338,10 +441,18 @@ pub struct FlowValue {
     pub service_slot: u32,
     pub backend_id: u32,
     /// [`DIRECTION_FORWARD`] or [`DIRECTION_REPLY`].
-    pub direction: u32,
-    /// `CLOSE_*` bits seen so far, kept equal in both entries.
-    pub close_flags: u32,
-    pub _pad: u32,
+    pub direction: u8,
+    /// TCP: the backend answered the SYN (SYN-ACK seen).
+    pub answered: u8,
+    /// TCP: the client ACKed after the backend's SYN-ACK.
+    pub established: u8,
+    pub fin_from_client: u8,
+    pub fin_from_backend: u8,
+    /// TCP: the backend's FIN came while the client had sent none.
+    pub backend_closed_first: u8,
+    /// TCP: a RST was seen and the backend has not sent anything since.
+    pub rst: u8,
+    pub _pad: [u8; 5],
 }
 
 impl FlowValue {
@@ -356,6 +467,64 @@ impl FlowValue {
             _pad: [0; 3],
         }
     }
+}
+
+/// The state of the flow whose entries are `entry` and `peer` (either order), for a packet
+/// or entry of protocol `proto`. Latches are read from both: a CPU that set one entry's and
+/// not yet the other's has still seen it.
+#[inline(always)]
+pub const fn flow_state(proto: u8, entry: &FlowValue, peer: &FlowValue) -> FlowState {
+    if proto != IPPROTO_TCP {
+        return FlowState::Udp;
+    }
+    if either(entry.rst, peer.rst) {
+        return FlowState::Closing;
+    }
+    let fins = either(entry.fin_from_client, peer.fin_from_client)
+        && either(entry.fin_from_backend, peer.fin_from_backend);
+    if fins {
+        return if either(entry.backend_closed_first, peer.backend_closed_first) {
+            FlowState::TimeWait
+        } else {
+            FlowState::Closing
+        };
+    }
+    if either(entry.established, peer.established) {
+        FlowState::Established
+    } else {
+        FlowState::Handshake
+    }
+}
+
+/// Is a latch set in either entry?
+#[inline(always)]
+const fn either(entry_latch: u8, peer_latch: u8) -> bool {
+    entry_latch | peer_latch != 0
+}
+
+/// When the flow of `entry` and `peer` last carried a packet.
+#[inline(always)]
+pub const fn flow_last_seen(entry: &FlowValue, peer: &FlowValue) -> u64 {
+    if entry.last_seen_ns > peer.last_seen_ns {
+        entry.last_seen_ns
+    } else {
+        peer.last_seen_ns
+    }
+}
+
+/// Has the flow of `entry` and `peer` been idle past its state's timeout at `now`?
+/// `timeout` gives a state's timeout (the XDP program reads each from its global settings,
+/// userspace from [`Timeouts::for_state`]).
+#[inline(always)]
+pub fn flow_expired(
+    timeout: impl Fn(FlowState) -> u64,
+    proto: u8,
+    entry: &FlowValue,
+    peer: &FlowValue,
+    now: u64,
+) -> bool {
+    let timeout = timeout(flow_state(proto, entry, peer));
+    now.saturating_sub(flow_last_seen(entry, peer)) > timeout
 }
 
 /// Per-CPU traffic of one service slot (`SERVICE_STATS`) or backend (`BACKEND_STATS`).
@@ -378,6 +547,7 @@ mod user {
     // SAFETY (all): `#[repr(C)]` structs of integers and byte arrays without padding, for which
     // every bit pattern is valid.
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for StatsBlock {}
     unsafe impl aya::Pod for ListenPort {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
@@ -401,10 +571,85 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<Backend>(), 28);
-        assert_eq!(size_of::<Settings>(), 32);
+        assert_eq!(size_of::<Settings>(), 120);
+        assert_eq!(size_of::<Timeouts>(), 40);
+        assert_eq!(size_of::<StatsBlock>(), 16 * Stat::COUNT as usize);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<FlowValue>(), 56);
         assert_eq!(size_of::<TrafficCounters>(), 40);
+    }
+
+    #[test]
+    fn a_tcp_flow_goes_through_its_states() {
+        let tcp = |configure: fn(&mut FlowValue)| {
+            let mut entry = FlowValue::default();
+            configure(&mut entry);
+            flow_state(IPPROTO_TCP, &entry, &FlowValue::default())
+        };
+        assert_eq!(tcp(|_| {}), FlowState::Handshake);
+        assert_eq!(tcp(|f| f.answered = 1), FlowState::Handshake);
+        assert_eq!(tcp(|f| f.established = 1), FlowState::Established);
+        let one_fin = |f: &mut FlowValue| {
+            f.established = 1;
+            f.fin_from_client = 1;
+        };
+        assert_eq!(tcp(one_fin), FlowState::Established, "a half-close is open");
+        let client_first = |f: &mut FlowValue| {
+            f.established = 1;
+            f.fin_from_client = 1;
+            f.fin_from_backend = 1;
+        };
+        assert_eq!(tcp(client_first), FlowState::Closing);
+        let backend_first = |f: &mut FlowValue| {
+            f.established = 1;
+            f.fin_from_client = 1;
+            f.fin_from_backend = 1;
+            f.backend_closed_first = 1;
+        };
+        assert_eq!(tcp(backend_first), FlowState::TimeWait);
+        assert_eq!(tcp(|f| f.rst = 1), FlowState::Closing);
+        assert_eq!(
+            flow_state(IPPROTO_UDP, &FlowValue::default(), &FlowValue::default()),
+            FlowState::Udp
+        );
+    }
+
+    #[test]
+    fn latches_count_from_either_entry_and_age_from_the_later() {
+        let forward = FlowValue {
+            last_seen_ns: 100,
+            established: 1,
+            fin_from_client: 1,
+            ..FlowValue::default()
+        };
+        let reply = FlowValue {
+            last_seen_ns: 250,
+            fin_from_backend: 1,
+            ..FlowValue::default()
+        };
+        assert_eq!(flow_state(IPPROTO_TCP, &forward, &reply), FlowState::Closing);
+        assert_eq!(flow_state(IPPROTO_TCP, &reply, &forward), FlowState::Closing);
+        assert_eq!(flow_last_seen(&forward, &reply), 250);
+        let timeouts = Timeouts {
+            tcp_closing_ns: 50,
+            ..Timeouts::default()
+        };
+        let timeout = |state| timeouts.for_state(state);
+        assert!(!flow_expired(timeout, IPPROTO_TCP, &forward, &reply, 300));
+        assert!(flow_expired(timeout, IPPROTO_TCP, &reply, &forward, 301));
+    }
+
+    #[test]
+    fn stat_names_are_unique_and_in_index_order() {
+        for (index, stat) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*stat as usize, index);
+        }
+        let mut names: [&str; Stat::COUNT as usize] = [""; Stat::COUNT as usize];
+        for (slot, stat) in names.iter_mut().zip(Stat::ALL) {
+            *slot = stat.name();
+        }
+        names.sort_unstable();
+        assert!(names.windows(2).all(|pair| pair[0] != pair[1]));
     }
 
     #[test]

@@ -1,18 +1,30 @@
 //! The L4 fast path's limits and timeouts: what the config may change, with their defaults.
 
-use std::{fmt, net::IpAddr, ops::RangeInclusive, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+    time::Duration,
+};
 
 use serde::Serialize;
-use xlb_common::{DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS};
+use xlb_common::{wire_ipv4, Timeouts, DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS, MAX_SNAT_ADDRS};
 
 use super::maglev::RingSize;
 
 /// Idle time after which a UDP flow is forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(30);
-/// Default idle time after which a TCP flow is forgotten.
+/// Default idle time after which an established TCP flow is forgotten.
 pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(3600);
-/// Time a TCP flow is kept after FIN both ways or a RST, for late segments.
+/// Time a TCP flow waits for the client's ACK of the backend's SYN-ACK: a spoofed SYN holds
+/// its entries and SNAT tuple this long. Linux clients retry a SYN after 1, 3 and 7 s.
+pub const TCP_HANDSHAKE: Duration = Duration::from_secs(10);
+/// Time a TCP flow is kept after a RST, or FIN both ways with the client's first, for late
+/// segments (the backend closed passively and holds no TIME_WAIT).
 pub const TCP_CLOSING: Duration = Duration::from_secs(10);
+/// Time a TCP flow's SNAT tuple is held after FIN both ways with the backend's first: Linux's
+/// TIME_WAIT (`TCP_TIMEWAIT_LEN`), during which the backend's socket still holds the tuple.
+pub const TCP_TIME_WAIT: Duration = Duration::from_secs(60);
 
 /// Default SNAT source ports: above Linux's default `ip_local_port_range` (32768-60999), so
 /// the node's own connections never use a port a flow's reply entry claims.
@@ -75,44 +87,78 @@ pub fn check_snat_ports(snat_ports: SnatPorts, local_port_range: &str) -> Result
 pub struct L4Settings {
     /// Addresses L4 services answer on; empty = the IPv4 addresses of the XDP interface.
     pub addresses: Vec<IpAddr>,
+    /// Source addresses toward backends, shared by all; empty = each backend's route source.
+    /// Each one adds a whole port range of SNAT tuples per backend.
+    pub snat_addresses: Vec<Ipv4Addr>,
     pub snat_ports: SnatPorts,
     pub ring_size: RingSize,
     /// Connection-table entries; each flow takes two.
     pub flow_entries: u32,
     /// Services (listen port + protocol) that can be steered at once.
     pub service_slots: u32,
+    /// An established TCP flow's idle timeout.
     pub tcp_idle: Duration,
-    pub udp_idle: Duration,
+    pub tcp_handshake: Duration,
     pub tcp_closing: Duration,
+    pub tcp_time_wait: Duration,
+    pub udp_idle: Duration,
 }
 
 impl Default for L4Settings {
     fn default() -> Self {
         L4Settings {
             addresses: Vec::new(),
+            snat_addresses: Vec::new(),
             snat_ports: DEFAULT_SNAT_PORTS,
             ring_size: RingSize::DEFAULT,
             flow_entries: DEFAULT_FLOW_ENTRIES,
             service_slots: DEFAULT_SERVICE_SLOTS,
             tcp_idle: DEFAULT_TCP_IDLE,
-            udp_idle: UDP_IDLE,
+            tcp_handshake: TCP_HANDSHAKE,
             tcp_closing: TCP_CLOSING,
+            tcp_time_wait: TCP_TIME_WAIT,
+            udp_idle: UDP_IDLE,
         }
     }
 }
 
 impl L4Settings {
-    /// The `SETTINGS` element the XDP program reads.
-    pub fn to_map_value(&self) -> xlb_common::Settings {
-        let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+    /// The XDP program's global `SETTINGS`. `snat_addresses` must hold at most
+    /// [`MAX_SNAT_ADDRS`] (the config checks it); more are left out.
+    pub fn to_program_settings(&self) -> xlb_common::Settings {
+        let mut snat_addrs = [0; MAX_SNAT_ADDRS];
+        for (slot, addr) in snat_addrs.iter_mut().zip(&self.snat_addresses) {
+            *slot = wire_ipv4(*addr);
+        }
         xlb_common::Settings {
             ring_size: self.ring_size.get(),
             snat_port_first: self.snat_ports.first,
             snat_port_last: self.snat_ports.last,
-            tcp_idle_ns: nanos(self.tcp_idle),
-            udp_idle_ns: nanos(self.udp_idle),
-            tcp_closing_ns: nanos(self.tcp_closing),
+            snat_addrs,
+            snat_addr_count: self.snat_addresses.len().min(MAX_SNAT_ADDRS) as u32,
+            _pad: 0,
+            timeouts: self.timeouts(),
         }
+    }
+
+    /// Every state's timeout, in nanoseconds, as the XDP program and the sweep apply them.
+    pub fn timeouts(&self) -> Timeouts {
+        let nanos = |duration: Duration| u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        Timeouts {
+            tcp_handshake_ns: nanos(self.tcp_handshake),
+            tcp_established_ns: nanos(self.tcp_idle),
+            tcp_closing_ns: nanos(self.tcp_closing),
+            tcp_time_wait_ns: nanos(self.tcp_time_wait),
+            udp_ns: nanos(self.udp_idle),
+        }
+    }
+
+    /// SNAT tuples per backend endpoint: addresses × ports. The table holds at most this many
+    /// flows to one endpoint at once, and sustains about this many new flows to it per
+    /// [`L4Settings::tcp_time_wait`] when backends close first, per `tcp_closing` otherwise.
+    pub fn snat_tuples_per_backend(&self) -> u64 {
+        let ports = u64::from(self.snat_ports.last - self.snat_ports.first) + 1;
+        ports * self.snat_addresses.len().max(1) as u64
     }
 
     /// `RINGS` entries: two rings per service slot.
@@ -152,15 +198,28 @@ mod tests {
     }
 
     #[test]
-    fn map_value_in_nanoseconds() {
-        let value = L4Settings::default().to_map_value();
+    fn program_settings_in_nanoseconds_and_wire_order() {
+        let value = L4Settings::default().to_program_settings();
         assert_eq!(value.ring_size, 65537);
         assert_eq!(
             (value.snat_port_first, value.snat_port_last),
             (61000, 65535)
         );
-        assert_eq!(value.tcp_idle_ns, 3_600_000_000_000);
-        assert_eq!(value.udp_idle_ns, 30_000_000_000);
-        assert_eq!(value.tcp_closing_ns, 10_000_000_000);
+        assert_eq!(value.snat_addr_count, 0);
+        let timeouts = value.timeouts;
+        assert_eq!(timeouts.tcp_established_ns, 3_600_000_000_000);
+        assert_eq!(timeouts.tcp_handshake_ns, 10_000_000_000);
+        assert_eq!(timeouts.tcp_closing_ns, 10_000_000_000);
+        assert_eq!(timeouts.tcp_time_wait_ns, 60_000_000_000);
+        assert_eq!(timeouts.udp_ns, 30_000_000_000);
+
+        let two = L4Settings {
+            snat_addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
+            ..L4Settings::default()
+        };
+        let value = two.to_program_settings();
+        assert_eq!(value.snat_addr_count, 2);
+        assert_eq!(value.snat_addrs[1].to_ne_bytes(), [10, 0, 0, 2]);
+        assert_eq!(two.snat_tuples_per_backend(), 2 * 4536);
     }
 }
