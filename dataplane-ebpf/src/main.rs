@@ -175,10 +175,8 @@ fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Ve
         }
         NetworkKind::Ipv6 => {
             let ports = frame.transport.ports()?;
-            is_l4_port(u16::from_be(ports.dst), frame.ipv6_proto).then_some((
-                Stat::ClassL4Ipv6,
-                Verdict::PASS,
-            ))
+            is_l4_port(u16::from_be(ports.dst), frame.ipv6_proto)
+                .then_some((Stat::ClassL4Ipv6, Verdict::PASS))
         }
         NetworkKind::TaggedIpv4 | NetworkKind::Other => None,
     }
@@ -201,8 +199,9 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let tally = Tally::new(bytes);
     tally.count(Stat::Received);
     let (class, verdict) = match parse(&ctx) {
-        Ok(frame) => l4_verdict(&ctx, &frame, bytes)
-            .unwrap_or_else(|| (pass_class(&frame), Verdict::PASS)),
+        Ok(frame) => {
+            l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| (pass_class(&frame), Verdict::PASS))
+        }
         Err(Malformed) => {
             debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
             (Stat::ClassMalformed, Verdict::PASS)

@@ -12,17 +12,16 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{
-    flow_expired, flow_last_seen, flow_state, ring_index, wire_port, FlowKey, FlowState,
-    FlowValue, NextHop, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD,
-    DIRECTION_REPLY, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND,
-    SNAT_ATTEMPTS,
+    flow_expired, flow_last_seen, flow_state, ring_index, wire_port, FlowKey, FlowState, FlowValue,
+    NextHop, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD, DIRECTION_REPLY,
+    IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND, SNAT_ATTEMPTS,
 };
 
 use crate::{
     checksum,
     parse::{ptr_at, Ipv4, Malformed, Ports, TcpFlags, Transport, TransportKind},
-    setting, BACKENDS, BACKEND_STATS, FLOWS, FLOW_SCRATCH, RINGS, SERVICES, SERVICE_STATS, SETTINGS,
-    SNAT_CURSOR,
+    setting, BACKENDS, BACKEND_STATS, FLOWS, FLOW_SCRATCH, RINGS, SERVICES, SERVICE_STATS,
+    SETTINGS, SNAT_CURSOR,
 };
 
 /// The XDP action for a frame, the `L4*` outcome it is counted under, and the table event it
@@ -419,7 +418,9 @@ fn snat_tuple(index: u32, range: u32, backend_snat_addr: u32) -> Option<(u32, u1
     if setting(&SETTINGS.snat_addr_count) == 0 {
         return Some((backend_snat_addr, port));
     }
-    let addr = SETTINGS.snat_addrs.get(index.checked_div(range)? as usize)?;
+    let addr = SETTINGS
+        .snat_addrs
+        .get(index.checked_div(range)? as usize)?;
     Some((setting(addr), port))
 }
 

@@ -8,7 +8,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
+use etherparse::{NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders, TransportHeader};
 use xlb::{
     dataplane::{Dataplane, Stats},
     l4::{
@@ -220,4 +220,90 @@ pub fn inspect(frame: &[u8]) -> Result<Seen, String> {
         ttl: ip.time_to_live,
         proto: ip.protocol.0,
     })
+}
+
+/// A single SNAT port makes every rewritten source port predictable.
+pub const SNAT_PORT: u16 = 61000;
+
+pub fn one_snat_port() -> SnatPorts {
+    SnatPorts::new(SNAT_PORT, SNAT_PORT).unwrap()
+}
+
+pub const CLIENT_PORT: u16 = 40000;
+
+pub fn client() -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT, CLIENT_PORT)
+}
+
+pub fn lb(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(LB_ADDR, port)
+}
+
+pub fn snat() -> SocketAddrV4 {
+    SocketAddrV4::new(SNAT_ADDR, SNAT_PORT)
+}
+
+pub const TO_LB: ([u8; 6], [u8; 6]) = (CLIENT_MAC, LB_FRONT_MAC);
+pub const TO_BACKEND: ([u8; 6], [u8; 6]) = (LB_BACK_MAC, BACKEND_MAC);
+pub const FROM_BACKEND: ([u8; 6], [u8; 6]) = (BACKEND_MAC, LB_BACK_MAC);
+pub const TO_CLIENT: ([u8; 6], [u8; 6]) = (LB_FRONT_MAC, CLIENT_MAC);
+
+pub type Flags =
+    fn(PacketBuilderStep<etherparse::TcpHeader>) -> PacketBuilderStep<etherparse::TcpHeader>;
+
+pub fn syn(
+    step: PacketBuilderStep<etherparse::TcpHeader>,
+) -> PacketBuilderStep<etherparse::TcpHeader> {
+    step.syn()
+}
+
+pub fn ack(
+    step: PacketBuilderStep<etherparse::TcpHeader>,
+) -> PacketBuilderStep<etherparse::TcpHeader> {
+    step.ack(77)
+}
+
+pub fn syn_ack(
+    step: PacketBuilderStep<etherparse::TcpHeader>,
+) -> PacketBuilderStep<etherparse::TcpHeader> {
+    step.syn().ack(1001)
+}
+
+pub fn fin_ack(
+    step: PacketBuilderStep<etherparse::TcpHeader>,
+) -> PacketBuilderStep<etherparse::TcpHeader> {
+    step.fin().ack(1001)
+}
+
+/// Runs `frame`; asserts the verdict, the output (`None`: untouched) and the stats that moved.
+pub fn expect(
+    dataplane: &mut Dataplane,
+    name: &str,
+    frame: &[u8],
+    verdict: u32,
+    output: Option<&[u8]>,
+    stats: &[&str],
+) {
+    let before = dataplane.stats().unwrap();
+    let (got_verdict, out) = run(dataplane, frame);
+    let after = dataplane.stats().unwrap();
+    assert_eq!(got_verdict, verdict, "{name}: verdict");
+    let expected_out = output.unwrap_or(frame);
+    assert_eq!(out, expected_out, "{name}: output bytes");
+    if output.is_some() {
+        inspect(&out).unwrap_or_else(|error| panic!("{name}: {error}"));
+    }
+    let mut expected_stats: Vec<&str> = ["received"]
+        .into_iter()
+        .chain(stats.iter().copied())
+        .collect();
+    expected_stats.sort();
+    let moved: Vec<&str> = moved(&before, &after)
+        .iter()
+        .map(|(name, n)| {
+            assert_eq!(*n, 1, "{name} moved by {n}");
+            *name
+        })
+        .collect();
+    assert_eq!(moved, expected_stats, "{name}: counters");
 }

@@ -627,8 +627,14 @@ mod tests {
             fin_from_backend: 1,
             ..FlowValue::default()
         };
-        assert_eq!(flow_state(IPPROTO_TCP, &forward, &reply), FlowState::Closing);
-        assert_eq!(flow_state(IPPROTO_TCP, &reply, &forward), FlowState::Closing);
+        assert_eq!(
+            flow_state(IPPROTO_TCP, &forward, &reply),
+            FlowState::Closing
+        );
+        assert_eq!(
+            flow_state(IPPROTO_TCP, &reply, &forward),
+            FlowState::Closing
+        );
         assert_eq!(flow_last_seen(&forward, &reply), 250);
         let timeouts = Timeouts {
             tcp_closing_ns: 50,

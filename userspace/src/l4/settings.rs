@@ -8,7 +8,9 @@ use std::{
 };
 
 use serde::Serialize;
-use xlb_common::{wire_ipv4, Timeouts, DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS, MAX_SNAT_ADDRS};
+use xlb_common::{
+    wire_ipv4, Timeouts, DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS, MAX_SNAT_ADDRS,
+};
 
 use super::maglev::RingSize;
 

@@ -1,0 +1,260 @@
+//! The connection table's life cycle, frame by frame through the real kernel
+//! (BPF_PROG_TEST_RUN): handshake, established, closing, TIME_WAIT and UDP flows, and what
+//! each state lets a new flow do with its SNAT tuple. Most cases use a single SNAT port, so the
+//! second flow must take the first one's tuple or be refused; timeouts are set short by
+//! configuration, and the waits are a few times longer than them.
+
+mod xdp_support;
+
+use std::{net::SocketAddrV4, thread, time::Duration};
+
+use xdp_support::*;
+use xlb::{dataplane::Dataplane, l4::settings::L4Settings};
+
+/// Long enough for a few test runs to happen inside it, short enough to wait out.
+const SHORT: Duration = Duration::from_millis(200);
+
+fn wait_out(timeout: Duration) {
+    thread::sleep(timeout + timeout / 2);
+}
+
+fn conntrack(tweak: impl FnOnce(&mut L4Settings)) -> Dataplane {
+    let mut settings = settings(one_snat_port());
+    tweak(&mut settings);
+    dataplane(
+        &settings,
+        &[
+            service(TCP_SERVICE, vec![backend(BACKEND_A, INGRESS_IFINDEX)]),
+            service(UDP_SERVICE, vec![backend(BACKEND_B, INGRESS_IFINDEX)]),
+        ],
+    )
+}
+
+fn from_client(port: u16, flags: Flags) -> Vec<u8> {
+    tcp(
+        TO_LB,
+        SocketAddrV4::new(CLIENT, port),
+        lb(5432),
+        64,
+        flags,
+        &[],
+    )
+}
+
+/// From the backend to the SNAT tuple `snat_port`.
+fn from_backend(snat_port: u16, flags: Flags) -> Vec<u8> {
+    let snat = SocketAddrV4::new(SNAT_ADDR, snat_port);
+    tcp(FROM_BACKEND, BACKEND_A, snat, 64, flags, &[])
+}
+
+fn rst(step: etherparse::PacketBuilderStep<etherparse::TcpHeader>) -> Tcp {
+    step.rst()
+}
+
+type Tcp = etherparse::PacketBuilderStep<etherparse::TcpHeader>;
+
+/// Runs one frame: its verdict, the L4 outcome and events it was counted under, and the SNAT
+/// port of the output when it went to the backend.
+fn step(dataplane: &mut Dataplane, frame: &[u8]) -> (u32, Vec<&'static str>, Option<u16>) {
+    let before = dataplane.stats().unwrap();
+    let (verdict, out) = run(dataplane, frame);
+    let after = dataplane.stats().unwrap();
+    let l4: Vec<&'static str> = moved(&before, &after)
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("l4_"))
+        .collect();
+    let snat_port = inspect(&out)
+        .ok()
+        .filter(|seen| seen.dst == BACKEND_A || seen.dst == BACKEND_B)
+        .map(|seen| seen.src.port());
+    (verdict, l4, snat_port)
+}
+
+/// SYN, SYN-ACK, ACK for client port `port`: an established flow; its SNAT port.
+fn handshake(dataplane: &mut Dataplane, port: u16) -> u16 {
+    let (verdict, l4, snat_port) = step(dataplane, &from_client(port, syn));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_new_flow"]),
+        "SYN from {port}"
+    );
+    let snat_port = snat_port.unwrap();
+    let (verdict, l4, _) = step(dataplane, &from_backend(snat_port, syn_ack));
+    assert_eq!((verdict, l4), (XDP_TX, vec!["l4_replied"]), "SYN-ACK");
+    let (verdict, l4, _) = step(dataplane, &from_client(port, ack));
+    assert_eq!((verdict, l4), (XDP_TX, vec!["l4_forwarded"]), "ACK");
+    snat_port
+}
+
+#[test]
+fn an_unanswered_handshake_gives_its_tuple_to_the_next_flow_after_its_timeout() {
+    let mut dataplane = conntrack(|s| s.tcp_handshake = SHORT);
+    let (_, l4, _) = step(&mut dataplane, &from_client(40000, syn));
+    assert_eq!(l4, ["l4_new_flow"]);
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_DROP, vec!["l4_drop_snat_exhausted"]),
+        "the only tuple is held while the handshake may still complete"
+    );
+    wait_out(SHORT);
+    let (verdict, l4, snat_port) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!(
+        (verdict, l4, snat_port),
+        (
+            XDP_TX,
+            vec!["l4_flow_reclaimed", "l4_new_flow"],
+            Some(SNAT_PORT)
+        )
+    );
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_PASS, vec!["l4_pass_no_flow"]),
+        "the reclaimed flow's entries are gone, both of them"
+    );
+}
+
+#[test]
+fn an_established_flow_outlives_the_handshake_timeout_and_keeps_its_tuple() {
+    let mut dataplane = conntrack(|s| s.tcp_handshake = Duration::from_millis(1));
+    handshake(&mut dataplane, 40000);
+    wait_out(Duration::from_millis(5));
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!((verdict, l4), (XDP_DROP, vec!["l4_drop_snat_exhausted"]));
+    let (verdict, l4, snat_port) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(
+        (verdict, l4, snat_port),
+        (XDP_TX, vec!["l4_forwarded"], Some(SNAT_PORT))
+    );
+}
+
+#[test]
+fn a_flow_the_client_closed_first_frees_its_tuple_after_the_closing_timeout() {
+    let mut dataplane = conntrack(|s| s.tcp_closing = SHORT);
+    let snat_port = handshake(&mut dataplane, 40000);
+    step(&mut dataplane, &from_client(40000, fin_ack));
+    step(&mut dataplane, &from_backend(snat_port, fin_ack));
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!((verdict, l4), (XDP_DROP, vec!["l4_drop_snat_exhausted"]));
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_forwarded"]),
+        "a late segment of a closing flow still goes through"
+    );
+    wait_out(SHORT);
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_flow_reclaimed", "l4_new_flow"])
+    );
+}
+
+#[test]
+fn a_backends_time_wait_is_held_unless_every_other_tuple_is_live() {
+    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61001).unwrap());
+    settings.tcp_closing = Duration::from_millis(1);
+    settings.tcp_time_wait = Duration::from_secs(3600);
+    let mut dataplane = dataplane(
+        &settings,
+        &[service(
+            TCP_SERVICE,
+            vec![backend(BACKEND_A, INGRESS_IFINDEX)],
+        )],
+    );
+    let first = handshake(&mut dataplane, 40000);
+    let (_, l4, _) = step(&mut dataplane, &from_backend(first, fin_ack));
+    assert_eq!(l4, ["l4_replied"], "the backend closes first");
+    step(&mut dataplane, &from_client(40000, fin_ack));
+    wait_out(Duration::from_millis(5));
+
+    let (verdict, l4, second) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!((verdict, l4), (XDP_TX, vec!["l4_new_flow"]));
+    assert_ne!(
+        second,
+        Some(first),
+        "the free tuple is taken, not the TIME_WAIT one"
+    );
+
+    let (verdict, l4, third) = step(&mut dataplane, &from_client(40002, syn));
+    assert_eq!(
+        (verdict, l4, third),
+        (
+            XDP_TX,
+            vec!["l4_new_flow", "l4_snat_time_wait_reused"],
+            Some(first)
+        ),
+        "with every other tuple live, the TIME_WAIT one is reused"
+    );
+}
+
+#[test]
+fn a_syn_on_a_closed_flows_tuple_reopens_it() {
+    let mut dataplane = conntrack(|_| {});
+    let snat_port = handshake(&mut dataplane, 40000);
+    step(&mut dataplane, &from_client(40000, fin_ack));
+    step(&mut dataplane, &from_backend(snat_port, fin_ack));
+    let (verdict, l4, reopened) = step(&mut dataplane, &from_client(40000, syn));
+    assert_eq!(
+        (verdict, l4, reopened),
+        (
+            XDP_TX,
+            vec!["l4_flow_reopened", "l4_new_flow"],
+            Some(SNAT_PORT)
+        )
+    );
+    let (_, l4, _) = step(&mut dataplane, &from_backend(SNAT_PORT, syn_ack));
+    assert_eq!(l4, ["l4_replied"], "the new flow's reply entry is in place");
+}
+
+#[test]
+fn a_blind_rst_does_not_close_a_flow_the_backend_keeps_answering() {
+    let mut dataplane = conntrack(|_| {});
+    let snat_port = handshake(&mut dataplane, 40000);
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, rst));
+    assert_eq!((verdict, l4), (XDP_TX, vec!["l4_forwarded"]));
+    let (_, l4, _) = step(&mut dataplane, &from_backend(snat_port, ack));
+    assert_eq!(l4, ["l4_replied"], "the backend's challenge ACK");
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, syn));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_forwarded"]),
+        "the flow is still established: a SYN is forwarded on it, not a reopen"
+    );
+
+    let mut dataplane = conntrack(|_| {});
+    handshake(&mut dataplane, 40000);
+    step(&mut dataplane, &from_client(40000, rst));
+    let (_, l4, _) = step(&mut dataplane, &from_client(40000, syn));
+    assert_eq!(
+        l4,
+        ["l4_flow_reopened", "l4_new_flow"],
+        "a RST the backend took closes the flow"
+    );
+}
+
+#[test]
+fn an_idle_udp_flow_gives_its_tuple_to_the_next_flow() {
+    let mut dataplane = conntrack(|s| s.udp_idle = SHORT);
+    let query = |port| udp(TO_LB, SocketAddrV4::new(CLIENT, port), lb(53), 64, b"q");
+    let (_, l4, _) = step(&mut dataplane, &query(40000));
+    assert_eq!(l4, ["l4_new_flow"]);
+    let (verdict, l4, _) = step(&mut dataplane, &query(40001));
+    assert_eq!((verdict, l4), (XDP_DROP, vec!["l4_drop_snat_exhausted"]));
+    let (_, l4, _) = step(&mut dataplane, &query(40000));
+    assert_eq!(l4, ["l4_forwarded"]);
+    wait_out(SHORT);
+    let (verdict, l4, _) = step(&mut dataplane, &query(40001));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_flow_reclaimed", "l4_new_flow"])
+    );
+    let (verdict, l4, _) = step(&mut dataplane, &query(40000));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_DROP, vec!["l4_drop_snat_exhausted"]),
+        "the idle flow's entries went with its tuple"
+    );
+}
