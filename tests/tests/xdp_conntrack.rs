@@ -258,3 +258,56 @@ fn an_idle_udp_flow_gives_its_tuple_to_the_next_flow() {
         "the idle flow's entries went with its tuple"
     );
 }
+
+#[test]
+fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
+    let mut settings = settings(xlb::l4::settings::SnatPorts::new(20000, 59999).unwrap());
+    settings.flow_entries = 65536;
+    settings.udp_idle = SHORT;
+    let mut dataplane = dataplane(
+        &settings,
+        &[
+            service(TCP_SERVICE, vec![backend(BACKEND_A, INGRESS_IFINDEX)]),
+            service(UDP_SERVICE, vec![backend(BACKEND_B, INGRESS_IFINDEX)]),
+        ],
+    );
+    handshake(&mut dataplane, 40000);
+    // More flows than one batch of the sweep's reads and deletes holds.
+    const UDP_FLOWS: u16 = 20_000;
+    for port in 0..UDP_FLOWS {
+        let query = udp(
+            TO_LB,
+            SocketAddrV4::new(CLIENT, 1024 + port),
+            lb(53),
+            64,
+            b"q",
+        );
+        // `run`, not `step`: reading every counter per frame would dominate the test.
+        let (verdict, _) = run(&mut dataplane, &query);
+        assert_eq!(verdict, XDP_TX, "UDP flow {port}");
+    }
+    let plan = dataplane.sweep_flows().unwrap();
+    assert_eq!(plan.expired_flows, 0, "nothing is over yet");
+    let table = dataplane.connection_table().table.clone();
+    assert_eq!(table.entries, 2 * (u64::from(UDP_FLOWS) + 1));
+    assert_eq!(table.flows["udp"], u64::from(UDP_FLOWS));
+    assert_eq!(table.flows["established"], 1);
+
+    wait_out(SHORT);
+    let plan = dataplane.sweep_flows().unwrap();
+    assert_eq!(plan.expired_flows, u64::from(UDP_FLOWS));
+    let report = dataplane.connection_table();
+    assert_eq!(report.table.entries, 2, "only the established flow is left");
+    assert_eq!(report.sweeps.expired_flows, u64::from(UDP_FLOWS));
+    assert_eq!(dataplane.sweep_flows().unwrap().summary.entries, 2);
+
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!((verdict, l4), (XDP_TX, vec!["l4_forwarded"]));
+    let query = udp(TO_LB, SocketAddrV4::new(CLIENT, 1024), lb(53), 64, b"q");
+    let (_, l4, _) = step(&mut dataplane, &query);
+    assert_eq!(
+        l4,
+        ["l4_new_flow"],
+        "a new flow, on a tuple the sweep freed"
+    );
+}

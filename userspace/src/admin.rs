@@ -88,9 +88,15 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
     let Some(dataplane) = &state.dataplane else {
         return json_response(&json!({ "proxy": proxy, "xdp": null }));
     };
-    let dataplane = dataplane
+    let mut dataplane = dataplane
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let backend_names: BTreeMap<u32, String> = dataplane
+        .l4()
+        .backend_ids()
+        .into_iter()
+        .map(|(endpoint, id)| (id, endpoint.to_string()))
+        .collect();
     let stats = dataplane
         .stats()
         .and_then(|stats| Ok((stats, dataplane.l4_traffic()?)));
@@ -106,10 +112,33 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
                 .iter()
                 .map(|(endpoint, traffic)| (endpoint.to_string(), traffic))
                 .collect();
+            let connections = dataplane.connection_table();
+            // By endpoint; a removed backend's flows, until they end, under its old id.
+            let snat_tuples_in_use: BTreeMap<String, u64> = connections
+                .table
+                .snat_tuples_in_use
+                .iter()
+                .map(|(id, count)| {
+                    let name = backend_names.get(id).cloned();
+                    (name.unwrap_or_else(|| format!("backend id {id}")), *count)
+                })
+                .collect();
             json_response(&json!({
                 "proxy": proxy,
                 "xdp": stats,
-                "l4": { "services": services, "backends": backends },
+                "l4": {
+                    "services": services,
+                    "backends": backends,
+                    "connections": {
+                        "entries": connections.table.entries,
+                        "capacity": connections.table.capacity,
+                        "flows": connections.table.flows,
+                        "half_pairs": connections.table.half_pairs,
+                        "snat_tuples_per_backend": connections.snat_tuples_per_backend,
+                        "snat_tuples_in_use": snat_tuples_in_use,
+                        "sweeps": connections.sweeps,
+                    },
+                },
             }))
         }
         Err(error) => text(

@@ -20,6 +20,7 @@ use crate::{
     config::{self, Config, Extension, ProxyConfig, WorkerProcesses},
     dataplane::Dataplane,
     l4::{
+        conntrack::SWEEP_INTERVAL,
         service::{l4_route_table, L4RouteTable},
         settings::{check_snat_ports, L4Settings},
         steering::Steering,
@@ -292,7 +293,44 @@ fn start_dataplane(
         .with_context(|| format!("attaching the XDP program to {interface}"))?;
     dataplane.set_l7_ports(l7_ports)?;
     tracing::info!(interface, ?mode, ?l7_ports, "XDP program attached");
-    Ok(Arc::new(Mutex::new(dataplane)))
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    tasks.spawn(
+        shutdown
+            .clone()
+            .run_until_cancelled_owned(sweep_connection_table(dataplane.clone())),
+    );
+    Ok(dataplane)
+}
+
+/// Sweeps the connection table every [`SWEEP_INTERVAL`], off the async workers (a full table
+/// takes milliseconds to read).
+async fn sweep_connection_table(dataplane: Arc<Mutex<Dataplane>>) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let dataplane = dataplane.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            dataplane
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .sweep_flows()
+        })
+        .await;
+        match swept {
+            Ok(Ok(plan)) if plan.expired_flows + plan.stale_half_pairs > 0 => tracing::debug!(
+                expired_flows = plan.expired_flows,
+                stale_half_pairs = plan.stale_half_pairs,
+                entries = plan.summary.entries,
+                "connection table swept"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error, "sweeping the connection table failed")
+            }
+            Err(error) => tracing::warn!(error = %error, "the connection-table sweep panicked"),
+        }
+    }
 }
 
 /// What the extension's config changes in routing: `ServiceCluster` and `IPHash`.

@@ -13,9 +13,10 @@ use aya::{
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
-use xlb_common::{Stat, StatsBlock, L7_PORT_ENABLED};
+use xlb_common::{FlowKey, FlowValue, Stat, StatsBlock, Timeouts, L7_PORT_ENABLED};
 
 use crate::l4::{
+    conntrack::{self, SweepPlan, SweepTotals, TableSummary},
     maps::{L4MapHandles, L4Maps, L4Traffic},
     settings::L4Settings,
 };
@@ -56,6 +57,12 @@ pub enum DataplaneError {
     Full { map: &'static str, capacity: u32 },
     #[error("the L4 settings need {0} Maglev ring entries, more than a BPF array holds")]
     RingsTooLarge(u64),
+    #[error("the connection table could not be {action}")]
+    Sweep {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How the program ended up attached.
@@ -89,6 +96,27 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, StatsBlock>,
     l7_ports: HashMap<MapData, u16, u32>,
     l4: L4Maps,
+    flows: ConnectionTable,
+}
+
+/// What `/stats` shows of the connection table.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionTableReport<'a> {
+    /// As the last sweep left it.
+    pub table: &'a TableSummary,
+    pub sweeps: SweepTotals,
+    /// Flows one backend endpoint can have at once: SNAT addresses × ports.
+    pub snat_tuples_per_backend: u64,
+}
+
+/// The `FLOWS` map, the timeouts the program applies to it, and what the sweeps found.
+struct ConnectionTable {
+    map: HashMap<MapData, FlowKey, FlowValue>,
+    capacity: u32,
+    timeouts: Timeouts,
+    snat_tuples_per_backend: u64,
+    last: TableSummary,
+    totals: SweepTotals,
 }
 
 impl Dataplane {
@@ -120,11 +148,23 @@ impl Dataplane {
             service_stats: open(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: open(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
         };
+        let flows = ConnectionTable {
+            map: open(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            capacity: settings.flow_entries,
+            timeouts: settings.timeouts(),
+            snat_tuples_per_backend: settings.snat_tuples_per_backend(),
+            last: TableSummary {
+                capacity: settings.flow_entries,
+                ..TableSummary::default()
+            },
+            totals: SweepTotals::default(),
+        };
         let mut dataplane = Self {
             ebpf,
             stats,
             l7_ports,
             l4: L4Maps::new(handles, settings.ring_size, settings.service_slots),
+            flows,
         };
         dataplane
             .program()?
@@ -193,6 +233,31 @@ impl Dataplane {
     /// Per-service and per-backend L4 traffic, summed over CPUs.
     pub fn l4_traffic(&self) -> Result<L4Traffic, DataplaneError> {
         self.l4.traffic()
+    }
+
+    /// Removes the flows that are over from the connection table (see [`conntrack`]).
+    pub fn sweep_flows(&mut self) -> Result<SweepPlan, DataplaneError> {
+        let table = &mut self.flows;
+        let plan = conntrack::sweep(
+            &table.map,
+            &table.timeouts,
+            table.capacity,
+            conntrack::monotonic_now(),
+        )?;
+        table.last = plan.summary.clone();
+        table.totals.sweeps += 1;
+        table.totals.expired_flows += plan.expired_flows;
+        table.totals.stale_half_pairs += plan.stale_half_pairs;
+        Ok(plan)
+    }
+
+    /// The connection table as the last sweep left it, and the sweeps' totals.
+    pub fn connection_table(&self) -> ConnectionTableReport<'_> {
+        ConnectionTableReport {
+            table: &self.flows.last,
+            sweeps: self.flows.totals,
+            snat_tuples_per_backend: self.flows.snat_tuples_per_backend,
+        }
     }
 
     /// Every counter, summed over CPUs.

@@ -420,8 +420,8 @@ pub const DIRECTION_REPLY: u8 = 1;
 
 /// Value of the `FLOWS` connection table: how to rewrite and send packets of one direction.
 ///
-/// The TCP progress is kept as one-way latches, one byte each, written with plain stores (0 →
-/// 1) into both entries: two CPUs updating a flow at once can each only set what was seen, so
+/// The TCP progress is kept as one-way latches, one byte each, written with plain stores
+/// (from 0 to 1) into both entries: two CPUs updating a flow at once can each only set what was seen, so
 /// no atomic read-modify-write is needed. The one exception is `rst`, cleared again when the
 /// backend keeps talking after it (a blind RST from outside, which the backend answers with a
 /// challenge ACK, RFC 5961, does not close the flow). A SYN on a closed flow's tuple clears

@@ -5,10 +5,13 @@
 //! - [`maglev`]: the consistent-hash lookup table of one service (pure).
 //! - [`settings`]: limits and timeouts, with their defaults.
 //! - [`maps`]: the map writer: backend ids, service slots, double-buffered rings.
+//! - [`conntrack`]: the connection table's sweep and occupancy ([`batch`]: batched map I/O).
 //! - [`neighbours`]: next hops of backends, resolved ahead of time over rtnetlink.
 //! - [`plan`]: route table + next hops → what the maps should hold (pure).
 //! - [`steering`]: runs the above on every discovery poll.
 
+pub mod batch;
+pub mod conntrack;
 pub mod maglev;
 pub mod maps;
 pub mod neighbours;

@@ -1,0 +1,283 @@
+//! The connection table from userspace: the sweep, and what the table holds.
+//!
+//! The XDP program removes a flow only when something needs its place: a new flow whose SNAT
+//! tuple it holds, or a SYN reopening its 5-tuple. Everything else that is over (a client that
+//! vanished, a closed flow nobody collides with) is removed here, once a second, by the same
+//! rule the program applies (`xlb_common::flow_expired`), so the table does not fill with the
+//! dead. Reads and deletes are batched ([`super::batch`]).
+//!
+//! [`plan_sweep`] decides from a snapshot of the entries and is pure; [`sweep`] runs it
+//! against the kernel's map.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    time::Duration,
+};
+
+use aya::maps::{HashMap, MapData};
+use serde::Serialize;
+use xlb_common::{
+    flow_expired, flow_state, FlowKey, FlowState, FlowValue, Timeouts, DIRECTION_FORWARD,
+    DIRECTION_REPLY,
+};
+
+use super::batch;
+use crate::dataplane::DataplaneError;
+
+/// How often the daemon sweeps.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An entry whose peer is missing is removed only once it is this old: a new flow's reply
+/// entry goes in a moment before its forward entry.
+const HALF_PAIR_GRACE_NS: u64 = 2_000_000_000;
+
+/// What the table holds, by state; flows are counted once, by their forward entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TableSummary {
+    pub entries: u64,
+    pub capacity: u32,
+    pub flows: BTreeMap<&'static str, u64>,
+    /// Entries without their peer (half a pair, briefly, while a flow is being created).
+    pub half_pairs: u64,
+    /// SNAT tuples in use per backend id: how close each backend is to exhaustion.
+    pub snat_tuples_in_use: BTreeMap<u32, u64>,
+}
+
+/// What one sweep found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepPlan {
+    /// Forward keys to delete first (so that nothing forwards into a freed tuple), then reply
+    /// keys.
+    pub forward_keys: Vec<FlowKey>,
+    pub reply_keys: Vec<FlowKey>,
+    pub expired_flows: u64,
+    pub stale_half_pairs: u64,
+    /// The table as it will be once the plan is applied.
+    pub summary: TableSummary,
+}
+
+/// Sweep totals since the program was loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SweepTotals {
+    pub sweeps: u64,
+    pub expired_flows: u64,
+    pub stale_half_pairs: u64,
+}
+
+/// Which entries of `entries` to remove at `now` (CLOCK_MONOTONIC nanoseconds, the program's
+/// clock), and what stays.
+pub fn plan_sweep(
+    entries: &[(FlowKey, FlowValue)],
+    timeouts: &Timeouts,
+    capacity: u32,
+    now: u64,
+) -> SweepPlan {
+    let table: StdHashMap<FlowKey, &FlowValue> =
+        entries.iter().map(|(key, value)| (*key, value)).collect();
+    let timeout = |state: FlowState| timeouts.for_state(state);
+    let mut plan = SweepPlan::default();
+    plan.summary.capacity = capacity;
+    for (key, value) in entries {
+        let peer = table
+            .get(&value.peer_key(key.proto))
+            .filter(|peer| peer.peer_key(key.proto) == *key);
+        let Some(peer) = peer else {
+            if now.saturating_sub(value.last_seen_ns) > HALF_PAIR_GRACE_NS {
+                plan.stale_half_pairs += 1;
+                match value.direction {
+                    DIRECTION_REPLY => plan.reply_keys.push(*key),
+                    _ => plan.forward_keys.push(*key),
+                }
+            } else {
+                plan.summary.entries += 1;
+                plan.summary.half_pairs += 1;
+            }
+            continue;
+        };
+        let expired = flow_expired(timeout, key.proto, value, peer, now);
+        match (value.direction, expired) {
+            (DIRECTION_FORWARD, true) => {
+                plan.expired_flows += 1;
+                plan.forward_keys.push(*key);
+            }
+            (_, true) => plan.reply_keys.push(*key),
+            (DIRECTION_FORWARD, false) => {
+                plan.summary.entries += 1;
+                let state = flow_state(key.proto, value, peer).name();
+                *plan.summary.flows.entry(state).or_default() += 1;
+            }
+            (_, false) => {
+                plan.summary.entries += 1;
+                *plan
+                    .summary
+                    .snat_tuples_in_use
+                    .entry(value.backend_id)
+                    .or_default() += 1;
+            }
+        }
+    }
+    plan
+}
+
+/// Reads `flows`, removes what [`plan_sweep`] says, and returns the plan.
+pub fn sweep(
+    flows: &HashMap<MapData, FlowKey, FlowValue>,
+    timeouts: &Timeouts,
+    capacity: u32,
+    now: u64,
+) -> Result<SweepPlan, DataplaneError> {
+    use aya::maps::IterableMap;
+    let map = flows.map();
+    let entries: Vec<(FlowKey, FlowValue)> =
+        batch::read_all(map).map_err(|source| DataplaneError::Sweep {
+            action: "read",
+            source,
+        })?;
+    let plan = plan_sweep(&entries, timeouts, capacity, now);
+    for keys in [&plan.forward_keys, &plan.reply_keys] {
+        batch::delete(map, keys).map_err(|source| DataplaneError::Sweep {
+            action: "cleared of expired flows",
+            source,
+        })?;
+    }
+    Ok(plan)
+}
+
+/// The clock of `bpf_ktime_get_ns`, in nanoseconds.
+pub fn monotonic_now() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use xlb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            tcp_handshake_ns: 10 * SECOND,
+            tcp_established_ns: 3600 * SECOND,
+            tcp_closing_ns: 10 * SECOND,
+            tcp_time_wait_ns: 60 * SECOND,
+            udp_ns: 30 * SECOND,
+        }
+    }
+
+    /// A flow's forward and reply entries, client port `port`, last seen at `last_seen`.
+    fn flow(
+        proto: u8,
+        port: u16,
+        last_seen: u64,
+        latch: fn(&mut FlowValue),
+    ) -> [(FlowKey, FlowValue); 2] {
+        let forward_key = FlowKey {
+            src_addr: 1,
+            dst_addr: 2,
+            src_port: port,
+            dst_port: 80,
+            proto,
+            _pad: [0; 3],
+        };
+        let reply_key = FlowKey {
+            src_addr: 3,
+            dst_addr: 4,
+            src_port: 30000,
+            dst_port: port + 1000,
+            proto,
+            _pad: [0; 3],
+        };
+        let mut forward = FlowValue {
+            last_seen_ns: last_seen,
+            new_src_addr: reply_key.dst_addr,
+            new_dst_addr: reply_key.src_addr,
+            new_src_port: reply_key.dst_port,
+            new_dst_port: reply_key.src_port,
+            backend_id: 7,
+            direction: DIRECTION_FORWARD,
+            ..FlowValue::default()
+        };
+        let mut reply = FlowValue {
+            last_seen_ns: last_seen,
+            new_src_addr: forward_key.dst_addr,
+            new_dst_addr: forward_key.src_addr,
+            new_src_port: forward_key.dst_port,
+            new_dst_port: forward_key.src_port,
+            backend_id: 7,
+            direction: DIRECTION_REPLY,
+            ..FlowValue::default()
+        };
+        latch(&mut forward);
+        latch(&mut reply);
+        [(forward_key, forward), (reply_key, reply)]
+    }
+
+    fn established(value: &mut FlowValue) {
+        value.established = 1;
+    }
+
+    #[test]
+    fn each_state_expires_after_its_own_timeout() {
+        let now = 4000 * SECOND;
+        let entries: Vec<_> = [
+            flow(IPPROTO_TCP, 1, now - 11 * SECOND, |_| {}), // handshake: expired
+            flow(IPPROTO_TCP, 2, now - 11 * SECOND, established), // live
+            flow(IPPROTO_TCP, 3, now - 11 * SECOND, |v| {
+                v.established = 1;
+                v.fin_from_client = 1;
+                v.fin_from_backend = 1;
+            }), // closing: expired
+            flow(IPPROTO_TCP, 4, now - 11 * SECOND, |v| {
+                v.fin_from_client = 1;
+                v.fin_from_backend = 1;
+                v.backend_closed_first = 1;
+            }), // TIME_WAIT: held
+            flow(IPPROTO_UDP, 5, now - 31 * SECOND, |_| {}), // expired
+            flow(IPPROTO_UDP, 6, now - 29 * SECOND, |_| {}), // live
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let plan = plan_sweep(&entries, &timeouts(), 1024, now);
+        let ports: Vec<u16> = plan.forward_keys.iter().map(|key| key.src_port).collect();
+        assert_eq!(ports, [1, 3, 5]);
+        let reply_ports: Vec<u16> = plan.reply_keys.iter().map(|k| k.dst_port).collect();
+        assert_eq!(reply_ports, [1001, 1003, 1005]);
+        assert_eq!(plan.expired_flows, 3);
+        assert_eq!(plan.summary.entries, 6);
+        assert_eq!(
+            plan.summary.flows,
+            BTreeMap::from([("established", 1), ("time_wait", 1), ("udp", 1)])
+        );
+        assert_eq!(plan.summary.snat_tuples_in_use, BTreeMap::from([(7, 3)]));
+    }
+
+    #[test]
+    fn a_flow_is_as_young_as_its_later_entry() {
+        let now = 100 * SECOND;
+        let [forward, (reply_key, mut reply)] = flow(IPPROTO_UDP, 1, now - 40 * SECOND, |_| {});
+        reply.last_seen_ns = now - SECOND;
+        let plan = plan_sweep(&[forward, (reply_key, reply)], &timeouts(), 16, now);
+        assert!(plan.forward_keys.is_empty() && plan.reply_keys.is_empty());
+        assert_eq!(plan.summary.flows, BTreeMap::from([("udp", 1)]));
+    }
+
+    #[test]
+    fn half_pairs_go_once_they_are_past_the_grace() {
+        let now = 100 * SECOND;
+        let [(young_key, young), _] = flow(IPPROTO_TCP, 1, now - SECOND, established);
+        let [_, (old_key, old)] = flow(IPPROTO_TCP, 2, now - 3 * SECOND, established);
+        let plan = plan_sweep(&[(young_key, young), (old_key, old)], &timeouts(), 16, now);
+        assert_eq!(plan.reply_keys, [old_key], "the old reply entry alone");
+        assert!(
+            plan.forward_keys.is_empty(),
+            "a young one may be mid-creation"
+        );
+        assert_eq!(plan.stale_half_pairs, 1);
+        assert_eq!(plan.summary.half_pairs, 1);
+    }
+}
