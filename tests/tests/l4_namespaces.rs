@@ -130,6 +130,11 @@ struct LoadBalancer {
 
 impl LoadBalancer {
     fn start(host: &Host, runtime: &tokio::runtime::Runtime) -> LoadBalancer {
+        // A new namespace inherits the host's ip_forward (1 where Docker runs): turn it off
+        // in the namespace this test owns, and check that it took.
+        host.netns
+            .run("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
+            .unwrap();
         let forwarding = host
             .netns
             .run("cat", &["/proc/sys/net/ipv4/ip_forward"])

@@ -160,7 +160,7 @@ const TEST_RUN_IFINDEX: u32 = 1;
 /// port is almost always free (under 5% of them are taken before the program is reloaded).
 const L4_BACKENDS: u16 = 100;
 /// New flows per loaded program: 20 000 take 40 000 of the connection table's 262 144 entries.
-/// A fuller table makes each insert dearer (cache misses, then LRU eviction once full), so
+/// A fuller table makes each insert dearer (cache misses; a full one refuses new flows), so
 /// without a bound the result would depend on how many iterations criterion chose.
 const NEW_FLOWS_PER_LOAD: u32 = 20_000;
 /// Frames per `BPF_PROG_TEST_RUN` call when the frame can be run again as it is.
