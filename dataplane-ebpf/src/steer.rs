@@ -96,14 +96,13 @@ impl<'a> L4Packet<'a> {
     }
 
     fn key(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.ip.src,
-            dst_addr: self.ip.dst,
-            src_port: self.ports.src,
-            dst_port: self.ports.dst,
-            proto: self.ip.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(
+            self.ip.src,
+            self.ip.dst,
+            self.ports.src,
+            self.ports.dst,
+            self.ip.proto,
+        )
     }
 
     /// A SYN without ACK: the client asks for a new connection.
@@ -496,14 +495,7 @@ fn new_flow(
         let Some((snat_addr, snat_port)) = snat_tuple(index, range, backend.snat_addr) else {
             break;
         };
-        let reply_key = FlowKey {
-            src_addr: backend.addr,
-            dst_addr: snat_addr,
-            src_port: backend.port,
-            dst_port: snat_port,
-            proto: key.proto,
-            _pad: [0; 3],
-        };
+        let reply_key = FlowKey::new(backend.addr, snat_addr, backend.port, snat_port, key.proto);
         match claim(&reply_key, reply, now, false) {
             Holder::Claimed { reclaimed } => {
                 *cursor = index.wrapping_add(1);
@@ -590,10 +582,26 @@ fn rewrite(ctx: &XdpContext, packet: &L4Packet, flow: &FlowValue) -> Result<(), 
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: checked inside the frame; EthHdr fields are byte arrays.
     unsafe {
-        (*eth).src_addr = flow.next_hop.src_mac;
-        (*eth).dst_addr = flow.next_hop.dst_mac;
+        write_mac(&raw mut (*eth).dst_addr, &flow.next_hop.dst_mac);
+        write_mac(&raw mut (*eth).src_addr, &flow.next_hop.src_mac);
     }
     Ok(())
+}
+
+/// Copies a MAC address as a 32-bit and a 16-bit store: a 6-byte array assignment would be a
+/// call to `memmove` on every packet.
+///
+/// # Safety
+/// `dst` must be valid for writing 6 bytes.
+#[inline(always)]
+unsafe fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
+    let head = u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]);
+    let tail = u16::from_ne_bytes([mac[4], mac[5]]);
+    // SAFETY: the caller's promise; unaligned stores.
+    unsafe {
+        dst.cast::<u32>().write_unaligned(head);
+        dst.cast::<u8>().add(4).cast::<u16>().write_unaligned(tail);
+    }
 }
 
 /// Sends the rewritten frame: back out of the interface it came in on, or redirected.

@@ -400,16 +400,41 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key of a 5-tuple (wire order), padding zeroed.
+    ///
+    /// Built as four 32-bit words: written field by field, the XDP program would fill the
+    /// 3-byte padding with a call to `memset` on every packet.
+    #[inline(always)]
+    pub const fn new(
+        src_addr: u32,
+        dst_addr: u32,
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+    ) -> FlowKey {
+        let [s0, s1] = src_port.to_ne_bytes();
+        let [d0, d1] = dst_port.to_ne_bytes();
+        let words = [
+            src_addr,
+            dst_addr,
+            u32::from_ne_bytes([s0, s1, d0, d1]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: FlowKey is `repr(C)`, 16 bytes of integers without implicit padding, the
+        // fields laid out as the words are; every bit pattern is a valid FlowKey.
+        unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+    }
+
     /// The key of packets travelling the other way.
+    #[inline(always)]
     pub const fn reversed(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.dst_addr,
-            dst_addr: self.src_addr,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(
+            self.dst_addr,
+            self.src_addr,
+            self.dst_port,
+            self.src_port,
+            self.proto,
+        )
     }
 }
 
@@ -457,15 +482,15 @@ pub struct FlowValue {
 
 impl FlowValue {
     /// The key of the entry for the other direction.
+    #[inline(always)]
     pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey {
-            src_addr: self.new_dst_addr,
-            dst_addr: self.new_src_addr,
-            src_port: self.new_dst_port,
-            dst_port: self.new_src_port,
+        FlowKey::new(
+            self.new_dst_addr,
+            self.new_src_addr,
+            self.new_dst_port,
+            self.new_src_port,
             proto,
-            _pad: [0; 3],
-        }
+        )
     }
 }
 
@@ -665,6 +690,22 @@ mod tests {
         assert_eq!(ipv4_from_wire(wire_ipv4(addr)), addr);
         assert_eq!(wire_port(0x1234).to_ne_bytes(), [0x12, 0x34]);
         assert_eq!(port_from_wire(wire_port(5432)), 5432);
+    }
+
+    #[test]
+    fn a_key_built_from_words_is_the_key_built_from_fields() {
+        let fields = FlowKey {
+            src_addr: 0x0102_0304,
+            dst_addr: 0x0506_0708,
+            src_port: 0x090a,
+            dst_port: 0x0b0c,
+            proto: IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        assert_eq!(
+            FlowKey::new(0x0102_0304, 0x0506_0708, 0x090a, 0x0b0c, IPPROTO_UDP),
+            fields
+        );
     }
 
     #[test]

@@ -1,0 +1,629 @@
+//! Volume through the L4 fast path, through the real kernel over veth in namespaces: a client,
+//! one load balancer and one backend on one Ethernet segment. 200 000 short TCP connections
+//! and 100 000 UDP exchanges (each from a fresh socket, so each is a new flow) must all
+//! succeed; then, with every timeout set to 2 s (instead of waiting out the defaults), the
+//! sweep must bring the connection table back to about empty.
+//!
+//! The LB namespace cannot forward anything itself (forwarding off, FORWARD policy DROP,
+//! nothing listening), so every exchange that works was carried by XDP both ways.
+//!
+//! The client reuses its ports while they are in TIME_WAIT (`tcp_tw_reuse`): 200 000
+//! connections from one address to one service need it, and through xlb a SYN on a closed
+//! flow's tuple reopens it.
+//!
+//! `XLB_L4_VOLUME_CONNECTIONS` and `XLB_L4_VOLUME_EXCHANGES` set smaller counts for a quick
+//! run.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
+use xlb::{
+    dataplane::{AttachMode, Dataplane},
+    l4::{
+        maglev::RingSize,
+        service::{L4Route, L4RouteTable, Listener, Protocol},
+        settings::{check_snat_ports, L4Settings, SnatPorts},
+        steering::Steering,
+    },
+};
+use xlb_common::Stat;
+use xlb_testbed::{in_netns, require_root, Host, Netns, Segment};
+
+const TCP_LISTENER: Listener = Listener {
+    port: 5432,
+    protocol: Protocol::Tcp,
+};
+const UDP_LISTENER: Listener = Listener {
+    port: 5353,
+    protocol: Protocol::Udp,
+};
+const BACKEND_TCP_PORT: u16 = 30001;
+const BACKEND_UDP_PORT: u16 = 30053;
+const SUBNET_OCTET: u8 = 43;
+
+const DEFAULT_CONNECTIONS: usize = 200_000;
+const DEFAULT_EXCHANGES: usize = 100_000;
+/// Client threads, each running its share of the connections (or exchanges) one after another.
+const CLIENT_THREADS: usize = 4;
+/// Backend threads accepting (each serves one connection at a time).
+const BACKEND_TCP_THREADS: usize = 8;
+const BACKEND_UDP_THREADS: usize = 2;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+const UDP_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+const UDP_ATTEMPTS: usize = 3;
+/// A broken path would otherwise take 200 000 timeouts to report.
+const GIVE_UP_AFTER_FAILURES: usize = 100;
+/// Every timeout the table applies to this load (established flows keep the default: one left
+/// established would be a flow whose close the table missed).
+const SHORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// SNAT ports, and the LB kernel's own ephemeral ports, kept apart.
+const SNAT_PORTS: (u16, u16) = (10000, 59999);
+const LB_LOCAL_PORT_RANGE: &str = "60000 60999";
+/// Entries the table may keep once everything has timed out and been swept.
+const SETTLED_ENTRIES: u64 = 16;
+const SETTLE_DEADLINE: Duration = Duration::from_secs(15);
+
+const GREETING: &[u8] = b"be\n";
+
+fn count_from_env(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a count")),
+        Err(_) => default,
+    }
+}
+
+/// Sets `name=value` with sysctl in a namespace this test created, and reads it back.
+fn set_sysctl(netns: &Netns, name: &str, value: &str) {
+    netns
+        .run("sysctl", &["-qw", &format!("{name}={value}")])
+        .unwrap();
+    let read = netns.run("sysctl", &["-n", name]).unwrap();
+    assert_eq!(
+        read.split_whitespace().collect::<Vec<_>>(),
+        value.split_whitespace().collect::<Vec<_>>(),
+        "{name} in {}",
+        netns.name()
+    );
+}
+
+/// A pool of threads accepting on one TCP listener: each greets a connection, echoes until the
+/// client closes, then closes (passively: the backend holds no TIME_WAIT). A UDP server
+/// answers `be:payload`. Both stop when dropped.
+struct Backend {
+    addr: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Backend {
+    fn start(host: &Host) -> Backend {
+        let (tcp, udp) = in_netns(&host.netns, || {
+            let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(SocketProtocol::TCP)).unwrap();
+            tcp.set_reuse_address(true).unwrap();
+            tcp.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_TCP_PORT)).into())
+                .unwrap();
+            tcp.listen(4096).unwrap();
+            // A blocking accept that gives up now and then, to see the stop flag.
+            tcp.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let udp = UdpSocket::bind(("0.0.0.0", BACKEND_UDP_PORT)).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            (TcpListener::from(tcp), udp)
+        })
+        .unwrap();
+        let tcp = Arc::new(tcp);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for _ in 0..BACKEND_TCP_THREADS {
+            let (tcp, stop) = (tcp.clone(), stop.clone());
+            threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((stream, _)) = tcp.accept() {
+                        echo(stream);
+                    }
+                }
+            }));
+        }
+        for _ in 0..BACKEND_UDP_THREADS {
+            let (udp, stop) = (udp.try_clone().unwrap(), stop.clone());
+            threads.push(thread::spawn(move || {
+                let mut buffer = [0u8; 1500];
+                let mut answer = Vec::with_capacity(1500);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((len, peer)) = udp.recv_from(&mut buffer) {
+                        answer.clear();
+                        answer.extend_from_slice(b"be:");
+                        answer.extend_from_slice(&buffer[..len]);
+                        let _ = udp.send_to(&answer, peer);
+                    }
+                }
+            }));
+        }
+        Backend {
+            addr: host.addr,
+            stop,
+            threads,
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    // Accepted sockets do not inherit the listener's timeout; a client that vanished must not
+    // hold a thread of the pool forever.
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    if stream.write_all(GREETING).is_err() {
+        return;
+    }
+    let mut buffer = [0u8; 512];
+    while let Ok(len) = stream.read(&mut buffer) {
+        if len == 0 || stream.write_all(&buffer[..len]).is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sweeps the connection table once a second, as the daemon does, until dropped.
+struct Sweeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// The most entries a sweep left.
+    peak_entries: Arc<AtomicUsize>,
+}
+
+impl Sweeper {
+    fn start(dataplane: Arc<Mutex<Dataplane>>) -> Sweeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak_entries = Arc::new(AtomicUsize::new(0));
+        let thread = {
+            let (stop, peak_entries) = (stop.clone(), peak_entries.clone());
+            thread::spawn(move || {
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    if Instant::now() >= next {
+                        next += Duration::from_secs(1);
+                        let plan = dataplane.lock().unwrap().sweep_flows().unwrap();
+                        peak_entries.fetch_max(plan.summary.entries as usize, Ordering::Relaxed);
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        Sweeper {
+            stop,
+            thread: Some(thread),
+            peak_entries,
+        }
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // A panic in there (a failed sweep) fails the test, unless it is failing already.
+            if thread.join().is_err() && !thread::panicking() {
+                panic!("the sweep failed");
+            }
+        }
+    }
+}
+
+/// The segment: client, one LB with the XDP program natively on its `to-switch` and the
+/// daemon's `Steering`, one backend; a native XDP_PASS program on the LB's switch port (XDP_TX
+/// out of a veth needs one on the peer).
+struct Lab {
+    client: Host,
+    lb_addr: Ipv4Addr,
+    backend: Backend,
+    sweeper: Sweeper,
+    dataplane: Arc<Mutex<Dataplane>>,
+    steering: Steering,
+    runtime: tokio::runtime::Runtime,
+    // Dropped after the LB: the peer's program, then the namespaces.
+    _peer_program: Dataplane,
+    _hosts: Vec<Host>,
+    _segment: Segment,
+}
+
+impl Lab {
+    fn start() -> Lab {
+        require_root().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let segment = Segment::create_on(SUBNET_OCTET).unwrap();
+        let client = segment.add_host("client", 2).unwrap();
+        let lb = segment.add_host("lb", 10).unwrap();
+        let backend_host = segment.add_host("be", 20).unwrap();
+        let peer_program = in_netns(&segment.switch, || {
+            let mut program = Dataplane::load_with(&L4Settings {
+                ring_size: RingSize::new(3).unwrap(),
+                flow_entries: 16,
+                service_slots: 1,
+                ..L4Settings::default()
+            })
+            .unwrap();
+            assert_eq!(program.attach(&lb.switch_port).unwrap(), AttachMode::Native);
+            program
+        })
+        .unwrap();
+
+        // The LB kernel carries nothing itself; its own ephemeral ports stay off the SNAT ones.
+        set_sysctl(&lb.netns, "net.ipv4.ip_forward", "0");
+        lb.netns
+            .run("iptables", &["-P", "FORWARD", "DROP"])
+            .unwrap();
+        set_sysctl(
+            &lb.netns,
+            "net.ipv4.ip_local_port_range",
+            LB_LOCAL_PORT_RANGE,
+        );
+        let snat_ports = SnatPorts::new(SNAT_PORTS.0, SNAT_PORTS.1).unwrap();
+        check_snat_ports(snat_ports, LB_LOCAL_PORT_RANGE).unwrap();
+        // One client address, one service, 200 000 connections in a row: ports are reused
+        // while in TIME_WAIT.
+        set_sysctl(&client.netns, "net.ipv4.tcp_tw_reuse", "1");
+        set_sysctl(&client.netns, "net.ipv4.ip_local_port_range", "1024 65000");
+
+        let settings = L4Settings {
+            snat_ports,
+            flow_entries: 262_144,
+            service_slots: 4,
+            tcp_handshake: SHORT_TIMEOUT,
+            tcp_closing: SHORT_TIMEOUT,
+            tcp_time_wait: SHORT_TIMEOUT,
+            udp_idle: SHORT_TIMEOUT,
+            ..L4Settings::default()
+        };
+        let (dataplane, steering) = in_netns(&lb.netns, || {
+            let mut dataplane = Dataplane::load_with(&settings).unwrap();
+            let mode = dataplane.attach(Segment::HOST_INTERFACE).unwrap();
+            assert_eq!(mode, AttachMode::Native);
+            let dataplane = Arc::new(Mutex::new(dataplane));
+            let steering = runtime
+                .block_on(Steering::start(
+                    dataplane.clone(),
+                    Segment::HOST_INTERFACE,
+                    &[],
+                ))
+                .unwrap();
+            (dataplane, steering)
+        })
+        .unwrap();
+        let backend = Backend::start(&backend_host);
+        let sweeper = Sweeper::start(dataplane.clone());
+        let mut lab = Lab {
+            client,
+            lb_addr: lb.addr,
+            backend,
+            sweeper,
+            dataplane,
+            steering,
+            runtime,
+            _peer_program: peer_program,
+            _hosts: vec![lb, backend_host],
+            _segment: segment,
+        };
+        lab.steer();
+        lab
+    }
+
+    /// Steers both listeners to the backend, as a discovery poll does, until its next hop is
+    /// resolved.
+    fn steer(&mut self) {
+        let endpoint = |port| vec![SocketAddr::V4(SocketAddrV4::new(self.backend.addr, port))];
+        let table = L4RouteTable {
+            listeners: vec![
+                L4Route {
+                    service: "db".into(),
+                    listener: TCP_LISTENER,
+                    target_port: 5432,
+                    endpoints: endpoint(BACKEND_TCP_PORT),
+                },
+                L4Route {
+                    service: "dns".into(),
+                    listener: UDP_LISTENER,
+                    target_port: 53,
+                    endpoints: endpoint(BACKEND_UDP_PORT),
+                },
+            ],
+            rejected: vec![],
+        };
+        for _ in 0..20 {
+            self.runtime.block_on(self.steering.update(&table)).unwrap();
+            let mut dataplane = self.dataplane.lock().unwrap();
+            if dataplane.l4().service_slots().len() == 2 && dataplane.l4().backend_ids().len() == 1
+            {
+                return;
+            }
+            drop(dataplane);
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the LB did not resolve the backend");
+    }
+
+    fn stat(&self, stat: Stat) -> u64 {
+        self.dataplane
+            .lock()
+            .unwrap()
+            .stats()
+            .unwrap()
+            .get(stat)
+            .packets
+    }
+}
+
+/// What a client thread pool did.
+#[derive(Default)]
+struct Outcome {
+    failures: usize,
+    /// Exchanges that needed more than one attempt (UDP).
+    retried: usize,
+    first_errors: Vec<String>,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        self.failures += other.failures;
+        self.retried += other.retried;
+        let room = 10usize.saturating_sub(self.first_errors.len());
+        self.first_errors
+            .extend(other.first_errors.into_iter().take(room));
+    }
+}
+
+/// Runs `count` calls of `exchange(index)` on [`CLIENT_THREADS`] threads in the client
+/// namespace, printing progress; stops early once [`GIVE_UP_AFTER_FAILURES`] have failed.
+/// `exchange` returns whether it needed a retry.
+fn run_clients(
+    lab: &Lab,
+    what: &str,
+    count: usize,
+    exchange: impl Fn(usize) -> io::Result<bool> + Sync,
+) -> Outcome {
+    let started = Instant::now();
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let outcome = in_netns(&lab.client.netns, || {
+        // Threads started from a thread inside the namespace are inside it too.
+        thread::scope(|scope| {
+            let workers: Vec<_> = (0..CLIENT_THREADS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut outcome = Outcome::default();
+                        loop {
+                            let index = next.fetch_add(1, Ordering::Relaxed);
+                            if index >= count
+                                || failed.load(Ordering::Relaxed) >= GIVE_UP_AFTER_FAILURES
+                            {
+                                return outcome;
+                            }
+                            match exchange(index) {
+                                Ok(retried) => outcome.retried += usize::from(retried),
+                                Err(error) => {
+                                    outcome.failures += 1;
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    if outcome.first_errors.len() < 10 {
+                                        outcome.first_errors.push(format!("#{index}: {error}"));
+                                    }
+                                }
+                            }
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            let mut last_report = Instant::now();
+            while !workers.iter().all(|worker| worker.is_finished()) {
+                thread::sleep(Duration::from_millis(50));
+                if last_report.elapsed() >= Duration::from_secs(5) {
+                    last_report = Instant::now();
+                    eprintln!(
+                        "{what}: {} of {count} after {:.1} s, {} failed",
+                        done.load(Ordering::Relaxed),
+                        started.elapsed().as_secs_f64(),
+                        failed.load(Ordering::Relaxed),
+                    );
+                }
+            }
+            workers
+                .into_iter()
+                .fold(Outcome::default(), |mut total, worker| {
+                    total.merge(worker.join().unwrap());
+                    total
+                })
+        })
+    })
+    .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{what}: {} done in {elapsed:.1} s ({:.0}/s), {} failed, {} retried",
+        done.load(Ordering::Relaxed),
+        done.load(Ordering::Relaxed) as f64 / elapsed,
+        outcome.failures,
+        outcome.retried,
+    );
+    outcome
+}
+
+/// One short connection: connect, read the greeting, echo a message, close (the client
+/// first).
+fn tcp_exchange(target: SocketAddr, index: usize) -> io::Result<bool> {
+    let mut stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut greeting = [0u8; GREETING.len()];
+    stream.read_exact(&mut greeting)?;
+    if greeting != GREETING {
+        return Err(io::Error::other(format!("greeting {greeting:?}")));
+    }
+    let message = format!("connection {index}\n");
+    stream.write_all(message.as_bytes())?;
+    let mut echoed = vec![0u8; message.len()];
+    stream.read_exact(&mut echoed)?;
+    if echoed != message.as_bytes() {
+        return Err(io::Error::other(format!("echo {echoed:?}")));
+    }
+    Ok(false)
+}
+
+/// One request from a fresh socket (a new flow), answered by the backend through the LB;
+/// retried on the same socket when a datagram is lost.
+fn udp_exchange(target: SocketAddr, index: usize) -> io::Result<bool> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(UDP_ANSWER_TIMEOUT))?;
+    let request = format!("query {index}");
+    let expected = format!("be:{request}");
+    let mut buffer = [0u8; 1500];
+    let mut last_error = None;
+    for attempt in 0..UDP_ATTEMPTS {
+        socket.send_to(request.as_bytes(), target)?;
+        let deadline = Instant::now() + UDP_ANSWER_TIMEOUT;
+        // A late answer to an earlier attempt is the same answer; anything else is skipped.
+        loop {
+            match socket.recv_from(&mut buffer) {
+                Ok((len, from)) if from == target && buffer[..len] == *expected.as_bytes() => {
+                    return Ok(attempt > 0);
+                }
+                Ok((len, from)) => {
+                    last_error = Some(io::Error::other(format!(
+                        "{from} answered {:?}",
+                        String::from_utf8_lossy(&buffer[..len])
+                    )));
+                }
+                Err(error) => {
+                    last_error = Some(error);
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("no answer")))
+}
+
+const REPORTED_STATS: [Stat; 14] = [
+    Stat::L4NewFlow,
+    Stat::L4Forwarded,
+    Stat::L4Replied,
+    Stat::L4FlowReopened,
+    Stat::L4FlowReclaimed,
+    Stat::L4SnatTimeWaitReused,
+    Stat::L4PassNoFlow,
+    Stat::L4DropNoBackend,
+    Stat::L4DropSnatExhausted,
+    Stat::L4DropFlowTable,
+    Stat::L4DropFlowLost,
+    Stat::L4DropRedirect,
+    Stat::VerdictAborted,
+    Stat::ClassMalformed,
+];
+
+fn report_stats(lab: &Lab, when: &str) {
+    let stats = lab.dataplane.lock().unwrap().stats().unwrap();
+    let line: Vec<String> = REPORTED_STATS
+        .iter()
+        .map(|&stat| format!("{}={}", stat.name(), stats.get(stat).packets))
+        .collect();
+    eprintln!("stats {when}: {}", line.join(" "));
+}
+
+#[test]
+fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_table_empties() {
+    let started = Instant::now();
+    let connections = count_from_env("XLB_L4_VOLUME_CONNECTIONS", DEFAULT_CONNECTIONS);
+    let exchanges = count_from_env("XLB_L4_VOLUME_EXCHANGES", DEFAULT_EXCHANGES);
+    let lab = Lab::start();
+
+    let tcp_target = SocketAddr::from((lab.lb_addr, TCP_LISTENER.port));
+    let tcp = run_clients(&lab, "tcp connections", connections, |index| {
+        tcp_exchange(tcp_target, index)
+    });
+    report_stats(&lab, "after tcp");
+    assert_eq!(
+        tcp.failures, 0,
+        "TCP connections failed: {:?}",
+        tcp.first_errors
+    );
+
+    let udp_target = SocketAddr::from((lab.lb_addr, UDP_LISTENER.port));
+    let udp = run_clients(&lab, "udp exchanges", exchanges, |index| {
+        udp_exchange(udp_target, index)
+    });
+    report_stats(&lab, "after udp");
+    assert_eq!(
+        udp.failures, 0,
+        "UDP exchanges failed (each after {UDP_ATTEMPTS} attempts): {:?}",
+        udp.first_errors
+    );
+
+    for stat in [
+        Stat::L4DropSnatExhausted,
+        Stat::L4DropFlowTable,
+        Stat::L4DropFlowLost,
+    ] {
+        assert_eq!(lab.stat(stat), 0, "{}", stat.name());
+    }
+    assert!(
+        lab.stat(Stat::L4NewFlow) >= (connections + exchanges) as u64,
+        "every connection and every exchange is a new flow"
+    );
+
+    // Every flow is closed (TCP, the client first) or idle (UDP): 2 s, then a sweep.
+    let settle_started = Instant::now();
+    let summary = loop {
+        let summary = lab
+            .dataplane
+            .lock()
+            .unwrap()
+            .connection_table()
+            .table
+            .clone();
+        if summary.entries <= SETTLED_ENTRIES || settle_started.elapsed() >= SETTLE_DEADLINE {
+            break summary;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let sweeps = lab.dataplane.lock().unwrap().connection_table().sweeps;
+    eprintln!(
+        "table after {:.1} s: {} entries {:?} (peak {} during the load); sweeps {sweeps:?}",
+        settle_started.elapsed().as_secs_f64(),
+        summary.entries,
+        summary.flows,
+        lab.sweeper.peak_entries.load(Ordering::Relaxed),
+    );
+    assert!(
+        summary.entries <= SETTLED_ENTRIES,
+        "the table kept {} entries: {summary:?}",
+        summary.entries
+    );
+    report_stats(&lab, "at the end");
+    eprintln!("whole test: {:.1} s", started.elapsed().as_secs_f64());
+}
