@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{
-    flow_expired, flow_last_seen, flow_state, ring_index, wire_port, FlowKey, FlowState, FlowValue,
-    NextHop, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD, DIRECTION_REPLY,
-    IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND, SNAT_ATTEMPTS,
+    flow_expired, flow_last_seen, flow_state, ring_index, wire_port, Backend, FlowKey, FlowState,
+    FlowValue, NextHop, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD,
+    DIRECTION_REPLY, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND, SNAT_ATTEMPTS,
 };
 
 use crate::{
@@ -436,7 +436,7 @@ fn new_flow(
     key: &FlowKey,
     service: &ServiceValue,
     now: u64,
-) -> Result<(*const FlowValue, Option<Stat>), Verdict> {
+) -> Result<(*const FlowValue, *const Backend, Option<Stat>), Verdict> {
     let backend_id = pick_backend(key, service);
     let backend = match BACKENDS.get(backend_id) {
         Some(backend) if backend_id != NO_BACKEND && backend.addr != 0 => backend,
@@ -523,22 +523,39 @@ fn new_flow(
         new_dst_addr: backend.addr,
         new_src_port: reply_key.dst_port,
         new_dst_port: backend.port,
-        next_hop: backend.next_hop,
         service_slot: service.slot,
         backend_id,
         direction: DIRECTION_FORWARD,
+        backend_generation: backend.generation,
         ..FlowValue::default()
     };
     if FLOWS.insert(key, &*forward, BPF_ANY as u64).is_err() {
         let _ = FLOWS.remove(&reply_key);
         return Err(Verdict::drop(Stat::L4DropFlowTable));
     }
-    Ok((forward as *const FlowValue, event))
+    Ok((
+        forward as *const FlowValue,
+        backend as *const Backend,
+        event,
+    ))
 }
 
-/// Rewrites addresses, ports, TTL and MACs as `flow` says, fixing checksums incrementally.
+/// The backend a flow was created for, if it still holds its id.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, packet: &L4Packet, flow: &FlowValue) -> Result<(), Malformed> {
+fn live_backend(flow: &FlowValue) -> Option<&'static Backend> {
+    BACKENDS
+        .get(flow.backend_id)
+        .filter(|backend| backend.generation == flow.backend_generation && backend.addr != 0)
+}
+
+/// Rewrites addresses, ports, TTL and MACs as `flow` and `next_hop` say, fixing checksums incrementally.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    packet: &L4Packet,
+    flow: &FlowValue,
+    next_hop: &NextHop,
+) -> Result<(), Malformed> {
     let ip = packet.ip;
     let ip_header: *mut Ipv4Hdr = ptr_at(ctx, ip.offset)?;
     // SAFETY: `ptr_at` checked the header lies inside the frame; Ipv4Hdr has alignment 1.
@@ -582,8 +599,8 @@ fn rewrite(ctx: &XdpContext, packet: &L4Packet, flow: &FlowValue) -> Result<(), 
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: checked inside the frame; EthHdr fields are byte arrays.
     unsafe {
-        write_mac(&raw mut (*eth).dst_addr, &flow.next_hop.dst_mac);
-        write_mac(&raw mut (*eth).src_addr, &flow.next_hop.src_mac);
+        write_mac(&raw mut (*eth).dst_addr, &next_hop.dst_mac);
+        write_mac(&raw mut (*eth).src_addr, &next_hop.src_mac);
     }
     Ok(())
 }
@@ -641,8 +658,20 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
     let key = packet.key();
     let mut event = None;
     let tracked = match tracked_flow(&key, packet, now) {
-        // SAFETY: the entry stays mapped while the program runs (RCU).
-        Some(Tracked::Flow(flow)) => Some(unsafe { &*flow }),
+        Some(Tracked::Flow(flow)) => {
+            // SAFETY: the entry stays mapped while the program runs (RCU).
+            let flow = unsafe { &*flow };
+            match live_backend(flow) {
+                Some(backend) => Some((flow, backend)),
+                None => {
+                    // Its backend left: TCP is passed below (the kernel resets the client),
+                    // UDP starts over on a live backend.
+                    remove_pair(&key, &flow.peer_key(key.proto));
+                    event = Some(Stat::L4FlowBackendGone);
+                    None
+                }
+            }
+        }
         Some(Tracked::Reopened) => {
             event = Some(Stat::L4FlowReopened);
             None
@@ -650,8 +679,8 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
         Some(Tracked::Lost) => return Verdict::drop(Stat::L4DropFlowLost),
         None => None,
     };
-    let (flow, outcome) = match tracked {
-        Some(flow) => (flow, Stat::L4Forwarded),
+    let (flow, backend, outcome) = match tracked {
+        Some((flow, backend)) => (flow, backend, Stat::L4Forwarded),
         None => {
             let starts_flow = match packet.tcp_flags {
                 Some(_) => packet.is_connection_request(),
@@ -661,16 +690,17 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
                 return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
             }
             match new_flow(ctx, &key, service, now) {
-                Ok((flow, claim_event)) => {
+                Ok((flow, backend, claim_event)) => {
                     event = event.or(claim_event);
-                    // SAFETY: this CPU's scratch slot, valid while the program runs.
-                    (unsafe { &*flow }, Stat::L4NewFlow)
+                    // SAFETY: this CPU's scratch slot and a BACKENDS element, both valid
+                    // while the program runs.
+                    (unsafe { &*flow }, unsafe { &*backend }, Stat::L4NewFlow)
                 }
                 Err(verdict) => return verdict.with_event(event),
             }
         }
     };
-    if rewrite(ctx, packet, flow).is_err() {
+    if rewrite(ctx, packet, flow, &backend.next_hop).is_err() {
         return REWRITE_FAILED;
     }
     count_traffic(
@@ -679,7 +709,7 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
         packet.bytes,
         outcome == Stat::L4NewFlow,
     );
-    transmit(ctx, &flow.next_hop, outcome).with_event(event)
+    transmit(ctx, &backend.next_hop, outcome).with_event(event)
 }
 
 /// A backend's packet to a SNAT port: the tracked flow's reply entry, if any, sends it back to
@@ -704,7 +734,7 @@ pub fn reply_to_client(ctx: &XdpContext, packet: &L4Packet) -> Option<Verdict> {
     if packet.ip.ttl <= 1 {
         return Some(Verdict::pass(Stat::L4PassTtl));
     }
-    if rewrite(ctx, packet, flow).is_err() {
+    if rewrite(ctx, packet, flow, &flow.next_hop).is_err() {
         return Some(REWRITE_FAILED);
     }
     count_traffic(flow, DIRECTION_REPLY, packet.bytes, false);

@@ -311,3 +311,89 @@ fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
         "a new flow, on a tuple the sweep freed"
     );
 }
+
+#[test]
+fn live_flows_follow_their_backends_next_hop_and_end_when_it_has_drained() {
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbf];
+    let backend_c = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 78, 1, 4), 30003);
+    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61099).unwrap());
+    settings.backend_drain = Duration::ZERO;
+    let tcp_to = |endpoint, mac| {
+        let mut plan = backend(endpoint, INGRESS_IFINDEX);
+        plan.next_hop.dst_mac = mac;
+        service(TCP_SERVICE, vec![plan])
+    };
+    let udp_to = |endpoint| service(UDP_SERVICE, vec![backend(endpoint, INGRESS_IFINDEX)]);
+    let mut dataplane = dataplane(
+        &settings,
+        &[tcp_to(BACKEND_A, BACKEND_MAC), udp_to(BACKEND_B)],
+    );
+    handshake(&mut dataplane, 40000);
+    let query = udp(TO_LB, SocketAddrV4::new(CLIENT, 40000), lb(53), 64, b"q");
+    let (_, out) = run(&mut dataplane, &query);
+    assert_eq!(inspect(&out).unwrap().dst, BACKEND_B);
+
+    dataplane
+        .l4()
+        .apply(&[tcp_to(BACKEND_A, NEW_MAC), udp_to(BACKEND_B)])
+        .unwrap();
+    let (verdict, out) = run(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(verdict, XDP_TX);
+    let seen = inspect(&out).unwrap();
+    assert_eq!(
+        (seen.dst, seen.dst_mac),
+        (BACKEND_A, NEW_MAC),
+        "the live flow takes its backend's new MAC"
+    );
+
+    // Both backends leave; with no drain time their ids are cleared at once.
+    dataplane
+        .l4()
+        .apply(&[tcp_to(backend_c, BACKEND_MAC), udp_to(backend_c)])
+        .unwrap();
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_PASS, vec!["l4_flow_backend_gone", "l4_pass_no_flow"]),
+        "a TCP segment of a flow whose backend is gone goes to the kernel, which resets it"
+    );
+    let (verdict, l4, _) = step(&mut dataplane, &query);
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_flow_backend_gone", "l4_new_flow"]),
+        "a UDP flow whose backend is gone starts over"
+    );
+    let (_, out) = run(&mut dataplane, &query);
+    assert_eq!(inspect(&out).unwrap().dst, backend_c, "on a live backend");
+}
+
+#[test]
+fn a_backend_that_returns_while_draining_keeps_its_id_and_its_flows() {
+    let mut dataplane = conntrack(|_| {});
+    handshake(&mut dataplane, 40000);
+    let id = dataplane.l4().backend_ids()[&BACKEND_A];
+    let backend_c = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 78, 1, 4), 30003);
+    let without_a = [
+        service(TCP_SERVICE, vec![backend(backend_c, INGRESS_IFINDEX)]),
+        service(UDP_SERVICE, vec![backend(BACKEND_B, INGRESS_IFINDEX)]),
+    ];
+    dataplane.l4().apply(&without_a).unwrap();
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_forwarded"]),
+        "a removed backend's flows go on while it drains"
+    );
+    let (_, out) = run(&mut dataplane, &from_client(40001, syn));
+    assert_eq!(inspect(&out).unwrap().dst, backend_c, "new flows avoid it");
+    dataplane
+        .l4()
+        .apply(&[
+            service(TCP_SERVICE, vec![backend(BACKEND_A, INGRESS_IFINDEX)]),
+            service(UDP_SERVICE, vec![backend(BACKEND_B, INGRESS_IFINDEX)]),
+        ])
+        .unwrap();
+    assert_eq!(dataplane.l4().backend_ids()[&BACKEND_A], id);
+    let (_, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(l4, ["l4_forwarded"]);
+}

@@ -351,6 +351,7 @@ impl Reader<'_> {
                 "tcpclosingtimeout" => l4.tcp_closing = self.positive_duration(&entry)?,
                 "tcptimewaittimeout" => l4.tcp_time_wait = self.positive_duration(&entry)?,
                 "udpidletimeout" => l4.udp_idle = self.positive_duration(&entry)?,
+                "draintimeout" => l4.backend_drain = self.timeout(&entry)?,
                 "snataddresses" => l4.snat_addresses = self.snat_addresses(&entry)?,
                 _ => self.ignore(&entry),
             }
@@ -1225,6 +1226,7 @@ mod tests {
             TCPClosingTimeout = "2s"
             TCPTimeWaitTimeout = "30s"
             UDPIdleTimeout = "5s"
+            DrainTimeout = "0s"
             SNATAddresses = ["10.0.0.21", "10.0.0.22"]
         "#;
         let l4 = parse(source, "config.toml").unwrap().l4;
@@ -1232,6 +1234,7 @@ mod tests {
         assert_eq!(l4.tcp_closing, Duration::from_secs(2));
         assert_eq!(l4.tcp_time_wait, Duration::from_secs(30));
         assert_eq!(l4.udp_idle, Duration::from_secs(5));
+        assert_eq!(l4.backend_drain, Duration::ZERO);
         assert_eq!(
             l4.snat_addresses,
             [Ipv4Addr::new(10, 0, 0, 21), Ipv4Addr::new(10, 0, 0, 22)]

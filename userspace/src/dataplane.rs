@@ -163,7 +163,12 @@ impl Dataplane {
             ebpf,
             stats,
             l7_ports,
-            l4: L4Maps::new(handles, settings.ring_size, settings.service_slots),
+            l4: L4Maps::new(
+                handles,
+                settings.ring_size,
+                settings.service_slots,
+                settings.backend_drain,
+            ),
             flows,
         };
         dataplane

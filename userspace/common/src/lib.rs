@@ -155,11 +155,16 @@ pub enum Stat {
     /// took one the backend may still hold in TIME_WAIT (it accepts the new SYN when it is
     /// newer, RFC 6191, and otherwise frees it on the client's RST: a one-second retry).
     L4SnatTimeWaitReused = 25,
+    /// An event: a packet's flow led to a backend that is gone (removed from the service, its
+    /// id free or given to another endpoint); its entries were removed. A TCP segment is then
+    /// passed, and the kernel, which has no socket for it, resets the client; a UDP datagram
+    /// starts a new flow to a live backend.
+    L4FlowBackendGone = 26,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -189,6 +194,7 @@ impl Stat {
         Stat::L4DropRedirect,
         Stat::L4FlowReclaimed,
         Stat::L4SnatTimeWaitReused,
+        Stat::L4FlowBackendGone,
     ];
 
     /// The name userspace reports this stat under.
@@ -220,6 +226,7 @@ impl Stat {
             Stat::L4DropRedirect => "l4_drop_redirect",
             Stat::L4FlowReclaimed => "l4_flow_reclaimed",
             Stat::L4SnatTimeWaitReused => "l4_snat_time_wait_reused",
+            Stat::L4FlowBackendGone => "l4_flow_backend_gone",
         }
     }
 
@@ -280,7 +287,8 @@ pub const fn ring_index(slot: u32, ring: u32, ring_size: u32, position: u32) -> 
 }
 
 /// An element of `BACKENDS`, indexed by backend id (1.., 0 = none): where a new flow is sent
-/// and how to reach it. Filled by the daemon once the next hop is resolved.
+/// and how to reach it. Filled by the daemon once the next hop is resolved; every forwarded
+/// packet reads its next hop here, so a neighbour or route change reaches live flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -291,6 +299,10 @@ pub struct Backend {
     pub _pad: u16,
     /// This LB's address toward the backend: the source of forwarded packets (wire order).
     pub snat_addr: u32,
+    /// Which endpoint holds the id: a new number each time the id is given to an endpoint, 0
+    /// when the id is free. A flow remembers the generation it was created with; when they
+    /// differ its backend is gone.
+    pub generation: u32,
     pub next_hop: NextHop,
 }
 
@@ -462,6 +474,7 @@ pub struct FlowValue {
     pub new_dst_addr: u32,
     pub new_src_port: u16,
     pub new_dst_port: u16,
+    /// Reply entries: toward the client. Forward entries read theirs from `BACKENDS`.
     pub next_hop: NextHop,
     pub service_slot: u32,
     pub backend_id: u32,
@@ -477,7 +490,9 @@ pub struct FlowValue {
     pub backend_closed_first: u8,
     /// TCP: a RST was seen and the backend has not sent anything since.
     pub rst: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// `Backend::generation` of `backend_id` when the flow was created.
+    pub backend_generation: u32,
 }
 
 impl FlowValue {
@@ -595,7 +610,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<NextHop>(), 16);
-        assert_eq!(size_of::<Backend>(), 28);
+        assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<Settings>(), 120);
         assert_eq!(size_of::<Timeouts>(), 40);
         assert_eq!(size_of::<StatsBlock>(), 16 * Stat::COUNT as usize);

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
@@ -45,12 +46,13 @@ pub struct BackendPlan {
 }
 
 impl BackendPlan {
-    fn map_value(&self) -> Backend {
+    fn map_value(&self, generation: u32) -> Backend {
         Backend {
             addr: wire_ipv4(*self.endpoint.ip()),
             port: wire_port(self.endpoint.port()),
             _pad: 0,
             snat_addr: wire_ipv4(self.snat_addr),
+            generation,
             next_hop: self.next_hop,
         }
     }
@@ -104,7 +106,15 @@ pub struct L4Maps {
     ring_contents: Vec<[Vec<u32>; 2]>,
     listeners: BTreeMap<Listener, SlotState>,
     backend_ids: BTreeMap<SocketAddrV4, (u32, Backend)>,
+    /// Endpoints that left every service, with the moment their id is cleared: until then
+    /// their established flows go on (as the L7 proxy's requests do for `DrainTimeout`); after
+    /// it, a TCP flow's next segment is reset by the kernel and a UDP flow moves to a live
+    /// backend. No new flow reaches them: the rings no longer hold their id.
+    draining: BTreeMap<SocketAddrV4, (u32, Backend, Instant)>,
+    drain: Duration,
     next_backend_id: u32,
+    /// The generation the next endpoint given an id gets (never 0: a free id's).
+    next_generation: u32,
 }
 
 /// The maps [`L4Maps`] writes, taken from the loaded object.
@@ -118,7 +128,12 @@ pub struct L4MapHandles {
 }
 
 impl L4Maps {
-    pub fn new(handles: L4MapHandles, ring_size: RingSize, service_slots: u32) -> L4Maps {
+    pub fn new(
+        handles: L4MapHandles,
+        ring_size: RingSize,
+        service_slots: u32,
+        drain: Duration,
+    ) -> L4Maps {
         L4Maps {
             services: handles.services,
             rings: handles.rings,
@@ -131,7 +146,10 @@ impl L4Maps {
             ring_contents: Vec::new(),
             listeners: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
+            draining: BTreeMap::new(),
+            drain,
             next_backend_id: 1,
+            next_generation: 1,
         }
     }
 
@@ -193,14 +211,28 @@ impl L4Maps {
 
     fn write_backends(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
         for backend in plan.iter().flat_map(|service| &service.backends) {
-            let value = backend.map_value();
-            let id = match self.backend_ids.get(&backend.endpoint) {
-                Some((_, written)) if *written == value => continue,
-                Some((id, _)) => *id,
-                None => self.free_backend_id().ok_or(DataplaneError::Full {
-                    map: "BACKENDS",
-                    capacity: MAX_BACKENDS - 1,
-                })?,
+            // An endpoint keeps its id and generation while it stays (or comes back while it
+            // drains): a changed next hop is written in place and reaches its live flows.
+            if let Some((id, written, _)) = self.draining.remove(&backend.endpoint) {
+                self.backend_ids.insert(backend.endpoint, (id, written));
+            }
+            let (id, value) = match self.backend_ids.get(&backend.endpoint) {
+                Some((id, written)) => {
+                    let value = backend.map_value(written.generation);
+                    if *written == value {
+                        continue;
+                    }
+                    (*id, value)
+                }
+                None => {
+                    let id = self.free_backend_id().ok_or(DataplaneError::Full {
+                        map: "BACKENDS",
+                        capacity: MAX_BACKENDS - 1,
+                    })?;
+                    let generation = self.next_generation;
+                    self.next_generation = generation.checked_add(1).unwrap_or(1);
+                    (id, backend.map_value(generation))
+                }
             };
             self.backends
                 .set(id, value, 0)
@@ -213,7 +245,10 @@ impl L4Maps {
     /// The next unused id after the last one given: ids are reused as late as possible, so a
     /// late packet of a removed backend's flow is not counted for a new one.
     fn free_backend_id(&mut self) -> Option<u32> {
-        let used: BTreeSet<u32> = self.backend_ids.values().map(|(id, _)| *id).collect();
+        let held = self.backend_ids.values().map(|(id, _)| *id);
+        let used: BTreeSet<u32> = held
+            .chain(self.draining.values().map(|(id, _, _)| *id))
+            .collect();
         let candidates = (self.next_backend_id..MAX_BACKENDS).chain(1..self.next_backend_id);
         let id = candidates.into_iter().find(|id| !used.contains(id))?;
         self.next_backend_id = id + 1;
@@ -231,8 +266,21 @@ impl L4Maps {
             .filter(|endpoint| !planned.contains(endpoint))
             .copied()
             .collect();
+        let now = Instant::now();
         for endpoint in unused {
-            if let Some((id, _)) = self.backend_ids.remove(&endpoint) {
+            if let Some((id, written)) = self.backend_ids.remove(&endpoint) {
+                self.draining
+                    .insert(endpoint, (id, written, now + self.drain));
+            }
+        }
+        let drained: Vec<SocketAddrV4> = self
+            .draining
+            .iter()
+            .filter(|(_, (_, _, deadline))| *deadline <= now)
+            .map(|(endpoint, _)| *endpoint)
+            .collect();
+        for endpoint in drained {
+            if let Some((id, _, _)) = self.draining.remove(&endpoint) {
                 self.backends
                     .set(id, Backend::default(), 0)
                     .map_err(|source| map_error("BACKENDS", "updated", source))?;

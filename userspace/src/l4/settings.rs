@@ -28,6 +28,10 @@ pub const TCP_CLOSING: Duration = Duration::from_secs(10);
 /// TIME_WAIT (`TCP_TIMEWAIT_LEN`), during which the backend's socket still holds the tuple.
 pub const TCP_TIME_WAIT: Duration = Duration::from_secs(60);
 
+/// How long the flows of a backend that left every service go on: the L7 proxy's default
+/// `DrainTimeout`.
+pub const BACKEND_DRAIN: Duration = Duration::from_secs(30);
+
 /// Default SNAT source ports: above Linux's default `ip_local_port_range` (32768-60999), so
 /// the node's own connections never use a port a flow's reply entry claims.
 pub const DEFAULT_SNAT_PORTS: SnatPorts = SnatPorts {
@@ -104,6 +108,8 @@ pub struct L4Settings {
     pub tcp_closing: Duration,
     pub tcp_time_wait: Duration,
     pub udp_idle: Duration,
+    /// How long a removed backend's established flows go on before they are cut.
+    pub backend_drain: Duration,
 }
 
 impl Default for L4Settings {
@@ -120,6 +126,7 @@ impl Default for L4Settings {
             tcp_closing: TCP_CLOSING,
             tcp_time_wait: TCP_TIME_WAIT,
             udp_idle: UDP_IDLE,
+            backend_drain: BACKEND_DRAIN,
         }
     }
 }
