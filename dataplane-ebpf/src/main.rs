@@ -20,9 +20,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use xlb_common::{
-    Backend, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat, StatsBlock,
-    Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS,
-    MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_SERVICE_KEYS, MAX_SNAT_ADDRS,
+    Backend, FloodWindow, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
+    StatsBlock, Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE,
+    DEFAULT_SERVICE_SLOTS, MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_SERVICE_KEYS,
+    MAX_SNAT_ADDRS,
 };
 
 use crate::{
@@ -83,7 +84,7 @@ static SETTINGS: Settings = Settings {
     snat_port_last: 0,
     snat_addrs: [0; MAX_SNAT_ADDRS],
     snat_addr_count: 0,
-    _pad: 0,
+    new_flows_per_cpu_second: 0,
     timeouts: Timeouts {
         tcp_handshake_ns: 0,
         tcp_established_ns: 0,
@@ -99,6 +100,11 @@ fn setting<T: Copy>(field: &T) -> T {
     // SAFETY: a reference to a field of a static is valid for reads.
     unsafe { core::ptr::read_volatile(field) }
 }
+
+/// This CPU's new flows per service slot in the current second (the flood limit).
+#[map]
+static FLOOD_WINDOWS: PerCpuArray<FloodWindow> =
+    PerCpuArray::with_max_entries(DEFAULT_SERVICE_SLOTS, 0);
 
 /// Traffic per service slot.
 #[map]

@@ -20,8 +20,8 @@ use xlb_common::{
 use crate::{
     checksum,
     parse::{ptr_at, Ipv4, Malformed, Ports, TcpFlags, Transport, TransportKind},
-    setting, BACKENDS, BACKEND_STATS, FLOWS, FLOW_SCRATCH, RINGS, SERVICES, SERVICE_STATS,
-    SETTINGS, SNAT_CURSOR,
+    setting, BACKENDS, BACKEND_STATS, FLOOD_WINDOWS, FLOWS, FLOW_SCRATCH, RINGS, SERVICES,
+    SERVICE_STATS, SETTINGS, SNAT_CURSOR,
 };
 
 /// The XDP action for a frame, the `L4*` outcome it is counted under, and the table event it
@@ -361,6 +361,8 @@ enum Holder {
     TimeWait,
     /// Held by a live flow.
     Live,
+    /// Nothing holds it, yet the insert failed: the table is full.
+    TableFull,
 }
 
 /// Tries to put `reply` at `reply_key`, removing an expired holder first, and a holder in
@@ -377,7 +379,8 @@ fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_time_wait: bool)
     }
     // SAFETY (both lookups): read in place; FLOWS values are plain data.
     let Some(holder) = (unsafe { FLOWS.get(reply_key) }) else {
-        return Holder::Live; // removed just now by another CPU, which may be claiming it
+        // (Or removed by another CPU just now: one SYN dropped, and retransmitted.)
+        return Holder::TableFull;
     };
     let forward_key = holder.peer_key(reply_key.proto);
     let holder_forward = match unsafe { FLOWS.get(&forward_key) } {
@@ -402,7 +405,7 @@ fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_time_wait: bool)
     if FLOWS.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
         Holder::Claimed { reclaimed: true }
     } else {
-        Holder::Live
+        Holder::Live // taken by another CPU in between
     }
 }
 
@@ -421,6 +424,28 @@ fn snat_tuple(index: u32, range: u32, backend_snat_addr: u32) -> Option<(u32, u1
         .snat_addrs
         .get(index.checked_div(range)? as usize)?;
     Some((setting(addr), port))
+}
+
+/// Counts a new flow against its service's limit for this second on this CPU; true when the
+/// limit is spent. Checked before anything is allocated, so a flood costs no table entry or
+/// SNAT tuple beyond the limit.
+#[inline(always)]
+fn flooded(slot: u32, now: u64) -> bool {
+    let limit = setting(&SETTINGS.new_flows_per_cpu_second);
+    if limit == 0 {
+        return false;
+    }
+    let Some(window) = FLOOD_WINDOWS.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot is only ever touched by the CPU running this program.
+    let window = unsafe { &mut *window };
+    if now.wrapping_sub(window.start_ns) >= 1_000_000_000 {
+        window.start_ns = now;
+        window.new_flows = 0;
+    }
+    window.new_flows += 1;
+    window.new_flows > u64::from(limit)
 }
 
 /// Creates the reply and forward entries of a new flow, allocating its SNAT tuple: the next
@@ -442,6 +467,9 @@ fn new_flow(
         Some(backend) if backend_id != NO_BACKEND && backend.addr != 0 => backend,
         _ => return Err(Verdict::drop(Stat::L4DropNoBackend)),
     };
+    if flooded(service.slot, now) {
+        return Err(Verdict::drop(Stat::L4DropFlood));
+    }
     let first = u32::from(setting(&SETTINGS.snat_port_first));
     let last = u32::from(setting(&SETTINGS.snat_port_last));
     if first == 0 || last < first {
@@ -504,6 +532,7 @@ fn new_flow(
             }
             Holder::TimeWait if time_wait.is_none() => time_wait = Some(reply_key),
             Holder::TimeWait | Holder::Live => {}
+            Holder::TableFull => return Err(Verdict::drop(Stat::L4DropFlowTable)),
         }
     }
     if claimed.is_none() {

@@ -397,3 +397,88 @@ fn a_backend_that_returns_while_draining_keeps_its_id_and_its_flows() {
     let (_, l4, _) = step(&mut dataplane, &from_client(40000, ack));
     assert_eq!(l4, ["l4_forwarded"]);
 }
+
+/// Runs `work` on a thread pinned to CPU 0: a test run executes on the CPU that asks for it,
+/// and per-CPU limits then count every frame in one place.
+fn on_one_cpu<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut cpus = nix::sched::CpuSet::new();
+                cpus.set(0).unwrap();
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+                work()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+#[test]
+fn a_syn_flood_is_cut_at_the_services_limit_and_never_displaces_an_established_flow() {
+    let cpus = aya::util::online_cpus().unwrap().len() as u32;
+    const PER_CPU: u32 = 50;
+    let mut settings = settings(xlb::l4::settings::SnatPorts::new(20000, 59999).unwrap());
+    // Room for the established flow and 99 more: the flood fills the table.
+    settings.flow_entries = 200;
+    let mut limited = settings.clone();
+    limited.new_flows_per_second = Some(PER_CPU * cpus);
+    let plan = [service(
+        TCP_SERVICE,
+        vec![backend(BACKEND_A, INGRESS_IFINDEX)],
+    )];
+    let spoofed = |index: u32| {
+        let source = std::net::Ipv4Addr::from(0x0a50_0000 + index);
+        tcp(
+            TO_LB,
+            SocketAddrV4::new(source, 1024),
+            lb(5432),
+            64,
+            syn,
+            &[],
+        )
+    };
+    on_one_cpu(|| {
+        let mut flooded = dataplane(&settings, &plan);
+        handshake(&mut flooded, 40000);
+        let before = flooded.stats().unwrap();
+        for index in 0..10_000 {
+            run(&mut flooded, &spoofed(index));
+        }
+        let counts = moved_by_name(&before, &flooded.stats().unwrap());
+        assert_eq!(counts["l4_new_flow"], 99, "the table filled up");
+        assert_eq!(counts["l4_drop_flow_table"], 10_000 - 99);
+        let (verdict, l4, _) = step(&mut flooded, &from_client(40000, ack));
+        assert_eq!(
+            (verdict, l4),
+            (XDP_TX, vec!["l4_forwarded"]),
+            "the established flow is still there"
+        );
+
+        let mut limited = dataplane(&limited, &plan);
+        let before = limited.stats().unwrap();
+        for index in 0..(PER_CPU + 20) {
+            run(&mut limited, &spoofed(index));
+        }
+        let counts = moved_by_name(&before, &limited.stats().unwrap());
+        assert_eq!(counts["l4_new_flow"], u64::from(PER_CPU));
+        assert_eq!(
+            counts["l4_drop_flood"], 20,
+            "past the limit, within the second"
+        );
+        wait_out(Duration::from_secs(1));
+        let (verdict, l4, _) = step(&mut limited, &spoofed(PER_CPU + 20));
+        assert_eq!(
+            (verdict, l4),
+            (XDP_TX, vec!["l4_new_flow"]),
+            "the next second has a new allowance"
+        );
+    });
+}
+
+fn moved_by_name(
+    before: &xlb::dataplane::Stats,
+    after: &xlb::dataplane::Stats,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    moved(before, after).into_iter().collect()
+}

@@ -352,6 +352,9 @@ impl Reader<'_> {
                 "tcptimewaittimeout" => l4.tcp_time_wait = self.positive_duration(&entry)?,
                 "udpidletimeout" => l4.udp_idle = self.positive_duration(&entry)?,
                 "draintimeout" => l4.backend_drain = self.timeout(&entry)?,
+                "newflowspersecond" => {
+                    l4.new_flows_per_second = Some(self.positive_integer(&entry)?)
+                }
                 "snataddresses" => l4.snat_addresses = self.snat_addresses(&entry)?,
                 _ => self.ignore(&entry),
             }
@@ -1227,6 +1230,7 @@ mod tests {
             TCPTimeWaitTimeout = "30s"
             UDPIdleTimeout = "5s"
             DrainTimeout = "0s"
+            NewFlowsPerSecond = 20000
             SNATAddresses = ["10.0.0.21", "10.0.0.22"]
         "#;
         let l4 = parse(source, "config.toml").unwrap().l4;
@@ -1235,6 +1239,7 @@ mod tests {
         assert_eq!(l4.tcp_time_wait, Duration::from_secs(30));
         assert_eq!(l4.udp_idle, Duration::from_secs(5));
         assert_eq!(l4.backend_drain, Duration::ZERO);
+        assert_eq!(l4.new_flows_per_second, Some(20000));
         assert_eq!(
             l4.snat_addresses,
             [Ipv4Addr::new(10, 0, 0, 21), Ipv4Addr::new(10, 0, 0, 22)]

@@ -57,6 +57,8 @@ pub enum DataplaneError {
     Full { map: &'static str, capacity: u32 },
     #[error("the L4 settings need {0} Maglev ring entries, more than a BPF array holds")]
     RingsTooLarge(u64),
+    #[error("counting this machine's CPUs failed")]
+    Cpus(#[source] std::io::Error),
     #[error("the connection table could not be {action}")]
     Sweep {
         action: &'static str,
@@ -130,11 +132,14 @@ impl Dataplane {
     pub fn load_with(settings: &L4Settings) -> Result<Self, DataplaneError> {
         let ring_entries = u32::try_from(settings.ring_entries())
             .map_err(|_| DataplaneError::RingsTooLarge(settings.ring_entries()))?;
-        let program_settings = settings.to_program_settings();
+        // Online, not possible, CPUs: only those receive packets to share the limit over.
+        let cpus = aya::util::online_cpus().map_err(|(_, error)| DataplaneError::Cpus(error))?;
+        let program_settings = settings.to_program_settings(cpus.len() as u32);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("RINGS", ring_entries)
             .map_max_entries("FLOWS", settings.flow_entries)
             .map_max_entries("SERVICE_STATS", settings.service_slots)
+            .map_max_entries("FLOOD_WINDOWS", settings.service_slots)
             .override_global("SETTINGS", &program_settings, true)
             .load(OBJECT)
             .map_err(|error| DataplaneError::Load(Box::new(error)))?;

@@ -160,11 +160,14 @@ pub enum Stat {
     /// passed, and the kernel, which has no socket for it, resets the client; a UDP datagram
     /// starts a new flow to a live backend.
     L4FlowBackendGone = 26,
+    /// Dropped: the service's new-flow limit for this second is spent (a SYN flood, or more
+    /// clients than `[L4] NewFlowsPerSecond` allows); established flows are not affected.
+    L4DropFlood = 27,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -195,6 +198,7 @@ impl Stat {
         Stat::L4FlowReclaimed,
         Stat::L4SnatTimeWaitReused,
         Stat::L4FlowBackendGone,
+        Stat::L4DropFlood,
     ];
 
     /// The name userspace reports this stat under.
@@ -227,6 +231,7 @@ impl Stat {
             Stat::L4FlowReclaimed => "l4_flow_reclaimed",
             Stat::L4SnatTimeWaitReused => "l4_snat_time_wait_reused",
             Stat::L4FlowBackendGone => "l4_flow_backend_gone",
+            Stat::L4DropFlood => "l4_drop_flood",
         }
     }
 
@@ -329,7 +334,9 @@ pub struct Settings {
     /// backend's own `Backend::snat_addr` (this node's route source toward it) is used.
     pub snat_addrs: [u32; MAX_SNAT_ADDRS],
     pub snat_addr_count: u32,
-    pub _pad: u32,
+    /// New flows one CPU lets into one service per second (the configured per-service limit
+    /// shared out over the CPUs, as Katran counts its flood threshold per CPU); 0 = no limit.
+    pub new_flows_per_cpu_second: u32,
     pub timeouts: Timeouts,
 }
 
@@ -567,6 +574,15 @@ pub fn flow_expired(
     now.saturating_sub(flow_last_seen(entry, peer)) > timeout
 }
 
+/// An element of the per-CPU `FLOOD_WINDOWS` array, one per service slot: this CPU's new flows
+/// in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    pub start_ns: u64,
+    pub new_flows: u64,
+}
+
 /// Per-CPU traffic of one service slot (`SERVICE_STATS`) or backend (`BACKEND_STATS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -596,6 +612,7 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for FloodWindow {}
 }
 
 #[cfg(test)]

@@ -110,6 +110,8 @@ pub struct L4Settings {
     pub udp_idle: Duration,
     /// How long a removed backend's established flows go on before they are cut.
     pub backend_drain: Duration,
+    /// New flows per second one service accepts on this node; `None` = no limit.
+    pub new_flows_per_second: Option<u32>,
 }
 
 impl Default for L4Settings {
@@ -127,6 +129,7 @@ impl Default for L4Settings {
             tcp_time_wait: TCP_TIME_WAIT,
             udp_idle: UDP_IDLE,
             backend_drain: BACKEND_DRAIN,
+            new_flows_per_second: None,
         }
     }
 }
@@ -134,7 +137,7 @@ impl Default for L4Settings {
 impl L4Settings {
     /// The XDP program's global `SETTINGS`. `snat_addresses` must hold at most
     /// [`MAX_SNAT_ADDRS`] (the config checks it); more are left out.
-    pub fn to_program_settings(&self) -> xlb_common::Settings {
+    pub fn to_program_settings(&self, cpus: u32) -> xlb_common::Settings {
         let mut snat_addrs = [0; MAX_SNAT_ADDRS];
         for (slot, addr) in snat_addrs.iter_mut().zip(&self.snat_addresses) {
             *slot = wire_ipv4(*addr);
@@ -145,9 +148,16 @@ impl L4Settings {
             snat_port_last: self.snat_ports.last,
             snat_addrs,
             snat_addr_count: self.snat_addresses.len().min(MAX_SNAT_ADDRS) as u32,
-            _pad: 0,
+            new_flows_per_cpu_second: self.new_flows_per_cpu_second(cpus),
             timeouts: self.timeouts(),
         }
+    }
+
+    /// The per-service limit shared out over `cpus` (each CPU counts its own, as Katran's
+    /// flood threshold does), rounded up so the whole limit is reachable; 0 = none.
+    fn new_flows_per_cpu_second(&self, cpus: u32) -> u32 {
+        self.new_flows_per_second
+            .map_or(0, |limit| limit.div_ceil(cpus.max(1)).max(1))
     }
 
     /// Every state's timeout, in nanoseconds, as the XDP program and the sweep apply them.
@@ -208,7 +218,8 @@ mod tests {
 
     #[test]
     fn program_settings_in_nanoseconds_and_wire_order() {
-        let value = L4Settings::default().to_program_settings();
+        let value = L4Settings::default().to_program_settings(2);
+        assert_eq!(value.new_flows_per_cpu_second, 0);
         assert_eq!(value.ring_size, 65537);
         assert_eq!(
             (value.snat_port_first, value.snat_port_last),
@@ -226,9 +237,19 @@ mod tests {
             snat_addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
             ..L4Settings::default()
         };
-        let value = two.to_program_settings();
+        let value = two.to_program_settings(2);
         assert_eq!(value.snat_addr_count, 2);
         assert_eq!(value.snat_addrs[1].to_ne_bytes(), [10, 0, 0, 2]);
         assert_eq!(two.snat_tuples_per_backend(), 2 * 4536);
+
+        let limited = L4Settings {
+            new_flows_per_second: Some(1001),
+            ..L4Settings::default()
+        };
+        assert_eq!(limited.to_program_settings(4).new_flows_per_cpu_second, 251);
+        assert_eq!(
+            limited.to_program_settings(0).new_flows_per_cpu_second,
+            1001
+        );
     }
 }
