@@ -22,8 +22,8 @@ use aya_log_ebpf::debug;
 use xlb_common::{
     Backend, FloodWindow, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
     StatsBlock, Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE,
-    DEFAULT_SERVICE_SLOTS, MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_SERVICE_KEYS,
-    MAX_SNAT_ADDRS,
+    DEFAULT_SERVICE_SLOTS, MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_OPEN_PORTS,
+    MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS,
 };
 
 use crate::{
@@ -42,6 +42,15 @@ static L7_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_L7_PORTS, 0);
 /// (port, protocol) pairs of L4 services, whatever the address: classifies IPv6 frames.
 #[map]
 static L4_PORTS: HashMap<ListenPort, u32> = HashMap::with_max_entries(MAX_L4_PORTS, 0);
+
+/// The LB addresses (wire order) the shield guards; empty = no shield.
+#[map]
+static SHIELDED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SHIELDED_ADDRS, 0);
+
+/// (port, protocol) pairs the shield lets through to a shielded address, besides L4 services,
+/// L7 ports and ephemeral ports.
+#[map]
+static OPEN_PORTS: HashMap<ListenPort, u32> = HashMap::with_max_entries(MAX_OPEN_PORTS, 0);
 
 /// (LB address, port, protocol) → service slot and live ring.
 #[map]
@@ -84,6 +93,9 @@ static SETTINGS: Settings = Settings {
     snat_port_last: 0,
     snat_addrs: [0; MAX_SNAT_ADDRS],
     snat_addr_count: 0,
+    local_port_first: 0,
+    local_port_last: 0,
+    _pad: 0,
     new_flows_per_cpu_second: 0,
     timeouts: Timeouts {
         tcp_handshake_ns: 0,
@@ -188,6 +200,42 @@ fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Ve
     }
 }
 
+/// The shield, Cilium's prefilter in spirit: a TCP or UDP packet to a shielded LB address on a
+/// port nothing here serves is dropped, with its reason; `None` lets the frame through. It
+/// runs after the L4 path, so services and tracked replies never reach it.
+#[inline(always)]
+fn shield(frame: &Frame) -> Option<Stat> {
+    if frame.network != NetworkKind::Ipv4 {
+        return None;
+    }
+    let transport = &frame.transport;
+    let reason = match transport.kind {
+        TransportKind::Tcp => Stat::ShieldDropTcp,
+        TransportKind::Udp => Stat::ShieldDropUdp,
+        TransportKind::Other => return None,
+    };
+    // SAFETY (both lookups): values only tested for presence.
+    if unsafe { SHIELDED.get(&frame.ipv4.dst) }.is_none() {
+        return None;
+    }
+    let port = u16::from_be(transport.ports.dst);
+    if transport.kind == TransportKind::Tcp && is_l7_port(port) {
+        return None;
+    }
+    if setting(&SETTINGS.local_port_first) <= port && port <= setting(&SETTINGS.local_port_last) {
+        return None;
+    }
+    let open = ListenPort {
+        port,
+        proto: frame.ipv4.proto,
+        _pad: 0,
+    };
+    if unsafe { OPEN_PORTS.get(&open) }.is_some() {
+        return None;
+    }
+    Some(reason)
+}
+
 /// The class of a frame the L4 path does not handle; all of them are passed.
 #[inline(always)]
 fn pass_class(frame: &Frame) -> Stat {
@@ -205,9 +253,10 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let tally = Tally::new(bytes);
     tally.count(Stat::Received);
     let (class, verdict) = match parse(&ctx) {
-        Ok(frame) => {
-            l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| (pass_class(&frame), Verdict::PASS))
-        }
+        Ok(frame) => l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| match shield(&frame) {
+            Some(reason) => (Stat::ClassOther, Verdict::drop(reason)),
+            None => (pass_class(&frame), Verdict::PASS),
+        }),
         Err(Malformed) => {
             debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
             (Stat::ClassMalformed, Verdict::PASS)

@@ -57,7 +57,7 @@ impl Verdict {
         }
     }
 
-    fn drop(outcome: Stat) -> Verdict {
+    pub fn drop(outcome: Stat) -> Verdict {
         Verdict {
             action: xdp_action::XDP_DROP,
             outcome: Some(outcome),

@@ -20,6 +20,7 @@ use toml::{
 
 use crate::l4::{
     maglev::RingSize,
+    service::Listener,
     settings::{L4Settings, SnatPorts},
 };
 use crate::tls_policy;
@@ -352,6 +353,8 @@ impl Reader<'_> {
                 "tcptimewaittimeout" => l4.tcp_time_wait = self.positive_duration(&entry)?,
                 "udpidletimeout" => l4.udp_idle = self.positive_duration(&entry)?,
                 "draintimeout" => l4.backend_drain = self.timeout(&entry)?,
+                "shield" => l4.shield = self.boolean(&entry)?,
+                "shieldopenports" => l4.open_ports = self.open_ports(&entry)?,
                 "newflowspersecond" => {
                     l4.new_flows_per_second = Some(self.positive_integer(&entry)?)
                 }
@@ -463,6 +466,32 @@ impl Reader<'_> {
                     let written = self.source.get(item.span()).unwrap_or("a multi-line value");
                     let message = format!(
                         "{}[{index}]: expected an IP address, found {written}",
+                        entry.path
+                    );
+                    self.error_at(item.span().start, message)
+                })
+            })
+            .collect()
+    }
+
+    /// `[L4] ShieldOpenPorts`: `["22/tcp", "7946/udp", ...]`.
+    fn open_ports(&self, entry: &Entry) -> Result<Vec<Listener>, ConfigError> {
+        const EXPECTED: &str = r#"a list of ports like ["22/tcp", "7946/udp"]"#;
+        let DeValue::Array(items) = entry.value.get_ref() else {
+            return Err(self.expected(entry, EXPECTED));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                match item.get_ref() {
+                    DeValue::String(text) => Listener::parse(text),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    let written = self.source.get(item.span()).unwrap_or("a multi-line value");
+                    let message = format!(
+                        "{}[{index}]: expected a port like \"22/tcp\" or \"7946/udp\", found {written}",
                         entry.path
                     );
                     self.error_at(item.span().start, message)
@@ -1231,6 +1260,8 @@ mod tests {
             UDPIdleTimeout = "5s"
             DrainTimeout = "0s"
             NewFlowsPerSecond = 20000
+            Shield = false
+            ShieldOpenPorts = ["2222", "53/udp"]
             SNATAddresses = ["10.0.0.21", "10.0.0.22"]
         "#;
         let l4 = parse(source, "config.toml").unwrap().l4;
@@ -1240,6 +1271,14 @@ mod tests {
         assert_eq!(l4.udp_idle, Duration::from_secs(5));
         assert_eq!(l4.backend_drain, Duration::ZERO);
         assert_eq!(l4.new_flows_per_second, Some(20000));
+        assert!(!l4.shield);
+        assert_eq!(
+            l4.open_ports,
+            [
+                Listener::parse("2222/tcp").unwrap(),
+                Listener::parse("53/udp").unwrap()
+            ]
+        );
         assert_eq!(
             l4.snat_addresses,
             [Ipv4Addr::new(10, 0, 0, 21), Ipv4Addr::new(10, 0, 0, 22)]
@@ -1280,6 +1319,10 @@ mod tests {
         assert_eq!(
             error("[L4]\nSNATAddresses = [\"fd00::1\"]"),
             "config.toml:2:17: L4.SNATAddresses: fd00::1 is IPv6; SNAT addresses are IPv4 (the L4 NAT is IPv4)"
+        );
+        assert_eq!(
+            error("[L4]\nShieldOpenPorts = [\"22/tcp\", \"ssh\"]"),
+            r#"config.toml:2:30: L4.ShieldOpenPorts[1]: expected a port like "22/tcp" or "7946/udp", found "ssh""#
         );
         let seventeen: Vec<String> = (1..=17).map(|i| format!("\"10.0.0.{i}\"")).collect();
         assert_eq!(

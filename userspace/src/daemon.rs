@@ -22,7 +22,9 @@ use crate::{
     l4::{
         conntrack::SWEEP_INTERVAL,
         service::{l4_route_table, L4RouteTable},
-        settings::{check_snat_ports, L4Settings},
+        service::{Listener, Protocol},
+        settings::{check_snat_ports, parse_local_ports, L4Settings},
+        shield::local_endpoint_ports,
         steering::Steering,
     },
     logging,
@@ -144,10 +146,24 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         .collect();
     let (dataplane, steering) = match (&args.interface, args.no_xdp) {
         (Some(interface), false) => {
-            let dataplane = start_dataplane(interface, &l7_ports, &config.l4, &tasks, &shutdown)?;
+            let admin_port = config.listen_addr.map(|addr| addr.port());
+            let dataplane = start_dataplane(
+                interface, &l7_ports, admin_port, &config.l4, &tasks, &shutdown,
+            )?;
             let steering = Steering::start(dataplane.clone(), interface, &config.l4.addresses)
                 .await
                 .context("starting the L4 fast path")?;
+            let shielded = steering.addresses();
+            dataplane
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .shield(shielded)?;
+            if config.l4.shield && !shielded.is_empty() {
+                tracing::info!(
+                    addresses = ?shielded,
+                    "shield: TCP and UDP to these addresses on ports nothing serves are dropped"
+                );
+            }
             (Some(dataplane), Some(steering))
         }
         _ => {
@@ -271,9 +287,12 @@ fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> anyhow::Result<Prox
     Ok(settings)
 }
 
+/// Loads and attaches the XDP program. The shield leaves the admin port (`admin_port`) and
+/// the node's ephemeral ports open besides the configured ones.
 fn start_dataplane(
     interface: &str,
     l7_ports: &[u16],
+    admin_port: Option<u16>,
     l4: &L4Settings,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
@@ -281,7 +300,13 @@ fn start_dataplane(
     let local_ports = std::fs::read_to_string(LOCAL_PORT_RANGE)
         .with_context(|| format!("reading {LOCAL_PORT_RANGE}"))?;
     check_snat_ports(l4.snat_ports, &local_ports).map_err(anyhow::Error::msg)?;
-    let mut dataplane = Dataplane::load_with(l4)?;
+    let mut l4 = l4.clone();
+    l4.local_ports = Some(parse_local_ports(&local_ports).map_err(anyhow::Error::msg)?);
+    l4.open_ports.extend(admin_port.map(|port| Listener {
+        port,
+        protocol: Protocol::Tcp,
+    }));
+    let mut dataplane = Dataplane::load_with(&l4)?;
     let forwarder = dataplane.forward_logs(log::logger())?;
     tasks.spawn(
         shutdown
@@ -416,6 +441,20 @@ impl Discovery {
             if let Err(error) = steering.update(&self.state.l4_routes.load()).await {
                 let error = format!("{:#}", anyhow::Error::from(error));
                 tracing::warn!(error, "L4 maps not updated");
+            }
+            let local = local_endpoint_ports(
+                &self.state.routes.load(),
+                &self.state.l4_routes.load(),
+                steering.addresses(),
+            );
+            if let Some(dataplane) = &self.state.dataplane {
+                let mut dataplane = dataplane
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Err(error) = dataplane.open_endpoint_ports(&local) {
+                    let error = format!("{:#}", anyhow::Error::from(error));
+                    tracing::warn!(error, "shield: the ports of tasks on this node not opened");
+                }
             }
         }
     }

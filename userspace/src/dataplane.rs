@@ -12,12 +12,18 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 use tokio::io::unix::AsyncFd;
-use xlb_common::{FlowKey, FlowValue, Stat, StatsBlock, Timeouts, L7_PORT_ENABLED};
+
+use xlb_common::{
+    wire_ipv4, FlowKey, FlowValue, ListenPort, Stat, StatsBlock, Timeouts, L7_PORT_ENABLED,
+    SHIELD_ENTRY,
+};
 
 use crate::l4::{
     conntrack::{self, SweepPlan, SweepTotals, TableSummary},
     maps::{L4MapHandles, L4Maps, L4Traffic},
+    service::Listener,
     settings::L4Settings,
 };
 
@@ -99,6 +105,26 @@ pub struct Dataplane {
     l7_ports: HashMap<MapData, u16, u32>,
     l4: L4Maps,
     flows: ConnectionTable,
+    /// The LB addresses the shield guards (left empty when `[L4] Shield` is off: the map is
+    /// kept open all the same, the program refers to it).
+    shielded: HashMap<MapData, u32, u32>,
+    shield: bool,
+    open_ports: OpenPorts,
+}
+
+/// The shield's `OPEN_PORTS`: the configured ports, and those of tasks on this node.
+struct OpenPorts {
+    map: HashMap<MapData, ListenPort, u32>,
+    configured: BTreeSet<ListenPort>,
+    endpoints: BTreeSet<ListenPort>,
+}
+
+fn listen_port(listener: &Listener) -> ListenPort {
+    ListenPort {
+        port: listener.port,
+        proto: listener.protocol.number(),
+        _pad: 0,
+    }
 }
 
 /// What `/stats` shows of the connection table.
@@ -145,6 +171,18 @@ impl Dataplane {
             .map_err(|error| DataplaneError::Load(Box::new(error)))?;
         let stats = open(&mut ebpf, "STATS", PerCpuArray::try_from)?;
         let l7_ports = open(&mut ebpf, "L7_PORTS", HashMap::try_from)?;
+        let mut open_ports = OpenPorts {
+            map: open(&mut ebpf, "OPEN_PORTS", HashMap::try_from)?,
+            configured: settings.open_ports.iter().map(listen_port).collect(),
+            endpoints: BTreeSet::new(),
+        };
+        for port in &open_ports.configured {
+            open_ports
+                .map
+                .insert(port, SHIELD_ENTRY, 0)
+                .map_err(|source| map_error("OPEN_PORTS", "written", source))?;
+        }
+        let shielded = open(&mut ebpf, "SHIELDED", HashMap::try_from)?;
         let handles = L4MapHandles {
             services: open(&mut ebpf, "SERVICES", HashMap::try_from)?,
             rings: open(&mut ebpf, "RINGS", Array::try_from)?,
@@ -175,6 +213,9 @@ impl Dataplane {
                 settings.backend_drain,
             ),
             flows,
+            shielded,
+            shield: settings.shield,
+            open_ports,
         };
         dataplane
             .program()?
@@ -232,6 +273,43 @@ impl Dataplane {
                 .insert(port, L7_PORT_ENABLED, 0)
                 .map_err(|source| map_error("L7_PORTS", "updated", source))?;
         }
+        Ok(())
+    }
+
+    /// Puts `addresses` under the shield (see `[L4] Shield`); nothing when it is off.
+    pub fn shield(&mut self, addresses: &[Ipv4Addr]) -> Result<(), DataplaneError> {
+        if !self.shield {
+            return Ok(());
+        }
+        for addr in addresses {
+            self.shielded
+                .insert(wire_ipv4(*addr), SHIELD_ENTRY, 0)
+                .map_err(|source| map_error("SHIELDED", "written", source))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `ports`, the published ports of tasks on this node, exactly the ones the shield
+    /// leaves open besides the configured ones.
+    pub fn open_endpoint_ports(
+        &mut self,
+        ports: &BTreeSet<Listener>,
+    ) -> Result<(), DataplaneError> {
+        let open = &mut self.open_ports;
+        let wanted: BTreeSet<ListenPort> = ports.iter().map(listen_port).collect();
+        for stale in open.endpoints.difference(&wanted) {
+            if !open.configured.contains(stale) {
+                open.map
+                    .remove(stale)
+                    .map_err(|source| map_error("OPEN_PORTS", "updated", source))?;
+            }
+        }
+        for port in wanted.difference(&open.endpoints) {
+            open.map
+                .insert(port, SHIELD_ENTRY, 0)
+                .map_err(|source| map_error("OPEN_PORTS", "updated", source))?;
+        }
+        open.endpoints = wanted;
         Ok(())
     }
 

@@ -18,6 +18,15 @@ pub const MAX_L7_PORTS: u32 = 64;
 /// Capacity of the `L4_PORTS` map: the (port, protocol) pairs L4 services listen on.
 pub const MAX_L4_PORTS: u32 = 1024;
 
+/// Capacity of the `SHIELDED` map: the LB addresses the shield guards.
+pub const MAX_SHIELDED_ADDRS: u32 = 64;
+
+/// Capacity of the `OPEN_PORTS` map: (port, protocol) pairs the shield lets through.
+pub const MAX_OPEN_PORTS: u32 = 256;
+
+/// Value of the `SHIELDED` and `OPEN_PORTS` maps.
+pub const SHIELD_ENTRY: u32 = 1;
+
 /// Capacity of the `SERVICES` map: (LB address, port, protocol) keys. Several keys (one per LB
 /// address) share one service slot.
 pub const MAX_SERVICE_KEYS: u32 = 4096;
@@ -163,11 +172,16 @@ pub enum Stat {
     /// Dropped: the service's new-flow limit for this second is spent (a SYN flood, or more
     /// clients than `[L4] NewFlowsPerSecond` allows); established flows are not affected.
     L4DropFlood = 27,
+    /// Dropped by the shield: TCP to an LB address on a port nothing here serves (no L4
+    /// service, no L7 port, not open, not an ephemeral port of this node's own connections).
+    ShieldDropTcp = 28,
+    /// Dropped by the shield: the same for UDP.
+    ShieldDropUdp = 29,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -199,6 +213,8 @@ impl Stat {
         Stat::L4SnatTimeWaitReused,
         Stat::L4FlowBackendGone,
         Stat::L4DropFlood,
+        Stat::ShieldDropTcp,
+        Stat::ShieldDropUdp,
     ];
 
     /// The name userspace reports this stat under.
@@ -232,6 +248,8 @@ impl Stat {
             Stat::L4SnatTimeWaitReused => "l4_snat_time_wait_reused",
             Stat::L4FlowBackendGone => "l4_flow_backend_gone",
             Stat::L4DropFlood => "l4_drop_flood",
+            Stat::ShieldDropTcp => "shield_drop_tcp",
+            Stat::ShieldDropUdp => "shield_drop_udp",
         }
     }
 
@@ -334,6 +352,11 @@ pub struct Settings {
     /// backend's own `Backend::snat_addr` (this node's route source toward it) is used.
     pub snat_addrs: [u32; MAX_SNAT_ADDRS],
     pub snat_addr_count: u32,
+    /// This node's ephemeral ports (`ip_local_port_range`, host order), which the shield
+    /// leaves open: replies to the node's own connections arrive on them.
+    pub local_port_first: u16,
+    pub local_port_last: u16,
+    pub _pad: u32,
     /// New flows one CPU lets into one service per second (the configured per-service limit
     /// shared out over the CPUs, as Katran counts its flood threshold per CPU); 0 = no limit.
     pub new_flows_per_cpu_second: u32,
@@ -628,7 +651,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<Backend>(), 32);
-        assert_eq!(size_of::<Settings>(), 120);
+        assert_eq!(size_of::<Settings>(), 128);
         assert_eq!(size_of::<Timeouts>(), 40);
         assert_eq!(size_of::<StatsBlock>(), 16 * Stat::COUNT as usize);
         assert_eq!(size_of::<FlowKey>(), 16);

@@ -8,6 +8,7 @@
 //! - [`conntrack`]: the connection table's sweep and occupancy ([`batch`]: batched map I/O).
 //! - [`neighbours`]: next hops of backends, resolved ahead of time over rtnetlink.
 //! - [`plan`]: route table + next hops → what the maps should hold (pure).
+//! - [`shield`]: which ports of this node the route tables say the shield must leave open.
 //! - [`steering`]: runs the above on every discovery poll.
 
 pub mod batch;
@@ -18,4 +19,5 @@ pub mod neighbours;
 pub mod plan;
 pub mod service;
 pub mod settings;
+pub mod shield;
 pub mod steering;

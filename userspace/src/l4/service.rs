@@ -57,6 +57,24 @@ pub struct Listener {
     pub protocol: Protocol,
 }
 
+impl Listener {
+    /// `PORT[/tcp|/udp]`, TCP by default: how the config writes a port the shield leaves open.
+    pub fn parse(text: &str) -> Option<Listener> {
+        let (port, protocol) = match text.split_once('/') {
+            None => (text, Protocol::Tcp),
+            Some((port, "tcp")) => (port, Protocol::Tcp),
+            Some((port, "udp")) => (port, Protocol::Udp),
+            Some(_) => return None,
+        };
+        let digits = !port.is_empty() && port.bytes().all(|byte| byte.is_ascii_digit());
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|port| digits && *port > 0)?;
+        Some(Listener { port, protocol })
+    }
+}
+
 impl fmt::Display for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.port, self.protocol.name())
@@ -286,6 +304,19 @@ mod tests {
                 protocol,
             },
             target,
+        }
+    }
+
+    #[test]
+    fn open_ports_parse_as_the_label_writes_them() {
+        let udp = Listener {
+            port: 7946,
+            protocol: Protocol::Udp,
+        };
+        assert_eq!(Listener::parse("7946/udp"), Some(udp));
+        assert_eq!(Listener::parse("22").unwrap().protocol, Protocol::Tcp);
+        for bad in ["", "0", "22/sctp", "+22", "70000", "22/"] {
+            assert_eq!(Listener::parse(bad), None, "{bad:?}");
         }
     }
 

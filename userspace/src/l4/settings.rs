@@ -12,7 +12,10 @@ use xlb_common::{
     wire_ipv4, Timeouts, DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS, MAX_SNAT_ADDRS,
 };
 
-use super::maglev::RingSize;
+use super::{
+    maglev::RingSize,
+    service::{Listener, Protocol},
+};
 
 /// Idle time after which a UDP flow is forgotten.
 pub const UDP_IDLE: Duration = Duration::from_secs(30);
@@ -27,6 +30,37 @@ pub const TCP_CLOSING: Duration = Duration::from_secs(10);
 /// Time a TCP flow's SNAT tuple is held after FIN both ways with the backend's first: Linux's
 /// TIME_WAIT (`TCP_TIMEWAIT_LEN`), during which the backend's socket still holds the tuple.
 pub const TCP_TIME_WAIT: Duration = Duration::from_secs(60);
+
+/// Ports the shield leaves open by default on the LB addresses, besides L4 services, the L7
+/// ports, the admin `ListenAddr` and the node's ephemeral ports: SSH, and what an LB node of
+/// a Swarm needs to stay one (cluster management, gossip, the overlay's VXLAN) and to keep
+/// its address (DHCP).
+pub const DEFAULT_OPEN_PORTS: [Listener; 6] = [
+    Listener {
+        port: 22,
+        protocol: Protocol::Tcp,
+    },
+    Listener {
+        port: 2377,
+        protocol: Protocol::Tcp,
+    },
+    Listener {
+        port: 7946,
+        protocol: Protocol::Tcp,
+    },
+    Listener {
+        port: 7946,
+        protocol: Protocol::Udp,
+    },
+    Listener {
+        port: 4789,
+        protocol: Protocol::Udp,
+    },
+    Listener {
+        port: 68,
+        protocol: Protocol::Udp,
+    },
+];
 
 /// How long the flows of a backend that left every service go on: the L7 proxy's default
 /// `DrainTimeout`.
@@ -71,14 +105,7 @@ impl fmt::Display for SnatPorts {
 /// `/proc/sys/net/ipv4/ip_local_port_range`): a connection of this node to a backend could then
 /// use a port a flow's reply entry claims, and its replies would be taken by XDP.
 pub fn check_snat_ports(snat_ports: SnatPorts, local_port_range: &str) -> Result<(), String> {
-    let mut bounds = local_port_range
-        .split_whitespace()
-        .map(|bound| bound.parse::<u16>());
-    let (Some(Ok(first)), Some(Ok(last))) = (bounds.next(), bounds.next()) else {
-        return Err(format!(
-            "cannot read the kernel's ip_local_port_range from {local_port_range:?}"
-        ));
-    };
+    let (first, last) = parse_local_ports(local_port_range)?.into_inner();
     if snat_ports.overlaps(first..=last) {
         return Err(format!(
             "the SNAT port range {snat_ports} ([L4] SNATPorts) overlaps the kernel's \
@@ -86,6 +113,19 @@ pub fn check_snat_ports(snat_ports: SnatPorts, local_port_range: &str) -> Result
         ));
     }
     Ok(())
+}
+
+/// The kernel's `ip_local_port_range`, from the text of its /proc file.
+pub fn parse_local_ports(local_port_range: &str) -> Result<RangeInclusive<u16>, String> {
+    let mut bounds = local_port_range
+        .split_whitespace()
+        .map(|bound| bound.parse::<u16>());
+    match (bounds.next(), bounds.next()) {
+        (Some(Ok(first)), Some(Ok(last))) => Ok(first..=last),
+        _ => Err(format!(
+            "cannot read the kernel's ip_local_port_range from {local_port_range:?}"
+        )),
+    }
 }
 
 /// Everything configurable about the L4 path.
@@ -112,6 +152,12 @@ pub struct L4Settings {
     pub backend_drain: Duration,
     /// New flows per second one service accepts on this node; `None` = no limit.
     pub new_flows_per_second: Option<u32>,
+    /// Whether TCP and UDP to the LB addresses on ports nothing serves are dropped in XDP.
+    pub shield: bool,
+    /// What the shield leaves open (the daemon adds the admin port).
+    pub open_ports: Vec<Listener>,
+    /// The node's ephemeral ports (`ip_local_port_range`), left open by the shield.
+    pub local_ports: Option<RangeInclusive<u16>>,
 }
 
 impl Default for L4Settings {
@@ -130,6 +176,9 @@ impl Default for L4Settings {
             udp_idle: UDP_IDLE,
             backend_drain: BACKEND_DRAIN,
             new_flows_per_second: None,
+            shield: true,
+            open_ports: DEFAULT_OPEN_PORTS.to_vec(),
+            local_ports: None,
         }
     }
 }
@@ -148,6 +197,9 @@ impl L4Settings {
             snat_port_last: self.snat_ports.last,
             snat_addrs,
             snat_addr_count: self.snat_addresses.len().min(MAX_SNAT_ADDRS) as u32,
+            local_port_first: self.local_ports.as_ref().map_or(1, |ports| *ports.start()),
+            local_port_last: self.local_ports.as_ref().map_or(0, |ports| *ports.end()),
+            _pad: 0,
             new_flows_per_cpu_second: self.new_flows_per_cpu_second(cpus),
             timeouts: self.timeouts(),
         }

@@ -74,6 +74,11 @@ impl Steering {
         })
     }
 
+    /// The addresses L4 services answer on.
+    pub fn addresses(&self) -> &[Ipv4Addr] {
+        &self.addresses
+    }
+
     /// Resolves next hops and writes what changed.
     pub async fn update(&mut self, table: &L4RouteTable) -> Result<(), SteeringError> {
         let backends = backend_addresses(table);
