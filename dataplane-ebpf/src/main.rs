@@ -10,6 +10,7 @@
 #![no_main]
 
 mod checksum;
+mod icmp;
 mod parse;
 mod steer;
 
@@ -22,7 +23,7 @@ use aya_log_ebpf::debug;
 use xlb_common::{
     Backend, FloodWindow, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
     StatsBlock, Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE,
-    DEFAULT_SERVICE_SLOTS, MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_OPEN_PORTS,
+    DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_OPEN_PORTS,
     MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS,
 };
 
@@ -149,7 +150,11 @@ impl Tally {
         };
         // SAFETY: a per-CPU slot is only ever touched by the CPU running this program.
         let counters = unsafe { &mut (*block).counters };
-        if let Some(counter) = counters.get_mut(stat as usize) {
+        // Laundered through memory: LLVM knows a `Stat` is in range and would drop the bounds
+        // check, but a value that crossed a BPF-to-BPF call is unbounded to the verifier.
+        // SAFETY: a read of a local.
+        let index = unsafe { core::ptr::read_volatile(&(stat as u32)) } as usize;
+        if let Some(counter) = counters.get_mut(index) {
             counter.packets += 1;
             counter.bytes += self.bytes;
         }
@@ -179,6 +184,10 @@ fn is_l4_port(port: u16, proto: u8) -> bool {
 fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdict)> {
     match frame.network {
         NetworkKind::Ipv4 => {
+            if frame.ipv4.proto == IPPROTO_ICMP {
+                return icmp::translate_error(ctx, &frame.ipv4)
+                    .map(|verdict| (Stat::ClassL4Icmp, verdict));
+            }
             let packet = L4Packet::new(&frame.ipv4, &frame.transport, bytes)?;
             if let Some(service) = lookup_service(&packet) {
                 return Some((

@@ -42,6 +42,9 @@ const REWRITE_FAILED: Verdict = Verdict {
 };
 
 impl Verdict {
+    /// See [`REWRITE_FAILED`].
+    pub const ABORTED: Verdict = REWRITE_FAILED;
+
     /// Passed to the kernel, not L4 traffic.
     pub const PASS: Verdict = Verdict {
         action: xdp_action::XDP_PASS,
@@ -571,7 +574,7 @@ fn new_flow(
 
 /// The backend a flow was created for, if it still holds its id.
 #[inline(always)]
-fn live_backend(flow: &FlowValue) -> Option<&'static Backend> {
+pub fn live_backend(flow: &FlowValue) -> Option<&'static Backend> {
     BACKENDS
         .get(flow.backend_id)
         .filter(|backend| backend.generation == flow.backend_generation && backend.addr != 0)
@@ -586,20 +589,7 @@ fn rewrite(
     next_hop: &NextHop,
 ) -> Result<(), Malformed> {
     let ip = packet.ip;
-    let ip_header: *mut Ipv4Hdr = ptr_at(ctx, ip.offset)?;
-    // SAFETY: `ptr_at` checked the header lies inside the frame; Ipv4Hdr has alignment 1.
-    let ip_header = unsafe { &mut *ip_header };
-    let mut ip_check = u16::from_ne_bytes(ip_header.check);
-    ip_check = checksum::replace32(ip_check, ip.src, flow.new_src_addr);
-    ip_check = checksum::replace32(ip_check, ip.dst, flow.new_dst_addr);
-    let old_ttl_word = u16::from_ne_bytes([ip_header.ttl, ip_header.proto]);
-    ip_header.ttl -= 1;
-    let new_ttl_word = u16::from_ne_bytes([ip_header.ttl, ip_header.proto]);
-    ip_check = checksum::replace16(ip_check, old_ttl_word, new_ttl_word);
-    ip_header.src_addr = flow.new_src_addr.to_ne_bytes();
-    ip_header.dst_addr = flow.new_dst_addr.to_ne_bytes();
-    ip_header.check = ip_check.to_ne_bytes();
-
+    rewrite_ipv4_addresses(ctx, ip, flow.new_src_addr, flow.new_dst_addr)?;
     let l4_check_offset = if ip.proto == IPPROTO_TCP {
         core::mem::offset_of!(TcpHdr, check)
     } else {
@@ -624,7 +614,37 @@ fn rewrite(
         }
         ports.write_unaligned([flow.new_src_port, flow.new_dst_port]);
     }
+    write_macs(ctx, next_hop)
+}
 
+/// Rewrites the IPv4 header at `ip` to `new_src` → `new_dst` and takes one off its TTL,
+/// updating its checksum incrementally.
+#[inline(always)]
+pub fn rewrite_ipv4_addresses(
+    ctx: &XdpContext,
+    ip: &Ipv4,
+    new_src: u32,
+    new_dst: u32,
+) -> Result<(), Malformed> {
+    let ip_header: *mut Ipv4Hdr = ptr_at(ctx, ip.offset)?;
+    // SAFETY: `ptr_at` checked the header lies inside the frame; Ipv4Hdr has alignment 1.
+    let ip_header = unsafe { &mut *ip_header };
+    let mut ip_check = u16::from_ne_bytes(ip_header.check);
+    ip_check = checksum::replace32(ip_check, ip.src, new_src);
+    ip_check = checksum::replace32(ip_check, ip.dst, new_dst);
+    let old_ttl_word = u16::from_ne_bytes([ip_header.ttl, ip_header.proto]);
+    ip_header.ttl -= 1;
+    let new_ttl_word = u16::from_ne_bytes([ip_header.ttl, ip_header.proto]);
+    ip_check = checksum::replace16(ip_check, old_ttl_word, new_ttl_word);
+    ip_header.src_addr = new_src.to_ne_bytes();
+    ip_header.dst_addr = new_dst.to_ne_bytes();
+    ip_header.check = ip_check.to_ne_bytes();
+    Ok(())
+}
+
+/// Writes the Ethernet addresses of `next_hop`.
+#[inline(always)]
+pub fn write_macs(ctx: &XdpContext, next_hop: &NextHop) -> Result<(), Malformed> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: checked inside the frame; EthHdr fields are byte arrays.
     unsafe {
@@ -652,7 +672,7 @@ unsafe fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
 
 /// Sends the rewritten frame: back out of the interface it came in on, or redirected.
 #[inline(always)]
-fn transmit(ctx: &XdpContext, next_hop: &NextHop, outcome: Stat) -> Verdict {
+pub fn transmit(ctx: &XdpContext, next_hop: &NextHop, outcome: Stat) -> Verdict {
     if next_hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Verdict {
             action: xdp_action::XDP_TX,

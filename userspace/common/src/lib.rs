@@ -60,6 +60,7 @@ pub const MAX_SNAT_ADDRS: usize = 16;
 /// seconds long, so the coarser age costs nothing).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -177,11 +178,18 @@ pub enum Stat {
     ShieldDropTcp = 28,
     /// Dropped by the shield: the same for UDP.
     ShieldDropUdp = 29,
+    /// An ICMP error (unreachable, time exceeded, parameter problem) quoting a packet of a
+    /// tracked flow.
+    ClassL4Icmp = 30,
+    /// Such an error from the backend's side, translated and sent to the client.
+    L4IcmpToClient = 31,
+    /// Such an error from the client's side, translated and sent to the backend.
+    L4IcmpToBackend = 32,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 33;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -215,6 +223,9 @@ impl Stat {
         Stat::L4DropFlood,
         Stat::ShieldDropTcp,
         Stat::ShieldDropUdp,
+        Stat::ClassL4Icmp,
+        Stat::L4IcmpToClient,
+        Stat::L4IcmpToBackend,
     ];
 
     /// The name userspace reports this stat under.
@@ -250,6 +261,9 @@ impl Stat {
             Stat::L4DropFlood => "l4_drop_flood",
             Stat::ShieldDropTcp => "shield_drop_tcp",
             Stat::ShieldDropUdp => "shield_drop_udp",
+            Stat::ClassL4Icmp => "class_l4_icmp",
+            Stat::L4IcmpToClient => "l4_icmp_to_client",
+            Stat::L4IcmpToBackend => "l4_icmp_to_backend",
         }
     }
 
