@@ -305,3 +305,151 @@ fn random_and_mutated_frames_keep_the_invariants() {
         "the generator must reach the L4 path often"
     );
 }
+
+/// A seeded churn of TCP and UDP flows over a small table and few SNAT tuples, with time
+/// advanced past every timeout now and then and the sweep run in between: flows are created,
+/// closed, reset, reopened, expired, reclaimed and refused. Whatever happens:
+/// - a TCP segment without SYN is forwarded only on its flow's own tuple and backend, which
+///   no other client holds (a tracked flow keeps its backend; no SNAT tuple is shared);
+/// - a backend's packet to a SNAT tuple goes only to the client that holds the tuple.
+#[test]
+fn churning_flows_keep_their_backend_and_never_share_a_snat_tuple() {
+    use std::time::Duration;
+
+    let frames = env_number("XLB_FUZZ_FRAMES", DEFAULT_FRAMES as u64) as usize / 2;
+    let seed = env_number("XLB_FUZZ_SEED", DEFAULT_SEED);
+    let mut rng = Rng::with_seed(seed);
+    let mut settings = settings(SnatPorts::new(SNAT_FIRST, SNAT_FIRST + 31).unwrap());
+    settings.flow_entries = 128;
+    let short = Duration::from_millis(20);
+    (
+        settings.tcp_handshake,
+        settings.tcp_closing,
+        settings.udp_idle,
+    ) = (short, short, short);
+    settings.tcp_time_wait = short * 2;
+    let endpoints: Vec<_> = ENDPOINTS
+        .iter()
+        .map(|endpoint| backend(*endpoint, INGRESS_IFINDEX))
+        .collect();
+    let mut dataplane = dataplane(
+        &settings,
+        &[
+            service(TCP_SERVICE, endpoints.clone()),
+            service(UDP_SERVICE, endpoints),
+        ],
+    );
+    let clients: Vec<SocketAddrV4> = (0..96)
+        .map(|index| SocketAddrV4::new(Ipv4Addr::new(10, 77, 2, index as u8 + 1), 40000))
+        .collect();
+    // (backend, SNAT port, protocol) → the client it was last given to, and the reverse.
+    let mut holder: HashMap<(SocketAddrV4, u16, u8), SocketAddrV4> = HashMap::new();
+    let mut tuple_of: HashMap<(SocketAddrV4, u8), (SocketAddrV4, u16)> = HashMap::new();
+    let mut checked = 0;
+    for index in 0..frames {
+        if rng.u32(..1000) == 0 {
+            std::thread::sleep(short * 3);
+        }
+        if rng.u32(..200) == 0 {
+            dataplane.sweep_flows().unwrap();
+        }
+        let client = clients[rng.usize(..clients.len())];
+        let context = || format!("seed {seed}, step {index}, client {client}");
+        let udp_flow = rng.u8(..4) == 0;
+        let proto = if udp_flow { 17 } else { 6 };
+        let from_backend = rng.bool() && tuple_of.contains_key(&(client, proto));
+        let frame = match (udp_flow, from_backend) {
+            (true, false) => udp(TO_LB, client, lb(53), 64, b"q"),
+            (false, false) => {
+                let flags: Flags = match rng.u8(..10) {
+                    0..=2 => syn,
+                    3 => fin_ack,
+                    4 => |step| step.rst(),
+                    _ => ack,
+                };
+                tcp(TO_LB, client, lb(5432), 64, flags, b"")
+            }
+            (_, true) => {
+                let (endpoint, port) = tuple_of[&(client, proto)];
+                let snat = SocketAddrV4::new(SNAT_ADDR, port);
+                if udp_flow {
+                    udp(FROM_BACKEND, endpoint, snat, 64, b"a")
+                } else {
+                    let flags: Flags = match rng.u8(..6) {
+                        0 => syn_ack,
+                        1 => fin_ack,
+                        2 => |step| step.rst(),
+                        _ => ack,
+                    };
+                    tcp(FROM_BACKEND, endpoint, snat, 64, flags, b"")
+                }
+            }
+        };
+        let (verdict, out) = run(&mut dataplane, &frame);
+        if verdict != XDP_TX {
+            continue;
+        }
+        let output = inspect(&out).unwrap_or_else(|error| panic!("{error}; {}", context()));
+        let is_syn = PacketHeaders::from_ethernet_slice(&frame)
+            .ok()
+            .and_then(|headers| match headers.transport {
+                Some(TransportHeader::Tcp(tcp)) => Some(tcp.syn && !tcp.ack),
+                _ => None,
+            })
+            .unwrap_or(false);
+        if from_backend {
+            let input = read_input(&frame).unwrap();
+            let key = (input.src, input.dst.port(), proto);
+            assert_eq!(
+                holder.get(&key),
+                Some(&output.dst),
+                "a reply goes to the tuple's holder; {}",
+                context()
+            );
+            checked += 1;
+            continue;
+        }
+        let tuple = (output.dst, output.src.port(), proto);
+        let started = udp_flow || is_syn;
+        if !started {
+            assert_eq!(
+                tuple_of.get(&(client, proto)),
+                Some(&(output.dst, output.src.port())),
+                "a tracked flow keeps its backend and tuple; {}",
+                context()
+            );
+            assert_eq!(
+                holder.get(&tuple),
+                Some(&client),
+                "no other client holds the tuple; {}",
+                context()
+            );
+            checked += 1;
+        }
+        if let Some(previous) = holder.insert(tuple, client) {
+            if previous != client && tuple_of.get(&(previous, proto)) == Some(&(tuple.0, tuple.1)) {
+                tuple_of.remove(&(previous, proto));
+            }
+        }
+        if let Some(old) = tuple_of.insert((client, proto), (output.dst, output.src.port())) {
+            if old != (output.dst, output.src.port())
+                && holder.get(&(old.0, old.1, proto)) == Some(&client)
+            {
+                holder.remove(&(old.0, old.1, proto));
+            }
+        }
+    }
+    eprintln!("xdp churn: {checked} forwarded segments and replies checked of {frames}");
+    let stats = dataplane.stats().unwrap();
+    for event in [
+        "l4_flow_reclaimed",
+        "l4_flow_reopened",
+        "l4_drop_snat_exhausted",
+    ] {
+        assert!(
+            stats.0[event].packets > 0,
+            "the churn must reach {event}: {stats:?}"
+        );
+    }
+    assert!(checked > frames / 10, "enough segments of tracked flows");
+}
