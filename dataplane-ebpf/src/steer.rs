@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
@@ -199,6 +199,14 @@ enum Tracked {
     /// The entry's peer is gone or belongs to another flow (half of a pair removed, or a
     /// tuple taken over): the entry was removed and the packet dropped.
     Lost,
+}
+
+/// CLOCK_MONOTONIC to within a tick (a few milliseconds): timeouts are seconds long, and the
+/// coarse clock costs a fraction of the precise one on every packet.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper call without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Records `now` as the entry's last use, at most once per [`LAST_SEEN_GRANULARITY_NS`]: an
@@ -702,8 +710,7 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
     if packet.ip.ttl <= 1 {
         return Verdict::pass(Stat::L4PassTtl);
     }
-    // SAFETY: helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     let key = packet.key();
     let mut event = None;
     let tracked = match tracked_flow(&key, packet, now) {
@@ -765,8 +772,7 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
 /// the client. `None` when no flow is tracked for it (the frame is not L4 traffic).
 #[inline(always)]
 pub fn reply_to_client(ctx: &XdpContext, packet: &L4Packet) -> Option<Verdict> {
-    // SAFETY: helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     let key = packet.key();
     let flow = match tracked_flow(&key, packet, now)? {
         // SAFETY: the entry stays mapped while the program runs (RCU).

@@ -441,15 +441,18 @@ fn churning_flows_keep_their_backend_and_never_share_a_snat_tuple() {
     }
     eprintln!("xdp churn: {checked} forwarded segments and replies checked of {frames}");
     let stats = dataplane.stats().unwrap();
-    for event in [
-        "l4_flow_reclaimed",
-        "l4_flow_reopened",
-        "l4_drop_snat_exhausted",
-    ] {
-        assert!(
-            stats.0[event].packets > 0,
-            "the churn must reach {event}: {stats:?}"
-        );
-    }
+    let count = |name: &str| stats.0[name].packets;
+    // Which refusal comes first, a full table or every tuple tried live, depends on how much
+    // expires meanwhile, that is on the machine's speed: either shows the churn reached it.
+    let refused = count("l4_drop_snat_exhausted") + count("l4_drop_flow_table");
+    let reached = [
+        ("reclaimed", count("l4_flow_reclaimed")),
+        ("reopened", count("l4_flow_reopened")),
+        ("refused", refused),
+    ];
+    assert!(
+        reached.iter().all(|(_, count)| *count > 0),
+        "the churn must reclaim, reopen and refuse flows: {reached:?}"
+    );
     assert!(checked > frames / 10, "enough segments of tracked flows");
 }

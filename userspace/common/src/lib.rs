@@ -510,7 +510,8 @@ pub const DIRECTION_REPLY: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of this direction's last packet, to within
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC to within a tick) of this direction's last
+    /// packet, to within
     /// [`LAST_SEEN_GRANULARITY_NS`]. A flow is idle since the later of its two entries'.
     pub last_seen_ns: u64,
     /// The packet's new 4-tuple (wire order); reversed, it is the peer entry's key.

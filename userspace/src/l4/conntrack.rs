@@ -143,7 +143,8 @@ pub fn sweep(
     Ok(plan)
 }
 
-/// The clock of `bpf_ktime_get_ns`, in nanoseconds.
+/// The clock the XDP program stamps flows with (`bpf_ktime_get_coarse_ns` is the same clock,
+/// a tick behind at most), in nanoseconds.
 pub fn monotonic_now() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always readable");
