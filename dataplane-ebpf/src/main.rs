@@ -76,10 +76,14 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Where this CPU's walk over the SNAT tuples goes on: each new flow takes the next tuple, so
-/// a tuple is reused only after all the others, the longest possible after its last flow.
+/// Where the walk over the SNAT tuples goes on: each new flow takes the next tuple, so a tuple
+/// is reused only after all the others, the longest possible after its last flow.
+///
+/// One cursor for all CPUs, not one per CPU: per-CPU walks run into the tuples the other CPUs
+/// just took, live ones in a row. Its read-modify-write is not atomic; two CPUs that read the
+/// same value try the same tuple, and the no-overwrite insert gives it to one of them.
 #[map]
-static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static SNAT_CURSOR: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Where a new flow's two entries are built before they are inserted: [reply, forward].
 #[map]

@@ -14,7 +14,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{
     flow_expired, flow_last_seen, flow_state, ring_index, wire_port, Backend, FlowKey, FlowState,
     FlowValue, NextHop, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD,
-    DIRECTION_REPLY, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND, SNAT_ATTEMPTS,
+    DIRECTION_REPLY, HALF_PAIR_GRACE_NS, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NO_BACKEND,
+    SNAT_ATTEMPTS, SNAT_WALK_ATTEMPTS,
 };
 
 use crate::{
@@ -399,6 +400,11 @@ fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_time_wait: bool)
         // Half a pair, or the forward key now belongs to another flow: nothing uses the tuple.
         _ => None,
     };
+    if holder_forward.is_none() && now.saturating_sub(holder.last_seen_ns) <= HALF_PAIR_GRACE_NS {
+        // A new flow's reply entry goes in a moment before its forward entry: another CPU may
+        // be between the two inserts, and the tuple is its flow's.
+        return Holder::Live;
+    }
     if let Some(forward) = holder_forward {
         if !flow_expired(timeout, reply_key.proto, holder, forward, now) {
             let state = flow_state(reply_key.proto, holder, forward);
@@ -499,36 +505,46 @@ fn new_flow(
     ) else {
         return Err(Verdict::drop(Stat::L4DropSnatExhausted));
     };
-    // SAFETY: per-CPU slots are only ever touched by the CPU running this program, and XDP
-    // runs to completion on it.
+    // SAFETY: the scratch slots are per-CPU, touched only by the CPU running this program,
+    // which XDP runs to completion; the cursor is shared, and a torn or lost update of it
+    // only changes which tuple is tried first.
     let (cursor, reply, forward) = unsafe { (&mut *cursor, &mut *reply, &mut *forward) };
     if *cursor == 0 {
-        // SAFETY: helper call without arguments. CPUs start their walks apart.
+        // SAFETY: helper call without arguments. A random start, then the walk.
         *cursor = unsafe { bpf_get_prandom_u32() } | 1;
     }
     let eth: *const EthHdr = ptr_at(ctx, 0).map_err(|Malformed| REWRITE_FAILED)?;
     // SAFETY: `ptr_at` checked the header lies inside the frame; byte arrays.
     let (client_mac, our_mac) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
-    *reply = FlowValue {
-        last_seen_ns: now,
-        new_src_addr: key.dst_addr,
-        new_dst_addr: key.src_addr,
-        new_src_port: key.dst_port,
-        new_dst_port: key.src_port,
-        next_hop: NextHop {
-            ifindex: ctx.ingress_ifindex() as u32,
-            src_mac: our_mac,
-            dst_mac: client_mac,
-        },
-        service_slot: service.slot,
-        backend_id,
-        direction: DIRECTION_REPLY,
-        ..FlowValue::default()
+    let to_client = NextHop {
+        ifindex: ctx.ingress_ifindex() as u32,
+        src_mac: our_mac,
+        dst_mac: client_mac,
     };
+    *reply = FlowValue::new(
+        now,
+        (key.dst_addr, key.dst_port),
+        (key.src_addr, key.src_port),
+        &to_client,
+        service.slot,
+        backend_id,
+        DIRECTION_REPLY,
+        backend.generation,
+    );
     let mut claimed: Option<(FlowKey, Option<Stat>)> = None;
     let mut time_wait: Option<FlowKey> = None;
     for attempt in 0..SNAT_ATTEMPTS {
-        let Some(index) = cursor.wrapping_add(attempt).checked_rem(tuples) else {
+        // The walk first: in the steady state the tuples after the cursor are the oldest.
+        // Past a run of live ones (a pool's long-lived connections, or tuples another CPU
+        // took), random tuples: with a share p of them in use, a flow is then refused with
+        // probability about p^(attempts left), however long the run.
+        let candidate = if attempt < SNAT_WALK_ATTEMPTS {
+            cursor.wrapping_add(attempt)
+        } else {
+            // SAFETY: helper call without arguments.
+            unsafe { bpf_get_prandom_u32() }
+        };
+        let Some(index) = candidate.checked_rem(tuples) else {
             break;
         };
         let Some((snat_addr, snat_port)) = snat_tuple(index, range, backend.snat_addr) else {
@@ -552,23 +568,23 @@ fn new_flow(
                 claimed = Some((reply_key, Some(Stat::L4SnatTimeWaitReused)));
             }
         }
-        *cursor = cursor.wrapping_add(SNAT_ATTEMPTS);
+        // SAFETY: helper call without arguments. Leave the run of live tuples behind.
+        *cursor = unsafe { bpf_get_prandom_u32() };
     }
     let Some((reply_key, event)) = claimed else {
         return Err(Verdict::drop(Stat::L4DropSnatExhausted));
     };
-    *forward = FlowValue {
-        last_seen_ns: now,
-        new_src_addr: reply_key.dst_addr,
-        new_dst_addr: backend.addr,
-        new_src_port: reply_key.dst_port,
-        new_dst_port: backend.port,
-        service_slot: service.slot,
+    // Its next hop is read from BACKENDS per packet; the one here is only a record.
+    *forward = FlowValue::new(
+        now,
+        (reply_key.dst_addr, reply_key.dst_port),
+        (backend.addr, backend.port),
+        &backend.next_hop,
+        service.slot,
         backend_id,
-        direction: DIRECTION_FORWARD,
-        backend_generation: backend.generation,
-        ..FlowValue::default()
-    };
+        DIRECTION_FORWARD,
+        backend.generation,
+    );
     if FLOWS.insert(key, &*forward, BPF_ANY as u64).is_err() {
         let _ = FLOWS.remove(&reply_key);
         return Err(Verdict::drop(Stat::L4DropFlowTable));

@@ -133,7 +133,7 @@ impl LoadBalancer {
         // A new namespace inherits the host's ip_forward (1 where Docker runs): turn it off
         // in the namespace this test owns, and check that it took.
         host.netns
-            .run("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
+            .run("sh", &["-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"])
             .unwrap();
         let forwarding = host
             .netns

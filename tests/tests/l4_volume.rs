@@ -11,8 +11,11 @@
 //! connections from one address to one service need it, and through xlb a SYN on a closed
 //! flow's tuple reopens it.
 //!
-//! `XLB_L4_VOLUME_CONNECTIONS` and `XLB_L4_VOLUME_EXCHANGES` set smaller counts for a quick
-//! run.
+//! The clients open at most [`DEFAULT_RATE`] new flows a second, half of what the SNAT tuples
+//! of one backend sustain at these timeouts. `XLB_L4_VOLUME_CONNECTIONS` and
+//! `XLB_L4_VOLUME_EXCHANGES` set smaller counts for a quick run, `XLB_L4_VOLUME_RATE` another
+//! rate (0: as fast as the clients go). Besides xlb's counters, the test prints the client's
+//! and the backend's kernel counters (SYN retransmissions, resets, listen overflows).
 
 use std::{
     io::{self, Read, Write},
@@ -54,8 +57,10 @@ const DEFAULT_CONNECTIONS: usize = 200_000;
 const DEFAULT_EXCHANGES: usize = 100_000;
 /// Client threads, each running its share of the connections (or exchanges) one after another.
 const CLIENT_THREADS: usize = 4;
-/// Backend threads accepting (each serves one connection at a time).
-const BACKEND_TCP_THREADS: usize = 8;
+/// Backend threads accepting (each serves one connection at a time): enough that a few
+/// connections broken mid-way (each holding its thread for [`IO_TIMEOUT`]) do not starve the
+/// others.
+const BACKEND_TCP_THREADS: usize = 32;
 const BACKEND_UDP_THREADS: usize = 2;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,13 +73,19 @@ const GIVE_UP_AFTER_FAILURES: usize = 100;
 const SHORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// SNAT ports, and the LB kernel's own ephemeral ports, kept apart.
 const SNAT_PORTS: (u16, u16) = (10000, 59999);
+/// New flows per second the clients open (`XLB_L4_VOLUME_RATE`; 0: unpaced): half of what one
+/// backend's SNAT tuples sustain when each flow holds its tuple for [`SHORT_TIMEOUT`] after its
+/// last packet (50 000 tuples / 2 s = 25 000 flows a second). Unpaced, the UDP clients here
+/// open over 50 000 flows a second and would exhaust the tuples by design.
+const DEFAULT_RATE: f64 =
+    (SNAT_PORTS.1 - SNAT_PORTS.0 + 1) as f64 / SHORT_TIMEOUT.as_secs_f64() / 2.0;
 const LB_LOCAL_PORT_RANGE: &str = "60000 60999";
 /// Entries the table may keep once everything has timed out and been swept.
 const SETTLED_ENTRIES: u64 = 16;
 const SETTLE_DEADLINE: Duration = Duration::from_secs(15);
 
 const GREETING: &[u8] = b"be\n";
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 fn count_from_env(name: &str, default: usize) -> usize {
     match std::env::var(name) {
@@ -85,12 +96,14 @@ fn count_from_env(name: &str, default: usize) -> usize {
     }
 }
 
-/// Sets `name=value` with sysctl in a namespace this test created, and reads it back.
+/// Sets sysctl `name` to `value` in a namespace this test created (through `/proc/sys` from
+/// inside it: no procps needed), and reads it back.
 fn set_sysctl(netns: &Netns, name: &str, value: &str) {
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
     netns
-        .run("sysctl", &["-qw", &format!("{name}={value}")])
+        .run("sh", &["-c", &format!("echo '{value}' > {path}")])
         .unwrap();
-    let read = netns.run("sysctl", &["-n", name]).unwrap();
+    let read = netns.run("cat", &[&path]).unwrap();
     assert_eq!(
         read.split_whitespace().collect::<Vec<_>>(),
         value.split_whitespace().collect::<Vec<_>>(),
@@ -104,6 +117,7 @@ fn set_sysctl(netns: &Netns, name: &str, value: &str) {
 /// answers `be:payload`. Both stop when dropped.
 struct Backend {
     addr: Ipv4Addr,
+    netns: Netns,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -155,6 +169,7 @@ impl Backend {
         }
         Backend {
             addr: host.addr,
+            netns: host.netns.clone(),
             stop,
             threads,
         }
@@ -398,12 +413,14 @@ impl Outcome {
 }
 
 /// Runs `count` calls of `exchange(index)` on [`CLIENT_THREADS`] threads in the client
-/// namespace, printing progress; stops early once [`GIVE_UP_AFTER_FAILURES`] have failed.
+/// namespace, at most `rate` a second (0: unpaced), printing progress; stops early once
+/// [`GIVE_UP_AFTER_FAILURES`] have failed.
 /// `exchange` returns whether it needed a retry.
 fn run_clients(
     lab: &Lab,
     what: &str,
     count: usize,
+    rate: f64,
     exchange: impl Fn(usize) -> io::Result<bool> + Sync,
 ) -> Outcome {
     let started = Instant::now();
@@ -417,12 +434,22 @@ fn run_clients(
                 .map(|_| {
                     scope.spawn(|| {
                         let mut outcome = Outcome::default();
+                        // Each thread's share of the rate; one that falls behind does not
+                        // catch up in a burst.
+                        let interval = (rate > 0.0)
+                            .then(|| Duration::from_secs_f64(CLIENT_THREADS as f64 / rate));
+                        let mut due = Instant::now();
                         loop {
                             let index = next.fetch_add(1, Ordering::Relaxed);
                             if index >= count
                                 || failed.load(Ordering::Relaxed) >= GIVE_UP_AFTER_FAILURES
                             {
                                 return outcome;
+                            }
+                            if let Some(interval) = interval {
+                                let now = Instant::now();
+                                thread::sleep(due.saturating_duration_since(now));
+                                due = due.max(now) + interval;
                             }
                             match exchange(index) {
                                 Ok(retried) => outcome.retried += usize::from(retried),
@@ -451,6 +478,12 @@ fn run_clients(
                         failed.load(Ordering::Relaxed),
                     );
                     report_stats(lab, "so far");
+                    let dataplane = lab.dataplane.lock().unwrap();
+                    let table = dataplane.connection_table().table;
+                    eprintln!(
+                        "table so far: {} entries {:?}, SNAT tuples in use {:?}",
+                        table.entries, table.flows, table.snat_tuples_in_use
+                    );
                 }
             }
             workers
@@ -531,7 +564,7 @@ fn udp_exchange(target: SocketAddr, index: usize) -> io::Result<bool> {
     Err(last_error.unwrap_or_else(|| io::Error::other("no answer")))
 }
 
-const REPORTED_STATS: [Stat; 14] = [
+const REPORTED_STATS: [Stat; 15] = [
     Stat::L4NewFlow,
     Stat::L4Forwarded,
     Stat::L4Replied,
@@ -544,9 +577,45 @@ const REPORTED_STATS: [Stat; 14] = [
     Stat::L4DropFlowTable,
     Stat::L4DropFlowLost,
     Stat::L4DropRedirect,
+    Stat::L4DropFlood,
     Stat::VerdictAborted,
     Stat::ClassMalformed,
 ];
+
+/// The kernel's counters that tell a lost or refused packet from a slow peer.
+const KERNEL_COUNTERS: [&str; 16] = [
+    "TcpActiveOpens",
+    "TcpAttemptFails",
+    "TcpEstabResets",
+    "TcpRetransSegs",
+    "TcpOutRsts",
+    "TcpExtListenOverflows",
+    "TcpExtListenDrops",
+    "TcpExtTCPSynRetrans",
+    "TcpExtTCPTimeouts",
+    "TcpExtTCPAbortOnData",
+    "TcpExtTCPAbortOnTimeout",
+    "TcpExtTW",
+    "TcpExtTWRecycled",
+    "UdpNoPorts",
+    "UdpInErrors",
+    "UdpRcvbufErrors",
+];
+
+fn report_kernel_counters(netns: &Netns, role: &str) {
+    let Ok(output) = netns.run("nstat", &["-asz"]) else {
+        return;
+    };
+    let counters: Vec<String> = output
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (name, value) = (fields.next()?, fields.next()?);
+            (KERNEL_COUNTERS.contains(&name) && value != "0").then(|| format!("{name}={value}"))
+        })
+        .collect();
+    eprintln!("kernel {role}: {}", counters.join(" "));
+}
 
 fn report_stats(lab: &Lab, when: &str) {
     let stats = lab.dataplane.lock().unwrap().stats().unwrap();
@@ -565,13 +634,20 @@ fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_tabl
     let lab = Lab::start();
 
     let tcp_target = SocketAddr::from((lab.lb_addr, TCP_LISTENER.port));
-    let tcp = run_clients(&lab, "tcp connections", connections, |index| {
+    let rate = match std::env::var("XLB_L4_VOLUME_RATE") {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("XLB_L4_VOLUME_RATE={value:?} is not a rate")),
+        Err(_) => DEFAULT_RATE,
+    };
+    eprintln!("{rate} new flows per second (0: as fast as the clients go)");
+    let tcp = run_clients(&lab, "tcp connections", connections, rate, |index| {
         tcp_exchange(tcp_target, index)
     });
     report_stats(&lab, "after tcp");
 
     let udp_target = SocketAddr::from((lab.lb_addr, UDP_LISTENER.port));
-    let udp = run_clients(&lab, "udp exchanges", exchanges, |index| {
+    let udp = run_clients(&lab, "udp exchanges", exchanges, rate, |index| {
         udp_exchange(udp_target, index)
     });
     report_stats(&lab, "after udp");
@@ -606,6 +682,8 @@ fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_tabl
         lab.sweeper.peak_entries.load(Ordering::Relaxed),
     );
     report_stats(&lab, "at the end");
+    report_kernel_counters(&lab.client.netns, "client");
+    report_kernel_counters(&lab.backend.netns, "backend");
     eprintln!("whole test: {:.1} s", started.elapsed().as_secs_f64());
     assert_eq!(
         tcp.failures, 0,

@@ -52,8 +52,16 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 /// [`FlowState::TimeWait`]).
 pub const SNAT_ATTEMPTS: u32 = 16;
 
+/// Of those, how many follow this CPU's walk over the tuples; the rest are picked at random.
+pub const SNAT_WALK_ATTEMPTS: u32 = 4;
+
 /// Most SNAT addresses a node can use (`[L4] SNATAddresses`).
 pub const MAX_SNAT_ADDRS: usize = 16;
+
+/// An entry whose peer is missing is taken for an orphan (and removed, by a colliding new
+/// flow or by the sweep) only once it is this old: a new flow's reply entry goes in a moment
+/// before its forward entry, and another CPU may look at it in between.
+pub const HALF_PAIR_GRACE_NS: u64 = 2_000_000_000;
 
 /// A flow entry's `last_seen_ns` is rewritten only when it is older than this: an established
 /// flow's packets then write nothing to the shared table but once a second (timeouts are
@@ -541,6 +549,48 @@ pub struct FlowValue {
 }
 
 impl FlowValue {
+    /// A new flow's entry for one direction: every latch clear, last seen at `last_seen_ns`.
+    ///
+    /// Built as fourteen 32-bit words, like [`FlowKey::new`]: field by field, the XDP program
+    /// would clear the latches with a call to a byte-looping `memset` on every new flow.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub const fn new(
+        last_seen_ns: u64,
+        (new_src_addr, new_src_port): (u32, u16),
+        (new_dst_addr, new_dst_port): (u32, u16),
+        next_hop: &NextHop,
+        service_slot: u32,
+        backend_id: u32,
+        direction: u8,
+        backend_generation: u32,
+    ) -> FlowValue {
+        let [s0, s1] = new_src_port.to_ne_bytes();
+        let [d0, d1] = new_dst_port.to_ne_bytes();
+        let [m0, m1, m2, m3, m4, m5] = next_hop.src_mac;
+        let [n0, n1, n2, n3, n4, n5] = next_hop.dst_mac;
+        let [t0, t1, t2, t3, t4, t5, t6, t7] = last_seen_ns.to_ne_bytes();
+        let words: [u32; 14] = [
+            u32::from_ne_bytes([t0, t1, t2, t3]),
+            u32::from_ne_bytes([t4, t5, t6, t7]),
+            new_src_addr,
+            new_dst_addr,
+            u32::from_ne_bytes([s0, s1, d0, d1]),
+            next_hop.ifindex,
+            u32::from_ne_bytes([m0, m1, m2, m3]),
+            u32::from_ne_bytes([m4, m5, n0, n1]),
+            u32::from_ne_bytes([n2, n3, n4, n5]),
+            service_slot,
+            backend_id,
+            u32::from_ne_bytes([direction, 0, 0, 0]),
+            0,
+            backend_generation,
+        ];
+        // SAFETY: FlowValue is `repr(C)`, 56 bytes of integers and byte arrays without
+        // implicit padding, laid out as the words are; every bit pattern is valid.
+        unsafe { core::mem::transmute::<[u32; 14], FlowValue>(words) }
+    }
+
     /// The key of the entry for the other direction.
     #[inline(always)]
     pub const fn peer_key(&self, proto: u8) -> FlowKey {
@@ -776,6 +826,39 @@ mod tests {
             FlowKey::new(0x0102_0304, 0x0506_0708, 0x090a, 0x0b0c, IPPROTO_UDP),
             fields
         );
+    }
+
+    #[test]
+    fn a_value_built_from_words_is_the_value_built_from_fields() {
+        let next_hop = NextHop {
+            ifindex: 7,
+            src_mac: [1, 2, 3, 4, 5, 6],
+            dst_mac: [7, 8, 9, 10, 11, 12],
+        };
+        let fields = FlowValue {
+            last_seen_ns: 0x0102_0304_0506_0708,
+            new_src_addr: 11,
+            new_dst_addr: 12,
+            new_src_port: 13,
+            new_dst_port: 14,
+            next_hop,
+            service_slot: 15,
+            backend_id: 16,
+            direction: DIRECTION_REPLY,
+            backend_generation: 17,
+            ..FlowValue::default()
+        };
+        let words = FlowValue::new(
+            0x0102_0304_0506_0708,
+            (11, 13),
+            (12, 14),
+            &next_hop,
+            15,
+            16,
+            DIRECTION_REPLY,
+            17,
+        );
+        assert_eq!(words, fields);
     }
 
     #[test]

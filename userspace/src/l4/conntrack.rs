@@ -4,7 +4,8 @@
 //! tuple it holds, or a SYN reopening its 5-tuple. Everything else that is over (a client that
 //! vanished, a closed flow nobody collides with) is removed here, once a second, by the same
 //! rule the program applies (`xlb_common::flow_expired`), so the table does not fill with the
-//! dead. Reads and deletes are batched ([`super::batch`]).
+//! dead. The table is read in batches ([`super::batch`]); each expired entry is deleted only
+//! while it still holds the value judged.
 //!
 //! [`plan_sweep`] decides from a snapshot of the entries and is pure; [`sweep`] runs it
 //! against the kernel's map.
@@ -18,7 +19,7 @@ use aya::maps::{HashMap, MapData};
 use serde::Serialize;
 use xlb_common::{
     flow_expired, flow_state, FlowKey, FlowState, FlowValue, Timeouts, DIRECTION_FORWARD,
-    DIRECTION_REPLY,
+    HALF_PAIR_GRACE_NS,
 };
 
 use super::batch;
@@ -26,10 +27,6 @@ use crate::dataplane::DataplaneError;
 
 /// How often the daemon sweeps.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// An entry whose peer is missing is removed only once it is this old: a new flow's reply
-/// entry goes in a moment before its forward entry.
-const HALF_PAIR_GRACE_NS: u64 = 2_000_000_000;
 
 /// What the table holds, by state; flows are counted once, by their forward entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -46,10 +43,11 @@ pub struct TableSummary {
 /// What one sweep found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepPlan {
-    /// Forward keys to delete first (so that nothing forwards into a freed tuple), then reply
-    /// keys.
-    pub forward_keys: Vec<FlowKey>,
-    pub reply_keys: Vec<FlowKey>,
+    /// Expired flows as (forward key, reply key): the forward entry goes first, so that
+    /// nothing forwards into a freed tuple.
+    pub expired: Vec<(FlowKey, FlowKey)>,
+    /// Entries whose peer has been missing for longer than [`HALF_PAIR_GRACE_NS`].
+    pub stale: Vec<FlowKey>,
     pub expired_flows: u64,
     pub stale_half_pairs: u64,
     /// The table as it will be once the plan is applied.
@@ -84,10 +82,7 @@ pub fn plan_sweep(
         let Some(peer) = peer else {
             if now.saturating_sub(value.last_seen_ns) > HALF_PAIR_GRACE_NS {
                 plan.stale_half_pairs += 1;
-                match value.direction {
-                    DIRECTION_REPLY => plan.reply_keys.push(*key),
-                    _ => plan.forward_keys.push(*key),
-                }
+                plan.stale.push(*key);
             } else {
                 plan.summary.entries += 1;
                 plan.summary.half_pairs += 1;
@@ -98,9 +93,9 @@ pub fn plan_sweep(
         match (value.direction, expired) {
             (DIRECTION_FORWARD, true) => {
                 plan.expired_flows += 1;
-                plan.forward_keys.push(*key);
+                plan.expired.push((*key, value.peer_key(key.proto)));
             }
-            (_, true) => plan.reply_keys.push(*key),
+            (_, true) => {}
             (DIRECTION_FORWARD, false) => {
                 plan.summary.entries += 1;
                 let state = flow_state(key.proto, value, peer).name();
@@ -134,11 +129,29 @@ pub fn sweep(
             source,
         })?;
     let plan = plan_sweep(&entries, timeouts, capacity, now);
-    for keys in [&plan.forward_keys, &plan.reply_keys] {
-        batch::delete(map, keys).map_err(|source| DataplaneError::Sweep {
+    // The snapshot is old by the time of the delete: an entry the XDP program has written
+    // since (a reopened forward key, a reclaimed reply key, a refreshed flow) is not the one
+    // judged. So a flow goes only while both its entries still hold the values judged, and
+    // an entry alone only while it does. The window left is a few system calls long.
+    let judged: StdHashMap<&FlowKey, &FlowValue> =
+        entries.iter().map(|(key, value)| (key, value)).collect();
+    let unchanged = |key: &FlowKey| flows.get(key, 0).ok().as_ref() == judged.get(key).copied();
+    let delete = |key: &FlowKey| {
+        batch::delete(map, std::slice::from_ref(key)).map_err(|source| DataplaneError::Sweep {
             action: "cleared of expired flows",
             source,
-        })?;
+        })
+    };
+    for (forward, reply) in &plan.expired {
+        if unchanged(forward) && unchanged(reply) {
+            delete(forward)?;
+            delete(reply)?;
+        }
+    }
+    for key in &plan.stale {
+        if unchanged(key) {
+            delete(key)?;
+        }
     }
     Ok(plan)
 }
@@ -153,7 +166,7 @@ pub fn monotonic_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use xlb_common::{IPPROTO_TCP, IPPROTO_UDP};
+    use xlb_common::{DIRECTION_REPLY, IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
 
@@ -244,10 +257,12 @@ mod tests {
         .flatten()
         .collect();
         let plan = plan_sweep(&entries, &timeouts(), 1024, now);
-        let ports: Vec<u16> = plan.forward_keys.iter().map(|key| key.src_port).collect();
-        assert_eq!(ports, [1, 3, 5]);
-        let reply_ports: Vec<u16> = plan.reply_keys.iter().map(|k| k.dst_port).collect();
-        assert_eq!(reply_ports, [1001, 1003, 1005]);
+        let ports: Vec<(u16, u16)> = plan
+            .expired
+            .iter()
+            .map(|(forward, reply)| (forward.src_port, reply.dst_port))
+            .collect();
+        assert_eq!(ports, [(1, 1001), (3, 1003), (5, 1005)]);
         assert_eq!(plan.expired_flows, 3);
         assert_eq!(plan.summary.entries, 6);
         assert_eq!(
@@ -263,7 +278,7 @@ mod tests {
         let [forward, (reply_key, mut reply)] = flow(IPPROTO_UDP, 1, now - 40 * SECOND, |_| {});
         reply.last_seen_ns = now - SECOND;
         let plan = plan_sweep(&[forward, (reply_key, reply)], &timeouts(), 16, now);
-        assert!(plan.forward_keys.is_empty() && plan.reply_keys.is_empty());
+        assert!(plan.expired.is_empty() && plan.stale.is_empty());
         assert_eq!(plan.summary.flows, BTreeMap::from([("udp", 1)]));
     }
 
@@ -273,10 +288,10 @@ mod tests {
         let [(young_key, young), _] = flow(IPPROTO_TCP, 1, now - SECOND, established);
         let [_, (old_key, old)] = flow(IPPROTO_TCP, 2, now - 3 * SECOND, established);
         let plan = plan_sweep(&[(young_key, young), (old_key, old)], &timeouts(), 16, now);
-        assert_eq!(plan.reply_keys, [old_key], "the old reply entry alone");
-        assert!(
-            plan.forward_keys.is_empty(),
-            "a young one may be mid-creation"
+        assert_eq!(
+            plan.stale,
+            [old_key],
+            "the old one alone: a young one may be mid-creation"
         );
         assert_eq!(plan.stale_half_pairs, 1);
         assert_eq!(plan.summary.half_pairs, 1);
