@@ -21,7 +21,8 @@ use xlb_common::{FlowKey, FlowValue, NextHop, Stat, DIRECTION_REPLY, IPPROTO_TCP
 use crate::{
     checksum,
     parse::{ptr_at, read_at, Ipv4, Malformed},
-    steer::{live_backend, rewrite_ipv4_addresses, transmit, write_macs, Verdict},
+    rewrite::{live_backend, rewrite_ipv4_addresses, transmit, write_macs},
+    steer::Verdict,
     FLOWS,
 };
 

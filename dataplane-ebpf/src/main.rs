@@ -10,8 +10,11 @@
 #![no_main]
 
 mod checksum;
+mod flows;
 mod icmp;
 mod parse;
+mod rewrite;
+mod snat;
 mod steer;
 
 use aya_ebpf::{
