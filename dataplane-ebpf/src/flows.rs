@@ -8,7 +8,7 @@ use xlb_common::{
     LAST_SEEN_GRANULARITY_NS,
 };
 
-use crate::{parse::TcpFlags, setting, steer::L4Packet, FLOWS, SETTINGS};
+use crate::{parse::TcpFlags, setting, steer::L4Packet, FLOWS, REOPENED_TUPLE, SETTINGS};
 
 /// The timeout of a flow in `state`, from the global settings (one field read, no copy of
 /// the whole table onto the 512-byte stack).
@@ -29,7 +29,8 @@ pub enum Tracked {
     /// Forward it as the entry says (the entry in the table: read in place, not copied).
     Flow(*const FlowValue),
     /// A connection request on a tuple whose flow is over (closed or expired): its entries
-    /// were removed and the packet starts a new flow.
+    /// were removed and the packet starts a new flow; its SNAT tuple (the reply key) is left
+    /// in this CPU's `REOPENED_TUPLE` slot for the new flow to take again.
     Reopened,
     /// The entry's peer is gone or belongs to another flow (half of a pair removed, or a
     /// tuple taken over): the entry was removed and the packet dropped.
@@ -105,6 +106,10 @@ fn advance(
                 || flow_expired(timeout, key.proto, entry, peer, now);
             if over {
                 remove_pair(key, &peer_key);
+                if let Some(slot) = REOPENED_TUPLE.get_ptr_mut(0) {
+                    // SAFETY: a per-CPU slot, only ever touched by the CPU running this program.
+                    unsafe { *slot = peer_key };
+                }
                 return Tracked::Reopened;
             }
         }

@@ -88,6 +88,10 @@ static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FL
 #[map]
 static SNAT_CURSOR: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The SNAT tuple (reply key) of the flow a SYN just reopened, for the new flow to take again.
+#[map]
+static REOPENED_TUPLE: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
+
 /// Where a new flow's two entries are built before they are inserted: [reply, forward].
 #[map]
 static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(2, 0);

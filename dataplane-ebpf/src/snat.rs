@@ -8,17 +8,17 @@ use aya_ebpf::{
 };
 use network_types::eth::EthHdr;
 use xlb_common::{
-    flow_expired, flow_last_seen, flow_state, ring_index, wire_port, Backend, FlowKey, FlowState,
-    FlowValue, NextHop, ServiceValue, Stat, DIRECTION_FORWARD, DIRECTION_REPLY, HALF_PAIR_GRACE_NS,
+    flow_expired, flow_state, ring_index, wire_port, Backend, FlowKey, FlowState, FlowValue,
+    NextHop, ServiceValue, Stat, DIRECTION_FORWARD, DIRECTION_REPLY, HALF_PAIR_GRACE_NS,
     NO_BACKEND, SNAT_ATTEMPTS, SNAT_WALK_ATTEMPTS,
 };
 
 use crate::{
-    flows::timeout,
+    flows::{now, timeout},
     parse::{ptr_at, Malformed},
     setting,
     steer::Verdict,
-    BACKENDS, FLOOD_WINDOWS, FLOWS, FLOW_SCRATCH, RINGS, SETTINGS, SNAT_CURSOR,
+    BACKENDS, FLOOD_WINDOWS, FLOWS, FLOW_SCRATCH, REOPENED_TUPLE, RINGS, SETTINGS, SNAT_CURSOR,
 };
 
 /// 32-bit finaliser of MurmurHash3: spreads every input bit over the whole word.
@@ -61,24 +61,27 @@ fn pick_backend(key: &FlowKey, service: &ServiceValue) -> u32 {
 enum Holder {
     /// The tuple was free, or its holder expired and was removed: the reply entry is in.
     Claimed { reclaimed: bool },
-    /// Held by a flow in TIME_WAIT whose closing timeout has passed: taken only when every
-    /// other tuple tried is live.
-    TimeWait,
+    /// Held by a flow that is over but still held: closing (after a RST, or FIN both ways
+    /// with the client's first: only late segments may still come) or in the backend's
+    /// TIME_WAIT. Taken only when every other tuple tried is live, a closing one first: a
+    /// refused SYN costs its client a one-second retransmit, and taking the tuple costs at
+    /// most that (see `Stat::L4SnatTimeWaitReused`), usually nothing.
+    Closed { time_wait: bool },
     /// Held by a live flow.
     Live,
     /// Nothing holds it, yet the insert failed: the table is full.
     TableFull,
 }
 
-/// Tries to put `reply` at `reply_key`, removing an expired holder first, and a holder in
-/// TIME_WAIT past its closing timeout too when `take_time_wait`.
+/// Tries to put `reply` at `reply_key`, removing an expired holder first, and a closed one
+/// too when `take_closed`.
 ///
 /// The insert is `BPF_NOEXIST`: the kernel refuses a key that exists, so two flows never share
 /// a SNAT tuple even when two CPUs race for it.
 // Not inlined: the SNAT walk calls it up to `SNAT_ATTEMPTS` times, and a BPF-to-BPF call keeps
 // each call's locals out of the caller's 512-byte stack frame.
 #[inline(never)]
-fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_time_wait: bool) -> Holder {
+fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_closed: bool) -> Holder {
     if FLOWS.insert(reply_key, reply, BPF_NOEXIST as u64).is_ok() {
         return Holder::Claimed { reclaimed: false };
     }
@@ -100,13 +103,13 @@ fn claim(reply_key: &FlowKey, reply: &FlowValue, now: u64, take_time_wait: bool)
     }
     if let Some(forward) = holder_forward {
         if !flow_expired(timeout, reply_key.proto, holder, forward, now) {
-            let state = flow_state(reply_key.proto, holder, forward);
-            let idle = now.saturating_sub(flow_last_seen(holder, forward));
-            if state != FlowState::TimeWait || idle <= timeout(FlowState::Closing) {
-                return Holder::Live;
-            }
-            if !take_time_wait {
-                return Holder::TimeWait;
+            let time_wait = match flow_state(reply_key.proto, holder, forward) {
+                FlowState::Closing => false,
+                FlowState::TimeWait => true,
+                _ => return Holder::Live,
+            };
+            if !take_closed {
+                return Holder::Closed { time_wait };
             }
         }
         let _ = FLOWS.remove(&forward_key);
@@ -158,9 +161,11 @@ fn flooded(slot: u32, now: u64) -> bool {
     window.new_flows > u64::from(limit)
 }
 
-/// Creates the reply and forward entries of a new flow, allocating its SNAT tuple: the next
-/// ones on this CPU's walk are tried in turn (free, or expired and reclaimed), then the first
-/// TIME_WAIT hold met; the event says which.
+/// Creates the reply and forward entries of a new flow, allocating its SNAT tuple: the tuple of
+/// the flow it reopens (`reopened`: left in `REOPENED_TUPLE`), when it goes to the same backend (a client reusing its port finds the
+/// backend's socket as it left it, as with the kernel's conntrack); then the next ones on the
+/// walk, then random ones (free, or expired and reclaimed); then the first closed flow's met.
+/// The event says which.
 ///
 /// The entries are built in this CPU's `FLOW_SCRATCH` slots, not on the stack (the verifier
 /// allows 512 bytes for a whole call chain); the forward one is returned from there.
@@ -170,8 +175,10 @@ pub fn new_flow(
     ctx: &XdpContext,
     key: &FlowKey,
     service: &ServiceValue,
-    now: u64,
+    reopened: bool,
 ) -> Result<(*const FlowValue, *const Backend, Option<Stat>), Verdict> {
+    // Read here rather than passed: a BPF-to-BPF call takes at most five arguments.
+    let now = now();
     let backend_id = pick_backend(key, service);
     let backend = match BACKENDS.get(backend_id) {
         Some(backend) if backend_id != NO_BACKEND && backend.addr != 0 => backend,
@@ -224,9 +231,30 @@ pub fn new_flow(
         DIRECTION_REPLY,
         backend.generation,
     );
-    let mut claimed: Option<(FlowKey, Option<Stat>)> = None;
-    let mut time_wait: Option<FlowKey> = None;
+    // Tuples are kept as (SNAT address, SNAT port) and their keys rebuilt where needed: the
+    // keys themselves would not fit the 512 bytes of stack the verifier allows a call chain.
+    let tuple_key = |(snat_addr, snat_port): (u32, u16)| {
+        FlowKey::new(backend.addr, snat_addr, backend.port, snat_port, key.proto)
+    };
+    let mut claimed: Option<((u32, u16), Option<Stat>)> = None;
+    if reopened {
+        // SAFETY: this CPU's scratch slot, written by the reopen just before.
+        if let Some(previous) = REOPENED_TUPLE.get(0).copied() {
+            let same_backend =
+                previous.src_addr == backend.addr && previous.src_port == backend.port;
+            if same_backend {
+                if let Holder::Claimed { .. } = claim(&previous, reply, now, false) {
+                    claimed = Some(((previous.dst_addr, previous.dst_port), None));
+                }
+            }
+        }
+    }
+    // The first closed flow's tuple met, and whether it is in TIME_WAIT.
+    let mut closed: Option<((u32, u16), bool)> = None;
     for attempt in 0..SNAT_ATTEMPTS {
+        if claimed.is_some() {
+            break;
+        }
         // The walk first: in the steady state the tuples after the cursor are the oldest.
         // Past a run of live ones (a pool's long-lived connections, or tuples another CPU
         // took), random tuples: with a share p of them in use, a flow is then refused with
@@ -240,33 +268,41 @@ pub fn new_flow(
         let Some(index) = candidate.checked_rem(tuples) else {
             break;
         };
-        let Some((snat_addr, snat_port)) = snat_tuple(index, range, backend.snat_addr) else {
+        let Some(tuple) = snat_tuple(index, range, backend.snat_addr) else {
             break;
         };
-        let reply_key = FlowKey::new(backend.addr, snat_addr, backend.port, snat_port, key.proto);
-        match claim(&reply_key, reply, now, false) {
+        match claim(&tuple_key(tuple), reply, now, false) {
             Holder::Claimed { reclaimed } => {
                 *cursor = index.wrapping_add(1);
-                claimed = Some((reply_key, reclaimed.then_some(Stat::L4FlowReclaimed)));
+                claimed = Some((tuple, reclaimed.then_some(Stat::L4FlowReclaimed)));
                 break;
             }
-            Holder::TimeWait if time_wait.is_none() => time_wait = Some(reply_key),
-            Holder::TimeWait | Holder::Live => {}
+            // A closing flow's tuple is better than one in TIME_WAIT: nothing holds it.
+            Holder::Closed { time_wait } if closed.is_none_or(|(_, held)| held && !time_wait) => {
+                closed = Some((tuple, time_wait))
+            }
+            Holder::Closed { .. } | Holder::Live => {}
             Holder::TableFull => return Err(Verdict::drop(Stat::L4DropFlowTable)),
         }
     }
     if claimed.is_none() {
-        if let Some(reply_key) = time_wait {
-            if let Holder::Claimed { .. } = claim(&reply_key, reply, now, true) {
-                claimed = Some((reply_key, Some(Stat::L4SnatTimeWaitReused)));
+        if let Some((tuple, time_wait)) = closed {
+            if let Holder::Claimed { .. } = claim(&tuple_key(tuple), reply, now, true) {
+                let event = if time_wait {
+                    Stat::L4SnatTimeWaitReused
+                } else {
+                    Stat::L4FlowReclaimed
+                };
+                claimed = Some((tuple, Some(event)));
             }
         }
         // SAFETY: helper call without arguments. Leave the run of live tuples behind.
         *cursor = unsafe { bpf_get_prandom_u32() };
     }
-    let Some((reply_key, event)) = claimed else {
+    let Some((tuple, event)) = claimed else {
         return Err(Verdict::drop(Stat::L4DropSnatExhausted));
     };
+    let reply_key = tuple_key(tuple);
     // Its next hop is read from BACKENDS per packet; the one here is only a record.
     *forward = FlowValue::new(
         now,

@@ -216,7 +216,8 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
             if !starts_flow {
                 return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
             }
-            match new_flow(ctx, &key, service, now) {
+            let reopened = event == Some(Stat::L4FlowReopened);
+            match new_flow(ctx, &key, service, reopened) {
                 Ok((flow, backend, claim_event)) => {
                     event = event.or(claim_event);
                     // SAFETY: this CPU's scratch slot and a BACKENDS element, both valid

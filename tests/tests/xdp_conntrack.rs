@@ -131,31 +131,55 @@ fn an_established_flow_outlives_the_handshake_timeout_and_keeps_its_tuple() {
 }
 
 #[test]
-fn a_flow_the_client_closed_first_frees_its_tuple_after_the_closing_timeout() {
-    let mut dataplane = conntrack(|s| s.tcp_closing = SHORT);
-    let snat_port = handshake(&mut dataplane, 40000);
+fn a_closed_flows_tuple_waits_for_late_segments_unless_every_other_tuple_is_live() {
+    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61001).unwrap());
+    settings.tcp_closing = Duration::from_secs(3600);
+    let mut dataplane = dataplane(
+        &settings,
+        &[service(
+            TCP_SERVICE,
+            vec![backend(BACKEND_A, INGRESS_IFINDEX)],
+        )],
+    );
+    let first = handshake(&mut dataplane, 40000);
     step(&mut dataplane, &from_client(40000, fin_ack));
-    step(&mut dataplane, &from_backend(snat_port, fin_ack));
-    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
-    assert_eq!((verdict, l4), (XDP_DROP, vec!["l4_drop_snat_exhausted"]));
+    step(&mut dataplane, &from_backend(first, fin_ack));
+    let (verdict, l4, late) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(
+        (verdict, l4, late),
+        (XDP_TX, vec!["l4_forwarded"], Some(first)),
+        "a late segment of a closing flow still goes through"
+    );
+
+    let (verdict, l4, second) = step(&mut dataplane, &from_client(40001, syn));
+    assert_eq!((verdict, l4), (XDP_TX, vec!["l4_new_flow"]));
+    assert_ne!(
+        second,
+        Some(first),
+        "the free tuple is taken, not the closing one"
+    );
+
+    let (verdict, l4, third) = step(&mut dataplane, &from_client(40002, syn));
+    assert_eq!(
+        (verdict, l4, third),
+        (
+            XDP_TX,
+            vec!["l4_flow_reclaimed", "l4_new_flow"],
+            Some(first)
+        ),
+        "with every other tuple live, the closing flow's is taken rather than the SYN refused"
+    );
     let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
     assert_eq!(
         (verdict, l4),
-        (XDP_TX, vec!["l4_forwarded"]),
-        "a late segment of a closing flow still goes through"
-    );
-    wait_out(SHORT);
-    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
-    assert_eq!(
-        (verdict, l4),
-        (XDP_TX, vec!["l4_flow_reclaimed", "l4_new_flow"])
+        (XDP_PASS, vec!["l4_pass_no_flow"]),
+        "the closed flow is gone with its tuple"
     );
 }
 
 #[test]
 fn a_backends_time_wait_is_held_unless_every_other_tuple_is_live() {
     let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61001).unwrap());
-    settings.tcp_closing = Duration::from_millis(1);
     settings.tcp_time_wait = Duration::from_secs(3600);
     let mut dataplane = dataplane(
         &settings,
@@ -191,21 +215,32 @@ fn a_backends_time_wait_is_held_unless_every_other_tuple_is_live() {
 }
 
 #[test]
-fn a_syn_on_a_closed_flows_tuple_reopens_it() {
-    let mut dataplane = conntrack(|_| {});
+fn a_syn_on_a_closed_flows_tuple_reopens_it_on_the_same_snat_tuple() {
+    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61999).unwrap());
+    settings.tcp_time_wait = Duration::from_secs(3600);
+    let mut dataplane = dataplane(
+        &settings,
+        &[service(
+            TCP_SERVICE,
+            vec![backend(BACKEND_A, INGRESS_IFINDEX)],
+        )],
+    );
     let snat_port = handshake(&mut dataplane, 40000);
-    step(&mut dataplane, &from_client(40000, fin_ack));
+    // The backend closes first: its socket keeps the SNAT tuple in TIME_WAIT.
     step(&mut dataplane, &from_backend(snat_port, fin_ack));
+    step(&mut dataplane, &from_client(40000, fin_ack));
     let (verdict, l4, reopened) = step(&mut dataplane, &from_client(40000, syn));
     assert_eq!(
         (verdict, l4, reopened),
         (
             XDP_TX,
             vec!["l4_flow_reopened", "l4_new_flow"],
-            Some(SNAT_PORT)
-        )
+            Some(snat_port)
+        ),
+        "the client reusing its port meets the backend's socket as it left it (its newer \
+         timestamp lets the backend accept the SYN), as with the kernel's conntrack"
     );
-    let (_, l4, _) = step(&mut dataplane, &from_backend(SNAT_PORT, syn_ack));
+    let (_, l4, _) = step(&mut dataplane, &from_backend(snat_port, syn_ack));
     assert_eq!(l4, ["l4_replied"], "the new flow's reply entry is in place");
 }
 

@@ -75,11 +75,12 @@ pub enum Stat {
     /// Dropped: `bpf_redirect` refused the egress interface.
     L4DropRedirect = 23,
     /// An event, counted besides `L4NewFlow`: the new flow took the SNAT tuple of an expired
-    /// flow, whose entries were removed.
+    /// flow, or, with every other tuple tried live, of a closing one; its entries were removed.
     L4FlowReclaimed = 24,
-    /// An event, counted besides `L4NewFlow`: every SNAT tuple tried was live, so the new flow
-    /// took one the backend may still hold in TIME_WAIT (it accepts the new SYN when it is
-    /// newer, RFC 6191, and otherwise frees it on the client's RST: a one-second retry).
+    /// An event, counted besides `L4NewFlow`: every SNAT tuple tried was live or in TIME_WAIT,
+    /// so the new flow took one the backend may still hold in TIME_WAIT (it accepts the new
+    /// SYN when its timestamp is newer, RFC 6191, and otherwise answers with an ACK that has
+    /// the client reset it: a one-second retry, what a refused SYN costs anyway).
     L4SnatTimeWaitReused = 25,
     /// An event: a packet's flow led to a backend that is gone (removed from the service, its
     /// id free or given to another endpoint); its entries were removed. A TCP segment is then
