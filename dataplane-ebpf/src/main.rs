@@ -19,14 +19,14 @@ mod steer;
 
 use aya_ebpf::{
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use xlb_common::{
     Backend, FloodWindow, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
     StatsBlock, Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE,
-    DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, MAX_BACKENDS, MAX_L4_PORTS, MAX_L7_PORTS, MAX_OPEN_PORTS,
+    DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_L4_PORTS, MAX_L7_PORTS, MAX_OPEN_PORTS,
     MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS,
 };
 
@@ -78,6 +78,13 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// flows (`l4_drop_flow_table`) and keeps every established one.
 #[map]
 static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// The interfaces a rewritten frame may be redirected to, by ifindex: those the program is
+/// attached to that the daemon found able to transmit XDP frames (`ndo_xdp_xmit`). A redirect
+/// anywhere else is refused here and counted (`l4_drop_redirect`), where a plain
+/// `bpf_redirect` would be dropped by the kernel after the program returned, counted nowhere.
+#[map]
+static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_INTERFACES, 0);
 
 /// Where the walk over the SNAT tuples goes on: each new flow takes the next tuple, so a tuple
 /// is reused only after all the others, the longest possible after its last flow.

@@ -1,7 +1,7 @@
 //! Writing a frame for its next hop: addresses, ports and TTL with incremental checksums,
 //! Ethernet addresses, and the transmit (back out of the ingress interface, or redirected).
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{Backend, FlowValue, NextHop, Stat, IPPROTO_TCP};
 
@@ -9,7 +9,7 @@ use crate::{
     checksum,
     parse::{ptr_at, Ipv4, Malformed},
     steer::{L4Packet, Verdict},
-    BACKENDS,
+    BACKENDS, EGRESS,
 };
 
 /// The backend a flow was created for, if it still holds its id.
@@ -110,7 +110,8 @@ unsafe fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
     }
 }
 
-/// Sends the rewritten frame: back out of the interface it came in on, or redirected.
+/// Sends the rewritten frame: back out of the interface it came in on, or redirected through
+/// `EGRESS` to another the program is attached to.
 #[inline(always)]
 pub fn transmit(ctx: &XdpContext, next_hop: &NextHop, outcome: Stat) -> Verdict {
     if next_hop.ifindex == ctx.ingress_ifindex() as u32 {
@@ -120,15 +121,12 @@ pub fn transmit(ctx: &XdpContext, next_hop: &NextHop, outcome: Stat) -> Verdict 
             event: None,
         };
     }
-    // SAFETY: helper call without pointer arguments.
-    let action = unsafe { bpf_redirect(next_hop.ifindex, 0) } as u32;
-    if action == xdp_action::XDP_REDIRECT {
-        Verdict {
+    match EGRESS.redirect(next_hop.ifindex, 0) {
+        Ok(action) => Verdict {
             action,
             outcome: Some(outcome),
             event: None,
-        }
-    } else {
-        Verdict::drop(Stat::L4DropRedirect)
+        },
+        Err(_) => Verdict::drop(Stat::L4DropRedirect),
     }
 }

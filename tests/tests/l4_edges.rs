@@ -19,15 +19,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod l4_support;
+
 use etherparse::PacketBuilder;
+use l4_support::{moved, peer_program, print_moved, set_sysctl, LoadBalancer};
 use socket2::{Domain, Protocol as SocketProtocol, SockAddr, SockRef, Socket, Type};
 use xlb::{
-    dataplane::{AttachMode, Dataplane, Stats},
+    dataplane::Dataplane,
     l4::{
         maglev::RingSize,
         service::{L4Route, L4RouteTable, Listener, Protocol},
         settings::{L4Settings, SnatPorts, DEFAULT_OPEN_PORTS},
-        steering::Steering,
     },
 };
 use xlb_common::Stat;
@@ -167,69 +169,6 @@ fn download(mut stream: TcpStream, stop: &AtomicBool) {
 /// Accepts and hangs up: a port that is served.
 fn hang_up(_stream: TcpStream, _stop: &AtomicBool) {}
 
-/// A load balancer: the XDP program attached natively to its `to-switch`, steered by the
-/// daemon's own `Steering` (rtnetlink next-hop resolution + map writer).
-struct LoadBalancer {
-    addr: Ipv4Addr,
-    dataplane: Arc<Mutex<Dataplane>>,
-    steering: Steering,
-}
-
-impl LoadBalancer {
-    fn start(host: &Host, runtime: &tokio::runtime::Runtime, settings: &L4Settings) -> Self {
-        // A new namespace inherits the host's ip_forward (1 where Docker runs).
-        host.netns
-            .run("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
-            .unwrap();
-        let forwarding = host
-            .netns
-            .run("cat", &["/proc/sys/net/ipv4/ip_forward"])
-            .unwrap();
-        assert_eq!(forwarding.trim(), "0", "the LB kernel must not forward");
-        host.netns
-            .run("iptables", &["-P", "FORWARD", "DROP"])
-            .unwrap();
-        let (dataplane, steering) = in_netns(&host.netns, || {
-            let mut dataplane = Dataplane::load_with(settings).unwrap();
-            let mode = dataplane.attach(Segment::HOST_INTERFACE).unwrap();
-            assert_eq!(mode, AttachMode::Native);
-            let dataplane = Arc::new(Mutex::new(dataplane));
-            let steering = runtime
-                .block_on(Steering::start(
-                    dataplane.clone(),
-                    Segment::HOST_INTERFACE,
-                    &[],
-                ))
-                .unwrap();
-            (dataplane, steering)
-        })
-        .unwrap();
-        LoadBalancer {
-            addr: host.addr,
-            dataplane,
-            steering,
-        }
-    }
-
-    fn stats(&self) -> Stats {
-        self.dataplane.lock().unwrap().stats().unwrap()
-    }
-}
-
-/// How many packets `stat` counted between two snapshots.
-fn moved(before: &Stats, after: &Stats, stat: Stat) -> u64 {
-    after.get(stat).packets - before.get(stat).packets
-}
-
-fn print_moved(what: &str, before: &Stats, after: &Stats) {
-    let moved: Vec<String> = Stat::ALL
-        .iter()
-        .filter(|stat| moved(before, after, **stat) > 0)
-        .map(|stat| format!("{}={}", stat.name(), moved(before, after, *stat)))
-        .collect();
-    eprintln!("{what}: {}", moved.join(" "));
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Client {
     /// On the segment, beside the LB.
@@ -281,25 +220,8 @@ impl Lab {
             }
         };
         // Spoofed SYNs' SYN-ACKs come back to the client's MAC: dropped, not forwarded.
-        client
-            .netns
-            .run("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
-            .unwrap();
-        let peer_program = in_netns(&segment.switch, || {
-            let mut program = Dataplane::load_with(&L4Settings {
-                ring_size: RingSize::new(3).unwrap(),
-                flow_entries: 16,
-                service_slots: 1,
-                ..L4Settings::default()
-            })
-            .unwrap();
-            assert_eq!(
-                program.attach(&lb_host.switch_port).unwrap(),
-                AttachMode::Native
-            );
-            program
-        })
-        .unwrap();
+        set_sysctl(&client.netns, "net.ipv4.ip_forward", "0");
+        let peer_program = peer_program(&segment, &[&lb_host]);
         let lb = LoadBalancer::start(&lb_host, &runtime, settings);
         let mut hosts = vec![lb_host.clone(), backend.clone(), client.clone()];
         hosts.extend(router.clone());
@@ -316,22 +238,9 @@ impl Lab {
         }
     }
 
-    /// Applies `table`, as a discovery poll does, until every endpoint's next hop is resolved.
+    /// Applies `table`, as a discovery poll does, until its one backend is resolved.
     fn steer(&mut self, table: &L4RouteTable) {
-        for _ in 0..20 {
-            self.runtime
-                .block_on(self.lb.steering.update(table))
-                .unwrap();
-            let mut dataplane = self.lb.dataplane.lock().unwrap();
-            let steered = dataplane.l4().service_slots().len();
-            let backends = dataplane.l4().backend_ids().len();
-            if steered == table.listeners.len() && backends == 1 {
-                return;
-            }
-            drop(dataplane);
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!("the LB did not resolve the backend");
+        self.lb.steer(&self.runtime, table, 1);
     }
 
     fn table(&self, listener: Listener, backend_port: u16) -> L4RouteTable {

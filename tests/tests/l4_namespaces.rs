@@ -5,25 +5,27 @@
 //! ports), so every connection that works was carried by XDP in both directions.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     thread::{self, JoinHandle},
     time::Duration,
 };
 
+mod l4_support;
+
+use l4_support::{peer_program, LoadBalancer};
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use xlb::{
-    dataplane::{AttachMode, Dataplane},
+    dataplane::Dataplane,
     l4::{
         maglev::RingSize,
         service::{L4Route, L4RouteTable, Listener, Protocol},
         settings::L4Settings,
-        steering::Steering,
     },
 };
 use xlb_common::Stat;
@@ -120,82 +122,6 @@ impl Drop for Backend {
     }
 }
 
-/// A load balancer: the XDP program attached natively to its `to-switch`, steered by the
-/// daemon's own `Steering` (rtnetlink next-hop resolution + map writer).
-struct LoadBalancer {
-    addr: Ipv4Addr,
-    dataplane: Arc<Mutex<Dataplane>>,
-    steering: Steering,
-}
-
-impl LoadBalancer {
-    fn start(host: &Host, runtime: &tokio::runtime::Runtime) -> LoadBalancer {
-        // A new namespace inherits the host's ip_forward (1 where Docker runs): turn it off
-        // in the namespace this test owns, and check that it took.
-        host.netns
-            .run("sh", &["-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"])
-            .unwrap();
-        let forwarding = host
-            .netns
-            .run("cat", &["/proc/sys/net/ipv4/ip_forward"])
-            .unwrap();
-        assert_eq!(forwarding.trim(), "0", "the LB kernel must not forward");
-        host.netns
-            .run("iptables", &["-P", "FORWARD", "DROP"])
-            .unwrap();
-        let settings = L4Settings {
-            ring_size: RingSize::new(65537).unwrap(),
-            flow_entries: 16384,
-            service_slots: 4,
-            ..L4Settings::default()
-        };
-        let steering = in_netns(&host.netns, || {
-            let mut dataplane = Dataplane::load_with(&settings).unwrap();
-            let mode = dataplane.attach(Segment::HOST_INTERFACE).unwrap();
-            assert_eq!(mode, AttachMode::Native);
-            let dataplane = Arc::new(Mutex::new(dataplane));
-            let steering = runtime
-                .block_on(Steering::start(
-                    dataplane.clone(),
-                    Segment::HOST_INTERFACE,
-                    &[],
-                ))
-                .unwrap();
-            (dataplane, steering)
-        })
-        .unwrap();
-        LoadBalancer {
-            addr: host.addr,
-            dataplane: steering.0,
-            steering: steering.1,
-        }
-    }
-
-    /// Applies `table`, as a discovery poll does, until every endpoint's next hop is resolved.
-    fn steer(&mut self, runtime: &tokio::runtime::Runtime, table: &L4RouteTable) {
-        let expected: usize = table
-            .listeners
-            .iter()
-            .map(|route| route.endpoints.len())
-            .sum();
-        for _ in 0..20 {
-            runtime.block_on(self.steering.update(table)).unwrap();
-            let steered: usize = self.dataplane.lock().unwrap().l4().service_slots().len();
-            let backends = self.dataplane.lock().unwrap().l4().backend_ids().len();
-            let distinct: std::collections::BTreeSet<_> = table
-                .listeners
-                .iter()
-                .flat_map(|route| &route.endpoints)
-                .collect();
-            if steered == table.listeners.len() && backends == distinct.len() && expected > 0 {
-                return;
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!("the LB at {} did not resolve every backend", self.addr);
-    }
-}
-
 /// The segment: client, lb-00, lb-01, be-0..be-3, the LBs' switch ports with a native
 /// XDP_PASS program (XDP_TX out of a veth needs one on the peer).
 struct Lab {
@@ -226,26 +152,16 @@ impl Lab {
         let backend_hosts: Vec<Host> = (0..4)
             .map(|i| segment.add_host(&format!("be-{i}"), 20 + i).unwrap())
             .collect();
-        let peer_programs = in_netns(&segment.switch, || {
-            let mut programs = Dataplane::load_with(&L4Settings {
-                ring_size: RingSize::new(3).unwrap(),
-                flow_entries: 16,
-                service_slots: 1,
-                ..L4Settings::default()
-            })
-            .unwrap();
-            for lb in &lb_hosts {
-                assert_eq!(
-                    programs.attach(&lb.switch_port).unwrap(),
-                    AttachMode::Native
-                );
-            }
-            programs
-        })
-        .unwrap();
+        let peer_programs = peer_program(&segment, &lb_hosts.iter().collect::<Vec<_>>());
+        let lb_settings = L4Settings {
+            ring_size: RingSize::new(65537).unwrap(),
+            flow_entries: 16384,
+            service_slots: 4,
+            ..L4Settings::default()
+        };
         let lbs = lb_hosts
             .iter()
-            .map(|host| LoadBalancer::start(host, &runtime))
+            .map(|host| LoadBalancer::start(host, &runtime, &lb_settings))
             .collect();
         let backends = backend_hosts
             .iter()
@@ -292,8 +208,13 @@ impl Lab {
     }
 
     fn steer_all(&mut self, table: &L4RouteTable) {
+        let endpoints: BTreeSet<_> = table
+            .listeners
+            .iter()
+            .flat_map(|route| &route.endpoints)
+            .collect();
         for lb in &mut self.lbs {
-            lb.steer(&self.runtime, table);
+            lb.steer(&self.runtime, table, endpoints.len());
         }
     }
 

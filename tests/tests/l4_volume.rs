@@ -28,14 +28,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod l4_support;
+
+use l4_support::{peer_program, set_sysctl, LoadBalancer};
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use xlb::{
-    dataplane::{AttachMode, Dataplane},
+    dataplane::Dataplane,
     l4::{
-        maglev::RingSize,
         service::{L4Route, L4RouteTable, Listener, Protocol},
         settings::{check_snat_ports, L4Settings, SnatPorts},
-        steering::Steering,
     },
 };
 use xlb_common::Stat;
@@ -94,22 +95,6 @@ fn count_from_env(name: &str, default: usize) -> usize {
             .unwrap_or_else(|_| panic!("{name}={value:?} is not a count")),
         Err(_) => default,
     }
-}
-
-/// Sets sysctl `name` to `value` in a namespace this test created (through `/proc/sys` from
-/// inside it: no procps needed), and reads it back.
-fn set_sysctl(netns: &Netns, name: &str, value: &str) {
-    let path = format!("/proc/sys/{}", name.replace('.', "/"));
-    netns
-        .run("sh", &["-c", &format!("echo '{value}' > {path}")])
-        .unwrap();
-    let read = netns.run("cat", &[&path]).unwrap();
-    assert_eq!(
-        read.split_whitespace().collect::<Vec<_>>(),
-        value.split_whitespace().collect::<Vec<_>>(),
-        "{name} in {}",
-        netns.name()
-    );
 }
 
 /// A pool of threads accepting on one TCP listener: each greets a connection, echoes until the
@@ -254,8 +239,7 @@ struct Lab {
     lb_addr: Ipv4Addr,
     backend: Backend,
     sweeper: Sweeper,
-    dataplane: Arc<Mutex<Dataplane>>,
-    steering: Steering,
+    lb: LoadBalancer,
     runtime: tokio::runtime::Runtime,
     // Dropped after the LB: the peer's program, then the namespaces.
     _peer_program: Dataplane,
@@ -275,24 +259,9 @@ impl Lab {
         let client = segment.add_host("client", 2).unwrap();
         let lb = segment.add_host("lb", 10).unwrap();
         let backend_host = segment.add_host("be", 20).unwrap();
-        let peer_program = in_netns(&segment.switch, || {
-            let mut program = Dataplane::load_with(&L4Settings {
-                ring_size: RingSize::new(3).unwrap(),
-                flow_entries: 16,
-                service_slots: 1,
-                ..L4Settings::default()
-            })
-            .unwrap();
-            assert_eq!(program.attach(&lb.switch_port).unwrap(), AttachMode::Native);
-            program
-        })
-        .unwrap();
+        let peer_program = peer_program(&segment, &[&lb]);
 
-        // The LB kernel carries nothing itself; its own ephemeral ports stay off the SNAT ones.
-        set_sysctl(&lb.netns, "net.ipv4.ip_forward", "0");
-        lb.netns
-            .run("iptables", &["-P", "FORWARD", "DROP"])
-            .unwrap();
+        // The LB's own ephemeral ports stay off the SNAT ones.
         set_sysctl(
             &lb.netns,
             "net.ipv4.ip_local_port_range",
@@ -315,30 +284,15 @@ impl Lab {
             udp_idle: SHORT_TIMEOUT,
             ..L4Settings::default()
         };
-        let (dataplane, steering) = in_netns(&lb.netns, || {
-            let mut dataplane = Dataplane::load_with(&settings).unwrap();
-            let mode = dataplane.attach(Segment::HOST_INTERFACE).unwrap();
-            assert_eq!(mode, AttachMode::Native);
-            let dataplane = Arc::new(Mutex::new(dataplane));
-            let steering = runtime
-                .block_on(Steering::start(
-                    dataplane.clone(),
-                    Segment::HOST_INTERFACE,
-                    &[],
-                ))
-                .unwrap();
-            (dataplane, steering)
-        })
-        .unwrap();
+        let load_balancer = LoadBalancer::start(&lb, &runtime, &settings);
         let backend = Backend::start(&backend_host);
-        let sweeper = Sweeper::start(dataplane.clone());
+        let sweeper = Sweeper::start(load_balancer.dataplane.clone());
         let mut lab = Lab {
             client,
             lb_addr: lb.addr,
             backend,
             sweeper,
-            dataplane,
-            steering,
+            lb: load_balancer,
             runtime,
             _peer_program: peer_program,
             _hosts: vec![lb, backend_host],
@@ -369,27 +323,11 @@ impl Lab {
             ],
             rejected: vec![],
         };
-        for _ in 0..20 {
-            self.runtime.block_on(self.steering.update(&table)).unwrap();
-            let mut dataplane = self.dataplane.lock().unwrap();
-            if dataplane.l4().service_slots().len() == 2 && dataplane.l4().backend_ids().len() == 2
-            {
-                return;
-            }
-            drop(dataplane);
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!("the LB did not resolve the backend");
+        self.lb.steer(&self.runtime, &table, 2);
     }
 
     fn stat(&self, stat: Stat) -> u64 {
-        self.dataplane
-            .lock()
-            .unwrap()
-            .stats()
-            .unwrap()
-            .get(stat)
-            .packets
+        self.lb.stat(stat)
     }
 }
 
@@ -478,7 +416,7 @@ fn run_clients(
                         failed.load(Ordering::Relaxed),
                     );
                     report_stats(lab, "so far");
-                    let dataplane = lab.dataplane.lock().unwrap();
+                    let dataplane = lab.lb.dataplane.lock().unwrap();
                     let table = dataplane.connection_table().table;
                     eprintln!(
                         "table so far: {} entries {:?}, SNAT tuples in use {:?}",
@@ -618,7 +556,7 @@ fn report_kernel_counters(netns: &Netns, role: &str) {
 }
 
 fn report_stats(lab: &Lab, when: &str) {
-    let stats = lab.dataplane.lock().unwrap().stats().unwrap();
+    let stats = lab.lb.dataplane.lock().unwrap().stats().unwrap();
     let line: Vec<String> = REPORTED_STATS
         .iter()
         .map(|&stat| format!("{}={}", stat.name(), stats.get(stat).packets))
@@ -656,6 +594,7 @@ fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_tabl
     // Only a sweep that started after the load tells what the load left.
     let settle_started = Instant::now();
     let sweeps_before = lab
+        .lb
         .dataplane
         .lock()
         .unwrap()
@@ -664,7 +603,7 @@ fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_tabl
         .sweeps;
     let (summary, sweeps) = loop {
         let (summary, sweeps) = {
-            let dataplane = lab.dataplane.lock().unwrap();
+            let dataplane = lab.lb.dataplane.lock().unwrap();
             let report = dataplane.connection_table();
             (report.table.clone(), report.sweeps)
         };

@@ -161,31 +161,6 @@ fn a_udp_datagram_without_checksum_keeps_none() {
 }
 
 #[test]
-fn a_backend_behind_another_interface_is_reached_by_redirect() {
-    let mut dataplane = one_backend_dataplane(OTHER_IFINDEX);
-    let syn_in = tcp(TO_LB, client(), lb(5432), 64, syn as Flags, &[]);
-    let syn_out = tcp(TO_BACKEND, snat(), BACKEND_A, 63, syn as Flags, &[]);
-    expect(
-        &mut dataplane,
-        "SYN to a redirected backend",
-        &syn_in,
-        XDP_REDIRECT,
-        Some(&syn_out),
-        &["class_l4_service", "l4_new_flow", "verdict_redirect"],
-    );
-    let reply = tcp(FROM_BACKEND, BACKEND_A, snat(), 64, syn_ack as Flags, &[]);
-    let to_client = tcp(TO_CLIENT, lb(5432), client(), 63, syn_ack as Flags, &[]);
-    expect(
-        &mut dataplane,
-        "its reply leaves by the client's interface",
-        &reply,
-        XDP_TX,
-        Some(&to_client),
-        &["class_l4_reply", "l4_replied", "verdict_tx"],
-    );
-}
-
-#[test]
 fn everything_else_is_passed_untouched() {
     let mut dataplane = one_backend_dataplane(INGRESS_IFINDEX);
     let pass = |dataplane: &mut Dataplane, name: &str, frame: &[u8], stats: &[&str]| {

@@ -28,9 +28,11 @@ pub struct RunArgs {
     /// Interlock's config.toml.
     #[arg(long, short = 'c')]
     pub config: PathBuf,
-    /// The interface to attach the XDP program to (never chosen implicitly).
+    /// An interface to attach the XDP program to (never chosen implicitly); repeat it for a
+    /// node whose clients or backends are behind several. L4 backends whose route leaves by
+    /// an interface not named here get no flows.
     #[arg(long, short = 'i', required_unless_present = "no_xdp")]
-    pub interface: Option<String>,
+    pub interface: Vec<String>,
     /// Run the L7 proxy only, without the XDP program.
     #[arg(long, conflicts_with = "interface")]
     pub no_xdp: bool,

@@ -144,13 +144,13 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         .into_iter()
         .flatten()
         .collect();
-    let (dataplane, steering) = match (&args.interface, args.no_xdp) {
-        (Some(interface), false) => {
+    let (dataplane, steering) = match (args.interface.as_slice(), args.no_xdp) {
+        (interfaces, false) if !interfaces.is_empty() => {
             let admin_port = config.listen_addr.map(|addr| addr.port());
             let dataplane = start_dataplane(
-                interface, &l7_ports, admin_port, &config.l4, &tasks, &shutdown,
+                interfaces, &l7_ports, admin_port, &config.l4, &tasks, &shutdown,
             )?;
-            let steering = Steering::start(dataplane.clone(), interface, &config.l4.addresses)
+            let steering = Steering::start(dataplane.clone(), interfaces, &config.l4.addresses)
                 .await
                 .context("starting the L4 fast path")?;
             let shielded = steering.addresses();
@@ -290,7 +290,7 @@ fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> anyhow::Result<Prox
 /// Loads and attaches the XDP program. The shield leaves the admin port (`admin_port`) and
 /// the node's ephemeral ports open besides the configured ones.
 fn start_dataplane(
-    interface: &str,
+    interfaces: &[String],
     l7_ports: &[u16],
     admin_port: Option<u16>,
     l4: &L4Settings,
@@ -313,11 +313,14 @@ fn start_dataplane(
             .clone()
             .run_until_cancelled_owned(log_failure("XDP log forwarding", forwarder.run())),
     );
-    let mode = dataplane
-        .attach(interface)
-        .with_context(|| format!("attaching the XDP program to {interface}"))?;
+    for interface in interfaces {
+        let mode = dataplane
+            .attach(interface)
+            .with_context(|| format!("attaching the XDP program to {interface}"))?;
+        tracing::info!(interface, ?mode, "XDP program attached");
+    }
     dataplane.set_l7_ports(l7_ports)?;
-    tracing::info!(interface, ?mode, ?l7_ports, "XDP program attached");
+    tracing::info!(?l7_ports, "L7 ports passed to the proxy");
     let dataplane = Arc::new(Mutex::new(dataplane));
     tasks.spawn(
         shutdown

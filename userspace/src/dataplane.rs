@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{xdp::XdpMapError, Array, DevMapHash, HashMap, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
@@ -56,6 +56,12 @@ pub enum DataplaneError {
         action: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+    #[error("interface {interface} not found")]
+    NoInterface {
+        interface: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("forwarding the XDP program's log failed")]
     Log(#[source] std::io::Error),
@@ -110,6 +116,11 @@ pub struct Dataplane {
     shielded: HashMap<MapData, u32, u32>,
     shield: bool,
     open_ports: OpenPorts,
+    /// The interfaces the program is attached to, by ifindex.
+    attached: BTreeMap<u32, String>,
+    /// `EGRESS`: those of them frames may be redirected to, as last written.
+    egress: DevMapHash<MapData>,
+    egress_written: BTreeSet<u32>,
 }
 
 /// The shield's `OPEN_PORTS`: the configured ports, and those of tasks on this node.
@@ -183,6 +194,7 @@ impl Dataplane {
                 .map_err(|source| map_error("OPEN_PORTS", "written", source))?;
         }
         let shielded = open(&mut ebpf, "SHIELDED", HashMap::try_from)?;
+        let egress = open(&mut ebpf, "EGRESS", DevMapHash::try_from)?;
         let handles = L4MapHandles {
             services: open(&mut ebpf, "SERVICES", HashMap::try_from)?,
             rings: open(&mut ebpf, "RINGS", Array::try_from)?,
@@ -216,6 +228,9 @@ impl Dataplane {
             shielded,
             shield: settings.shield,
             open_ports,
+            attached: BTreeMap::new(),
+            egress,
+            egress_written: BTreeSet::new(),
         };
         dataplane
             .program()?
@@ -239,20 +254,58 @@ impl Dataplane {
     /// Attaches in native mode, falling back to generic mode (with a warning) when the
     /// interface's driver has no native XDP.
     pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
-        let program = self.program()?;
-        let native = match program.attach(interface, XdpMode::Driver) {
-            Ok(_) => return Ok(AttachMode::Native),
-            Err(error) => error,
-        };
-        tracing::warn!(interface, error = %native, "native XDP unavailable, falling back to generic mode");
-        match program.attach(interface, XdpMode::Skb) {
-            Ok(_) => Ok(AttachMode::Generic),
-            Err(generic) => Err(DataplaneError::Attach {
+        let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|errno| {
+            DataplaneError::NoInterface {
                 interface: interface.to_owned(),
-                native: Box::new(native),
-                generic: Box::new(generic),
-            }),
+                source: std::io::Error::from(errno),
+            }
+        })?;
+        let program = self.program()?;
+        let mode = match program.attach(interface, XdpMode::Driver) {
+            Ok(_) => AttachMode::Native,
+            Err(native) => {
+                tracing::warn!(interface, error = %native, "native XDP unavailable, falling back to generic mode");
+                match program.attach(interface, XdpMode::Skb) {
+                    Ok(_) => AttachMode::Generic,
+                    Err(generic) => {
+                        return Err(DataplaneError::Attach {
+                            interface: interface.to_owned(),
+                            native: Box::new(native),
+                            generic: Box::new(generic),
+                        })
+                    }
+                }
+            }
+        };
+        self.attached.insert(ifindex, interface.to_owned());
+        Ok(mode)
+    }
+
+    /// The interfaces the program is attached to, by ifindex.
+    pub fn attached(&self) -> &BTreeMap<u32, String> {
+        &self.attached
+    }
+
+    /// Makes `ifindexes` exactly the interfaces frames may be redirected to (`EGRESS`).
+    pub fn set_egress(&mut self, ifindexes: &BTreeSet<u32>) -> Result<(), DataplaneError> {
+        for stale in self.egress_written.difference(ifindexes) {
+            self.egress
+                .remove(*stale)
+                .map_err(|source| map_error("EGRESS", "updated", source))?;
         }
+        for ifindex in ifindexes.difference(&self.egress_written) {
+            self.egress
+                .insert(*ifindex, *ifindex, None, 0)
+                .map_err(|error| match error {
+                    XdpMapError::MapError(source) => map_error("EGRESS", "updated", source),
+                    // Only inserts with a program for the device map entry can fail so.
+                    XdpMapError::ChainedProgramNotSupported => {
+                        unreachable!("EGRESS entries carry no program")
+                    }
+                })?;
+        }
+        self.egress_written = ifindexes.clone();
+        Ok(())
     }
 
     /// Makes `ports` exactly the set of TCP ports the program classifies as L7 traffic.

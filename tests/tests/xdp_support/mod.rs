@@ -35,8 +35,6 @@ pub const BACKEND_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 78, 1, 3
 
 /// BPF_PROG_TEST_RUN runs the program as if the frame arrived on loopback.
 pub const INGRESS_IFINDEX: u32 = 1;
-/// Another interface for redirect cases (never used to send: test runs do not transmit).
-pub const OTHER_IFINDEX: u32 = 4242;
 
 pub const TCP_SERVICE: Listener = Listener {
     port: 5432,
@@ -93,13 +91,28 @@ pub fn dataplane(settings: &L4Settings, plan: &[ServicePlan]) -> Dataplane {
 
 /// One run through the kernel: the verdict and the frame as the program left it.
 pub fn run(dataplane: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_from(dataplane, frame, None)
+}
+
+/// [`run`], the frame arriving on interface `ingress` of the calling thread's network
+/// namespace (loopback when `None`).
+pub fn run_from(dataplane: &mut Dataplane, frame: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex; the kernel wants data 0 and data_end the frame's length.
+    let context: Option<Vec<u8>> = ingress.map(|ifindex| {
+        [0, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|word| word.to_ne_bytes())
+            .collect()
+    });
     let result = dataplane
         .program()
         .unwrap()
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: context.as_deref(),
             ..TestRunOptions::default()
         })
         .unwrap_or_else(|error| panic!("test run of {} bytes: {error}", frame.len()));
@@ -284,8 +297,21 @@ pub fn expect(
     output: Option<&[u8]>,
     stats: &[&str],
 ) {
+    expect_from(dataplane, None, name, frame, verdict, output, stats)
+}
+
+/// [`expect`] for a frame arriving on interface `ingress` (see [`run_from`]).
+pub fn expect_from(
+    dataplane: &mut Dataplane,
+    ingress: Option<u32>,
+    name: &str,
+    frame: &[u8],
+    verdict: u32,
+    output: Option<&[u8]>,
+    stats: &[&str],
+) {
     let before = dataplane.stats().unwrap();
-    let (got_verdict, out) = run(dataplane, frame);
+    let (got_verdict, out) = run_from(dataplane, frame, ingress);
     let after = dataplane.stats().unwrap();
     assert_eq!(got_verdict, verdict, "{name}: verdict");
     let expected_out = output.unwrap_or(frame);

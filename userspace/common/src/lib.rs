@@ -30,6 +30,9 @@ pub const MAX_SHIELDED_ADDRS: u32 = 64;
 /// Capacity of the `OPEN_PORTS` map: (port, protocol) pairs the shield lets through.
 pub const MAX_OPEN_PORTS: u32 = 256;
 
+/// Capacity of the `EGRESS` device map: the interfaces frames may be redirected to.
+pub const MAX_EGRESS_INTERFACES: u32 = 64;
+
 /// Value of the `SHIELDED` and `OPEN_PORTS` maps.
 pub const SHIELD_ENTRY: u32 = 1;
 

@@ -72,7 +72,8 @@ pub enum Stat {
     /// An event: a SYN on the tuple of a flow that is over (closed, or idle past its timeout)
     /// removed its entries and started a new flow (the client reused its port).
     L4FlowReopened = 22,
-    /// Dropped: `bpf_redirect` refused the egress interface.
+    /// Dropped: the egress interface is not in `EGRESS` (the program is not attached to it, or
+    /// it cannot transmit XDP frames now: a veth whose peer has neither XDP nor GRO).
     L4DropRedirect = 23,
     /// An event, counted besides `L4NewFlow`: the new flow took the SNAT tuple of an expired
     /// flow, or, with every other tuple tried live, of a closing one; its entries were removed.

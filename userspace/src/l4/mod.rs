@@ -6,6 +6,7 @@
 //! - [`settings`]: limits and timeouts, with their defaults.
 //! - [`maps`]: the map writer: backend ids, service slots, double-buffered rings.
 //! - [`conntrack`]: the connection table's sweep and occupancy ([`batch`]: batched map I/O).
+//! - [`egress`]: which interfaces can take redirected XDP frames (netdev xdp-features).
 //! - [`neighbours`]: next hops of backends, resolved ahead of time over rtnetlink.
 //! - [`plan`]: route table + next hops → what the maps should hold (pure).
 //! - [`shield`]: which ports of this node the route tables say the shield must leave open.
@@ -13,6 +14,7 @@
 
 pub mod batch;
 pub mod conntrack;
+pub mod egress;
 pub mod maglev;
 pub mod maps;
 pub mod neighbours;

@@ -5,13 +5,14 @@
 //! their endpoints appear and neighbour entries need refreshing while XDP uses them.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use super::{
+    egress::{require_attached_egress, EgressChecker, EgressError},
     neighbours::{NeighbourError, NeighbourResolver, Resolution},
     plan::{backend_addresses, plan},
     service::L4RouteTable,
@@ -27,25 +28,37 @@ pub enum SteeringError {
     Neighbours(#[from] NeighbourError),
     #[error("writing the L4 maps")]
     Maps(#[from] DataplaneError),
+    #[error("checking which interfaces take redirected XDP frames")]
+    Egress(#[from] EgressError),
 }
 
 pub struct Steering {
     dataplane: Arc<Mutex<Dataplane>>,
     resolver: NeighbourResolver,
+    egress: EgressChecker,
+    /// The interfaces the program is attached to, by ifindex.
+    attached: BTreeMap<u32, String>,
+    /// Those found unable to take redirected frames at the last poll.
+    cannot_take_redirects: BTreeSet<u32>,
     addresses: Vec<Ipv4Addr>,
     left_out: BTreeMap<SocketAddr, String>,
 }
 
 impl Steering {
-    /// Steers on `configured` LB addresses, or on the IPv4 addresses of `interface`.
+    /// Steers on `configured` LB addresses, or on the IPv4 addresses of the `interfaces` the
+    /// program is attached to.
     pub async fn start(
         dataplane: Arc<Mutex<Dataplane>>,
-        interface: &str,
+        interfaces: &[String],
         configured: &[IpAddr],
     ) -> Result<Steering, SteeringError> {
         let resolver = NeighbourResolver::connect()?;
         let addresses: Vec<Ipv4Addr> = if configured.is_empty() {
-            resolver.interface_ipv4_addresses(interface).await?
+            let mut addresses = Vec::new();
+            for interface in interfaces {
+                addresses.extend(resolver.interface_ipv4_addresses(interface).await?);
+            }
+            addresses
         } else {
             for ipv6 in configured.iter().filter(|addr| addr.is_ipv6()) {
                 tracing::warn!(address = %ipv6, "[L4] Addresses: IPv6 is not steered (IPv4 NAT only); ignored");
@@ -60,15 +73,19 @@ impl Steering {
         };
         if addresses.is_empty() {
             tracing::warn!(
-                interface,
+                ?interfaces,
                 "no IPv4 address to answer L4 services on: none is steered (set [L4] Addresses)"
             );
         } else {
             tracing::info!(?addresses, "L4 services answer on these addresses");
         }
+        let attached = lock(&dataplane).attached().clone();
         Ok(Steering {
             dataplane,
             resolver,
+            egress: EgressChecker::connect()?,
+            attached,
+            cannot_take_redirects: BTreeSet::new(),
             addresses,
             left_out: BTreeMap::new(),
         })
@@ -87,13 +104,14 @@ impl Steering {
             tokio::time::sleep(RESOLUTION_GRACE).await;
             resolutions = self.resolver.resolve(&backends).await?;
         }
+        require_attached_egress(&mut resolutions, &self.attached, interface_name);
+        let egress = tokio::task::block_in_place(|| self.check_egress())?;
         let plan = plan(table, &self.addresses, &resolutions);
         let dataplane = self.dataplane.clone();
         let services = plan.services.clone();
         let report = tokio::task::block_in_place(move || {
-            let mut dataplane = dataplane
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut dataplane = lock(&dataplane);
+            dataplane.set_egress(&egress)?;
             dataplane.l4().apply(&services)
         })?;
         if report.rings_flipped > 0 {
@@ -121,4 +139,53 @@ impl Steering {
         self.left_out = plan.left_out;
         Ok(())
     }
+}
+
+impl Steering {
+    /// The attached interfaces that can take frames redirected to them now (see
+    /// [`super::egress`]), warning when that changes and it matters: with one interface every
+    /// frame leaves by the one it came in on, with no redirect.
+    fn check_egress(&mut self) -> Result<BTreeSet<u32>, SteeringError> {
+        let mut able = BTreeSet::new();
+        let mut unable = BTreeSet::new();
+        for &ifindex in self.attached.keys() {
+            if self.egress.takes_xdp_frames(ifindex)? {
+                able.insert(ifindex);
+            } else {
+                unable.insert(ifindex);
+            }
+        }
+        if self.attached.len() > 1 {
+            for ifindex in unable.difference(&self.cannot_take_redirects) {
+                tracing::warn!(
+                    interface = self.attached[ifindex],
+                    "interface cannot transmit frames redirected from XDP (on a veth: its peer \
+                     needs an XDP program or GRO): L4 packets that enter by another interface and \
+                     leave by it are dropped (l4_drop_redirect)"
+                );
+            }
+            for ifindex in self.cannot_take_redirects.difference(&unable) {
+                tracing::info!(
+                    interface = self.attached[ifindex],
+                    "interface takes frames redirected from XDP again"
+                );
+            }
+        }
+        self.cannot_take_redirects = unable;
+        Ok(able)
+    }
+}
+
+fn lock(dataplane: &Mutex<Dataplane>) -> std::sync::MutexGuard<'_, Dataplane> {
+    dataplane
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An interface's name for a message, or its index when it has none (any more).
+fn interface_name(ifindex: u32) -> String {
+    nix::net::if_::if_indextoname(ifindex)
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_else(|| format!("ifindex {ifindex}"))
 }
