@@ -87,7 +87,7 @@ fn all_echo(streams: &mut [TcpStream], round: &str) {
 #[test]
 fn a_syn_flood_leaves_established_flows_working() {
     let _turn = one_at_a_time();
-    // 4096 flows fit, fewer than the backend's 4536 SNAT tuples: the table fills first.
+    // 4096 flows fit, fewer than the backend's 31 744 SNAT tuples: the table fills first.
     let settings = L4Settings {
         flow_entries: 8192,
         ..Lab::settings()

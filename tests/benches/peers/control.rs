@@ -125,7 +125,7 @@ fn routed_endpoints(bed: &Bed) -> Result<Vec<SocketAddr>> {
 }
 
 /// A one-shot HTTP/1.0 GET; the body of a 200 answer.
-fn http_get(to: SocketAddr, path: &str) -> Result<String> {
+pub fn http_get(to: SocketAddr, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n")?;

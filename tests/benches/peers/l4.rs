@@ -114,6 +114,9 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
         // xlb's process only programs the maps; the packets are its XDP program's work,
         // charged to the machine, so no process is metered here.
         measure_both("xlb XDP", via_lb(bed, &xlb, |_| Vec::new()));
+        if xlb.is_ok() {
+            progress.done(&xdp_counters(bed));
+        }
     }
     // Kernel NAT runs last: its conntrack entries outlive its rules (the client reuses ports,
     // and a stale DNAT entry would steer a later row's SYN to a forwarding-off kernel).
@@ -122,4 +125,29 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
         measure_both("kernel NAT (iptables)", via_lb(bed, &nat, |_| Vec::new()));
     }
     Ok(rows)
+}
+
+/// The L4 counters xlb's XDP program moved over its rows, from its `/stats`: where a row is
+/// slow, the verdicts and table events say why (SNAT tuples reused, drops).
+fn xdp_counters(bed: &Bed) -> String {
+    let stats = xlb_testbed::in_netns(&bed.client.netns, || {
+        crate::control::http_get(bed.admin_addr(), "/stats")
+    })
+    .and_then(|body| body)
+    .and_then(|body| Ok(serde_json::from_str::<serde_json::Value>(&body)?));
+    let stats = match stats {
+        Ok(stats) => stats,
+        Err(error) => return format!("xlb XDP counters: /stats failed: {error:#}"),
+    };
+    let counters: Vec<String> = stats["xdp"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| name.starts_with("l4_"))
+        .filter_map(|(name, total)| {
+            let packets = total["packets"].as_u64()?;
+            (packets > 0).then(|| format!("{name}={packets}"))
+        })
+        .collect();
+    format!("xlb XDP counters over its rows: {}", counters.join(" "))
 }
