@@ -18,7 +18,7 @@ use std::{
 
 mod l4_support;
 
-use l4_support::{peer_program, LoadBalancer};
+use l4_support::{greet_and_echo, peer_program, LoadBalancer};
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use xlb::{
     dataplane::Dataplane,
@@ -100,17 +100,9 @@ impl Backend {
     }
 }
 
-fn echo(mut stream: TcpStream, greeting: &str) {
+fn echo(stream: TcpStream, greeting: &str) {
     stream.set_nonblocking(false).unwrap();
-    if stream.write_all(greeting.as_bytes()).is_err() {
-        return;
-    }
-    let mut buffer = [0u8; 4096];
-    while let Ok(len) = stream.read(&mut buffer) {
-        if len == 0 || stream.write_all(&buffer[..len]).is_err() {
-            return;
-        }
-    }
+    greet_and_echo(stream, greeting.as_bytes());
 }
 
 impl Drop for Backend {

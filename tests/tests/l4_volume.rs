@@ -30,7 +30,7 @@ use std::{
 
 mod l4_support;
 
-use l4_support::{peer_program, set_sysctl, LoadBalancer};
+use l4_support::{greet_and_echo, peer_program, set_sysctl, LoadBalancer};
 use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use xlb::{
     dataplane::Dataplane,
@@ -161,19 +161,11 @@ impl Backend {
     }
 }
 
-fn echo(mut stream: TcpStream) {
+fn echo(stream: TcpStream) {
     // Accepted sockets do not inherit the listener's timeout; a client that vanished must not
     // hold a thread of the pool forever.
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    if stream.write_all(GREETING).is_err() {
-        return;
-    }
-    let mut buffer = [0u8; 512];
-    while let Ok(len) = stream.read(&mut buffer) {
-        if len == 0 || stream.write_all(&buffer[..len]).is_err() {
-            return;
-        }
-    }
+    greet_and_echo(stream, GREETING);
 }
 
 impl Drop for Backend {

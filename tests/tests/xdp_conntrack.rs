@@ -9,7 +9,10 @@ mod xdp_support;
 use std::{net::SocketAddrV4, thread, time::Duration};
 
 use xdp_support::*;
-use xlb::{dataplane::Dataplane, l4::settings::L4Settings};
+use xlb::{
+    dataplane::Dataplane,
+    l4::settings::{L4Settings, SnatPorts},
+};
 
 /// Long enough for a few test runs to happen inside it, short enough to wait out.
 const SHORT: Duration = Duration::from_millis(200);
@@ -132,15 +135,10 @@ fn an_established_flow_outlives_the_handshake_timeout_and_keeps_its_tuple() {
 
 #[test]
 fn a_closed_flows_tuple_waits_for_late_segments_unless_every_other_tuple_is_live() {
-    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61001).unwrap());
-    settings.tcp_closing = Duration::from_secs(3600);
-    let mut dataplane = dataplane(
-        &settings,
-        &[service(
-            TCP_SERVICE,
-            vec![backend(BACKEND_A, INGRESS_IFINDEX)],
-        )],
-    );
+    let mut dataplane = conntrack(|s| {
+        s.snat_ports = SnatPorts::new(61000, 61001).unwrap();
+        s.tcp_closing = Duration::from_secs(3600);
+    });
     let first = handshake(&mut dataplane, 40000);
     step(&mut dataplane, &from_client(40000, fin_ack));
     step(&mut dataplane, &from_backend(first, fin_ack));
@@ -179,15 +177,10 @@ fn a_closed_flows_tuple_waits_for_late_segments_unless_every_other_tuple_is_live
 
 #[test]
 fn a_backends_time_wait_is_held_unless_every_other_tuple_is_live() {
-    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61001).unwrap());
-    settings.tcp_time_wait = Duration::from_secs(3600);
-    let mut dataplane = dataplane(
-        &settings,
-        &[service(
-            TCP_SERVICE,
-            vec![backend(BACKEND_A, INGRESS_IFINDEX)],
-        )],
-    );
+    let mut dataplane = conntrack(|s| {
+        s.snat_ports = SnatPorts::new(61000, 61001).unwrap();
+        s.tcp_time_wait = Duration::from_secs(3600);
+    });
     let first = handshake(&mut dataplane, 40000);
     let (_, l4, _) = step(&mut dataplane, &from_backend(first, fin_ack));
     assert_eq!(l4, ["l4_replied"], "the backend closes first");
@@ -216,15 +209,10 @@ fn a_backends_time_wait_is_held_unless_every_other_tuple_is_live() {
 
 #[test]
 fn a_syn_on_a_closed_flows_tuple_reopens_it_on_the_same_snat_tuple() {
-    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61999).unwrap());
-    settings.tcp_time_wait = Duration::from_secs(3600);
-    let mut dataplane = dataplane(
-        &settings,
-        &[service(
-            TCP_SERVICE,
-            vec![backend(BACKEND_A, INGRESS_IFINDEX)],
-        )],
-    );
+    let mut dataplane = conntrack(|s| {
+        s.snat_ports = SnatPorts::new(61000, 61999).unwrap();
+        s.tcp_time_wait = Duration::from_secs(3600);
+    });
     let snat_port = handshake(&mut dataplane, 40000);
     // The backend closes first: its socket keeps the SNAT tuple in TIME_WAIT.
     step(&mut dataplane, &from_backend(snat_port, fin_ack));
@@ -296,16 +284,11 @@ fn an_idle_udp_flow_gives_its_tuple_to_the_next_flow() {
 
 #[test]
 fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
-    let mut settings = settings(xlb::l4::settings::SnatPorts::new(20000, 59999).unwrap());
-    settings.flow_entries = 65536;
-    settings.udp_idle = SHORT;
-    let mut dataplane = dataplane(
-        &settings,
-        &[
-            service(TCP_SERVICE, vec![backend(BACKEND_A, INGRESS_IFINDEX)]),
-            service(UDP_SERVICE, vec![backend(BACKEND_B, INGRESS_IFINDEX)]),
-        ],
-    );
+    let mut dataplane = conntrack(|s| {
+        s.snat_ports = SnatPorts::new(20000, 59999).unwrap();
+        s.flow_entries = 65536;
+        s.udp_idle = SHORT;
+    });
     handshake(&mut dataplane, 40000);
     // More flows than one batch of the sweep's reads and deletes holds.
     const UDP_FLOWS: u16 = 20_000;
@@ -351,7 +334,7 @@ fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
 fn live_flows_follow_their_backends_next_hop_and_end_when_it_has_drained() {
     const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbf];
     let backend_c = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 78, 1, 4), 30003);
-    let mut settings = settings(xlb::l4::settings::SnatPorts::new(61000, 61099).unwrap());
+    let mut settings = settings(SnatPorts::new(61000, 61099).unwrap());
     settings.backend_drain = Duration::ZERO;
     let tcp_to = |endpoint, mac| {
         let mut plan = backend(endpoint, INGRESS_IFINDEX);
@@ -453,7 +436,7 @@ fn on_one_cpu<T: Send>(work: impl FnOnce() -> T + Send) -> T {
 fn a_syn_flood_is_cut_at_the_services_limit_and_never_displaces_an_established_flow() {
     let cpus = aya::util::online_cpus().unwrap().len() as u32;
     const PER_CPU: u32 = 50;
-    let mut settings = settings(xlb::l4::settings::SnatPorts::new(20000, 59999).unwrap());
+    let mut settings = settings(SnatPorts::new(20000, 59999).unwrap());
     // Room for the established flow and 99 more: the flood fills the table.
     settings.flow_entries = 200;
     let mut limited = settings.clone();

@@ -8,7 +8,8 @@
 pub mod one_backend;
 
 use std::{
-    net::Ipv4Addr,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
     sync::{Arc, Mutex},
     thread,
     time::Duration,
@@ -118,6 +119,20 @@ impl LoadBalancer {
 
     pub fn stat(&self, stat: Stat) -> u64 {
         self.stats().get(stat).packets
+    }
+}
+
+/// A backend's connection: `greeting` first (it tells which backend answered), then an echo
+/// of whatever comes until the client closes or the socket fails.
+pub fn greet_and_echo(mut stream: TcpStream, greeting: &[u8]) {
+    if stream.write_all(greeting).is_err() {
+        return;
+    }
+    let mut buffer = [0u8; 4096];
+    while let Ok(len) = stream.read(&mut buffer) {
+        if len == 0 || stream.write_all(&buffer[..len]).is_err() {
+            return;
+        }
     }
 }
 

@@ -139,9 +139,7 @@ impl Steering {
         self.left_out = plan.left_out;
         Ok(())
     }
-}
 
-impl Steering {
     /// The attached interfaces that can take frames redirected to them now (see
     /// [`super::egress`]), warning when that changes and it matters: with one interface every
     /// frame leaves by the one it came in on, with no redirect.
