@@ -279,10 +279,7 @@ mod tests {
         let value = L4Settings::default().to_program_settings(2);
         assert_eq!(value.new_flows_per_cpu_second, 0);
         assert_eq!(value.ring_size, 65537);
-        assert_eq!(
-            (value.snat_port_first, value.snat_port_last),
-            (1024, 32767)
-        );
+        assert_eq!((value.snat_port_first, value.snat_port_last), (1024, 32767));
         assert_eq!(value.snat_addr_count, 0);
         let timeouts = value.timeouts;
         assert_eq!(timeouts.tcp_established_ns, 3_600_000_000_000);
