@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use super::{
-    test_support::{EchoBackend, RawConnection, RunningProxy},
+    test_support::{bulk_backend, EchoBackend, RawConnection, RunningProxy},
     ClientLimits, HandlerSettings, ProxySettings,
 };
 
@@ -350,6 +350,25 @@ async fn keepalive_timeout_zero_closes_after_each_response() {
     assert!(exchange.closed);
     assert_eq!(exchange.status(), 200);
     assert_eq!(exchange.responses()[0].header("connection"), Some("close"));
+}
+
+/// hyper's connection is given up once the connection is idle: not before it has written all
+/// of a response that the client is slow to take (larger than the socket buffers, so that
+/// hyper still holds some of it after the upstream's body ended).
+#[tokio::test]
+async fn a_large_response_to_a_slow_reader_arrives_whole_and_the_connection_serves_on() {
+    const LENGTH: usize = 4 << 20;
+    let (backend, _backend) = bulk_backend(LENGTH).await;
+    let proxy = RunningProxy::start_with_send_buffer(&[("app", &[backend])], 4096).await;
+    let mut slow_reader = RawConnection::with_receive_buffer(proxy.addr, 4096).await;
+    for path in ["/first", "/second"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+        slow_reader.send(request.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let response = slow_reader.read_response().await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body.len(), LENGTH);
+    }
 }
 
 #[tokio::test]

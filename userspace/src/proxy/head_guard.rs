@@ -16,6 +16,12 @@
 //!
 //! Once a connection switches protocols (101, or the HTTP/2 connection preface), the guard lets
 //! every byte through untouched.
+//!
+//! The guard outlives hyper's connections: when an HTTP/1 connection is idle (its last response
+//! written and flushed, nothing more received) it *parks*: hyper reads the end of the stream,
+//! finishes its connection as for a client that left, and hands the guard back (see
+//! [`super::client_connection`]), which then waits for the client's next bytes with
+//! [`HeadGuard::poll_next_request`].
 
 use std::{
     fmt::Write as _,
@@ -43,6 +49,7 @@ use super::{
     access_log::{AccessEntry, AccessLog},
     headers::{ProxyIdentity, RequestId},
     limits::ClientLimits,
+    upgrade::UpgradeSlot,
 };
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
@@ -70,6 +77,8 @@ pub struct ConnectionState {
     upgraded: AtomicBool,
     /// The guard's reader, waiting for a response to end.
     waiting_reader: Mutex<Option<Waker>>,
+    /// Where the connection goes if a response switches protocols.
+    pub upgrade: UpgradeSlot,
 }
 
 impl ConnectionState {
@@ -93,7 +102,7 @@ impl ConnectionState {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    fn is_upgraded(&self) -> bool {
+    pub fn is_upgraded(&self) -> bool {
         self.upgraded.load(Ordering::SeqCst)
     }
 
@@ -152,12 +161,27 @@ pub struct HeadGuard<IO> {
     timer: Pin<Box<Sleep>>,
     /// The answer to a refused head, and how much of it is written.
     answer: Option<BytesMut>,
+    /// Written to since the last completed flush: hyper may still hold bytes of a response.
+    unflushed: bool,
+    /// The end of the stream was shown to hyper because the connection is idle, not because
+    /// the client left.
+    parked: bool,
+}
+
+/// What comes next on a connection waiting with [`HeadGuard::poll_next_request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextRequest {
+    /// Bytes of an HTTP/1 request.
+    Http1,
+    /// The HTTP/2 connection preface: every byte from here on is HTTP/2.
+    Http2,
+    /// Nothing: the client left, idled out, or was refused; close the connection.
+    None,
 }
 
 /// What the guard decided about the bytes collected so far as a head.
 enum HeadCheck {
     Incomplete,
-    Http2,
     Complete {
         length: usize,
         body: Framing,
@@ -200,6 +224,114 @@ impl<IO> HeadGuard<IO> {
             head_started: None,
             idle_since: Some(now),
             answer: None,
+            unflushed: false,
+            parked: false,
+        }
+    }
+
+    /// Waits, without hyper, until the client sends the next request's first bytes (or, on a
+    /// new connection, until they show which HTTP it speaks), the connection idles out, or the
+    /// client leaves.
+    pub fn poll_next_request(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<NextRequest>>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        self.parked = false;
+        loop {
+            if matches!(self.phase, Phase::Closing) {
+                return Poll::Ready(Ok(NextRequest::None));
+            }
+            if !self.unexamined.is_empty() {
+                if self.requests > 0 {
+                    return Poll::Ready(Ok(NextRequest::Http1));
+                }
+                if self.unexamined.starts_with(HTTP2_PREFACE) {
+                    self.released.unsplit(self.unexamined.split());
+                    self.phase = Phase::Transparent;
+                    return Poll::Ready(Ok(NextRequest::Http2));
+                }
+                if !HTTP2_PREFACE.starts_with(&self.unexamined) {
+                    return Poll::Ready(Ok(NextRequest::Http1));
+                }
+            }
+            if self.expire_timer(cx) {
+                continue;
+            }
+            if ready!(self.poll_read_client(cx))? == 0 {
+                return Poll::Ready(Ok(NextRequest::None));
+            }
+        }
+    }
+
+    /// What the guard and the request handler know about the connection.
+    pub fn state(&self) -> &Arc<ConnectionState> {
+        &self.state
+    }
+
+    pub fn limits(&self) -> &ClientLimits {
+        &self.settings.limits
+    }
+
+    pub fn client(&self) -> SocketAddr {
+        self.client
+    }
+
+    /// Whether the guard parked since the last [`HeadGuard::poll_next_request`].
+    pub fn is_parked(&self) -> bool {
+        self.parked
+    }
+
+    /// Whether hyper has nothing left to do on this HTTP/1 connection until the client sends
+    /// more: no head begun, nothing held back, no response under way or unflushed.
+    fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::Head)
+            && self.head.is_empty()
+            && self.unexamined.is_empty()
+            && self.released.is_empty()
+            && self.state.in_flight() == 0
+            && !self.unflushed
+    }
+
+    /// Shows hyper the end of the stream on an idle connection, and lets go of the buffers.
+    fn park(&mut self) -> Poll<io::Result<()>> {
+        self.parked = true;
+        // Empty, but they may still share the last request's allocation.
+        self.head = BytesMut::new();
+        self.unexamined = BytesMut::new();
+        self.released = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads what the client sent into `unexamined`: how many bytes, 0 at its end.
+    fn poll_read_client(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut chunk = ReadBuf::new(&mut chunk);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut chunk))?;
+        self.unexamined.extend_from_slice(chunk.filled());
+        Poll::Ready(Ok(chunk.filled().len()))
+    }
+
+    /// Acts on the timer that applies now if it ran out: a slow head is refused with 408, an
+    /// idle connection closed. Says whether it did.
+    fn expire_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.poll_timer(cx) {
+            Some(Expiry::SlowHead) => {
+                let timeout = self.settings.limits.header_timeout;
+                self.refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!("request head not received within {timeout:?}"),
+                );
+                true
+            }
+            Some(Expiry::Idle) => {
+                debug!(client = %self.client, "closing idle client connection");
+                self.phase = Phase::Closing;
+                true
+            }
+            None => false,
         }
     }
 
@@ -228,10 +360,6 @@ impl<IO> HeadGuard<IO> {
                     self.head.unsplit(new_bytes);
                     match self.check_head(may_be_complete) {
                         HeadCheck::Incomplete => return,
-                        HeadCheck::Http2 => {
-                            self.released.unsplit(self.head.split());
-                            self.phase = Phase::Transparent;
-                        }
                         HeadCheck::Refused(status, reason) => {
                             self.refuse(status, &reason);
                             return;
@@ -290,14 +418,6 @@ impl<IO> HeadGuard<IO> {
 
     fn check_head(&mut self, may_be_complete: bool) -> HeadCheck {
         let limits = &self.settings.limits;
-        if self.requests == 0 {
-            if self.head.starts_with(HTTP2_PREFACE) {
-                return HeadCheck::Http2;
-            }
-            if HTTP2_PREFACE.starts_with(&self.head) {
-                return HeadCheck::Incomplete;
-            }
-        }
         let request_line = match self.head.iter().position(|&byte| byte == b'\n') {
             Some(end) => end,
             None => self.head.len(),
@@ -447,6 +567,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadGuard<IO> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.parked {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             this.follow_connection_state();
             if !this.released.is_empty() {
@@ -475,30 +598,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadGuard<IO> {
                 // reader waits for bytes: have the response's end wake it.
                 this.state.wait_for_response(cx.waker());
             }
-            match this.poll_timer(cx) {
-                Some(Expiry::SlowHead) => {
-                    let timeout = this.settings.limits.header_timeout;
-                    this.refuse(
-                        StatusCode::REQUEST_TIMEOUT,
-                        &format!("request head not received within {timeout:?}"),
-                    );
-                    continue;
-                }
-                Some(Expiry::Idle) => {
-                    debug!(client = %this.client, "closing idle client connection");
-                    this.phase = Phase::Closing;
-                    continue;
-                }
-                None => {}
+            if this.expire_timer(cx) {
+                continue;
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut chunk = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
-            if chunk.filled().is_empty() {
+            let idle = this.is_idle();
+            match this.poll_read_client(cx) {
                 // The client closed its side: hyper sees the end of the stream as it is.
-                return Poll::Ready(Ok(()));
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending if idle => return this.park(),
+                Poll::Pending => return Poll::Pending,
             }
-            this.unexamined.extend_from_slice(chunk.filled());
         }
     }
 }
@@ -509,6 +620,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.unflushed = true;
         Pin::new(&mut self.io).poll_write(cx, data)
     }
 
@@ -517,6 +629,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
         cx: &mut Context<'_>,
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.unflushed = true;
         Pin::new(&mut self.io).poll_write_vectored(cx, data)
     }
 
@@ -524,8 +637,15 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
         self.io.is_write_vectored()
     }
 
+    /// hyper flushes after writing out everything it holds: once that succeeds after the
+    /// last response ended, the connection is idle, and hyper has to read once more to park it
+    /// (it read before writing the response, and would not read again until the client sends).
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        if std::mem::take(&mut self.unflushed) && self.is_idle() {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Writes the answer to a refused head, if there is one, then shuts the connection down.

@@ -2,6 +2,8 @@
 //! them with hyper (HTTP/1.1, and HTTP/2 by TLS ALPN or h2c prior knowledge), at most
 //! `max_connections` at once, until shut down gracefully.
 //!
+//! - `client_connection`: one client connection, HTTP/1 parked while idle, or HTTP/2;
+//!   `upgrade`: its hand-over after `101`.
 //! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
 //!   method, atomically swapped tables.
 //! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
@@ -24,6 +26,7 @@ mod access_log;
 mod ascii;
 mod backend_tls;
 mod certificates;
+mod client_connection;
 mod client_hello;
 mod handler;
 mod head_guard;
@@ -36,6 +39,7 @@ mod passthrough;
 mod retry;
 mod router;
 mod tls;
+mod upgrade;
 mod upstream;
 mod websocket;
 mod workers;
@@ -51,20 +55,10 @@ mod test_support;
 #[cfg(test)]
 mod tls_test_support;
 
-use std::{
-    collections::HashSet, convert::Infallible, io, net::SocketAddr, path::PathBuf, sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use http::{Response, StatusCode};
-use hyper::{body::Incoming, service::service_fn, Request};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::{watch, Semaphore},
 };
@@ -83,11 +77,11 @@ pub use workers::{BoundWorkers, ProxyPorts, WorkerReport, WorkerStats};
 
 use access_log::AccessLog;
 use backend_tls::BackendTlsPools;
-use handler::{ProxyBody, RequestHandler};
-use head_guard::{ConnectionState, GuardSettings, HeadGuard};
+use client_connection::serve_http;
+use handler::RequestHandler;
+use head_guard::GuardSettings;
 use headers::ProxyIdentity;
 use health::PassiveHealth;
-use observed::ObservedBody;
 use upstream::UpstreamPool;
 use workers::WorkerCounters;
 
@@ -301,16 +295,15 @@ async fn serve_worker(
             debug!(%client, %error, "could not disable Nagle on client connection");
         }
         let context = context.clone();
-        let open = counters.connection_opened();
-        tasks.spawn(async move {
-            let _slot = (permit, open);
-            match termination {
-                None => serve_http(stream, client, Scheme::Http, context).await,
-                Some(termination) => {
-                    tls::serve_connection(stream, client, termination, context).await
-                }
-            }
-        });
+        let slot = (permit, counters.connection_opened());
+        // Two kinds of task: a plain connection's does not reserve room for TLS state.
+        match termination {
+            None => tasks.spawn(serve_http(stream, client, Scheme::Http, context, slot)),
+            Some(termination) => tasks.spawn(async move {
+                let _slot = slot;
+                tls::serve_connection(stream, client, termination, context).await
+            }),
+        };
     }
 
     drop((http, https));
@@ -334,64 +327,6 @@ async fn accept_tls(
         }
         None => std::future::pending().await,
     }
-}
-
-/// Serves HTTP/1.1 or HTTP/2 (told apart by the connection preface) on one client connection,
-/// behind the request head guard, until the client leaves or, on shutdown, until its requests
-/// in flight have been answered.
-async fn serve_http<IO>(io: IO, client: SocketAddr, scheme: Scheme, context: ConnectionContext)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let state = Arc::new(ConnectionState::default());
-    let limits = &context.guard.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(!limits.keepalive_timeout.is_zero())
-        // The guard times request heads out, answering 408 where hyper would just close.
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers);
-    builder.http2().timer(TokioTimer::new());
-    let io = HeadGuard::new(io, client, Arc::clone(&context.guard), Arc::clone(&state));
-    let handler = Arc::clone(&context.handler);
-    let service = service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(scheme);
-        let handler = Arc::clone(&handler);
-        let state = Arc::clone(&state);
-        async move {
-            // Boxed, so that only a request in flight holds it: hyper keeps a slot the size of
-            // the service's future in every connection for the connection's whole life, and
-            // the request's future is several KiB (6 KiB less per idle connection in the bench).
-            let response = Box::pin(handler.handle(request, client)).await;
-            Ok::<_, Infallible>(tell_guard_when_done(response, state))
-        }
-    });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = context.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = result {
-        debug!(%client, %error, "client connection ended with an error");
-    }
-}
-
-/// Lets the connection's guard know when the response has ended, and whether the connection
-/// switched protocols with it.
-fn tell_guard_when_done(
-    response: Response<ProxyBody>,
-    state: Arc<ConnectionState>,
-) -> Response<ObservedBody<ProxyBody>> {
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        state.switched_protocols();
-    }
-    response.map(|body| ObservedBody::new(body, move |_| state.response_ended()))
 }
 
 /// Closes expired idle upstream connections and forgets stale ejections periodically, so that

@@ -65,8 +65,23 @@ impl RunningProxy {
         Self::serve(&table(routes), settings).await
     }
 
+    /// The proxy's client sockets with a send buffer of `bytes` (as the kernel rounds it): its
+    /// writes to a client block as soon as that client stops reading.
+    pub async fn start_with_send_buffer(routes: &[(&str, &[SocketAddr])], bytes: u32) -> Self {
+        let socket = TcpSocket::new_v4().unwrap();
+        // Accepted sockets inherit the listener's buffer sizes.
+        socket.set_send_buffer_size(bytes).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(64).unwrap();
+        Self::serve_on(listener, &table(routes), ProxySettings::default())
+    }
+
     async fn serve(table: &RouteTable, settings: ProxySettings) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_on(listener, table, settings)
+    }
+
+    fn serve_on(listener: TcpListener, table: &RouteTable, settings: ProxySettings) -> Self {
         let addr = listener.local_addr().unwrap();
         let router = Router::new();
         router.update(table);
@@ -284,6 +299,29 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     panic!("still not true after 5 s: {what}");
 }
 
+/// A backend answering every request with `length` bytes of `x`, in one body frame.
+pub async fn bulk_backend(length: usize) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = Bytes::from(vec![b'x'; length]);
+    let accept_loop = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let body = body.clone();
+            let service = service_fn(move |_| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            });
+            connections.spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            while connections.try_join_next().is_some() {}
+        }
+    });
+    (addr, accept_loop)
+}
+
 /// A backend that reads each request head and hangs up without answering, counting the
 /// connections it accepted.
 pub async fn hanging_up_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
@@ -458,6 +496,16 @@ impl RawConnection {
         }
     }
 
+    /// A connection whose receive buffer is `bytes` (as the kernel rounds it): the proxy's
+    /// writes block as soon as the client stops reading.
+    pub async fn with_receive_buffer(addr: SocketAddr, bytes: u32) -> Self {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        Self {
+            stream: socket.connect(addr).await.unwrap(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
@@ -490,13 +538,23 @@ impl RawConnection {
             }
             let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf));
             match read.await {
-                Ok(Ok(0)) => panic!("closed before a full response: {received:?}"),
+                Ok(Ok(0)) => panic!("closed before a full response: {}", excerpt(&received)),
                 Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
                 Ok(Err(error)) => panic!("reading a response: {error}"),
-                Err(_) => panic!("no full response within 10 s: {received:?}"),
+                Err(_) => panic!("no full response within 10 s: {}", excerpt(&received)),
             }
         }
     }
+}
+
+/// The start of `received` and its length, for a failure message that stays readable.
+fn excerpt(received: &[u8]) -> String {
+    let start = &received[..received.len().min(300)];
+    format!(
+        "{} bytes: {:?}",
+        received.len(),
+        String::from_utf8_lossy(start)
+    )
 }
 
 /// What the proxy sent on one raw connection before closing it.

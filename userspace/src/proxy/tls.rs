@@ -89,7 +89,7 @@ pub(super) async fn serve_connection(
     let accepted =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, termination.acceptor.accept(replayed)).await;
     match accepted {
-        Ok(Ok(tls)) => super::serve_http(tls, client, super::Scheme::Https, context).await,
+        Ok(Ok(tls)) => super::serve_http(tls, client, super::Scheme::Https, context, ()).await,
         Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
         Err(_) => debug!(%client, "TLS handshake timed out"),
     }

@@ -1,7 +1,8 @@
 //! `com.docker.lb.websocket_endpoints`: on those paths an HTTP/1.1 `Upgrade: websocket`
 //! request keeps its upgrade headers and goes to the task on a connection of its own (never a
 //! pooled one, which could not be reused afterwards). After the task's `101 Switching
-//! Protocols` both connections are handed over by hyper and spliced until either side closes.
+//! Protocols` both connections are handed over (the task's by hyper, the client's by its
+//! connection task, see [`super::upgrade`]) and spliced until either side closes.
 //!
 //! Paths match as nginx `location` prefixes do, which is what Interlock generated: `/ws`
 //! covers `/ws`, `/ws/chat` and `/wsx`.
@@ -22,6 +23,7 @@ use super::{
     handler::{ProxyBody, ProxyError},
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
     router::{Endpoint, ServiceRoute},
+    upgrade::{ClientUpgrade, PendingClient},
     upstream::UpstreamError,
 };
 use crate::routes::Transport;
@@ -50,7 +52,8 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 
 /// A client's WebSocket upgrade, taken from its request before that is rewritten for the task.
 pub struct Upgrade {
-    client: OnUpgrade,
+    /// `None` when the request's connection cannot be handed over.
+    client: Option<PendingClient>,
     protocol: HeaderValue,
 }
 
@@ -62,7 +65,7 @@ impl Upgrade {
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static("websocket"));
         Self {
-            client: hyper::upgrade::on(request),
+            client: ClientUpgrade::take(request),
             protocol,
         }
     }
@@ -160,15 +163,25 @@ async fn connect(
 }
 
 /// Relays bytes both ways between the upgraded client and task connections.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, addr: SocketAddr) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(client), Ok(upstream)) => (client, upstream),
-        (Err(error), _) | (_, Err(error)) => {
+async fn splice(client: Option<PendingClient>, upstream: OnUpgrade, addr: SocketAddr) {
+    let client = async {
+        match client {
+            Some(client) => client.await.ok(),
+            None => None,
+        }
+    };
+    let (mut client, upstream) = match tokio::join!(client, upstream) {
+        (Some(client), Ok(upstream)) => (client, upstream),
+        (None, _) => {
+            debug!(%addr, "WebSocket upgrade not completed: the client connection was not handed over");
+            return;
+        }
+        (_, Err(error)) => {
             debug!(%addr, %error, "WebSocket upgrade not completed");
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let mut upstream = TokioIo::new(upstream);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((sent, received)) => debug!(%addr, sent, received, "WebSocket closed"),
         Err(error) => debug!(%addr, %error, "WebSocket ended with an error"),

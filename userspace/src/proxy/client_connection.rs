@@ -1,0 +1,229 @@
+//! One client connection, plain or TLS-terminated, behind the head guard: HTTP/2 (told by its
+//! connection preface) on hyper's h2 server, HTTP/1 on hyper's h1 server, until the client
+//! leaves or, on shutdown, until its requests in flight have been answered.
+//!
+//! An HTTP/1 connection holds a hyper connection only while it has a request to serve. hyper's
+//! h1 server keeps about 30 KiB per connection (read and write buffers, its state) for the
+//! connection's whole life and has no way to shrink them while it waits. So once the connection
+//! is idle the guard *parks* it: hyper finishes its connection as for a client that left, that
+//! memory is freed, and the socket waits for the client's next bytes with nothing but the
+//! guard. The next request gets a new hyper connection. nginx keeps idle keep-alive
+//! connections cheap the same way, freeing its request buffers between requests.
+
+use std::{
+    convert::Infallible,
+    future::{poll_fn, Future},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use http::{header, Response, StatusCode};
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http1::Parts, http2},
+    service::{service_fn, HttpService},
+    Request,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{
+    handler::ProxyBody,
+    head_guard::{ConnectionState, HeadGuard, NextRequest},
+    observed::ObservedBody,
+    upgrade::UpgradedClient,
+    ConnectionContext, Scheme,
+};
+
+/// Serves HTTP/1.1 or HTTP/2 on one client connection, holding `slot` (its place under
+/// `MaxConnections`) until it ends.
+pub fn serve_http<IO>(
+    io: IO,
+    client: SocketAddr,
+    scheme: Scheme,
+    context: ConnectionContext,
+    slot: impl Send + 'static,
+) -> impl Future<Output = ()> + Send
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(ConnectionState::default());
+    // Boxed, so that moving it in and out of hyper's connections moves a pointer, and the task
+    // does not reserve room for each place it passes through.
+    let guard = Box::new(HeadGuard::new(
+        io,
+        client,
+        Arc::clone(&context.guard),
+        Arc::clone(&state),
+    ));
+    let handler = Arc::clone(&context.handler);
+    let service = service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(scheme);
+        // Only HTTP/1 requests can switch protocols: HTTP/2 forbids `Upgrade`.
+        if request.headers().contains_key(header::UPGRADE) {
+            state.upgrade.offer(&mut request);
+        }
+        let handler = Arc::clone(&handler);
+        let state = Arc::clone(&state);
+        // Boxed: an `Unpin` future, which serving without hyper's shutdown requires, and only
+        // a request in flight holds the request's several KiB.
+        Box::pin(async move {
+            let response = handler.handle(request, client).await;
+            Ok::<_, Infallible>(tell_guard_when_done(response, state))
+        })
+    });
+    serve(guard, service, context.shutdown, slot)
+}
+
+/// The connection's loop: wait (parked) for the next request, then serve it, and whatever
+/// follows it, on a new hyper connection until the guard parks again.
+///
+/// Its steps are awaited one by one and its arguments are exactly what it keeps: a parked
+/// connection's task is this future, and whatever it holds across an `.await` takes room in
+/// it for the connection's whole life.
+async fn serve<IO, S>(
+    mut guard: Box<HeadGuard<IO>>,
+    service: S,
+    shutdown: CancellationToken,
+    _slot: impl Send,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Clone + Unpin + Send + 'static,
+    S::Future: Unpin + Send + 'static,
+{
+    loop {
+        match next_request(&mut guard, &shutdown).await {
+            Ok(NextRequest::Http1) => {}
+            Ok(NextRequest::Http2) => {
+                let client = guard.client();
+                // Boxed: hyper's h2 connection is several KiB, which every HTTP/1 connection's
+                // task would otherwise reserve.
+                if let Err(error) = Box::pin(serve_http2(guard, service, &shutdown)).await {
+                    debug!(%client, %error, "HTTP/2 client connection ended with an error");
+                }
+                return;
+            }
+            Ok(NextRequest::None) => return close(&mut guard).await,
+            Err(error) => {
+                return debug!(client = %guard.client(), %error, "reading from the client failed")
+            }
+        }
+        let (connection, served) =
+            until_idle(http1_connection(guard, service.clone()), &shutdown).await;
+        let Parts { io, read_buf, .. } = connection.into_parts();
+        guard = io.into_inner();
+        if let Err(error) = served {
+            return debug!(client = %guard.client(), %error, "client connection ended with an error");
+        }
+        if guard.state().is_upgraded() {
+            let state = Arc::clone(guard.state());
+            return state
+                .upgrade
+                .hand_over(UpgradedClient::new(guard, read_buf));
+        }
+        // Bytes hyper read but did not use are a body it did not read to its end: never a
+        // next request's head.
+        let reusable = guard.is_parked() && read_buf.is_empty();
+        drop(read_buf);
+        if !reusable {
+            return close(&mut guard).await;
+        }
+    }
+}
+
+/// What the client sends next, waiting for it (parked); nothing once the proxy shuts down.
+async fn next_request<IO: AsyncRead + Unpin>(
+    guard: &mut HeadGuard<IO>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<NextRequest> {
+    tokio::select! {
+        next = poll_fn(|cx| guard.poll_next_request(cx)) => next,
+        () = shutdown.cancelled() => Ok(NextRequest::None),
+    }
+}
+
+type Http1Connection<IO, S> = http1::Connection<TokioIo<Box<HeadGuard<IO>>>, S>;
+
+/// A new hyper h1 connection on `guard`, boxed, so that a parked connection's task does not
+/// keep the room for one.
+fn http1_connection<IO, S>(guard: Box<HeadGuard<IO>>, service: S) -> Box<Http1Connection<IO, S>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>>,
+{
+    let limits = guard.limits();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(!limits.keepalive_timeout.is_zero())
+        // The guard times request heads out, answering 408 where hyper would just close.
+        .header_read_timeout(None)
+        .max_headers(limits.max_headers);
+    Box::new(builder.serve_connection(TokioIo::new(guard), service))
+}
+
+/// Serves `connection` until hyper is done with it (the guard parked it, or it closes), or,
+/// on shutdown, until its request in flight has been answered.
+async fn until_idle<IO, S>(
+    mut connection: Box<Http1Connection<IO, S>>,
+    shutdown: &CancellationToken,
+) -> (Box<Http1Connection<IO, S>>, Result<(), hyper::Error>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Unpin,
+    S::Future: Unpin,
+{
+    let served = tokio::select! {
+        served = poll_fn(|cx| connection.poll_without_shutdown(cx)) => served,
+        () = shutdown.cancelled() => {
+            std::pin::Pin::new(&mut *connection).graceful_shutdown();
+            poll_fn(|cx| connection.poll_without_shutdown(cx)).await
+        }
+    };
+    (connection, served)
+}
+
+/// HTTP/2 for the rest of the connection.
+async fn serve_http2<IO, S>(
+    guard: Box<HeadGuard<IO>>,
+    service: S,
+    shutdown: &CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(guard), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
+}
+
+/// Writes the guard's answer to a refused head, if any, and closes the connection.
+async fn close<IO: AsyncRead + AsyncWrite + Unpin>(guard: &mut HeadGuard<IO>) {
+    if let Err(error) = guard.shutdown().await {
+        debug!(%error, "closing the client connection failed");
+    }
+}
+
+/// Lets the connection's guard know when the response has ended, and whether the connection
+/// switched protocols with it.
+fn tell_guard_when_done(
+    response: Response<ProxyBody>,
+    state: Arc<ConnectionState>,
+) -> Response<ObservedBody<ProxyBody>> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        state.switched_protocols();
+    }
+    response.map(|body| ObservedBody::new(body, move |_| state.response_ended()))
+}
