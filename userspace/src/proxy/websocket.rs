@@ -193,7 +193,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest as _, Message};
 
     use super::*;
@@ -260,6 +263,46 @@ mod tests {
         assert_eq!(
             socket.next().await.unwrap().unwrap(),
             Message::binary(vec![0u8, 1, 2, 255])
+        );
+        socket.close(None).await.unwrap();
+    }
+
+    /// The second request of a kept-alive connection comes to a new hyper connection (the
+    /// first one ended when the connection went idle): its upgrade is handed over all the same.
+    #[tokio::test]
+    async fn a_websocket_after_a_plain_request_on_the_same_connection() {
+        let secrets = TempDir::create("secrets");
+        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: unknown.example.org\r\n\r\n")
+            .await
+            .unwrap();
+        // The proxy's own 503, whose body ends the first line naming the host.
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\"unknown.example.org\"\n") {
+            let mut chunk = [0u8; 1024];
+            let read = stream.read(&mut chunk).await.unwrap();
+            assert!(
+                read > 0,
+                "closed after {:?}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&chunk[..read]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 503"), "{answer:?}");
+
+        let request = format!("ws://{HOST}/ws/room-2")
+            .into_client_request()
+            .unwrap();
+        let (mut socket, response) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .expect("the upgrade goes through on the kept-alive connection");
+        assert_eq!(response.status(), 101);
+        socket.send(Message::text("second")).await.unwrap();
+        assert_eq!(
+            socket.next().await.unwrap().unwrap(),
+            Message::text("second")
         );
         socket.close(None).await.unwrap();
     }
