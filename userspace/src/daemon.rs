@@ -43,6 +43,8 @@ const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// Where the access log goes without `AccessLogPath`: standard output, as Interlock's proxy
 /// container logs it.
 const DEFAULT_ACCESS_LOG: &str = "/dev/stdout";
+/// `AccessLogPath = "off"`: no access log, as nginx's `access_log off`.
+const ACCESS_LOG_OFF: &str = "off";
 /// `WorkerProcesses` when the config has none: Interlock's nginx template writes 1.
 const DEFAULT_WORKER_PROCESSES: WorkerProcesses = WorkerProcesses::Count(NonZeroUsize::MIN);
 /// How often certificate secrets are checked for changes.
@@ -262,12 +264,11 @@ fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> anyhow::Result<Prox
         max_connections: config.max_connections.unwrap_or(defaults.max_connections),
         backend_tls: BackendTlsClients::new(config.ssl_backend_ca_file.as_deref())?,
         drain_timeout: config.drain_timeout.unwrap_or(defaults.drain_timeout),
-        access_log_path: Some(
-            config
-                .access_log_path
-                .clone()
-                .unwrap_or_else(|| DEFAULT_ACCESS_LOG.into()),
-        ),
+        access_log_path: match &config.access_log_path {
+            Some(path) if path.as_os_str() == ACCESS_LOG_OFF => None,
+            Some(path) => Some(path.clone()),
+            None => Some(DEFAULT_ACCESS_LOG.into()),
+        },
         ..defaults.clone()
     };
     settings.handler.limits.max_body_size = match config.client_max_body_size {
@@ -643,6 +644,16 @@ mod tests {
         assert_eq!(settings.upstream.read_timeout, Duration::from_secs(600));
         assert_eq!(settings.drain_timeout, Duration::from_secs(30));
         assert_eq!(settings.access_log_path, Some(PathBuf::from("/dev/stdout")));
+    }
+
+    #[test]
+    fn access_log_off_writes_no_access_log() {
+        let config = ProxyConfig {
+            access_log_path: Some("off".into()),
+            ..ProxyConfig::default()
+        };
+        let settings = proxy_settings(&config, "lb-1".to_owned()).unwrap();
+        assert_eq!(settings.access_log_path, None);
     }
 
     #[test]

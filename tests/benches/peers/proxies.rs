@@ -485,11 +485,10 @@ listen l4
 
 /// The seed's config.toml, with what a bench run must change: the connection limit (see
 /// [`MAX_CONNECTIONS`]), the access log, and the pid file kept out of the host's /var/run.
-/// xlb has no "access log off" yet: off is `/dev/null` (lines are still formatted).
 pub fn xlb_config(inputs: &ProxyInputs) -> String {
     let dir = inputs.dir.display();
     let access_log = match inputs.access_log {
-        AccessLog::Off => PathBuf::from("/dev/null"),
+        AccessLog::Off => PathBuf::from("off"),
         AccessLog::File => inputs.access_log_path(),
     };
     format!(

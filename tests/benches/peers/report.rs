@@ -81,8 +81,9 @@ impl Report {
             notes: vec![format!(
                 "Every proxy may hold {MAX_CONNECTIONS} client connections (the seed's \
                  MaxConnections is 2048), so the idle-connection measurement fits in all of them; \
-                 each runs with {open_files} open files at most. xlb has no access-log switch \
-                 yet: its \"off\" rows write to /dev/null."
+                 each runs with {open_files} open files at most; \"access log off\" is \
+                 `access_log off` for nginx, no `log` for HAProxy, `AccessLogPath = \"off\"` \
+                 for xlb."
             )],
             l7: None,
             l4: None,

@@ -158,9 +158,10 @@ where
     builder
         .timer(TokioTimer::new())
         .keep_alive(!limits.keepalive_timeout.is_zero())
-        // The guard times request heads out, answering 408 where hyper would just close.
-        .header_read_timeout(None)
-        .max_headers(limits.max_headers);
+        // The guard times request heads out, answering 408 where hyper would just close. It
+        // also refuses more header lines than `max_headers` (at most hyper's default 100), so
+        // hyper keeps its default: with a limit set, it copies two 100-slot arrays per head.
+        .header_read_timeout(None);
     Box::new(builder.serve_connection(TokioIo::new(guard), service))
 }
 
