@@ -100,6 +100,12 @@ pub struct UpstreamAnswer {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none (a header the `Connection` header names needs `Connection`):
+    // a pass over the few names present is cheaper than hashing seven names to remove them,
+    // which cost 2.5k instructions per request.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named_by_connection: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
