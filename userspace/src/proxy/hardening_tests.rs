@@ -353,8 +353,9 @@ async fn keepalive_timeout_zero_closes_after_each_response() {
 }
 
 /// hyper's connection is given up once the connection is idle: not before it has written all
-/// of a response that the client is slow to take (larger than the socket buffers, so that
-/// hyper still holds some of it after the upstream's body ended).
+/// of a response that the client is slow to take. The client stops reading while hyper still
+/// holds the last part of the response (the upstream's body has ended), for longer than a
+/// connection takes to park.
 #[tokio::test]
 async fn a_large_response_to_a_slow_reader_arrives_whole_and_the_connection_serves_on() {
     const LENGTH: usize = 4 << 20;
@@ -364,8 +365,11 @@ async fn a_large_response_to_a_slow_reader_arrives_whole_and_the_connection_serv
     for path in ["/first", "/second"] {
         let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");
         slow_reader.send(request.as_bytes()).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let response = slow_reader.read_response().await;
+        // hyper buffers about 400 KiB of a body: with 200 KiB to go, all of it is in hyper.
+        let pause = 6 * crate::proxy::head_guard::PARK_AFTER;
+        let response = slow_reader
+            .read_response_pausing(LENGTH - (200 << 10), pause)
+            .await;
         assert_eq!(response.status, 200);
         assert_eq!(response.body.len(), LENGTH);
     }

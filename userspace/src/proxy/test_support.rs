@@ -530,11 +530,22 @@ impl RawConnection {
 
     /// The next response, read without waiting for the connection to close.
     pub async fn read_response(&mut self) -> RawResponse {
+        self.read_response_pausing(usize::MAX, Duration::ZERO).await
+    }
+
+    /// The next response, read as [`RawConnection::read_response`] does, but pausing for
+    /// `pause` once `after` bytes of it have arrived: a client that stops reading mid-way.
+    pub async fn read_response_pausing(&mut self, after: usize, pause: Duration) -> RawResponse {
         let mut received = Vec::new();
         let mut buf = [0u8; 8192];
+        let mut paused = false;
         loop {
             if let Some((response, _)) = RawResponse::parse(&received) {
                 return response;
+            }
+            if !paused && received.len() >= after {
+                paused = true;
+                tokio::time::sleep(pause).await;
             }
             let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut buf));
             match read.await {

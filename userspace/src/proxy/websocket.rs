@@ -267,8 +267,9 @@ mod tests {
         socket.close(None).await.unwrap();
     }
 
-    /// The second request of a kept-alive connection comes to a new hyper connection (the
-    /// first one ended when the connection went idle): its upgrade is handed over all the same.
+    /// The second request of a kept-alive connection that idled in between comes to a new hyper
+    /// connection (the first one ended when the connection was parked): its upgrade is handed
+    /// over all the same.
     #[tokio::test]
     async fn a_websocket_after_a_plain_request_on_the_same_connection() {
         let secrets = TempDir::create("secrets");
@@ -291,6 +292,8 @@ mod tests {
             answer.extend_from_slice(&chunk[..read]);
         }
         assert!(answer.starts_with(b"HTTP/1.1 503"), "{answer:?}");
+        // Idle long enough to be parked.
+        tokio::time::sleep(4 * crate::proxy::head_guard::PARK_AFTER).await;
 
         let request = format!("ws://{HOST}/ws/room-2")
             .into_client_request()
