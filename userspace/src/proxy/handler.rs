@@ -263,9 +263,10 @@ impl RequestHandler {
             }
         };
         if websocket::is_upgrade(&request, route.transport()) {
-            let (response, answer) = self
-                .websocket_phase(&route, request, client, upstream_target)
-                .await?;
+            // Boxed: connecting on its own makes it KiBs larger than the rest, and every
+            // request's future would carry that room, moved into its box.
+            let upgrade = self.websocket_phase(&route, request, client, upstream_target);
+            let (response, answer) = Box::pin(upgrade).await?;
             return Ok((response, Some(answer)));
         }
         let endpoints = route.endpoint_order(request.headers(), client.addr);

@@ -235,7 +235,9 @@ where
         loop {
             let (mut sender, membership, pooled) = match self.checkout(addr).await {
                 Some((sender, membership)) => (sender, membership, true),
-                None => match self.connect(addr).await {
+                // Boxed: connecting (TLS included) takes KiBs of future that every request
+                // would carry, and move into its box, though a pooled connection is the rule.
+                None => match Box::pin(self.connect(addr)).await {
                     Ok((sender, membership)) => (sender, membership, false),
                     Err(error) => {
                         let request = Box::new(request);
