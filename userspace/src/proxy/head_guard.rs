@@ -165,8 +165,9 @@ pub struct HeadGuard<IO> {
     /// When the connection last became idle (no head begun, no response under way).
     idle_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
-    /// The answer to a refused head, and how much of it is written.
-    answer: Option<BytesMut>,
+    /// The answer to a refused head, and how much of it is written. Boxed: it is rare, and
+    /// every idle connection would carry its room.
+    answer: Option<Box<BytesMut>>,
     /// Written to since the last completed flush: hyper may still hold bytes of a response.
     unflushed: bool,
     /// A hyper connection reads from the guard. It stops when the guard parks: hyper was shown
@@ -536,7 +537,7 @@ impl<IO> HeadGuard<IO> {
         }
         answer.push_str("\r\n");
         answer.push_str(&body);
-        self.answer = Some(BytesMut::from(answer.as_bytes()));
+        self.answer = Some(Box::new(BytesMut::from(answer.as_bytes())));
         self.head.clear();
         self.unexamined.clear();
         self.phase = Phase::Closing;
@@ -677,7 +678,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while let Some(answer) = this.answer.as_mut().filter(|answer| !answer.is_empty()) {
-            let written = ready!(Pin::new(&mut this.io).poll_write(cx, answer))?;
+            let written = ready!(Pin::new(&mut this.io).poll_write(cx, &answer[..]))?;
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
