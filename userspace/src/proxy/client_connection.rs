@@ -33,7 +33,7 @@ use super::{
     handler::ProxyBody,
     head_guard::{ConnectionState, HeadGuard, NextRequest},
     observed::ObservedBody,
-    upgrade::UpgradedClient,
+    upgrade::upgraded_client,
     ConnectionContext, Scheme,
 };
 
@@ -119,9 +119,7 @@ async fn serve<IO, S>(
         }
         if guard.state().is_upgraded() {
             let state = Arc::clone(guard.state());
-            return state
-                .upgrade
-                .hand_over(UpgradedClient::new(guard, read_buf));
+            return state.upgrade.hand_over(upgraded_client(guard, read_buf));
         }
         // Bytes hyper read but did not use are a body it did not read to its end: never a
         // next request's head.

@@ -3,7 +3,7 @@
 //! `max_connections` at once, until shut down gracefully.
 //!
 //! - `client_connection`: one client connection, HTTP/1 parked while idle, or HTTP/2;
-//!   `upgrade`: its hand-over after `101`.
+//!   `upgrade`: its hand-over after `101`; `replayed`: a stream with bytes read ahead.
 //! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
 //!   method, atomically swapped tables.
 //! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
@@ -36,6 +36,7 @@ mod http2;
 mod limits;
 mod observed;
 mod passthrough;
+mod replayed;
 mod retry;
 mod router;
 mod tls;

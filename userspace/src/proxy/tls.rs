@@ -3,24 +3,17 @@
 //! other connection is terminated with rustls (certificate chosen by SNI, ALPN `h2` and
 //! `http/1.1`) and then served exactly like the plain port.
 
-use std::{
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use rustls::ServerConfig;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::{certificates::CertificateStore, client_hello, passthrough, ConnectionContext};
+use super::{
+    certificates::CertificateStore, client_hello, passthrough, replayed::Replayed,
+    ConnectionContext,
+};
 use crate::tls_policy::TlsPolicy;
 
 /// How long a client may take to complete its TLS handshake, ClientHello included.
@@ -95,78 +88,9 @@ pub(super) async fn serve_connection(
     }
 }
 
-/// A stream whose first bytes were already read: they are read again before the rest.
-struct Replayed<S> {
-    prefix: Vec<u8>,
-    consumed: usize,
-    inner: S,
-}
-
-impl<S> Replayed<S> {
-    fn new(prefix: Vec<u8>, inner: S) -> Self {
-        Self {
-            prefix,
-            consumed: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.consumed < this.prefix.len() {
-            let remaining = &this.prefix[this.consumed..];
-            let count = remaining.len().min(buf.remaining());
-            buf.put_slice(&remaining[..count]);
-            this.consumed += count;
-            if this.consumed == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.consumed = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, io};
 
     use super::*;
     use crate::{

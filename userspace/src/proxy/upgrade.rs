@@ -6,81 +6,29 @@
 //! given the connection back. A request that may switch protocols carries a [`ClientUpgrade`]
 //! in its extensions; the task sends the connection to it.
 
-use std::{
-    io,
-    pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll},
-};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::Request;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite},
     sync::oneshot,
 };
+
+use super::replayed::Replayed;
 
 /// What a client connection is to the relay after an upgrade.
 pub trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
 
 impl<IO: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for IO {}
 
-/// The client's connection after `101`: the bytes it sent that were read already, then the
-/// connection itself.
-pub struct UpgradedClient {
-    read_ahead: Bytes,
-    io: Box<dyn ClientIo>,
-}
+/// The client's connection after `101`: the bytes it sent that hyper had read already, then
+/// the connection itself.
+pub type UpgradedClient = Replayed<Box<dyn ClientIo>>;
 
-impl UpgradedClient {
-    pub fn new(io: impl ClientIo + 'static, read_ahead: Bytes) -> Self {
-        Self {
-            read_ahead,
-            io: Box::new(io),
-        }
-    }
-}
-
-impl std::fmt::Debug for UpgradedClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpgradedClient")
-            .field("read_ahead", &self.read_ahead.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for UpgradedClient {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.read_ahead.is_empty() {
-            let length = self.read_ahead.len().min(out.remaining());
-            out.put_slice(&self.read_ahead[..length]);
-            self.read_ahead.advance(length);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, out)
-    }
-}
-
-impl AsyncWrite for UpgradedClient {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+/// `io` with what hyper had read from it past the `101` request.
+pub fn upgraded_client(io: impl ClientIo + 'static, read_ahead: Bytes) -> UpgradedClient {
+    Replayed::new(read_ahead, Box::new(io) as Box<dyn ClientIo>)
 }
 
 /// The connection task's side: where to send the connection if the response is a `101`.
