@@ -40,7 +40,10 @@ use super::{
 };
 
 /// The body of every response the proxy gives its clients.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// Why a response body failed: the upstream's exchange, or hyper's for a WebSocket answer.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why the proxy answers a request itself instead of relaying an upstream's answer.
 #[derive(Debug, thiserror::Error)]
@@ -519,6 +522,7 @@ impl RequestHandler {
                 let _until_body_ends = &in_flight;
                 frame
             })
+            .map_err(BodyError::from)
             .boxed()
         });
         headers::prepare_client_response(

@@ -89,7 +89,7 @@ impl Upgrade {
                 .await
                 .map_err(|source| ProxyError::UpstreamFailed {
                     addr,
-                    source: UpstreamError::Exchange { addr, source },
+                    source: UpstreamError::Upgrade { addr, source },
                 })?;
         let answer = UpstreamAnswer {
             addr,
@@ -100,7 +100,7 @@ impl Upgrade {
             let upstream = hyper::upgrade::on(&mut response);
             tokio::spawn(splice(client, upstream, addr));
         }
-        let mut response = response.map(BodyExt::boxed);
+        let mut response = response.map(|body| body.map_err(Into::into).boxed());
         headers::prepare_client_response(response.headers_mut(), request_id, identity, answer);
         if switching {
             restore_upgrade_headers(response.headers_mut(), &protocol);

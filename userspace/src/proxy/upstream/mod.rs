@@ -1,51 +1,48 @@
 //! Connections to upstream endpoints: a small pool of HTTP/1.1 keep-alive connections per
-//! endpoint address, built on `hyper::client::conn::http1`, over plain TCP or, for a pool made
-//! `with_tls`, over TLS, with nginx's upstream timeouts.
+//! endpoint address, over plain TCP or, for a pool made `with_tls`, over TLS, with nginx's
+//! upstream timeouts. Each exchange is driven by the request that makes it
+//! ([`exchange`], [`response_body`]); a connection has no task of its own.
 //!
 //! A request is handed back to the caller whenever it provably never reached the upstream
-//! (connect refused or timed out, or the connection closed before the request was written), so
-//! the caller can try another endpoint with the same, still unread, request body. A connection
-//! goes back to the pool only once its response body has been read to the end.
+//! (connect refused or timed out, or the connection failed before any of the request was
+//! written and before its body was read), so the caller can try another endpoint with the
+//! same, still unread, request body. A connection goes back to the pool only once its response
+//! body has been read to the end, and is checked for a close by the upstream when taken out.
 //!
 //! Endpoints that leave the route table are drained ([`UpstreamPool::retain_endpoints`]): their
 //! idle connections are closed at once, busy ones finish their exchange and are closed after it,
 //! and whatever is still busy when the drain timeout ends is aborted.
 
+mod exchange;
+#[cfg(test)]
+mod framing_tests;
+mod response_body;
+mod timed_stream;
+
 use std::{
     collections::{HashMap, HashSet},
     error::Error as StdError,
-    future::Future,
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
-    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::{
-    body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1::{self, SendRequest},
-};
-use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Sleep,
-};
-use tokio_util::sync::CancellationToken;
+use hyper::body::Body;
 use tracing::{debug, info};
 
+pub use self::{exchange::ExchangeError, response_body::UpstreamBody};
+use self::{
+    exchange::{Connection, Failure},
+    response_body::BodyPlan,
+    timed_stream::{DrainAbort, TimedStream},
+};
 use super::backend_tls::{connect_task, UpstreamTls};
-
-/// How long a pooled connection may take to become ready for its next request: normally
-/// microseconds after its previous response ended; longer only while the previous request body
-/// is still uploading, and then a fresh connection is the better choice.
-const POOLED_READY_WAIT: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -97,6 +94,12 @@ pub enum UpstreamError {
     #[error("exchange with upstream {addr}: {source}")]
     Exchange {
         addr: SocketAddr,
+        source: ExchangeError,
+    },
+    /// A WebSocket upgrade's exchange, made on hyper's client, which does the upgrade.
+    #[error("WebSocket upgrade with upstream {addr}: {source}")]
+    Upgrade {
+        addr: SocketAddr,
         source: hyper::Error,
     },
 }
@@ -104,7 +107,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether the endpoint could not be reached at all, as opposed to one exchange failing.
     pub fn is_unreachable(&self) -> bool {
-        !matches!(self, Self::Exchange { .. })
+        !matches!(self, Self::Exchange { .. } | Self::Upgrade { .. })
     }
 
     /// The timeout that ended the exchange, if one did.
@@ -175,21 +178,23 @@ struct PoolShared<B> {
     settings: PoolSettings,
     /// TLS around every new connection, for `ssl_backend` services.
     tls: Option<UpstreamTls>,
-    endpoints: Mutex<HashMap<SocketAddr, Endpoint<B>>>,
+    endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
     next_generation: AtomicU64,
+    /// The request body type this pool's requests carry.
+    _body: std::marker::PhantomData<fn(B)>,
 }
 
 /// The connections of one endpoint since it (last) entered the pool. A drained endpoint's
 /// entry is removed, so connections of an older generation never return to the pool.
-struct Endpoint<B> {
+struct Endpoint {
     generation: u64,
-    idle: Vec<IdleConnection<B>>,
+    idle: Vec<IdleConnection>,
     /// Aborts every connection of this generation.
-    abort: CancellationToken,
+    abort: Arc<DrainAbort>,
 }
 
-struct IdleConnection<B> {
-    sender: SendRequest<B>,
+struct IdleConnection {
+    connection: Box<Connection>,
     idle_since: Instant,
 }
 
@@ -202,8 +207,7 @@ struct Membership {
 
 impl<B> UpstreamPool<B>
 where
-    B: Body + Send + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     pub fn new(settings: PoolSettings) -> Self {
@@ -222,6 +226,7 @@ where
                 tls,
                 endpoints: Mutex::new(HashMap::new()),
                 next_generation: AtomicU64::new(0),
+                _body: std::marker::PhantomData,
             }),
         }
     }
@@ -233,12 +238,12 @@ where
         mut request: Request<B>,
     ) -> Result<UpstreamResponse<B>, SendError<B>> {
         loop {
-            let (mut sender, membership, pooled) = match self.checkout(addr).await {
-                Some((sender, membership)) => (sender, membership, true),
+            let (mut connection, membership, pooled) = match self.shared.take_idle(addr) {
+                Some((connection, membership)) => (connection, membership, true),
                 // Boxed: connecting (TLS included) takes KiBs of future that every request
                 // would carry, and move into its box, though a pooled connection is the rule.
                 None => match Box::pin(self.connect(addr)).await {
-                    Ok((sender, membership)) => (sender, membership, false),
+                    Ok((connection, membership)) => (connection, membership, false),
                     Err(error) => {
                         let request = Box::new(request);
                         return Err(SendError::NotSent { request, error });
@@ -246,39 +251,38 @@ where
                 },
             };
             let sent_at = Instant::now();
-            match sender.try_send_request(request).await {
-                Ok(response) => {
+            let failure = match connection.exchange(request).await {
+                Ok(head) => {
                     let response_time = sent_at.elapsed();
+                    let plan =
+                        BodyPlan::of(&head.parts, head.request_complete).map_err(|source| {
+                            SendError::Failed(UpstreamError::Exchange { addr, source })
+                        })?;
                     let checkin = Checkin {
                         pool: Arc::clone(&self.shared),
                         membership,
-                        sender,
                     };
-                    let response = response.map(|body| UpstreamBody::new(body, checkin));
+                    let body = UpstreamBody::new(connection, plan, checkin);
                     return Ok(UpstreamResponse {
-                        response,
+                        response: Response::from_parts(head.parts, body),
                         response_time,
                     });
                 }
-                Err(mut failure) => {
-                    let unsent = failure.take_message();
-                    let error = UpstreamError::Exchange {
-                        addr,
-                        source: failure.into_error(),
-                    };
-                    match unsent {
-                        // The upstream closed an idle connection just as it was picked: routine
-                        // for keep-alive, so try the next pooled one or a fresh connection.
-                        Some(unsent) if pooled => {
-                            debug!(%addr, %error, "pooled upstream connection closed; retrying");
-                            request = unsent;
-                        }
-                        Some(request) => {
-                            let request = Box::new(request);
-                            return Err(SendError::NotSent { request, error });
-                        }
-                        None => return Err(SendError::Failed(error)),
-                    }
+                Err(failure) => failure,
+            };
+            match failure {
+                // The upstream closed an idle connection just as it was picked: routine for
+                // keep-alive, so try the next pooled one or a fresh connection.
+                Failure::NotSent(unsent, error) if pooled => {
+                    debug!(%addr, %error, "pooled upstream connection closed; retrying");
+                    request = *unsent;
+                }
+                Failure::NotSent(request, source) => {
+                    let error = UpstreamError::Exchange { addr, source };
+                    return Err(SendError::NotSent { request, error });
+                }
+                Failure::Failed(source) => {
+                    return Err(SendError::Failed(UpstreamError::Exchange { addr, source }))
                 }
             }
         }
@@ -292,7 +296,7 @@ where
     }
 
     pub fn retain_endpoints(&self, current: &HashSet<SocketAddr>, drain_timeout: Duration) {
-        let drained: Vec<(SocketAddr, Endpoint<B>)> = {
+        let drained: Vec<(SocketAddr, Endpoint)> = {
             let mut endpoints = self.shared.lock_endpoints();
             let gone: Vec<SocketAddr> = endpoints
                 .keys()
@@ -313,7 +317,7 @@ where
             let abort = endpoint.abort;
             tokio::spawn(async move {
                 tokio::time::sleep(drain_timeout).await;
-                abort.cancel();
+                abort.abort();
             });
         }
     }
@@ -324,7 +328,7 @@ where
         for endpoint in self.shared.lock_endpoints().values_mut() {
             endpoint
                 .idle
-                .retain(|connection| connection.is_usable(idle_timeout));
+                .retain_mut(|connection| connection.is_usable(idle_timeout));
         }
     }
 
@@ -337,48 +341,26 @@ where
             .map_or(0, |endpoint| endpoint.idle.len())
     }
 
-    /// The most recently used idle connection to `addr` that is ready for a request.
-    async fn checkout(&self, addr: SocketAddr) -> Option<(SendRequest<B>, Membership)> {
-        loop {
-            let (mut sender, membership) = self.shared.take_idle(addr)?;
-            match tokio::time::timeout(POOLED_READY_WAIT, sender.ready()).await {
-                Ok(Ok(())) => return Some((sender, membership)),
-                Ok(Err(error)) => debug!(%addr, %error, "discarding closed upstream connection"),
-                Err(_) => debug!(%addr, "discarding upstream connection that stayed busy"),
-            }
-        }
-    }
-
     async fn connect(
         &self,
         addr: SocketAddr,
-    ) -> Result<(SendRequest<B>, Membership), UpstreamError> {
+    ) -> Result<(Box<Connection>, Membership), UpstreamError> {
         let settings = &self.shared.settings;
         let stream = connect_task(addr, self.shared.tls.as_ref(), settings.connect_timeout).await?;
-        let stream = TimedStream::new(stream, settings.read_timeout, settings.send_timeout);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
         let (membership, abort) = self.shared.join(addr);
-        // The connection task ends when the upstream closes, the last sender is dropped, or the
-        // endpoint's drain timeout runs out.
-        tokio::spawn(async move {
-            tokio::select! {
-                result = connection => if let Err(error) = result {
-                    debug!(%addr, %error, "upstream connection ended with an error");
-                },
-                () = abort.cancelled() => {
-                    debug!(%addr, "upstream connection aborted: drain timeout");
-                }
-            }
-        });
+        let stream = TimedStream::new(
+            stream,
+            abort.signal(),
+            settings.read_timeout,
+            settings.send_timeout,
+        );
         debug!(%addr, "connected to upstream");
-        Ok((sender, membership))
+        Ok((Box::new(Connection::new(stream)), membership))
     }
 }
 
 impl<B> PoolShared<B> {
-    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Endpoint<B>>> {
+    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Endpoint>> {
         // The map stays consistent even if a holder panicked: every update is a single change.
         self.endpoints
             .lock()
@@ -386,37 +368,41 @@ impl<B> PoolShared<B> {
     }
 
     /// Registers a new connection to `addr` with the endpoint's current generation.
-    fn join(&self, addr: SocketAddr) -> (Membership, CancellationToken) {
+    fn join(&self, addr: SocketAddr) -> (Membership, Arc<DrainAbort>) {
         let mut endpoints = self.lock_endpoints();
         let endpoint = endpoints.entry(addr).or_insert_with(|| Endpoint {
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             idle: Vec::new(),
-            abort: CancellationToken::new(),
+            abort: Arc::default(),
         });
         let membership = Membership {
             addr,
             generation: endpoint.generation,
         };
-        (membership, endpoint.abort.clone())
+        (membership, Arc::clone(&endpoint.abort))
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<(SendRequest<B>, Membership)> {
+    /// The most recently used idle connection to `addr` that can take a request; the ones
+    /// found closed or expired on the way are dropped.
+    fn take_idle(&self, addr: SocketAddr) -> Option<(Box<Connection>, Membership)> {
         let idle_timeout = self.settings.idle_timeout;
         let mut endpoints = self.lock_endpoints();
         let endpoint = endpoints.get_mut(&addr)?;
-        endpoint
-            .idle
-            .retain(|connection| connection.is_usable(idle_timeout));
-        let newest = endpoint.idle.pop()?;
         let membership = Membership {
             addr,
             generation: endpoint.generation,
         };
-        Some((newest.sender, membership))
+        while let Some(mut newest) = endpoint.idle.pop() {
+            if newest.is_usable(idle_timeout) {
+                return Some((newest.connection, membership));
+            }
+            debug!(%addr, "discarding closed or expired upstream connection");
+        }
+        None
     }
 
-    fn put(&self, membership: Membership, sender: SendRequest<B>) {
-        if sender.is_closed() || self.settings.max_idle_per_upstream == 0 {
+    fn put(&self, membership: Membership, connection: Box<Connection>) {
+        if self.settings.max_idle_per_upstream == 0 {
             return;
         }
         let mut endpoints = self.lock_endpoints();
@@ -431,247 +417,40 @@ impl<B> PoolShared<B> {
             endpoint.idle.remove(0);
         }
         endpoint.idle.push(IdleConnection {
-            sender,
+            connection,
             idle_since: Instant::now(),
         });
     }
 }
 
-impl<B> IdleConnection<B> {
-    fn is_usable(&self, idle_timeout: Duration) -> bool {
-        !self.sender.is_closed() && self.idle_since.elapsed() < idle_timeout
-    }
-}
-
-/// An upstream TCP stream that fails with a [`Stall`] when the upstream stops reading
-/// (`SendTimeout`) or answering (`ReadTimeout`), like nginx's timeouts between two successive
-/// writes or reads. The read timeout runs from the last progress either way, and not while a
-/// write is blocked.
-struct TimedStream<S> {
-    stream: S,
-    read_timeout: Duration,
-    send_timeout: Duration,
-    /// The last read or write that made progress: an upstream is only expected to answer after
-    /// being written to.
-    last_progress: tokio::time::Instant,
-    read_deadline: Pin<Box<Sleep>>,
-    write_blocked_since: Option<tokio::time::Instant>,
-    write_deadline: Pin<Box<Sleep>>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> TimedStream<S> {
-    fn new(stream: S, read_timeout: Duration, send_timeout: Duration) -> Self {
-        let now = tokio::time::Instant::now();
-        Self {
-            stream,
-            read_timeout,
-            send_timeout,
-            last_progress: now,
-            read_deadline: Box::pin(tokio::time::sleep_until(now + read_timeout)),
-            write_blocked_since: None,
-            write_deadline: Box::pin(tokio::time::sleep_until(now + send_timeout)),
-        }
-    }
-
-    /// `made_progress` tells whether a completed call moved bytes: a flush does not, and must
-    /// not restart the read timeout, or a connection woken by its own read timer would push the
-    /// deadline back on every wake and never time out.
-    fn poll_write_with<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        write: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
-        made_progress: impl FnOnce(&T) -> bool,
-    ) -> Poll<io::Result<T>> {
-        match write(Pin::new(&mut self.stream), cx) {
-            Poll::Ready(result) => {
-                self.write_blocked_since = None;
-                if result.as_ref().is_ok_and(made_progress) {
-                    self.last_progress = tokio::time::Instant::now();
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                let since = *self
-                    .write_blocked_since
-                    .get_or_insert_with(tokio::time::Instant::now);
-                let timeout = self.send_timeout;
-                poll_deadline(
-                    &mut self.write_deadline,
-                    since + timeout,
-                    cx,
-                    Stall::Write(timeout),
-                )
-            }
-        }
-    }
-}
-
-/// `Pending` until `deadline`, then the stall as an I/O error.
-fn poll_deadline<T>(
-    sleep: &mut Pin<Box<Sleep>>,
-    deadline: tokio::time::Instant,
-    cx: &mut Context<'_>,
-    stall: Stall,
-) -> Poll<io::Result<T>> {
-    if sleep.deadline() != deadline {
-        sleep.as_mut().reset(deadline);
-    }
-    ready!(sleep.as_mut().poll(cx));
-    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stall)))
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                this.last_progress = tokio::time::Instant::now();
-                Poll::Ready(result)
-            }
-            // While the request is still being sent, `SendTimeout` applies, as in nginx.
-            Poll::Pending if this.write_blocked_since.is_some() => Poll::Pending,
-            Poll::Pending => {
-                let timeout = this.read_timeout;
-                let deadline = this.last_progress + timeout;
-                poll_deadline(&mut this.read_deadline, deadline, cx, Stall::Read(timeout))
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(cx, |stream, cx| stream.poll_write(cx, data), |&n| n > 0)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_with(
-            cx,
-            |stream, cx| stream.poll_write_vectored(cx, data),
-            |&n| n > 0,
-        )
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_write_with(cx, |stream, cx| stream.poll_flush(cx), |()| false)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+impl IdleConnection {
+    fn is_usable(&mut self, idle_timeout: Duration) -> bool {
+        self.idle_since.elapsed() < idle_timeout && self.connection.stream.is_reusable_idle()
     }
 }
 
 /// What a response body needs to hand its connection back to the pool.
-struct Checkin<B> {
+pub struct Checkin<B> {
     pool: Arc<PoolShared<B>>,
     membership: Membership,
-    sender: SendRequest<B>,
 }
 
-/// An upstream response body that returns its connection to the pool once read to the end,
-/// and closes it if dropped earlier (the rest of the body would still be on the wire).
-pub struct UpstreamBody<B> {
-    incoming: Incoming,
-    checkin: Option<Checkin<B>>,
-    finished: bool,
-}
-
-impl<B> UpstreamBody<B> {
-    fn new(incoming: Incoming, checkin: Checkin<B>) -> Self {
-        // Bodies that are empty by construction (HEAD, 204, 304) may never be polled.
-        let finished = incoming.is_end_stream();
-        Self {
-            incoming,
-            checkin: Some(checkin),
-            finished,
-        }
-    }
-
-    fn release_connection(&mut self) {
-        if let Some(Checkin {
-            pool,
-            membership,
-            sender,
-        }) = self.checkin.take()
-        {
-            pool.put(membership, sender);
-        }
-    }
-}
-
-impl<B> std::fmt::Debug for UpstreamBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
-            .field("incoming", &self.incoming)
-            .field("finished", &self.finished)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<B> Body for UpstreamBody<B> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.incoming).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                // Trailers are always last; a length-delimited body ends with its last byte.
-                if frame.is_trailers() || self.incoming.is_end_stream() {
-                    self.finished = true;
-                    self.release_connection();
-                }
-            }
-            Some(Err(_)) => self.checkin = None,
-            None => {
-                self.finished = true;
-                self.release_connection();
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.finished || self.incoming.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
-    }
-}
-
-impl<B> Drop for UpstreamBody<B> {
-    fn drop(&mut self) {
-        if self.finished {
-            self.release_connection();
-        }
+impl<B> Checkin<B> {
+    fn put(self, connection: Box<Connection>) {
+        self.pool.put(self.membership, connection);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::{
+        pin::Pin,
+        sync::atomic::{AtomicUsize, Ordering},
+        task::{Context, Poll},
+    };
 
     use http_body_util::{BodyExt, Empty};
+    use hyper::body::Frame;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
