@@ -292,22 +292,33 @@ impl WriterThread {
     }
 }
 
-/// Appends the log line for `entry`, with its trailing newline, to `line`.
+/// Appends the log line for `entry`, with its trailing newline, to `line`. Pieces are
+/// pushed one by one, numbers with itoa: `write!` goes through the formatting machinery,
+/// which cost 2k instructions per line.
 pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local_time: &str) {
+    let mut number = itoa::Buffer::new();
     line.push_str(Ascii::ip(entry.client).as_str());
-    let _ = write!(line, " - - [{local_time}] \"");
+    line.push_str(" - - [");
+    line.push_str(local_time);
+    line.push_str("] \"");
     push_escaped(line, &entry.request_line);
-    let _ = write!(line, "\" {} {body_bytes} \"", entry.status.as_u16());
+    line.push_str("\" ");
+    line.push_str(entry.status.as_str());
+    line.push(' ');
+    line.push_str(number.format(body_bytes));
+    line.push_str(" \"");
     push_optional(line, entry.referer.as_deref());
     line.push_str("\" \"");
     push_optional(line, entry.user_agent.as_deref());
-    let _ = write!(line, "\" {} \"", entry.request_id);
+    line.push_str("\" ");
+    line.push_str(&entry.request_id);
+    line.push_str(" \"");
     push_upstream_field(line, &entry.upstreams, |line, tried| {
         line.push_str(Ascii::socket_addr(tried.addr).as_str());
     });
     line.push_str("\" \"");
     push_upstream_field(line, &entry.upstreams, |line, tried| {
-        let _ = write!(line, "{}", tried.status.as_u16());
+        line.push_str(tried.status.as_str());
     });
     line.push_str("\" \"");
     push_upstream_field(line, &entry.upstreams, |line, tried| {
@@ -342,15 +353,27 @@ fn push_upstream_field(
 }
 
 /// nginx's default log escaping: `"`, `\`, control characters and bytes above 0x7e as `\xHH`.
+/// Runs that need none are pushed whole.
 fn push_escaped(line: &mut String, value: &str) {
-    for byte in value.bytes() {
-        match byte {
-            b'"' | b'\\' | ..0x20 | 0x7f.. => {
-                let _ = write!(line, "\\x{byte:02X}");
-            }
-            printable => line.push(char::from(printable)),
+    let needs_escape = |byte: u8| matches!(byte, b'"' | b'\\' | ..0x20 | 0x7f..);
+    let mut rest = value;
+    while let Some(at) = rest.bytes().position(needs_escape) {
+        line.push_str(&rest[..at]);
+        let byte = rest.as_bytes()[at];
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        line.push_str("\\x");
+        line.push(char::from(HEX[usize::from(byte >> 4)]));
+        line.push(char::from(HEX[usize::from(byte & 0xf)]));
+        // Escaped bytes above 0x7f are parts of one character: the run resumes after it.
+        let width = rest[at..].chars().next().map_or(1, char::len_utf8);
+        for &continuation in &rest.as_bytes()[at + 1..at + width] {
+            line.push_str("\\x");
+            line.push(char::from(HEX[usize::from(continuation >> 4)]));
+            line.push(char::from(HEX[usize::from(continuation & 0xf)]));
         }
+        rest = &rest[at + width..];
     }
+    line.push_str(rest);
 }
 
 #[cfg(test)]
