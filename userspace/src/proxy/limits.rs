@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use super::router::split_host;
 use bytes::Bytes;
 use http::{header, HeaderMap, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -198,14 +199,10 @@ pub fn check_host(version: Version, headers: &HeaderMap) -> Result<(), HostError
     };
     let invalid = || HostError::Invalid(String::from_utf8_lossy(host.as_bytes()).into_owned());
     let text = host.to_str().map_err(|_| invalid())?;
-    let authority: http::uri::Authority = text.parse().map_err(|_| invalid())?;
-    // `Authority` takes any text after the last colon as the port.
-    let port = text.rsplit_once(':').filter(|_| !text.ends_with(']'));
-    let bad_port = port.is_some_and(|(_, port)| !port.is_empty() && port.parse::<u16>().is_err());
-    if text.contains('@') || authority.host().is_empty() || bad_port {
-        return Err(invalid());
+    match split_host(text) {
+        Some(_) => Ok(()),
+        None => Err(invalid()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -229,7 +226,9 @@ mod tests {
             b"APP.example.com:8080",
             b"10.0.0.1:80",
             b"[::1]:8080",
+            b"[2001:db8::1]",
             b"localhost.",
+            b"app.example.com:",
         ] {
             assert_eq!(check_host(Version::HTTP_11, &hosts(&[host])), Ok(()));
         }
@@ -265,6 +264,13 @@ mod tests {
             b":80",
             b"\xff\xfe",
             b"[::1",
+            b"[::1]x",
+            b"[::1]:80:80",
+            b"[]",
+            b"[zz::1]",
+            b"a:b:80",
+            b"app.example.com?x",
+            b"app.example.com#x",
         ] {
             assert_eq!(
                 check_host(Version::HTTP_11, &hosts(&[host])),
