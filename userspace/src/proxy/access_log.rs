@@ -33,11 +33,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use http::StatusCode;
+use http::{HeaderValue, Method, StatusCode, Uri, Version};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::ascii::Ascii;
+use super::{ascii::Ascii, headers::RequestId};
 
 /// Bytes of lines that make a batch: the writer is woken when this much is waiting.
 const BATCH_BYTES: usize = 32 * 1024;
@@ -47,18 +47,31 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// counted rather than slowing requests down or growing without bound.
 const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 
-/// One request, as the access log reports it.
+/// One request, as the access log reports it. Its parts are the request's own (shared,
+/// reference-counted) values, formatted only into the line: copying them into Strings was
+/// three allocations and a `format!` per request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessEntry {
     pub client: IpAddr,
-    /// `METHOD target VERSION`, as the client sent it.
-    pub request_line: String,
+    pub request_line: RequestLine,
     pub status: StatusCode,
-    pub referer: Option<String>,
-    pub user_agent: Option<String>,
-    pub request_id: String,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    pub request_id: RequestId,
     /// Every endpoint tried, in order.
     pub upstreams: Vec<UpstreamAttempt>,
+}
+
+/// nginx's `$request`: `METHOD target VERSION`, as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestLine {
+    Parsed {
+        method: Method,
+        target: Uri,
+        version: Version,
+    },
+    /// What a refused head's first line was, or `-`.
+    Text(String),
 }
 
 /// One try of one endpoint.
@@ -301,17 +314,17 @@ pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local
     line.push_str(" - - [");
     line.push_str(local_time);
     line.push_str("] \"");
-    push_escaped(line, &entry.request_line);
+    push_request_line(line, &entry.request_line);
     line.push_str("\" ");
     line.push_str(entry.status.as_str());
     line.push(' ');
     line.push_str(number.format(body_bytes));
     line.push_str(" \"");
-    push_optional(line, entry.referer.as_deref());
+    push_optional(line, entry.referer.as_ref());
     line.push_str("\" \"");
-    push_optional(line, entry.user_agent.as_deref());
+    push_optional(line, entry.user_agent.as_ref());
     line.push_str("\" ");
-    line.push_str(&entry.request_id);
+    line.push_str(entry.request_id.as_str());
     line.push_str(" \"");
     push_upstream_field(line, &entry.upstreams, |line, tried| {
         line.push_str(Ascii::socket_addr(tried.addr).as_str());
@@ -327,10 +340,56 @@ pub fn write_line(line: &mut String, entry: &AccessEntry, body_bytes: u64, local
     line.push_str("\"\n");
 }
 
-/// An optional value, escaped, or `-` when absent.
-fn push_optional(line: &mut String, value: Option<&str>) {
+impl std::fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Parsed {
+                method,
+                target,
+                version,
+            } => write!(f, "{method} {target} {}", version_text(*version)),
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+fn push_request_line(line: &mut String, request_line: &RequestLine) {
+    match request_line {
+        RequestLine::Parsed {
+            method,
+            target,
+            version,
+        } => {
+            push_escaped(line, method.as_str().as_bytes());
+            line.push(' ');
+            // An origin-form target (nearly all) is its path and query; others, as `Uri`
+            // writes them.
+            match (target.scheme(), target.path_and_query()) {
+                (None, Some(origin_form)) => push_escaped(line, origin_form.as_str().as_bytes()),
+                _ => push_escaped(line, target.to_string().as_bytes()),
+            }
+            line.push(' ');
+            line.push_str(version_text(*version));
+        }
+        RequestLine::Text(text) => push_escaped(line, text.as_bytes()),
+    }
+}
+
+fn version_text(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+/// An optional header's value, escaped, or `-` when absent.
+fn push_optional(line: &mut String, value: Option<&HeaderValue>) {
     match value {
-        Some(value) => push_escaped(line, value),
+        Some(value) => push_escaped(line, value.as_bytes()),
         None => line.push('-'),
     }
 }
@@ -352,28 +411,22 @@ fn push_upstream_field(
     }
 }
 
-/// nginx's default log escaping: `"`, `\`, control characters and bytes above 0x7e as `\xHH`.
+/// nginx's default log escaping: `"`, `\\`, control characters and bytes above 0x7e as `\\xHH`.
 /// Runs that need none are pushed whole.
-fn push_escaped(line: &mut String, value: &str) {
-    let needs_escape = |byte: u8| matches!(byte, b'"' | b'\\' | ..0x20 | 0x7f..);
-    let mut rest = value;
-    while let Some(at) = rest.bytes().position(needs_escape) {
-        line.push_str(&rest[..at]);
-        let byte = rest.as_bytes()[at];
-        const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        line.push_str("\\x");
-        line.push(char::from(HEX[usize::from(byte >> 4)]));
-        line.push(char::from(HEX[usize::from(byte & 0xf)]));
-        // Escaped bytes above 0x7f are parts of one character: the run resumes after it.
-        let width = rest[at..].chars().next().map_or(1, char::len_utf8);
-        for &continuation in &rest.as_bytes()[at + 1..at + width] {
+fn push_escaped(line: &mut String, mut value: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let needs_escape = |byte: &u8| matches!(byte, b'"' | b'\\' | ..0x20 | 0x7f..);
+    while !value.is_empty() {
+        let run = value.iter().position(needs_escape).unwrap_or(value.len());
+        // Printable ASCII only, so always UTF-8.
+        line.push_str(std::str::from_utf8(&value[..run]).unwrap_or_default());
+        if let Some(&byte) = value.get(run) {
             line.push_str("\\x");
-            line.push(char::from(HEX[usize::from(continuation >> 4)]));
-            line.push(char::from(HEX[usize::from(continuation & 0xf)]));
+            line.push(char::from(HEX[usize::from(byte >> 4)]));
+            line.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
-        rest = &rest[at + width..];
+        value = value.get(run + 1..).unwrap_or_default();
     }
-    line.push_str(rest);
 }
 
 #[cfg(test)]
@@ -385,11 +438,15 @@ mod tests {
     fn entry() -> AccessEntry {
         AccessEntry {
             client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
-            request_line: "GET /ping?x=1 HTTP/1.1".to_owned(),
+            request_line: RequestLine::Parsed {
+                method: Method::GET,
+                target: Uri::from_static("/ping?x=1"),
+                version: Version::HTTP_11,
+            },
             status: StatusCode::OK,
             referer: None,
-            user_agent: Some("curl/8.5.0".to_owned()),
-            request_id: "0123456789abcdef0123456789abcdef".to_owned(),
+            user_agent: Some(HeaderValue::from_static("curl/8.5.0")),
+            request_id: RequestId::from_static("0123456789abcdef0123456789abcdef"),
             upstreams: vec![
                 UpstreamAttempt {
                     addr: "10.0.0.5:8080".parse().unwrap(),
@@ -436,10 +493,49 @@ mod tests {
     }
 
     #[test]
+    fn the_request_line_is_the_one_the_client_sent() {
+        let cases = [
+            (
+                Method::GET,
+                "/ping?x=1",
+                Version::HTTP_10,
+                "GET /ping?x=1 HTTP/1.0",
+            ),
+            (
+                Method::GET,
+                "http://app.example.org/a?b",
+                Version::HTTP_11,
+                "GET http://app.example.org/a?b HTTP/1.1",
+            ),
+            (Method::OPTIONS, "*", Version::HTTP_11, "OPTIONS * HTTP/1.1"),
+            (
+                Method::POST,
+                "/a\"b",
+                Version::HTTP_2,
+                "POST /a\\x22b HTTP/2.0",
+            ),
+        ];
+        for (method, target, version, expected) in cases {
+            let request_line = RequestLine::Parsed {
+                method,
+                target: Uri::try_from(target).unwrap(),
+                version,
+            };
+            let mut line = String::new();
+            push_request_line(&mut line, &request_line);
+            assert_eq!(line, expected);
+        }
+    }
+
+    #[test]
     fn values_are_escaped_like_nginx() {
         let mut escaped = String::new();
-        push_escaped(&mut escaped, "a\"b\\c\td\u{7f}é");
+        push_escaped(&mut escaped, "a\"b\\c\td\u{7f}é".as_bytes());
         assert_eq!(escaped, "a\\x22b\\x5Cc\\x09d\\x7F\\xC3\\xA9");
+        // Header values need not be UTF-8: their bytes are escaped as they are.
+        let mut escaped = String::new();
+        push_escaped(&mut escaped, b"agent\xff/1");
+        assert_eq!(escaped, "agent\\xFF/1");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
-    access_log::{AccessEntry, AccessLog, UpstreamAttempt},
+    access_log::{AccessEntry, AccessLog, RequestLine, UpstreamAttempt},
     backend_tls::BackendTlsPools,
     headers::{self, ClientFacts, ProxyIdentity, RequestId, UpstreamAnswer},
     health::PassiveHealth,
@@ -201,11 +201,15 @@ impl RequestHandler {
         };
         let mut entry = AccessEntry {
             client: client_side.addr,
-            request_line: request_line(&request),
+            request_line: RequestLine::Parsed {
+                method: request.method().clone(),
+                target: request.uri().clone(),
+                version: request.version(),
+            },
             status: StatusCode::OK,
-            referer: header_text(&request, header::REFERER),
-            user_agent: header_text(&request, header::USER_AGENT),
-            request_id: request_id.as_str().to_owned(),
+            referer: request.headers().get(header::REFERER).cloned(),
+            user_agent: request.headers().get(header::USER_AGENT).cloned(),
+            request_id: request_id.clone(),
             upstreams: Vec::new(),
         };
         // Only the debug line below needs the host as its own string.
@@ -230,7 +234,7 @@ impl RequestHandler {
             request_id = request_id.as_str(),
             %client,
             ?scheme,
-            request = entry.request_line,
+            request = %entry.request_line,
             host = host.as_deref().unwrap_or("-"),
             status = entry.status.as_u16(),
             upstream = ?upstream,
@@ -605,19 +609,4 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
         Some(authority) => Some(authority.as_str()),
         None => request.headers().get(header::HOST)?.to_str().ok(),
     }
-}
-
-/// nginx's `$request`: `METHOD target VERSION`.
-fn request_line<B>(request: &Request<B>) -> String {
-    format!(
-        "{} {} {:?}",
-        request.method(),
-        request.uri(),
-        request.version()
-    )
-}
-
-fn header_text<B>(request: &Request<B>, name: header::HeaderName) -> Option<String> {
-    let value = request.headers().get(name)?;
-    Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
 }

@@ -46,7 +46,7 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    access_log::{AccessEntry, AccessLog},
+    access_log::{AccessEntry, AccessLog, RequestLine},
     headers::{ProxyIdentity, RequestId},
     limits::ClientLimits,
     upgrade::UpgradeSlot,
@@ -511,11 +511,11 @@ impl<IO> HeadGuard<IO> {
         if let Some(log) = &self.settings.access_log {
             let entry = AccessEntry {
                 client: self.client.ip().to_canonical(),
-                request_line: request_line.unwrap_or_else(|| "-".to_owned()),
+                request_line: RequestLine::Text(request_line.unwrap_or_else(|| "-".to_owned())),
                 status,
                 referer: None,
                 user_agent: None,
-                request_id: request_id.as_str().to_owned(),
+                request_id: request_id.clone(),
                 upstreams: Vec::new(),
             };
             log.record(&entry, body.len() as u64);

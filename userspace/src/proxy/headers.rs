@@ -52,6 +52,11 @@ impl RequestId {
     pub fn as_str(&self) -> &str {
         self.0.to_str().unwrap_or_default()
     }
+
+    #[cfg(test)]
+    pub fn from_static(id: &'static str) -> Self {
+        Self(HeaderValue::from_static(id))
+    }
 }
 
 /// Who answered: this proxy's identity headers, fixed for the life of `serve`.
