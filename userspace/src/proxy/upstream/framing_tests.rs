@@ -215,10 +215,12 @@ async fn connections_that_must_not_be_reused_are_not() {
           2\r\nok\r\n0\r\n\r\n",
         // Bytes after the body that nobody asked for.
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n",
+        // HTTP/1.0 without keep-alive.
+        b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
     ])
     .await;
     let pool = UpstreamPool::new(PoolSettings::default());
-    for _ in 0..3 {
+    for _ in 0..4 {
         let (status, body, kept) =
             exchange(&pool, backend.addr, request(Method::GET, backend.addr)).await;
         assert_eq!(
@@ -226,7 +228,16 @@ async fn connections_that_must_not_be_reused_are_not() {
             (200, Bytes::from("ok"), false)
         );
     }
-    assert_eq!(backend.accepted(), 3);
+    assert_eq!(backend.accepted(), 4);
+
+    // A protocol switch the request did not ask for.
+    let backend = ScriptedBackend::start(&[
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: other\r\nconnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ])
+    .await;
+    let (status, _, kept) = exchange(&pool, backend.addr, request(Method::GET, backend.addr)).await;
+    assert_eq!((status, kept), (101, false));
 }
 
 #[tokio::test]

@@ -50,7 +50,10 @@ pub struct BodyPlan {
 
 impl BodyPlan {
     pub fn of(head: &response::Parts, request_complete: bool) -> Result<Self, ExchangeError> {
-        let keep_alive = request_complete && wants_keep_alive(head.version, &head.headers);
+        // After a `101` the connection speaks another protocol: never an HTTP/1.1 one again.
+        let keep_alive = request_complete
+            && head.status != StatusCode::SWITCHING_PROTOCOLS
+            && wants_keep_alive(head.version, &head.headers);
         let no_body = head.extensions.get::<HeadRequest>().is_some()
             || head.status.is_informational()
             || head.status == StatusCode::NO_CONTENT
