@@ -23,10 +23,7 @@ use tokio_rustls::{client::TlsStream, TlsConnector};
 use tokio_util::either::Either;
 use tracing::debug;
 
-use super::{
-    retry::ForwardBody,
-    upstream::{PoolSettings, UpstreamError, UpstreamPool},
-};
+use super::upstream::{PoolSettings, UpstreamError, UpstreamPool};
 use crate::routes::{BackendTls, BackendTlsVerify};
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +158,7 @@ pub async fn connect_task(
 pub struct BackendTlsPools {
     clients: BackendTlsClients,
     settings: PoolSettings,
-    pools: Mutex<HashMap<BackendTls, UpstreamPool<ForwardBody>>>,
+    pools: Mutex<HashMap<BackendTls, UpstreamPool>>,
 }
 
 impl BackendTlsPools {
@@ -174,7 +171,7 @@ impl BackendTlsPools {
     }
 
     /// The pool for a route's backend TLS, created on first use.
-    pub fn pool(&self, backend: &BackendTls) -> Result<UpstreamPool<ForwardBody>, String> {
+    pub fn pool(&self, backend: &BackendTls) -> Result<UpstreamPool, String> {
         let mut pools = self.lock_pools();
         if let Some(pool) = pools.get(backend) {
             return Ok(pool.clone());
@@ -209,7 +206,7 @@ impl BackendTlsPools {
         }
     }
 
-    fn lock_pools(&self) -> MutexGuard<'_, HashMap<BackendTls, UpstreamPool<ForwardBody>>> {
+    fn lock_pools(&self) -> MutexGuard<'_, HashMap<BackendTls, UpstreamPool>> {
         self.pools.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -33,7 +33,7 @@ use super::{
     http2,
     limits::{self, ClientBody, ClientBodyError, ClientLimits, HostError},
     observed::ObservedBody,
-    retry::{self, ForwardBody, OutgoingRequest},
+    retry::{self, OutgoingRequest},
     router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, Stall, UpstreamError, UpstreamPool, UpstreamResponse},
     websocket, Scheme,
@@ -127,7 +127,7 @@ impl Default for HandlerSettings {
 /// their health, identity, settings, the access log.
 pub struct RequestHandler {
     router: Arc<Router>,
-    upstreams: UpstreamPool<ForwardBody>,
+    upstreams: UpstreamPool,
     backend_tls: BackendTlsPools,
     health: Arc<PassiveHealth>,
     identity: ProxyIdentity,
@@ -145,7 +145,7 @@ struct ClientSide<'a> {
 impl RequestHandler {
     pub fn new(
         router: Arc<Router>,
-        upstreams: UpstreamPool<ForwardBody>,
+        upstreams: UpstreamPool,
         backend_tls: BackendTlsPools,
         health: Arc<PassiveHealth>,
         identity: ProxyIdentity,
@@ -366,7 +366,7 @@ impl RequestHandler {
         endpoints: Vec<Endpoint>,
         mut outgoing: OutgoingRequest,
         attempts: &mut Vec<UpstreamAttempt>,
-    ) -> Result<(UpstreamResponse<ForwardBody>, UpstreamAnswer, InFlight), ProxyError> {
+    ) -> Result<(UpstreamResponse, UpstreamAnswer, InFlight), ProxyError> {
         let upstreams = match &route.transport().backend_tls {
             None => self.upstreams.clone(),
             Some(backend) => {
@@ -515,7 +515,7 @@ impl RequestHandler {
     /// Decorate: the upstream's answer, hop-by-hop removed and the proxy headers stamped.
     fn response_phase(
         &self,
-        upstream: UpstreamResponse<ForwardBody>,
+        upstream: UpstreamResponse,
         request_id: &RequestId,
         answer: UpstreamAnswer,
         in_flight: InFlight,

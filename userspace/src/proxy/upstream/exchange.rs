@@ -81,6 +81,8 @@ pub struct ResponseHead {
     pub parts: response::Parts,
     /// The request was written whole before the answer came: the connection may be reused.
     pub request_complete: bool,
+    /// It answers a `HEAD` request: no body, whatever its headers say.
+    pub answers_head: bool,
 }
 
 /// How the request body is delimited on the wire.
@@ -113,7 +115,7 @@ impl Connection {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        let is_head = request.method() == Method::HEAD;
+        let answers_head = request.method() == Method::HEAD;
         let mut writer = RequestWriter::new(request);
         let mut write_error = None;
         let head = poll_fn(|cx| loop {
@@ -136,15 +138,11 @@ impl Connection {
         })
         .await;
         match head {
-            Ok(mut parts) => {
-                if is_head {
-                    parts.extensions.insert(HeadRequest);
-                }
-                Ok(ResponseHead {
-                    parts,
-                    request_complete: writer.is_done() && write_error.is_none(),
-                })
-            }
+            Ok(parts) => Ok(ResponseHead {
+                parts,
+                request_complete: writer.is_done() && write_error.is_none(),
+                answers_head,
+            }),
             Err(read_error) => {
                 let error = match write_error {
                     Some(write_error) => write_error,
@@ -193,10 +191,6 @@ impl Connection {
         Poll::Ready(Ok(read))
     }
 }
-
-/// Marks a response to a `HEAD` request: it has no body, whatever its headers say.
-#[derive(Clone, Copy)]
-pub struct HeadRequest;
 
 /// A response head from the front of `read_buf`, taken off it; `None` while it is partial.
 fn parse_head(read_buf: &mut BytesMut) -> Result<Option<response::Parts>, ExchangeError> {

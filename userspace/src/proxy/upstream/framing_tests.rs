@@ -118,7 +118,7 @@ fn request(method: Method, addr: SocketAddr) -> Request<Empty<Bytes>> {
 /// Sends `request`, reads the whole response body, and tells the status, the body and
 /// whether the connection was kept for the next request.
 async fn exchange<B>(
-    pool: &UpstreamPool<B>,
+    pool: &UpstreamPool,
     addr: SocketAddr,
     request: Request<B>,
 ) -> (u16, Result<Bytes, ExchangeError>, bool)

@@ -155,18 +155,18 @@ pub enum SendError<B> {
 
 /// An upstream's response head, and its body still streaming from the upstream.
 #[derive(Debug)]
-pub struct UpstreamResponse<B> {
-    pub response: Response<UpstreamBody<B>>,
+pub struct UpstreamResponse {
+    pub response: Response<UpstreamBody>,
     /// From handing the request to the connection to receiving the response head.
     pub response_time: Duration,
 }
 
 /// Keep-alive connections per upstream address; cheap to clone, clones share the pool.
-pub struct UpstreamPool<B> {
-    shared: Arc<PoolShared<B>>,
+pub struct UpstreamPool {
+    shared: Arc<PoolShared>,
 }
 
-impl<B> Clone for UpstreamPool<B> {
+impl Clone for UpstreamPool {
     fn clone(&self) -> Self {
         Self {
             shared: Arc::clone(&self.shared),
@@ -174,14 +174,12 @@ impl<B> Clone for UpstreamPool<B> {
     }
 }
 
-struct PoolShared<B> {
+struct PoolShared {
     settings: PoolSettings,
     /// TLS around every new connection, for `ssl_backend` services.
     tls: Option<UpstreamTls>,
     endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
     next_generation: AtomicU64,
-    /// The request body type this pool's requests carry.
-    _body: std::marker::PhantomData<fn(B)>,
 }
 
 /// The connections of one endpoint since it (last) entered the pool. A drained endpoint's
@@ -205,11 +203,7 @@ struct Membership {
     generation: u64,
 }
 
-impl<B> UpstreamPool<B>
-where
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl UpstreamPool {
     pub fn new(settings: PoolSettings) -> Self {
         Self::with_transport(settings, None)
     }
@@ -226,17 +220,20 @@ where
                 tls,
                 endpoints: Mutex::new(HashMap::new()),
                 next_generation: AtomicU64::new(0),
-                _body: std::marker::PhantomData,
             }),
         }
     }
 
     /// Sends `request` to `addr` on a pooled connection, or on a new one when none is usable.
-    pub async fn send(
+    pub async fn send<B>(
         &self,
         addr: SocketAddr,
         mut request: Request<B>,
-    ) -> Result<UpstreamResponse<B>, SendError<B>> {
+    ) -> Result<UpstreamResponse, SendError<B>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
         loop {
             let (mut connection, membership, pooled) = match self.shared.take_idle(addr) {
                 Some((connection, membership)) => (connection, membership, true),
@@ -254,10 +251,9 @@ where
             let failure = match connection.exchange(request).await {
                 Ok(head) => {
                     let response_time = sent_at.elapsed();
-                    let plan =
-                        BodyPlan::of(&head.parts, head.request_complete).map_err(|source| {
-                            SendError::Failed(UpstreamError::Exchange { addr, source })
-                        })?;
+                    let plan = BodyPlan::of(&head).map_err(|source| {
+                        SendError::Failed(UpstreamError::Exchange { addr, source })
+                    })?;
                     let checkin = Checkin {
                         pool: Arc::clone(&self.shared),
                         membership,
@@ -359,7 +355,7 @@ where
     }
 }
 
-impl<B> PoolShared<B> {
+impl PoolShared {
     fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Endpoint>> {
         // The map stays consistent even if a holder panicked: every update is a single change.
         self.endpoints
@@ -430,12 +426,12 @@ impl IdleConnection {
 }
 
 /// What a response body needs to hand its connection back to the pool.
-pub struct Checkin<B> {
-    pool: Arc<PoolShared<B>>,
+pub struct Checkin {
+    pool: Arc<PoolShared>,
     membership: Membership,
 }
 
-impl<B> Checkin<B> {
+impl Checkin {
     fn put(self, connection: Box<Connection>) {
         self.pool.put(self.membership, connection);
     }
@@ -468,7 +464,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn read_to_end(upstream: UpstreamResponse<Empty<Bytes>>) -> Bytes {
+    async fn read_to_end(upstream: UpstreamResponse) -> Bytes {
         let body = upstream.response.into_body().collect().await.unwrap();
         body.to_bytes()
     }

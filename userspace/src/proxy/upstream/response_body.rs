@@ -10,11 +10,11 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{header, response, HeaderMap, StatusCode, Version};
+use http::{header, HeaderMap, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::{
-    exchange::{Connection, ExchangeError, HeadRequest, MAX_HEAD_BYTES},
+    exchange::{Connection, ExchangeError, ResponseHead, MAX_HEAD_BYTES},
     Checkin,
 };
 
@@ -49,12 +49,14 @@ pub struct BodyPlan {
 }
 
 impl BodyPlan {
-    pub fn of(head: &response::Parts, request_complete: bool) -> Result<Self, ExchangeError> {
+    pub fn of(response: &ResponseHead) -> Result<Self, ExchangeError> {
+        let head = &response.parts;
+        let request_complete = response.request_complete;
         // After a `101` the connection speaks another protocol: never an HTTP/1.1 one again.
         let keep_alive = request_complete
             && head.status != StatusCode::SWITCHING_PROTOCOLS
             && wants_keep_alive(head.version, &head.headers);
-        let no_body = head.extensions.get::<HeadRequest>().is_some()
+        let no_body = response.answers_head
             || head.status.is_informational()
             || head.status == StatusCode::NO_CONTENT
             || head.status == StatusCode::NOT_MODIFIED;
@@ -136,15 +138,15 @@ fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// An upstream response body streaming from its connection.
-pub struct UpstreamBody<B> {
+pub struct UpstreamBody {
     connection: Option<Box<Connection>>,
     framing: Framing,
     /// How the connection returns to the pool; `None` when it is not to be kept.
-    checkin: Option<Checkin<B>>,
+    checkin: Option<Checkin>,
 }
 
-impl<B> UpstreamBody<B> {
-    pub fn new(connection: Box<Connection>, plan: BodyPlan, checkin: Checkin<B>) -> Self {
+impl UpstreamBody {
+    pub fn new(connection: Box<Connection>, plan: BodyPlan, checkin: Checkin) -> Self {
         let mut body = Self {
             connection: Some(connection),
             framing: plan.framing,
@@ -283,7 +285,7 @@ fn parse_trailers(buf: &BytesMut) -> Result<Option<(usize, ())>, ExchangeError> 
     }
 }
 
-impl<B> std::fmt::Debug for UpstreamBody<B> {
+impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
             .field("framing", &self.framing)
@@ -292,9 +294,7 @@ impl<B> std::fmt::Debug for UpstreamBody<B> {
     }
 }
 
-impl<B> Unpin for UpstreamBody<B> {}
-
-impl<B> Body for UpstreamBody<B> {
+impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = ExchangeError;
 
