@@ -16,6 +16,7 @@ mod parse;
 mod rewrite;
 mod snat;
 mod steer;
+mod sweep;
 
 use aya_ebpf::{
     macros::{map, xdp},
@@ -298,6 +299,13 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     }
     tally.count(Stat::for_verdict(verdict.action));
     verdict.action
+}
+
+/// The daemon's sweep of the connection table ([`sweep`]), run through `BPF_PROG_TEST_RUN`;
+/// never attached.
+#[xdp]
+pub fn xlb_sweep(ctx: XdpContext) -> u32 {
+    sweep::sweep(&ctx)
 }
 
 #[cfg(not(test))]

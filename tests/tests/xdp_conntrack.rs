@@ -334,6 +334,37 @@ fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
 }
 
 #[test]
+fn the_sweep_spares_a_flow_reopened_after_it_was_judged_over() {
+    let mut dataplane = conntrack(|s| {
+        s.snat_ports = SnatPorts::new(61000, 61999).unwrap();
+        s.tcp_closing = SHORT;
+    });
+    let snat_port = handshake(&mut dataplane, 40000);
+    step(&mut dataplane, &from_client(40000, fin_ack));
+    step(&mut dataplane, &from_backend(snat_port, fin_ack));
+    wait_out(SHORT);
+    let plan = dataplane.judge_flows().unwrap();
+    assert_eq!(plan.expired_flows, 1, "the closed flow is over");
+    // Between the sweep's snapshot and its removals, the client reuses its port: the same two
+    // keys, a new flow.
+    let (_, l4, reopened) = step(&mut dataplane, &from_client(40000, syn));
+    assert_eq!(
+        (l4, reopened),
+        (vec!["l4_flow_reopened", "l4_new_flow"], Some(snat_port))
+    );
+    let plan = dataplane.remove_judged_flows(plan).unwrap();
+    assert_eq!(plan.expired_flows, 0, "the new flow is not the one judged");
+    let (_, l4, _) = step(&mut dataplane, &from_backend(snat_port, syn_ack));
+    assert_eq!(
+        l4,
+        ["l4_replied"],
+        "the new flow's reply entry is still there"
+    );
+    let (_, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+    assert_eq!(l4, ["l4_forwarded"], "and its forward entry");
+}
+
+#[test]
 fn live_flows_follow_their_backends_next_hop_and_end_when_it_has_drained() {
     const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbf];
     let backend_c = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 78, 1, 4), 30003);

@@ -31,6 +31,8 @@ use crate::l4::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
 
 const PROGRAM: &str = "xlb";
+/// The connection-table sweep's removals (`conntrack::sweep`), run, never attached.
+const SWEEP_PROGRAM: &str = "xlb_sweep";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -77,6 +79,8 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("running the sweep's removals (BPF_PROG_TEST_RUN of {SWEEP_PROGRAM}) failed")]
+    SweepRun(#[source] Box<aya::programs::ProgramError>),
 }
 
 /// How the program ended up attached.
@@ -232,23 +236,17 @@ impl Dataplane {
             egress,
             egress_written: BTreeSet::new(),
         };
-        dataplane
-            .program()?
-            .load()
-            .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+        for name in [PROGRAM, SWEEP_PROGRAM] {
+            xdp_program(&mut dataplane.ebpf, name)?
+                .load()
+                .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+        }
         Ok(dataplane)
     }
 
     /// The XDP program itself (for attaching, or for `BPF_PROG_TEST_RUN` in tests).
     pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        let missing = DataplaneError::Missing {
-            kind: "program",
-            name: PROGRAM,
-        };
-        let program = self.ebpf.program_mut(PROGRAM).ok_or(missing)?;
-        program
-            .try_into()
-            .map_err(|error| DataplaneError::Program(Box::new(error)))
+        xdp_program(&mut self.ebpf, PROGRAM)
     }
 
     /// Attaches in native mode, falling back to generic mode (with a warning) when the
@@ -378,13 +376,30 @@ impl Dataplane {
 
     /// Removes the flows that are over from the connection table (see [`conntrack`]).
     pub fn sweep_flows(&mut self) -> Result<SweepPlan, DataplaneError> {
-        let table = &mut self.flows;
-        let plan = conntrack::sweep(
+        let plan = self.judge_flows()?;
+        self.remove_judged_flows(plan)
+    }
+
+    /// The first half of [`Dataplane::sweep_flows`]: which flows are over now, by a snapshot
+    /// of the table.
+    pub fn judge_flows(&self) -> Result<SweepPlan, DataplaneError> {
+        let table = &self.flows;
+        conntrack::judge(
             &table.map,
             &table.timeouts,
             table.capacity,
             conntrack::monotonic_now(),
-        )?;
+        )
+    }
+
+    /// The second half of [`Dataplane::sweep_flows`]: removes what `plan` judged over and is
+    /// still over, and returns `plan` with what was removed.
+    pub fn remove_judged_flows(
+        &mut self,
+        mut plan: SweepPlan,
+    ) -> Result<SweepPlan, DataplaneError> {
+        conntrack::remove_judged(xdp_program(&mut self.ebpf, SWEEP_PROGRAM)?, &mut plan)?;
+        let table = &mut self.flows;
         table.last = plan.summary.clone();
         table.totals.sweeps += 1;
         table.totals.expired_flows += plan.expired_flows;
@@ -470,6 +485,18 @@ fn open<T>(
         .take_map(name)
         .ok_or(DataplaneError::Missing { kind: "map", name })?;
     convert(map).map_err(|source| map_error(name, "opened", source))
+}
+
+/// The loaded object's XDP program `name`.
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    let missing = DataplaneError::Missing {
+        kind: "program",
+        name,
+    };
+    let program = ebpf.program_mut(name).ok_or(missing)?;
+    program
+        .try_into()
+        .map_err(|error| DataplaneError::Program(Box::new(error)))
 }
 
 pub(crate) fn map_error(

@@ -20,6 +20,14 @@ pub const MAX_SNAT_ADDRS: usize = 16;
 /// before its forward entry, and another CPU may look at it in between.
 pub const HALF_PAIR_GRACE_NS: u64 = 2_000_000_000;
 
+/// Flow keys the sweep hands the XDP program's `xlb_sweep` in one `BPF_PROG_TEST_RUN`, as the
+/// frame's bytes: an XDP test frame holds at most a page less the headroom and the
+/// `skb_shared_info` (3 520 bytes), and this many keys take 3 200.
+pub const SWEEP_KEYS_PER_RUN: usize = 200;
+
+/// `xlb_sweep`'s return value: flows removed, plus half pairs removed times this.
+pub const SWEEP_HALF_PAIRS_UNIT: u32 = 1 << 16;
+
 /// A flow entry's `last_seen_ns` is rewritten only when it is older than this: an established
 /// flow's packets then write nothing to the shared table but once a second (timeouts are
 /// seconds long, so the coarser age costs nothing).

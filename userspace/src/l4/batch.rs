@@ -1,6 +1,5 @@
-//! Batched reads and deletes of a BPF hash map: `BPF_MAP_LOOKUP_BATCH` and
-//! `BPF_MAP_DELETE_BATCH`, one system call per few thousand entries instead of two per entry
-//! (`get_next_key` + `lookup`), which is what lets the sweep read a full connection table of
+//! Batched reads of a BPF hash map: `BPF_MAP_LOOKUP_BATCH`, one system call per few thousand
+//! entries instead of two per entry (`get_next_key` + `lookup`), which is what lets the sweep read a full connection table of
 //! 262 144 entries in milliseconds.
 //!
 //! Written by hand because aya 0.14 (the newest aya that builds with this toolchain) has no
@@ -16,7 +15,6 @@ use std::{
 use aya::{maps::MapData, Pod};
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries asked for per system call.
 const BATCH_ENTRIES: usize = 4096;
@@ -97,31 +95,4 @@ pub fn read_all<K: Pod + Default, V: Pod + Default>(map: &MapData) -> io::Result
             Err(error) => return Err(error),
         }
     }
-}
-
-/// Deletes `keys` from the hash map `map`; keys already gone are skipped. Returns how many
-/// were deleted.
-pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<usize> {
-    let mut deleted = 0;
-    let mut rest = keys;
-    while !rest.is_empty() {
-        let chunk = &rest[..rest.len().min(BATCH_ENTRIES)];
-        let mut attr = BatchAttr {
-            keys: chunk.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: raw_fd(map),
-            ..BatchAttr::default()
-        };
-        let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
-        let done = attr.count as usize;
-        deleted += done;
-        match result {
-            Ok(()) => rest = &rest[chunk.len()..],
-            // The kernel stops at a key that is not there (removed meanwhile by the XDP
-            // program); skip it and go on.
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(deleted)
 }

@@ -2,24 +2,28 @@
 //!
 //! The XDP program removes a flow only when something needs its place: a new flow whose SNAT
 //! tuple it holds, or a SYN reopening its 5-tuple. Everything else that is over (a client that
-//! vanished, a closed flow nobody collides with) is removed here, once a second, by the same
-//! rule the program applies (`xlb_common::flow_expired`), so the table does not fill with the
-//! dead. The table is read in batches ([`super::batch`]); each expired entry is deleted only
-//! while it still holds the value judged.
+//! vanished, a closed flow nobody collides with) is removed by the sweep, once a second, by the
+//! same rule the program applies (`xlb_common::flow_expired`), so the table does not fill with
+//! the dead. The table is read in batches ([`super::batch`]) and judged here; the removals are
+//! the kernel's: the keys go to the program's `xlb_sweep` through `BPF_PROG_TEST_RUN`, which
+//! judges each flow again as it removes it (why: `dataplane-ebpf/src/sweep.rs`).
 //!
-//! [`plan_sweep`] decides from a snapshot of the entries and is pure; [`sweep`] runs it
-//! against the kernel's map.
+//! [`plan_sweep`] decides from a snapshot of the entries and is pure; [`judge`] runs it on the
+//! kernel's map, and [`remove_judged`] has the program carry out what it decided.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
     time::Duration,
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
 use serde::Serialize;
 use xlb_common::{
     flow_expired, flow_state, FlowKey, FlowState, FlowValue, Timeouts, DIRECTION_FORWARD,
-    HALF_PAIR_GRACE_NS,
+    HALF_PAIR_GRACE_NS, SWEEP_HALF_PAIRS_UNIT, SWEEP_KEYS_PER_RUN,
 };
 
 use super::batch;
@@ -43,9 +47,9 @@ pub struct TableSummary {
 /// What one sweep found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepPlan {
-    /// Expired flows as (forward key, reply key): the forward entry goes first, so that
-    /// nothing forwards into a freed tuple.
-    pub expired: Vec<(FlowKey, FlowKey)>,
+    /// The forward keys of expired flows (the program removes the forward entry first, so
+    /// that nothing forwards into a freed tuple).
+    pub expired: Vec<FlowKey>,
     /// Entries whose peer has been missing for longer than [`HALF_PAIR_GRACE_NS`].
     pub stale: Vec<FlowKey>,
     pub expired_flows: u64,
@@ -93,7 +97,7 @@ pub fn plan_sweep(
         match (value.direction, expired) {
             (DIRECTION_FORWARD, true) => {
                 plan.expired_flows += 1;
-                plan.expired.push((*key, value.peer_key(key.proto)));
+                plan.expired.push(*key);
             }
             (_, true) => {}
             (DIRECTION_FORWARD, false) => {
@@ -114,46 +118,49 @@ pub fn plan_sweep(
     plan
 }
 
-/// Reads `flows`, removes what [`plan_sweep`] says, and returns the plan.
-pub fn sweep(
+/// Reads `flows` and judges it at `now` (see [`plan_sweep`]).
+pub fn judge(
     flows: &HashMap<MapData, FlowKey, FlowValue>,
     timeouts: &Timeouts,
     capacity: u32,
     now: u64,
 ) -> Result<SweepPlan, DataplaneError> {
     use aya::maps::IterableMap;
-    let map = flows.map();
     let entries: Vec<(FlowKey, FlowValue)> =
-        batch::read_all(map).map_err(|source| DataplaneError::Sweep {
+        batch::read_all(flows.map()).map_err(|source| DataplaneError::Sweep {
             action: "read",
             source,
         })?;
-    let plan = plan_sweep(&entries, timeouts, capacity, now);
-    // The snapshot is old by the time of the delete: an entry the XDP program has written
-    // since (a reopened forward key, a reclaimed reply key, a refreshed flow) is not the one
-    // judged. So a flow goes only while both its entries still hold the values judged, and
-    // an entry alone only while it does. The window left is a few system calls long.
-    let judged: StdHashMap<&FlowKey, &FlowValue> =
-        entries.iter().map(|(key, value)| (key, value)).collect();
-    let unchanged = |key: &FlowKey| flows.get(key, 0).ok().as_ref() == judged.get(key).copied();
-    let delete = |key: &FlowKey| {
-        batch::delete(map, std::slice::from_ref(key)).map_err(|source| DataplaneError::Sweep {
-            action: "cleared of expired flows",
-            source,
-        })
-    };
-    for (forward, reply) in &plan.expired {
-        if unchanged(forward) && unchanged(reply) {
-            delete(forward)?;
-            delete(reply)?;
-        }
+    Ok(plan_sweep(&entries, timeouts, capacity, now))
+}
+
+/// Has `remover` (the program's `xlb_sweep`) remove what `plan` judged over, unless it has
+/// carried a packet since, and counts in `plan` what was removed.
+pub fn remove_judged(remover: &Xdp, plan: &mut SweepPlan) -> Result<(), DataplaneError> {
+    let candidates: Vec<FlowKey> = plan.expired.iter().chain(&plan.stale).copied().collect();
+    let (mut flows_removed, mut halves_removed) = (0, 0);
+    for chunk in candidates.chunks(SWEEP_KEYS_PER_RUN) {
+        let removed = remover
+            .test_run(TestRunOptions {
+                data_in: Some(key_bytes(chunk)),
+                ..TestRunOptions::default()
+            })
+            .map_err(|error| DataplaneError::SweepRun(Box::new(error)))?
+            .return_value;
+        flows_removed += u64::from(removed % SWEEP_HALF_PAIRS_UNIT);
+        halves_removed += u64::from(removed / SWEEP_HALF_PAIRS_UNIT);
     }
-    for key in &plan.stale {
-        if unchanged(key) {
-            delete(key)?;
-        }
-    }
-    Ok(plan)
+    // A flow the program found young again stays; the next sweep judges it anew.
+    plan.expired_flows = flows_removed;
+    plan.stale_half_pairs = halves_removed;
+    Ok(())
+}
+
+/// The keys as the bytes of a frame for `xlb_sweep`.
+fn key_bytes(keys: &[FlowKey]) -> &[u8] {
+    // SAFETY: `FlowKey` is `repr(C)` plain data without padding bytes left uninitialised
+    // (its padding is an explicit zeroed field), so its bytes may be read as `u8`s.
+    unsafe { std::slice::from_raw_parts(keys.as_ptr().cast(), std::mem::size_of_val(keys)) }
 }
 
 /// The clock the XDP program stamps flows with (`bpf_ktime_get_coarse_ns` is the same clock,
@@ -257,12 +264,12 @@ mod tests {
         .flatten()
         .collect();
         let plan = plan_sweep(&entries, &timeouts(), 1024, now);
-        let ports: Vec<(u16, u16)> = plan
+        let ports: Vec<u16> = plan
             .expired
             .iter()
-            .map(|(forward, reply)| (forward.src_port, reply.dst_port))
+            .map(|forward| forward.src_port)
             .collect();
-        assert_eq!(ports, [(1, 1001), (3, 1003), (5, 1005)]);
+        assert_eq!(ports, [1, 3, 5]);
         assert_eq!(plan.expired_flows, 3);
         assert_eq!(plan.summary.entries, 6);
         assert_eq!(

@@ -5,7 +5,7 @@
 //! - [`maglev`]: the consistent-hash lookup table of one service (pure).
 //! - [`settings`]: limits and timeouts, with their defaults.
 //! - [`maps`]: the map writer: backend ids, service slots, double-buffered rings.
-//! - [`conntrack`]: the connection table's sweep and occupancy ([`batch`]: batched map I/O).
+//! - [`conntrack`]: the connection table's sweep and occupancy ([`batch`]: batched map reads).
 //! - [`egress`]: which interfaces can take redirected XDP frames (netdev xdp-features).
 //! - [`neighbours`]: next hops of backends, resolved ahead of time over rtnetlink.
 //! - [`plan`]: route table + next hops → what the maps should hold (pure).
