@@ -76,8 +76,12 @@ pub struct GuardSettings {
 }
 
 /// What the guard and the request handler know about one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnectionState {
+    /// Kept here rather than in the guard and in the request service: the state is the one
+    /// allocation both hold anyway, and the connection's task, which the service is part of,
+    /// stays under tokio's next task size class.
+    pub client: SocketAddr,
     /// Requests shown to hyper whose response has not ended yet.
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
@@ -88,6 +92,16 @@ pub struct ConnectionState {
 }
 
 impl ConnectionState {
+    pub fn new(client: SocketAddr) -> Self {
+        Self {
+            client,
+            in_flight: AtomicUsize::new(0),
+            upgraded: AtomicBool::new(false),
+            waiting_reader: Mutex::new(None),
+            upgrade: UpgradeSlot::default(),
+        }
+    }
+
     /// The response to one request has ended, completely or not.
     pub fn response_ended(&self) {
         let _ = self
@@ -149,7 +163,6 @@ enum Phase {
 /// The guard; use it as the connection's I/O object.
 pub struct HeadGuard<IO> {
     io: IO,
-    client: SocketAddr,
     settings: Arc<GuardSettings>,
     state: Arc<ConnectionState>,
     phase: Phase,
@@ -215,16 +228,10 @@ enum Expiry {
 }
 
 impl<IO> HeadGuard<IO> {
-    pub fn new(
-        io: IO,
-        client: SocketAddr,
-        settings: Arc<GuardSettings>,
-        state: Arc<ConnectionState>,
-    ) -> Self {
+    pub fn new(io: IO, settings: Arc<GuardSettings>, state: Arc<ConnectionState>) -> Self {
         let now = Instant::now();
         Self {
             io,
-            client,
             timer: Box::pin(tokio::time::sleep_until(now)),
             settings,
             state,
@@ -289,7 +296,7 @@ impl<IO> HeadGuard<IO> {
     }
 
     pub fn client(&self) -> SocketAddr {
-        self.client
+        self.state.client
     }
 
     /// Whether the guard parked the connection: hyper's connection ended because it was idle.
@@ -350,7 +357,7 @@ impl<IO> HeadGuard<IO> {
                 true
             }
             Some(Expiry::Idle) => {
-                debug!(client = %self.client, "closing idle client connection");
+                debug!(client = %self.state.client, "closing idle client connection");
                 self.phase = Phase::Closing;
                 true
             }
@@ -501,7 +508,7 @@ impl<IO> HeadGuard<IO> {
             .map(|line| String::from_utf8_lossy(line.trim_ascii()).into_owned());
         let request_id = RequestId::fresh();
         debug!(
-            client = %self.client,
+            client = %self.state.client,
             status = status.as_u16(),
             reason,
             request_id = request_id.as_str(),
@@ -510,7 +517,7 @@ impl<IO> HeadGuard<IO> {
         let body = format!("{reason}\n");
         if let Some(log) = &self.settings.access_log {
             let entry = AccessEntry {
-                client: self.client.ip().to_canonical(),
+                client: self.state.client.ip().to_canonical(),
                 request_line: RequestLine::Text(request_line.unwrap_or_else(|| "-".to_owned())),
                 status,
                 referer: None,
