@@ -6,9 +6,10 @@
 //! h1 server keeps about 30 KiB per connection (read and write buffers, its state) for the
 //! connection's whole life and has no way to shrink them while it waits. So once the connection
 //! is idle the guard *parks* it: hyper finishes its connection as for a client that left, that
-//! memory is freed, and the socket waits for the client's next bytes with nothing but the
-//! guard. The next request gets a new hyper connection. nginx keeps idle keep-alive
-//! connections cheap the same way, freeing its request buffers between requests.
+//! memory is freed, the connection's task ends, and the guard waits for the client's next bytes
+//! in the worker's lot of parked connections (see [`super::parking`]). The next request gets a
+//! new task and a new hyper connection. nginx keeps idle keep-alive connections cheap the same
+//! way, freeing its request buffers between requests.
 
 use std::{
     convert::Infallible,
@@ -28,40 +29,88 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFuture},
+    task::TaskTracker,
+};
 use tracing::debug;
 
 use super::{
-    handler::ProxyBody,
+    handler::{ProxyBody, RequestHandler},
     head_guard::{ConnectionState, HeadGuard, NextRequest},
     observed::ObservedBody,
+    parking::{self, Parked, Parking},
     upgrade::upgraded_client,
     ConnectionContext, Scheme,
 };
 
 /// Serves HTTP/1.1 or HTTP/2 on one client connection, holding `slot` (its place under
-/// `MaxConnections`) until it ends.
-pub fn serve_http<IO>(
+/// `MaxConnections`) until it ends; parked, it waits in `parking`'s lot.
+pub fn serve_http<IO, Slot>(
     io: IO,
     client: SocketAddr,
     scheme: Scheme,
     context: ConnectionContext,
-    slot: impl Send + 'static,
+    slot: Slot,
+    parking: Parking<IO, Slot>,
 ) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Slot: Send + 'static,
 {
-    let state = Arc::new(ConnectionState::new(client));
-    // Boxed, so that moving it in and out of hyper's connections moves a pointer, and the task
-    // does not reserve room for each place it passes through.
-    let guard = Box::new(HeadGuard::new(
-        io,
-        Arc::clone(&context.guard),
-        Arc::clone(&state),
-    ));
-    let handler = Arc::clone(&context.handler);
-    let service = service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(scheme);
+    let state = Arc::new(ConnectionState::new(client, scheme));
+    // Boxed, so that moving it in and out of hyper's connections and the lot moves a pointer,
+    // and the task does not reserve room for each place it passes through.
+    let guard = Box::new(HeadGuard::new(io, context.guard, state));
+    let service = request_service(context.handler, guard.state());
+    serve(guard, service, context.shutdown, slot, parking)
+}
+
+/// A lot for the parked connections of one worker's listener, run on `tasks` until
+/// `shutdown`; connections leave it on tasks of their own, as [`serve_http`] serves them.
+pub fn open_lot<IO, Slot>(
+    handler: &Arc<RequestHandler>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Parking<IO, Slot>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Slot: Unpin + Send + 'static,
+{
+    let (parking, lot) = parking::lot();
+    let resume = {
+        let (handler, shutdown, tasks, parking) = (
+            Arc::clone(handler),
+            shutdown.clone(),
+            tasks.clone(),
+            parking.clone(),
+        );
+        move |Parked { guard, slot }: Parked<IO, Slot>| {
+            let service = request_service(Arc::clone(&handler), guard.state());
+            tasks.spawn(serve(
+                guard,
+                service,
+                shutdown.clone(),
+                slot,
+                parking.clone(),
+            ));
+        }
+    };
+    tasks.spawn(lot.run(shutdown.clone(), resume));
+    parking
+}
+
+/// What serves each request of one connection: the handler, told when the response has ended.
+fn request_service(
+    handler: Arc<RequestHandler>,
+    state: &Arc<ConnectionState>,
+) -> impl HttpService<Incoming, ResBody = ObservedBody<ProxyBody>, Future: Unpin + Send + 'static>
+       + Unpin
+       + Send
+       + 'static {
+    let state = Arc::clone(state);
+    service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(state.scheme);
         // Only HTTP/1 requests can switch protocols: HTTP/2 forbids `Upgrade`.
         if request.headers().contains_key(header::UPGRADE) {
             state.upgrade.offer(&mut request);
@@ -74,18 +123,16 @@ where
             let response = handler.handle(request, state.client).await;
             Ok::<_, Infallible>(tell_guard_when_done(response, state))
         })
-    });
-    serve(guard, service, context.shutdown, slot)
+    })
 }
 
-/// The connection's loop: wait (parked) for the next request, then serve it, and whatever
-/// follows it, on a new hyper connection until the guard parks again.
+/// A connection's task: wait for the next request, then serve it, and whatever follows it, on
+/// a new hyper connection until the guard parks; then leave the connection in the lot.
 ///
-/// Its steps are awaited one by one and its arguments are exactly what it keeps: a parked
-/// connection's task is this future, and whatever it holds across an `.await` takes room in
-/// it for the connection's whole life. One wait for the shutdown serves the whole loop: each
-/// step's own would take its room twice over in the task, and register with the shared token
-/// (a lock every connection contends for) twice per request.
+/// Its steps are awaited one by one and its arguments are exactly what it keeps: whatever it
+/// holds across an `.await` takes room in the task. One wait for the shutdown serves all the
+/// steps: each step's own would take its room twice over in the task, and register with the
+/// shared token (a lock every connection contends for) twice per request.
 ///
 /// Not an `async fn`: rustc keeps an `async fn`'s arguments twice in its future, as captured
 /// and as locals (rust-lang/rust#62958), 64 bytes here. The block uses the captured ones in
@@ -94,56 +141,57 @@ where
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
 )]
-fn serve<IO, S>(
+fn serve<IO, S, Slot>(
     mut guard: Box<HeadGuard<IO>>,
     service: S,
     shutdown_token: CancellationToken,
-    slot: impl Send,
+    slot: Slot,
+    parking: Parking<IO, Slot>,
 ) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Clone + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Unpin + Send + 'static,
     S::Future: Unpin + Send + 'static,
+    Slot: Send + 'static,
 {
     async move {
-        // Held for the connection's life (a reference, so that the block captures it).
-        let _slot = &slot;
         let mut shutdown = std::pin::pin!(shutdown_token.cancelled());
-        loop {
-            match next_request(&mut guard, shutdown.as_mut()).await {
-                Ok(NextRequest::Http1) => {}
-                Ok(NextRequest::Http2) => {
-                    let client = guard.client();
-                    // Boxed: hyper's h2 connection is several KiB, which every HTTP/1 connection's
-                    // task would otherwise reserve.
-                    if let Err(error) = Box::pin(serve_http2(guard, service, shutdown)).await {
-                        debug!(%client, %error, "HTTP/2 client connection ended with an error");
-                    }
-                    return;
+        match next_request(&mut guard, shutdown.as_mut()).await {
+            Ok(NextRequest::Http1) => {}
+            Ok(NextRequest::Http2) => {
+                let client = guard.client();
+                // Boxed: hyper's h2 connection is several KiB, which every HTTP/1 connection's
+                // task would otherwise reserve.
+                if let Err(error) = Box::pin(serve_http2(guard, service, shutdown)).await {
+                    debug!(%client, %error, "HTTP/2 client connection ended with an error");
                 }
-                Ok(NextRequest::None) => return close(&mut guard).await,
-                Err(error) => {
-                    return debug!(client = %guard.client(), %error, "reading from the client failed")
-                }
+                return;
             }
-            let (connection, served) =
-                until_idle(http1_connection(guard, service.clone()), shutdown.as_mut()).await;
-            let Parts { io, read_buf, .. } = connection.into_parts();
-            guard = io.into_inner();
-            if let Err(error) = served {
-                return debug!(client = %guard.client(), %error, "client connection ended with an error");
+            Ok(NextRequest::None) => return close(&mut guard).await,
+            Err(error) => {
+                return debug!(client = %guard.client(), %error, "reading from the client failed")
             }
-            if guard.state().is_upgraded() {
-                let state = Arc::clone(guard.state());
-                return state.upgrade.hand_over(upgraded_client(guard, read_buf));
-            }
-            // Bytes hyper read but did not use are a body it did not read to its end: never a
-            // next request's head.
-            let reusable = guard.is_parked() && read_buf.is_empty();
-            drop(read_buf);
-            if !reusable {
-                return close(&mut guard).await;
-            }
+        }
+        let (connection, served) =
+            until_idle(http1_connection(guard, service), shutdown.as_mut()).await;
+        let Parts { io, read_buf, .. } = connection.into_parts();
+        guard = io.into_inner();
+        if let Err(error) = served {
+            return debug!(client = %guard.client(), %error, "client connection ended with an error");
+        }
+        if guard.state().is_upgraded() {
+            let state = Arc::clone(guard.state());
+            return state.upgrade.hand_over(upgraded_client(guard, read_buf));
+        }
+        // Bytes hyper read but did not use are a body it did not read to its end: never a
+        // next request's head.
+        let reusable = guard.is_parked() && read_buf.is_empty();
+        drop(read_buf);
+        if !reusable {
+            return close(&mut guard).await;
+        }
+        if let Err(Parked { mut guard, .. }) = parking.park(Parked { guard, slot }) {
+            close(&mut guard).await;
         }
     }
 }

@@ -17,11 +17,12 @@
 //! Once a connection switches protocols (101, or the HTTP/2 connection preface), the guard lets
 //! every byte through untouched.
 //!
-//! The guard outlives hyper's connections: when an HTTP/1 connection has been idle for
-//! [`PARK_AFTER`] (its last response written and flushed, nothing more received) it *parks*:
-//! hyper reads the end of the stream, finishes its connection as for a client that left, and
-//! hands the guard back (see [`super::client_connection`]), which then waits for the client's
-//! next bytes with [`HeadGuard::poll_next_request`].
+//! The guard outlives hyper's connections: when an HTTP/1 connection is idle (its last response
+//! written and flushed, nothing more received) it *parks*, at once or, on a connection whose
+//! client came back quickly last time, after [`PARK_AFTER`]: hyper reads the end of the stream,
+//! finishes its connection as for a client that left, and hands the guard back (see
+//! [`super::client_connection`]), which then waits for the client's next bytes with
+//! [`HeadGuard::poll_next_request`].
 
 use std::{
     fmt::Write as _,
@@ -50,6 +51,7 @@ use super::{
     headers::{ProxyIdentity, RequestId},
     limits::ClientLimits,
     upgrade::UpgradeSlot,
+    Scheme,
 };
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
@@ -61,10 +63,15 @@ const HEADER_SLOTS: usize = 100;
 /// Bytes read from the client at a time.
 const READ_CHUNK: usize = 8 << 10;
 
-/// How long an HTTP/1 connection stays idle before it is parked. Parking at once cost a hyper
-/// connection per request on busy keep-alive connections (7.6k instructions per request, 12%
-/// of the proxy's, under callgrind); a client that pauses longer is idle, and its connection
-/// is better without hyper's buffers.
+/// How long a busy HTTP/1 connection stays idle before it is parked. Parking every connection at
+/// once cost a hyper connection per request on busy keep-alive connections (7.6k instructions
+/// per request, 12% of the proxy's, under callgrind); a client that pauses longer is idle, and
+/// its connection is better without hyper's buffers. A connection is busy when its client sent
+/// its last request within this time of the connection going idle; any other connection parks
+/// as soon as it is idle, so that a client that may never come back (most keep-alive
+/// connections of a browser or a pool) does not keep hyper's 20 KiB for this long. Held by
+/// every new connection while it waits, they were a third of the proxy's RSS per idle
+/// connection once 10 000 connections were opened one after the other.
 pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What every guard of one listener shares.
@@ -82,6 +89,8 @@ pub struct ConnectionState {
     /// allocation both hold anyway, and the connection's task, which the service is part of,
     /// stays under tokio's next task size class.
     pub client: SocketAddr,
+    /// The port it came on, for every request's extensions.
+    pub scheme: Scheme,
     /// Requests shown to hyper whose response has not ended yet.
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
@@ -92,9 +101,10 @@ pub struct ConnectionState {
 }
 
 impl ConnectionState {
-    pub fn new(client: SocketAddr) -> Self {
+    pub fn new(client: SocketAddr, scheme: Scheme) -> Self {
         Self {
             client,
+            scheme,
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicBool::new(false),
             waiting_reader: Mutex::new(None),
@@ -186,9 +196,12 @@ pub struct HeadGuard<IO> {
     /// A hyper connection reads from the guard. It stops when the guard parks: hyper was shown
     /// the end of the stream because the connection is idle, not because the client left.
     attached: bool,
-    /// The connection idled for [`PARK_AFTER`] while hyper still flushed: it parks once the
-    /// flush is done.
+    /// The connection is due to park (it idled for as long as it may) but hyper still
+    /// flushed: it parks once the flush is done.
     park_due: bool,
+    /// The client sent its last request within [`PARK_AFTER`] of the connection going idle:
+    /// the connection keeps hyper attached that long before it parks.
+    busy: bool,
 }
 
 /// What comes next on a connection waiting with [`HeadGuard::poll_next_request`].
@@ -222,7 +235,7 @@ enum Framing {
 /// Why the timer ran out.
 enum Expiry {
     SlowHead,
-    /// Idle for [`PARK_AFTER`], with hyper attached.
+    /// Idle for as long as the connection may be with hyper attached (see [`PARK_AFTER`]).
     Park,
     Idle,
 }
@@ -246,12 +259,14 @@ impl<IO> HeadGuard<IO> {
             unflushed: false,
             attached: false,
             park_due: false,
+            busy: false,
         }
     }
 
     /// Waits, without hyper, until the client sends the next request's first bytes (or, on a
     /// new connection, until they show which HTTP it speaks), the connection idles out, or the
-    /// client leaves.
+    /// client leaves. Asked again, it answers the same: what it read stays held, and after an
+    /// end, an idle timeout or a read error it answers [`NextRequest::None`].
     pub fn poll_next_request(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<NextRequest>>
     where
         IO: AsyncRead + Unpin,
@@ -262,6 +277,9 @@ impl<IO> HeadGuard<IO> {
             }
             if !self.unexamined.is_empty() {
                 let next = if self.requests > 0 {
+                    self.busy = self
+                        .idle_since
+                        .is_some_and(|since| since.elapsed() < PARK_AFTER);
                     Some(NextRequest::Http1)
                 } else if self.unexamined.starts_with(HTTP2_PREFACE) {
                     self.released.unsplit(self.unexamined.split());
@@ -280,8 +298,16 @@ impl<IO> HeadGuard<IO> {
             if self.expire_timer(cx) {
                 continue;
             }
-            if ready!(self.poll_read_client(cx))? == 0 {
-                return Poll::Ready(Ok(NextRequest::None));
+            match ready!(self.poll_read_client(cx)) {
+                Ok(0) => {
+                    self.phase = Phase::Closing;
+                    return Poll::Ready(Ok(NextRequest::None));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.phase = Phase::Closing;
+                    return Poll::Ready(Err(error));
+                }
             }
         }
     }
@@ -567,6 +593,10 @@ impl<IO> HeadGuard<IO> {
                     _ => limits.keepalive_timeout,
                 };
                 if self.attached && !self.park_due && PARK_AFTER < allowed {
+                    if !self.busy {
+                        // Nothing says the client comes back soon: park now, no timer needed.
+                        return Some(Expiry::Park);
+                    }
                     (idle_since + PARK_AFTER, Expiry::Park)
                 } else {
                     (idle_since + allowed, Expiry::Idle)

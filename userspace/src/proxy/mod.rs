@@ -35,6 +35,7 @@ mod health;
 mod http2;
 mod limits;
 mod observed;
+mod parking;
 mod passthrough;
 mod replayed;
 mod retry;
@@ -78,7 +79,7 @@ pub use workers::{BoundWorkers, ProxyPorts, WorkerReport, WorkerStats};
 
 use access_log::AccessLog;
 use backend_tls::BackendTlsPools;
-use client_connection::serve_http;
+use client_connection::{open_lot, serve_http};
 use handler::RequestHandler;
 use head_guard::GuardSettings;
 use headers::ProxyIdentity;
@@ -265,6 +266,8 @@ async fn serve_worker(
         router,
         shutdown: shutdown.clone(),
     };
+    let plain_parking = open_lot(&context.handler, &shutdown, &tasks);
+    let tls_parking = open_lot(&context.handler, &shutdown, &tasks);
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     debug!(addr = ?http.local_addr().ok(), "proxy worker listening");
 
@@ -299,11 +302,22 @@ async fn serve_worker(
         let slot = (permit, counters.connection_opened());
         // Two kinds of task: a plain connection's does not reserve room for TLS state.
         match termination {
-            None => tasks.spawn(serve_http(stream, client, Scheme::Http, context, slot)),
-            Some(termination) => tasks.spawn(async move {
-                let _slot = slot;
-                tls::serve_connection(stream, client, termination, context).await
-            }),
+            None => tasks.spawn(serve_http(
+                stream,
+                client,
+                Scheme::Http,
+                context,
+                slot,
+                plain_parking.clone(),
+            )),
+            Some(termination) => tasks.spawn(tls::serve_connection(
+                stream,
+                client,
+                termination,
+                context,
+                slot,
+                tls_parking.clone(),
+            )),
         };
     }
 

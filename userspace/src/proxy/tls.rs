@@ -11,8 +11,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use super::{
-    certificates::CertificateStore, client_hello, passthrough, replayed::Replayed,
-    ConnectionContext,
+    certificates::CertificateStore, client_hello, parking::Parking, passthrough,
+    replayed::Replayed, ConnectionContext,
 };
 use crate::tls_policy::TlsPolicy;
 
@@ -50,13 +50,18 @@ impl TlsTermination {
     }
 }
 
-/// Serves one connection of the SSL port: relayed when its SNI names a passthrough host,
-/// terminated otherwise.
-pub(super) async fn serve_connection(
+/// A terminated client connection of the SSL port.
+pub type TlsClient = tokio_rustls::server::TlsStream<Replayed<TcpStream>>;
+
+/// Serves one connection of the SSL port, holding `slot` (its place under `MaxConnections`)
+/// until it ends: relayed when its SNI names a passthrough host, terminated otherwise.
+pub(super) async fn serve_connection<Slot: Send + 'static>(
     mut stream: TcpStream,
     client: SocketAddr,
     termination: TlsTermination,
     context: ConnectionContext,
+    slot: Slot,
+    parking: Parking<TlsClient, Slot>,
 ) {
     let hello = match client_hello::read(&mut stream, HANDSHAKE_TIMEOUT).await {
         Ok(hello) => hello,
@@ -82,7 +87,10 @@ pub(super) async fn serve_connection(
     let accepted =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, termination.acceptor.accept(replayed)).await;
     match accepted {
-        Ok(Ok(tls)) => super::serve_http(tls, client, super::Scheme::Https, context, ()).await,
+        Ok(Ok(tls)) => {
+            let scheme = super::Scheme::Https;
+            super::serve_http(tls, client, scheme, context, slot, parking).await;
+        }
         Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
         Err(_) => debug!(%client, "TLS handshake timed out"),
     }
