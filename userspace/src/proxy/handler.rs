@@ -392,7 +392,7 @@ impl RequestHandler {
             if received >= tries {
                 break;
             }
-            let Some(request) = outgoing.next_try() else {
+            let Some(request) = outgoing.next_try(index + 1 == candidates.len()) else {
                 break;
             };
             let addr = endpoint.addr();

@@ -26,7 +26,6 @@
 
 use std::{
     fmt::Write as _,
-    future::Future,
     io,
     mem::MaybeUninit,
     net::SocketAddr,
@@ -42,12 +41,13 @@ use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::{Instant, Sleep},
+    time::Instant,
 };
 use tracing::debug;
 
 use super::{
     access_log::{AccessEntry, AccessLog, RequestLine},
+    deadline::LazyDeadline,
     headers::{ProxyIdentity, RequestId},
     limits::ClientLimits,
     upgrade::UpgradeSlot,
@@ -187,7 +187,7 @@ pub struct HeadGuard<IO> {
     head_started: Option<Instant>,
     /// When the connection last became idle (no head begun, no response under way).
     idle_since: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
+    timer: LazyDeadline,
     /// The answer to a refused head, and how much of it is written. Boxed: it is rare, and
     /// every idle connection would carry its room.
     answer: Option<Box<BytesMut>>,
@@ -245,7 +245,7 @@ impl<IO> HeadGuard<IO> {
         let now = Instant::now();
         Self {
             io,
-            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer: LazyDeadline::new(now),
             settings,
             state,
             phase: Phase::Head,
@@ -603,10 +603,7 @@ impl<IO> HeadGuard<IO> {
                 }
             }
         };
-        if self.timer.deadline() != deadline {
-            self.timer.as_mut().reset(deadline);
-        }
-        match self.timer.as_mut().poll(cx) {
+        match self.timer.poll_reached(deadline, cx) {
             Poll::Ready(()) => Some(expiry),
             Poll::Pending => None,
         }

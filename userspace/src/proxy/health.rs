@@ -6,8 +6,8 @@
 //! When every endpoint is ejected they are all still tried, because Swarm's task state, not this
 //! guess, decides which endpoints exist.
 
+use foldhash::HashMap;
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -39,6 +39,7 @@ impl Default for EjectionPeriods {
 #[derive(Debug)]
 pub struct PassiveHealth {
     periods: EjectionPeriods,
+    /// foldhash: endpoint addresses come from the routes, and it is looked up per request.
     ejections: Mutex<HashMap<SocketAddr, Ejection>>,
     /// Whether `ejections` has entries, so that requests skip the lock while all is well.
     any_records: AtomicBool,
@@ -54,7 +55,7 @@ impl PassiveHealth {
     pub fn new(periods: EjectionPeriods) -> Self {
         Self {
             periods,
-            ejections: Mutex::new(HashMap::new()),
+            ejections: Mutex::new(HashMap::default()),
             any_records: AtomicBool::new(false),
         }
     }

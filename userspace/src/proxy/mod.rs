@@ -11,6 +11,7 @@
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
 //! - `upstream`: keep-alive connection pool per upstream endpoint, timeouts, drain.
 //! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling).
+//! - `deadline`: the timer behind the guard's and the upstream connections' timeouts.
 //! - `limits`: what the proxy accepts from clients (sizes, timeouts, Host).
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
 //! - `ascii`: addresses and times written into headers and log lines without `fmt`.
@@ -28,6 +29,7 @@ mod backend_tls;
 mod certificates;
 mod client_connection;
 mod client_hello;
+mod deadline;
 mod handler;
 mod head_guard;
 pub mod headers;

@@ -45,7 +45,8 @@ pub fn is_retried_status(status: StatusCode) -> bool {
 
 /// A request on its way to one or more endpoints.
 pub struct OutgoingRequest {
-    parts: Parts,
+    /// `None` once the last try took it.
+    parts: Option<Parts>,
     body: Outgoing,
 }
 
@@ -75,7 +76,10 @@ impl OutgoingRequest {
         } else {
             Outgoing::Streaming(Some(ForwardBody::streaming(Bytes::new(), body)))
         };
-        Ok(Self { parts, body })
+        Ok(Self {
+            parts: Some(parts),
+            body,
+        })
     }
 
     /// Whether a try that reached an upstream may be followed by another.
@@ -83,18 +87,26 @@ impl OutgoingRequest {
         matches!(self.body, Outgoing::Held { .. })
     }
 
-    /// The request for the next try, if there can be one.
-    pub fn next_try(&mut self) -> Option<Request<ForwardBody>> {
+    /// The request for the next try, if there can be one. The `last` try takes the request's
+    /// head instead of a copy: a single-endpoint service's requests are never copied.
+    pub fn next_try(&mut self, last: bool) -> Option<Request<ForwardBody>> {
+        let parts = match last {
+            true => self.parts.take()?,
+            false => {
+                let parts = self.parts.as_ref()?;
+                let mut copy = Request::new(()).into_parts().0;
+                copy.method = parts.method.clone();
+                copy.uri = parts.uri.clone();
+                copy.version = parts.version;
+                copy.headers = parts.headers.clone();
+                copy
+            }
+        };
         let body = match &mut self.body {
             Outgoing::Held { data, trailers } => ForwardBody::held(data.clone(), trailers.clone()),
             Outgoing::Streaming(body) => body.take()?,
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = self.parts.method.clone();
-        *request.uri_mut() = self.parts.uri.clone();
-        *request.version_mut() = self.parts.version;
-        *request.headers_mut() = self.parts.headers.clone();
-        Some(request)
+        Some(Request::from_parts(parts, body))
     }
 
     /// Takes back a request that never reached its upstream, body unread, for the next try.

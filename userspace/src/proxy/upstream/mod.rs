@@ -19,8 +19,9 @@ mod framing_tests;
 mod response_body;
 mod timed_stream;
 
+use foldhash::HashMap;
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     error::Error as StdError,
     io,
     net::SocketAddr,
@@ -178,6 +179,7 @@ struct PoolShared {
     settings: PoolSettings,
     /// TLS around every new connection, for `ssl_backend` services.
     tls: Option<UpstreamTls>,
+    /// foldhash: endpoint addresses come from the routes, and it is looked up per request.
     endpoints: Mutex<HashMap<SocketAddr, Endpoint>>,
     next_generation: AtomicU64,
 }
@@ -218,7 +220,7 @@ impl UpstreamPool {
             shared: Arc::new(PoolShared {
                 settings,
                 tls,
-                endpoints: Mutex::new(HashMap::new()),
+                endpoints: Mutex::new(HashMap::default()),
                 next_generation: AtomicU64::new(0),
             }),
         }

@@ -8,7 +8,6 @@
 //! fails.
 
 use std::{
-    future::Future,
     io,
     pin::Pin,
     sync::{
@@ -20,12 +19,9 @@ use std::{
 };
 
 use futures_util::task::AtomicWaker;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::Sleep,
-};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::Stall;
+use super::{super::deadline::LazyDeadline, Stall};
 
 /// The drain timeout of an endpoint that left the routes ran out while this connection was
 /// still busy.
@@ -106,9 +102,9 @@ pub struct TimedStream<S> {
     /// The last read or write that made progress: an upstream is only expected to answer after
     /// being written to.
     last_progress: tokio::time::Instant,
-    read_deadline: Pin<Box<Sleep>>,
+    read_deadline: LazyDeadline,
     write_blocked_since: Option<tokio::time::Instant>,
-    write_deadline: Pin<Box<Sleep>>,
+    write_deadline: LazyDeadline,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> TimedStream<S> {
@@ -125,9 +121,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TimedStream<S> {
             read_timeout,
             send_timeout,
             last_progress: now,
-            read_deadline: Box::pin(tokio::time::sleep_until(now + read_timeout)),
+            read_deadline: LazyDeadline::new(now + read_timeout),
             write_blocked_since: None,
-            write_deadline: Box::pin(tokio::time::sleep_until(now + send_timeout)),
+            write_deadline: LazyDeadline::new(now + send_timeout),
         }
     }
 
@@ -184,15 +180,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TimedStream<S> {
 
 /// `Pending` until `deadline`, then the stall as an I/O error.
 fn poll_deadline<T>(
-    sleep: &mut Pin<Box<Sleep>>,
+    timer: &mut LazyDeadline,
     deadline: tokio::time::Instant,
     cx: &mut Context<'_>,
     stall: Stall,
 ) -> Poll<io::Result<T>> {
-    if sleep.deadline() != deadline {
-        sleep.as_mut().reset(deadline);
-    }
-    ready!(sleep.as_mut().poll(cx));
+    ready!(timer.poll_reached(deadline, cx));
     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stall)))
 }
 
