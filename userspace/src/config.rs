@@ -28,6 +28,9 @@ use xlb_common::MAX_SNAT_ADDRS;
 
 pub const DEFAULT_DOCKER_URL: &str = "unix:///var/run/docker.sock";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(3);
+
+/// The longest nginx-style timeout accepted (see `timeout`).
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const DEFAULT_PUBLISHED_PORT: u16 = 80;
 
 /// The parts of an Interlock configuration xlb acts on.
@@ -620,17 +623,24 @@ impl Reader<'_> {
 
     /// nginx's time syntax, as Interlock writes it into nginx.conf: whole seconds as an integer
     /// (`600`), or a string such as `"600s"`, `"75s"`, `"1m30s"`, `"500ms"` or `"600"`.
+    ///
+    /// At most [`MAX_TIMEOUT`]: a deadline is the time now plus the timeout, and a timeout near
+    /// `u64::MAX` seconds would overflow that sum in every connection that waits on it.
     fn timeout(&self, entry: &Entry) -> Result<Duration, ConfigError> {
         const EXPECTED: &str = r#"seconds (600) or an nginx time like "600s""#;
-        match entry.value.get_ref() {
+        let timeout = match entry.value.get_ref() {
             DeValue::Integer(integer) => u64::from_str_radix(integer.as_str(), integer.radix())
                 .ok()
-                .map(Duration::from_secs)
-                .ok_or_else(|| self.expected(entry, EXPECTED)),
-            DeValue::String(text) => {
-                parse_nginx_time(text).ok_or_else(|| self.expected(entry, EXPECTED))
+                .map(Duration::from_secs),
+            DeValue::String(text) => parse_nginx_time(text),
+            _ => None,
+        };
+        match timeout {
+            None => Err(self.expected(entry, EXPECTED)),
+            Some(timeout) if timeout > MAX_TIMEOUT => {
+                Err(self.expected(entry, "a time of at most 365 days"))
             }
-            _ => Err(self.expected(entry, EXPECTED)),
+            Some(timeout) => Ok(timeout),
         }
     }
 
@@ -1046,6 +1056,14 @@ mod tests {
         assert_eq!(
             error("[Extensions.e.Config]\nSendTimeout = -5"),
             r#"config.toml:2:15: Extensions.e.Config.SendTimeout: expected seconds (600) or an nginx time like "600s", found -5"#
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nKeepaliveTimeout = 9223372036854775807"),
+            "config.toml:2:20: Extensions.e.Config.KeepaliveTimeout: expected a time of at most 365 days, found 9223372036854775807"
+        );
+        assert_eq!(
+            error("[Extensions.e.Config]\nReadTimeout = \"366d\""),
+            r#"config.toml:2:15: Extensions.e.Config.ReadTimeout: expected a time of at most 365 days, found "366d""#
         );
         assert_eq!(
             error("[Extensions.e.Config]\nKeepaliveTimeout = true"),
