@@ -110,7 +110,6 @@ fn request_service(
        + 'static {
     let state = Arc::clone(state);
     service_fn(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(state.scheme);
         // Only HTTP/1 requests can switch protocols: HTTP/2 forbids `Upgrade`.
         if request.headers().contains_key(header::UPGRADE) {
             state.upgrade.offer(&mut request);
@@ -120,7 +119,7 @@ fn request_service(
         // Boxed: an `Unpin` future, which serving without hyper's shutdown requires, and only
         // a request in flight holds the request's several KiB.
         Box::pin(async move {
-            let response = handler.handle(request, state.client).await;
+            let response = handler.handle(request, state.client, state.scheme).await;
             Ok::<_, Infallible>(tell_guard_when_done(response, state))
         })
     })

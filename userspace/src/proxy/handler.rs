@@ -177,22 +177,17 @@ impl RequestHandler {
         self.backend_tls.retain_endpoints(current, drain_timeout);
     }
 
-    /// Proxies one client request; every outcome is a response, never an error.
+    /// Proxies one client request that came on a `scheme` port; every outcome is a response,
+    /// never an error.
     pub async fn handle(
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
+        scheme: Scheme,
     ) -> Response<ProxyBody> {
         // Only the debug line below reads it; a clock read per request is not free.
         let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
         let request_id = RequestId::fresh();
-        // A listener that terminates TLS marks its requests with `Scheme::Https` in their
-        // extensions; a request without the mark came in plain.
-        let scheme = request
-            .extensions()
-            .get::<Scheme>()
-            .copied()
-            .unwrap_or(Scheme::Http);
         // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`; report them as IPv4.
         let client_side = ClientSide {
             request_id: &request_id,

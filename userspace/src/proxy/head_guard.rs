@@ -89,7 +89,7 @@ pub struct ConnectionState {
     /// allocation both hold anyway, and the connection's task, which the service is part of,
     /// stays under tokio's next task size class.
     pub client: SocketAddr,
-    /// The port it came on, for every request's extensions.
+    /// The port it came on, told to the handler with every request.
     pub scheme: Scheme,
     /// Requests shown to hyper whose response has not ended yet.
     in_flight: AtomicUsize,

@@ -142,7 +142,7 @@ impl From<TcpListener> for Listeners {
     }
 }
 
-/// Which port a request arrived on; every request carries it as an extension.
+/// Which port a request arrived on; the handler is told with every request.
 pub use crate::routes::Scheme;
 
 /// What serving one client connection needs.

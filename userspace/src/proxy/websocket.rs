@@ -31,14 +31,15 @@ use crate::routes::Transport;
 /// Whether `request` asks for a WebSocket on one of the route's WebSocket endpoints.
 pub fn is_upgrade<B>(request: &Request<B>, transport: &Transport) -> bool {
     let path = request.uri().path();
-    request.method() == Method::GET
+    // The endpoints first: most services have none, and the header checks hash two names.
+    transport
+        .websocket_endpoints
+        .iter()
+        .any(|endpoint| path.starts_with(endpoint.as_str()))
+        && request.method() == Method::GET
         && request.version() == Version::HTTP_11
         && has_token(request.headers(), header::UPGRADE, "websocket")
         && has_token(request.headers(), header::CONNECTION, "upgrade")
-        && transport
-            .websocket_endpoints
-            .iter()
-            .any(|endpoint| path.starts_with(endpoint.as_str()))
 }
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
