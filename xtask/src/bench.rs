@@ -1,9 +1,9 @@
 //! `cargo xtask bench [l7|l4|control|micro|all]`: xlb measured side by side with nginx,
 //! HAProxy, kernel NAT and direct, in one run, on namespaces it creates and removes.
 //!
-//! It installs what the run needs (Debian's nginx-light, haproxy, wrk and linux-perf; oha
-//! built once into the tools cache), builds xlb with its XDP program, runs criterion's micro
-//! and control benches (`userspace/benches/`), then the side-by-side program
+//! It installs what the run needs (Debian's nginx-light, haproxy, wrk, linux-perf and
+//! valgrind; oha built once into the tools cache), builds xlb with its XDP program, runs
+//! criterion's micro and control benches (`userspace/benches/`), then the side-by-side program
 //! (`tests/benches/peers/`), which prints the tables and writes `report.md`, `report.json` and
 //! SVG plots under `target/bench/<timestamp>/`.
 
@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// Debian packages the bench runs besides the test packages: the peers and the load.
-pub const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk", "linux-perf"];
+pub const BENCH_PACKAGES: &[&str] = &["nginx-light", "haproxy", "wrk", "linux-perf", "valgrind"];
 /// The one open-loop rate of a `--quick` run (the peers program's choice, checked here).
 pub const QUICK_RATE: u32 = 1_000;
 
@@ -79,6 +79,10 @@ pub struct Options {
     /// Record a perf profile of each proxy's closed loop into <out>/profiles/.
     #[arg(long)]
     pub profile: bool,
+    /// Count each L7 program's userspace instructions per request under callgrind (after the
+    /// L7 table; the counts hardly move with the machine's noise) into <out>/callgrind/.
+    #[arg(long)]
+    pub callgrind: bool,
 }
 
 /// Runs the bench; returns the directory holding its report.
@@ -136,6 +140,9 @@ pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
     if options.profile {
         peers.arg("--profile");
     }
+    if options.callgrind {
+        peers.arg("--callgrind");
+    }
     exec(&mut peers)?;
     Ok(out)
 }
@@ -162,6 +169,9 @@ fn command_line(options: &Options) -> String {
     }
     if options.profile {
         line.push_str(" --profile");
+    }
+    if options.callgrind {
+        line.push_str(" --callgrind");
     }
     line
 }
@@ -204,6 +214,32 @@ pub fn check_profiles(dir: &Path) -> anyhow::Result<()> {
                 profiles.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// What `cargo xtask test` checks of a `--callgrind` run: each L7 program, with its access log
+/// off and on, has an instruction count.
+pub fn check_instructions(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("report.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let counts = report["instructions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let counted = counts
+        .iter()
+        .filter(|count| count["per_request"].as_f64().is_some_and(|n| n > 0.0))
+        .count();
+    if counted != 2 * PROFILED_PROGRAMS.len() {
+        bail!(
+            "{counted} of {} L7 rows have an instruction count in {}: {counts:?}",
+            2 * PROFILED_PROGRAMS.len(),
+            path.display()
+        );
     }
     Ok(())
 }

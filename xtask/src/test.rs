@@ -49,10 +49,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             out: Some(quick_dir),
             only: Vec::new(),
             profile: true,
+            callgrind: true,
         };
         let out = bench::run(&quick)?;
         bench::check_report(&out, &[bench::QUICK_RATE])?;
         bench::check_profiles(&out)?;
+        bench::check_instructions(&out)?;
         eprintln!(
             "xtask: the --quick bench produced every row and file ({})",
             out.display()

@@ -50,6 +50,7 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
         backend: bed.backend,
         dir: bed.scratch.path().join("control"),
         access_log: AccessLog::Off,
+        callgrind: None,
     };
     let mut samples = Vec::new();
     let outcome = proxies::start_xlb(bed, &options.xlb, &inputs, bed.l7_addr()).and_then(|_xlb| {

@@ -99,6 +99,7 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
             backend: bed.backend,
             dir: scratch.join("haproxy-tcp"),
             access_log: AccessLog::Off,
+            callgrind: None,
         };
         let haproxy = proxies::start_haproxy_tcp(bed, &inputs);
         measure_both("HAProxy mode tcp", via_lb(bed, &haproxy, Running::pids));
@@ -109,6 +110,7 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
             backend: bed.backend,
             dir: scratch.join("xlb"),
             access_log: AccessLog::Off,
+            callgrind: None,
         };
         let xlb = proxies::start_xlb(bed, &options.xlb, &inputs, bed.l4_addr());
         // xlb's process only programs the maps; the packets are its XDP program's work,

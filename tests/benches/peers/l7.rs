@@ -2,10 +2,13 @@
 //! backend directly and through nginx, HAProxy and xlb, each with its access log off and
 //! written to a file.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
 
 use crate::{
     bed::Bed,
+    callgrind::{self, Instructions},
     load::{Connections, Target},
     progress::Progress,
     proxies::{self, AccessLog, ProxyInputs, Running},
@@ -75,12 +78,7 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
     {
         for access_log in [AccessLog::Off, AccessLog::File] {
             progress.step(&format!("L7: {}, {}", proxy.name(), access_log.label()));
-            let inputs = ProxyInputs {
-                listen: bed.l7_addr(),
-                backend: bed.backend,
-                dir: scratch.join(format!("{}-{access_log:?}", proxy.name()).to_lowercase()),
-                access_log,
-            };
+            let inputs = inputs(bed, &scratch, proxy, access_log, None);
             let row = match proxy.start(bed, options, &inputs) {
                 Ok(running) => row::measure(
                     RowSpec {
@@ -112,4 +110,67 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
         }
     }
     Ok(rows)
+}
+
+/// `--callgrind`: each program of the table again, under callgrind, for a fixed number of
+/// keep-alive GETs (see [`callgrind`]).
+pub fn count_instructions(
+    bed: &Bed,
+    options: &Options,
+    plan: &Plan,
+    root: &Path,
+    progress: &Progress,
+) -> Result<Vec<Instructions>> {
+    let requests = plan.callgrind_requests;
+    let scratch = bed.scratch.path().join("l7-callgrind");
+    let mut counts = Vec::new();
+    for proxy in Proxy::ALL
+        .into_iter()
+        .filter(|proxy| options.wants_program(proxy.name()))
+    {
+        for access_log in [AccessLog::Off, AccessLog::File] {
+            let (name, variant) = (proxy.name(), access_log.label());
+            progress.step(&format!("L7 under callgrind: {name}, {variant}"));
+            let dir = callgrind::dir_for(root, name, variant);
+            std::fs::create_dir_all(&dir)?;
+            let inputs = inputs(bed, &scratch, proxy, access_log, Some(dir.clone()));
+            let counted = proxy.start(bed, options, &inputs).and_then(|running| {
+                callgrind::zero(&running.pids())?;
+                callgrind::load(bed, bed.l7_addr(), requests)?;
+                callgrind::dump(&running.pids())?;
+                callgrind::per_request(&dir, requests)
+            });
+            let count = Instructions {
+                name: name.to_owned(),
+                variant: variant.to_owned(),
+                requests,
+                per_request: counted.as_ref().ok().copied(),
+                error: counted.as_ref().err().map(|error| format!("{error:#}")),
+            };
+            progress.done(&match (&count.per_request, &count.error) {
+                (Some(per_request), _) => {
+                    format!("{name}, {variant}: {per_request:.0} instructions/request")
+                }
+                (None, error) => format!("{name}, {variant}: {}", error.as_deref().unwrap_or("")),
+            });
+            counts.push(count);
+        }
+    }
+    Ok(counts)
+}
+
+fn inputs(
+    bed: &Bed,
+    scratch: &Path,
+    proxy: Proxy,
+    access_log: AccessLog,
+    callgrind: Option<PathBuf>,
+) -> ProxyInputs {
+    ProxyInputs {
+        listen: bed.l7_addr(),
+        backend: bed.backend,
+        dir: scratch.join(format!("{}-{access_log:?}", proxy.name()).to_lowercase()),
+        access_log,
+        callgrind,
+    }
 }

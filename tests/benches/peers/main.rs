@@ -15,10 +15,12 @@
 //! - [`idle`]: many idle keep-alive client connections, for RSS per connection.
 //! - [`row`]: the steps of one row, the same for every program; [`l7`], [`l4`]: the rows.
 //! - [`control`]: a Swarm task running → routable on the proxy.
+//! - [`callgrind`]: `--callgrind`, userspace instructions per request of each L7 program.
 //! - [`micro`]: criterion's results for the hot pieces, read from its output directory.
 //! - [`report`]: the tables and JSON; [`plots`]: the SVG charts.
 
 mod bed;
+mod callgrind;
 mod control;
 mod cost;
 mod idle;
@@ -94,6 +96,10 @@ pub struct Options {
     /// proxy a little CPU, so a profiled run's cost figures read slightly high.
     #[arg(long)]
     pub profile: bool,
+    /// Count each L7 program's userspace instructions per request under callgrind, after the
+    /// L7 table (see [`callgrind`]); the counts go to `<out>/callgrind/`.
+    #[arg(long)]
+    pub callgrind: bool,
     /// The command line to print in the report (the one the user typed).
     #[arg(long, default_value = "cargo xtask bench")]
     pub command: String,
@@ -112,6 +118,8 @@ pub struct Plan {
     pub idle_connections: usize,
     /// Where `--profile` puts its profiles.
     pub profile_dir: Option<PathBuf>,
+    /// Keep-alive GETs per program under `--callgrind`.
+    pub callgrind_requests: u64,
 }
 
 impl Options {
@@ -124,6 +132,7 @@ impl Options {
                 scale_events: 2,
                 idle_connections: 200,
                 profile_dir: self.profile_dir(),
+                callgrind_requests: 2_000,
             }
         } else {
             Plan {
@@ -133,6 +142,7 @@ impl Options {
                 scale_events: self.scale_events,
                 idle_connections: self.idle_connections,
                 profile_dir: self.profile_dir(),
+                callgrind_requests: callgrind::REQUESTS,
             }
         }
     }
@@ -172,6 +182,11 @@ fn main() -> anyhow::Result<()> {
         report.notes.push(bed.describe());
         if options.wants(Section::L7) {
             report.l7 = Some(l7::measure(&bed, &options, &plan, &progress)?);
+            if options.callgrind {
+                let root = options.out.join("callgrind");
+                let counts = l7::count_instructions(&bed, &options, &plan, &root, &progress)?;
+                report.instructions = Some(counts);
+            }
         }
         if options.wants(Section::L4) {
             report.l4 = Some(l4::measure(&bed, &options, &plan, &progress)?);

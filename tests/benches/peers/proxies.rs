@@ -21,7 +21,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use xlb_testbed::{seed::HttpResponse, wait_until, Netns, Process, Segment};
 
-use crate::bed::{set_router_off, write_sysctls, Bed, HOST, L4_PORT, PATH};
+use crate::{
+    bed::{set_router_off, write_sysctls, Bed, HOST, L4_PORT, PATH},
+    callgrind,
+};
 
 /// The CPU the proxies are pinned to; the load generators get the other one.
 pub const PROXY_CPU: &str = "1";
@@ -55,6 +58,8 @@ pub struct ProxyInputs {
     /// Where logs, pid files and temporary files go.
     pub dir: PathBuf,
     pub access_log: AccessLog,
+    /// Run under callgrind, its counts written into this directory (see [`crate::callgrind`]).
+    pub callgrind: Option<PathBuf>,
 }
 
 /// The open-file limit every proxy runs with (inherited from this process): HAProxy is told it
@@ -95,9 +100,17 @@ impl Running {
     }
 }
 
-fn pinned(netns: &Netns, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+fn pinned(
+    netns: &Netns,
+    inputs: &ProxyInputs,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> std::process::Command {
     let mut command = netns.command("taskset");
-    command.args(["-c", PROXY_CPU]).arg(program);
+    command.args(["-c", PROXY_CPU]);
+    if let Some(dir) = &inputs.callgrind {
+        command.args(callgrind::wrapper(dir));
+    }
+    command.arg(program);
     command
 }
 
@@ -178,11 +191,15 @@ pub fn start_nginx(bed: &Bed, inputs: &ProxyInputs) -> Result<Running> {
     let config = inputs.dir.join("nginx.conf");
     std::fs::write(&config, nginx_config(inputs))?;
     let log = inputs.dir.join("nginx.out");
-    let mut command = pinned(&bed.lb.netns, "nginx");
+    let mut command = pinned(&bed.lb.netns, inputs, "nginx");
     command.arg("-c").arg(&config);
     let master = spawn_logged(command, &log)?;
     wait_for_200(bed, inputs.listen, "nginx", &log)?;
-    let children = child_pids(master.pid())?;
+    let children = match inputs.callgrind {
+        // One process (see `nginx_config`).
+        Some(_) => Vec::new(),
+        None => child_pids(master.pid())?,
+    };
     Ok(Running {
         processes: vec![master],
         children,
@@ -211,7 +228,7 @@ fn start_haproxy(
         AccessLog::File => inputs.access_log_path(),
         AccessLog::Off => inputs.dir.join("haproxy.out"),
     };
-    let mut command = pinned(&bed.lb.netns, "haproxy");
+    let mut command = pinned(&bed.lb.netns, inputs, "haproxy");
     command.arg("-db").arg("-f").arg(&config);
     let process = spawn_logged(command, &log)?;
     wait_for_200(bed, ready_at, "haproxy", &log)?;
@@ -233,7 +250,7 @@ pub fn start_xlb(
     let config = inputs.dir.join("config.toml");
     std::fs::write(&config, xlb_config(inputs))?;
     let log = inputs.dir.join("xlb.out");
-    let mut command = pinned(&bed.lb.netns, xlb);
+    let mut command = pinned(&bed.lb.netns, inputs, xlb);
     command
         .arg("run")
         .arg("--config")
@@ -342,9 +359,15 @@ pub fn nginx_config(inputs: &ProxyInputs) -> String {
     };
     let listen = inputs.listen;
     let backend = inputs.backend;
+    // Under callgrind nginx runs as one process: the one whose counters are zeroed and dumped
+    // is then the one that serves.
+    let master_process = match inputs.callgrind {
+        Some(_) => "master_process off;\n",
+        None => "",
+    };
     format!(
         r#"daemon off;
-worker_processes 1;
+{master_process}worker_processes 1;
 worker_rlimit_nofile 65535;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
@@ -403,10 +426,20 @@ http {{
     )
 }
 
+/// Descriptors valgrind keeps at the top of the open-file limit (12 in valgrind 3.19), with
+/// room to spare.
+const VALGRIND_RESERVED_FDS: u64 = 32;
+
 /// HAProxy's `global` section, the same for both modes: one thread, the connection and file
 /// limits, and the log (to standard output) when there is one; and the `maxconn` it sets.
-fn haproxy_global(access_log: AccessLog) -> (String, u64) {
-    let open_files = open_file_limit();
+fn haproxy_global(inputs: &ProxyInputs, access_log: AccessLog) -> (String, u64) {
+    // valgrind keeps the top few descriptors of the limit for itself, and HAProxy refuses to
+    // start when it cannot have all it asks for.
+    let valgrinds = match inputs.callgrind {
+        Some(_) => VALGRIND_RESERVED_FDS,
+        None => 0,
+    };
+    let open_files = open_file_limit() - valgrinds;
     let maxconn = haproxy_maxconn(open_files);
     let log = match access_log {
         AccessLog::Off => "",
@@ -419,7 +452,7 @@ fn haproxy_global(access_log: AccessLog) -> (String, u64) {
 
 /// HAProxy in `mode http` with the same headers as nginx's config.
 pub fn haproxy_http_config(inputs: &ProxyInputs) -> String {
-    let (global, maxconn) = haproxy_global(inputs.access_log);
+    let (global, maxconn) = haproxy_global(inputs, inputs.access_log);
     let defaults_log = match inputs.access_log {
         AccessLog::Off => "",
         AccessLog::File => "    log global\n    option httplog\n",
@@ -464,7 +497,7 @@ backend up-{HOST}
 
 /// HAProxy in `mode tcp` relaying the L4 port to the backend.
 pub fn haproxy_tcp_config(inputs: &ProxyInputs) -> String {
-    let (global, maxconn) = haproxy_global(AccessLog::Off);
+    let (global, maxconn) = haproxy_global(inputs, AccessLog::Off);
     let listen = inputs.listen;
     let backend = inputs.backend;
     format!(

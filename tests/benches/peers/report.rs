@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use crate::{
+    callgrind::Instructions,
     control::Control,
     load::{Connections, LoadResult, CONNECTIONS, LOAD_CPU},
     micro::Micro,
@@ -26,6 +27,8 @@ pub struct Report {
     pub pinning: String,
     pub notes: Vec<String>,
     pub l7: Option<Vec<Row>>,
+    /// `--callgrind`'s counts.
+    pub instructions: Option<Vec<Instructions>>,
     pub l4: Option<Vec<Row>>,
     pub control: Option<Control>,
     pub micro: Option<Vec<Micro>>,
@@ -86,6 +89,7 @@ impl Report {
                  for xlb."
             )],
             l7: None,
+            instructions: None,
             l4: None,
             control: None,
             micro: None,
@@ -148,6 +152,9 @@ impl Report {
         }
         if let Some(rows) = &self.l7 {
             l7_tables(&mut out, rows, &self.rates);
+        }
+        if let Some(counts) = &self.instructions {
+            instructions_table(&mut out, counts);
         }
         if let Some(rows) = &self.l4 {
             l4_tables(&mut out, rows, &self.rates);
@@ -308,6 +315,45 @@ fn l7_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
     let l7_rows: Vec<&Row> = rows.iter().collect();
     for &rate in rates {
         open_loop_table(out, "L7", &l7_rows, rate);
+    }
+}
+
+fn instructions_table(out: &mut String, counts: &[Instructions]) {
+    let requests = counts.first().map_or(0, |count| count.requests);
+    let _ = writeln!(
+        out,
+        "\n### Userspace instructions per request (callgrind: {requests} keep-alive GETs from \
+         `h2load --h1`, every process and thread of the program, over the load alone)\n"
+    );
+    let _ = writeln!(out, "| row | variant | instructions/request | × nginx |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for count in counts {
+        let nginx = counts
+            .iter()
+            .find(|other| other.name == "nginx" && other.variant == count.variant)
+            .and_then(|nginx| nginx.per_request);
+        let ratio = count.per_request.zip(nginx).map(|(own, nginx)| own / nginx);
+        match count.per_request {
+            Some(per_request) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {per_request:.0} | {} |",
+                    count.name,
+                    count.variant,
+                    optional(ratio, 2)
+                );
+            }
+            None => {
+                let error = count.error.as_deref().unwrap_or("no count");
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | failed: {} | – |",
+                    count.name,
+                    count.variant,
+                    table_cell(error)
+                );
+            }
+        }
     }
 }
 
