@@ -7,10 +7,7 @@
 //! connection it may hold) are worth thousands of requests. Every process and thread of the
 //! program counts.
 
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-};
+use std::{ffi::OsString, path::Path};
 
 use anyhow::{ensure, Context as _, Result};
 use serde::Serialize;
@@ -40,11 +37,6 @@ pub fn wrapper(dir: &Path) -> [OsString; 3] {
     let mut out_file = OsString::from("--callgrind-out-file=");
     out_file.push(dir.join("callgrind.out.%p"));
     ["valgrind".into(), "--tool=callgrind".into(), out_file]
-}
-
-/// The directory a program's counts go to.
-pub fn dir_for(root: &Path, name: &str, variant: &str) -> PathBuf {
-    root.join(format!("{name}-{variant}").replace(' ', "-").to_lowercase())
 }
 
 /// Zeroes the counters of the programs under callgrind with these PIDs (through valgrind's

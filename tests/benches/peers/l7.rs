@@ -131,7 +131,7 @@ pub fn count_instructions(
         for access_log in [AccessLog::Off, AccessLog::File] {
             let (name, variant) = (proxy.name(), access_log.label());
             progress.step(&format!("L7 under callgrind: {name}, {variant}"));
-            let dir = callgrind::dir_for(root, name, variant);
+            let dir = root.join(program_dir(proxy, access_log));
             std::fs::create_dir_all(&dir)?;
             let inputs = inputs(bed, &scratch, proxy, access_log, Some(dir.clone()));
             let counted = proxy.start(bed, options, &inputs).and_then(|running| {
@@ -140,19 +140,19 @@ pub fn count_instructions(
                 callgrind::dump(&running.pids())?;
                 callgrind::per_request(&dir, requests)
             });
+            progress.done(&match &counted {
+                Ok(per_request) => {
+                    format!("{name}, {variant}: {per_request:.0} instructions/request")
+                }
+                Err(error) => format!("{name}, {variant}: {error:#}"),
+            });
             let count = Instructions {
                 name: name.to_owned(),
                 variant: variant.to_owned(),
                 requests,
                 per_request: counted.as_ref().ok().copied(),
-                error: counted.as_ref().err().map(|error| format!("{error:#}")),
+                error: counted.err().map(|error| format!("{error:#}")),
             };
-            progress.done(&match (&count.per_request, &count.error) {
-                (Some(per_request), _) => {
-                    format!("{name}, {variant}: {per_request:.0} instructions/request")
-                }
-                (None, error) => format!("{name}, {variant}: {}", error.as_deref().unwrap_or("")),
-            });
             counts.push(count);
         }
     }
@@ -169,8 +169,13 @@ fn inputs(
     ProxyInputs {
         listen: bed.l7_addr(),
         backend: bed.backend,
-        dir: scratch.join(format!("{}-{access_log:?}", proxy.name()).to_lowercase()),
+        dir: scratch.join(program_dir(proxy, access_log)),
         access_log,
         callgrind,
     }
+}
+
+/// The directory of one program's row, under the scratch or the callgrind directory.
+fn program_dir(proxy: Proxy, access_log: AccessLog) -> String {
+    format!("{}-{access_log:?}", proxy.name()).to_lowercase()
 }

@@ -21,7 +21,8 @@ use std::{
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{super::deadline::LazyDeadline, Stall};
+use super::Stall;
+use crate::proxy::deadline::LazyDeadline;
 
 /// The drain timeout of an endpoint that left the routes ran out while this connection was
 /// still busy.
