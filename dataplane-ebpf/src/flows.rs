@@ -4,11 +4,16 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use xlb_common::{
-    flow_expired, flow_state, FlowKey, FlowState, FlowValue, DIRECTION_FORWARD,
-    LAST_SEEN_GRANULARITY_NS,
+    flow_expired, flow_state, FlowState, FlowValueOf, DIRECTION_FORWARD, LAST_SEEN_GRANULARITY_NS,
 };
 
-use crate::{parse::TcpFlags, setting, steer::L4Packet, FLOWS, REOPENED_TUPLE, SETTINGS};
+use crate::{
+    family::{scratch_key, Family, Key, ScratchKey, Value},
+    parse::TcpFlags,
+    setting,
+    steer::L4Packet,
+    SETTINGS,
+};
 
 /// The timeout of a flow in `state`, from the global settings (one field read, no copy of
 /// the whole table onto the 512-byte stack).
@@ -25,9 +30,9 @@ pub fn timeout(state: FlowState) -> u64 {
 }
 
 /// What the connection table says about a packet whose 5-tuple has an entry.
-pub enum Tracked {
+pub enum Tracked<F: Family> {
     /// Forward it as the entry says (the entry in the table: read in place, not copied).
-    Flow(*const FlowValue),
+    Flow(*const Value<F>),
     /// A connection request on a tuple whose flow is over (closed or expired): its entries
     /// were removed and the packet starts a new flow; its SNAT tuple (the reply key) is left
     /// in this CPU's `REOPENED_TUPLE` slot for the new flow to take again.
@@ -48,7 +53,7 @@ pub fn now() -> u64 {
 /// Records `now` as the entry's last use, at most once per [`LAST_SEEN_GRANULARITY_NS`]: an
 /// established flow's packets otherwise write nothing to the table.
 #[inline(always)]
-fn touch(entry: &mut FlowValue, now: u64) {
+fn touch<A>(entry: &mut FlowValueOf<A>, now: u64) {
     if now.wrapping_sub(entry.last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
         entry.last_seen_ns = now;
     }
@@ -57,7 +62,7 @@ fn touch(entry: &mut FlowValue, now: u64) {
 /// Does this packet change what the flow's latches say? Only those packets look up the peer
 /// entry; every other packet of a tracked flow is forwarded after one table lookup.
 #[inline(always)]
-fn changes_latches(entry: &FlowValue, flags: Option<TcpFlags>) -> bool {
+fn changes_latches<A>(entry: &FlowValueOf<A>, flags: Option<TcpFlags>) -> bool {
     let Some(flags) = flags else {
         return false;
     };
@@ -81,22 +86,26 @@ macro_rules! latch {
 
 /// Applies a flag-carrying packet to the latches of its flow, in both entries.
 #[inline(always)]
-fn advance(
-    key: &FlowKey,
-    entry: &mut FlowValue,
-    packet: &L4Packet,
+fn advance<F: Family>(
+    key: &Key<F>,
+    entry: &mut Value<F>,
+    packet: &L4Packet<F::Addr>,
     flags: TcpFlags,
     now: u64,
-) -> Tracked {
-    let peer_key = entry.peer_key(key.proto);
-    let Some(peer) = FLOWS.get_ptr_mut(&peer_key) else {
-        let _ = FLOWS.remove(key);
+) -> Tracked<F> {
+    let Some(peer_key) = scratch_key::<F>(ScratchKey::Peer) else {
         return Tracked::Lost;
     };
-    // SAFETY: FLOWS values are plain data; concurrent writers only ever set latches.
+    entry.write_peer_key(peer_key, key.proto);
+    let peer_key: &Key<F> = peer_key;
+    let Some(peer) = F::flows().get_ptr_mut(peer_key) else {
+        let _ = F::flows().remove(key);
+        return Tracked::Lost;
+    };
+    // SAFETY: flow values are plain data; concurrent writers only ever set latches.
     let peer = unsafe { &mut *peer };
-    if peer.peer_key(key.proto) != *key {
-        let _ = FLOWS.remove(key);
+    if !peer.is_peer_of(key) {
+        let _ = F::flows().remove(key);
         return Tracked::Lost;
     }
     if entry.direction == DIRECTION_FORWARD {
@@ -105,10 +114,10 @@ fn advance(
             let over = matches!(state, FlowState::Closing | FlowState::TimeWait)
                 || flow_expired(timeout, key.proto, entry, peer, now);
             if over {
-                remove_pair(key, &peer_key);
-                if let Some(slot) = REOPENED_TUPLE.get_ptr_mut(0) {
+                remove_pair::<F>(key, peer_key);
+                if let Some(slot) = F::reopened_tuple().get_ptr_mut(0) {
                     // SAFETY: a per-CPU slot, only ever touched by the CPU running this program.
-                    unsafe { *slot = peer_key };
+                    unsafe { *slot = *peer_key };
                 }
                 return Tracked::Reopened;
             }
@@ -147,21 +156,25 @@ fn advance(
 /// Removes both entries of a flow: the forward one first, so that its SNAT tuple (the reply
 /// key) is free only once nothing forwards into it.
 #[inline(always)]
-pub fn remove_pair(forward_key: &FlowKey, reply_key: &FlowKey) {
-    let _ = FLOWS.remove(forward_key);
-    let _ = FLOWS.remove(reply_key);
+pub fn remove_pair<F: Family>(forward_key: &Key<F>, reply_key: &Key<F>) {
+    let _ = F::flows().remove(forward_key);
+    let _ = F::flows().remove(reply_key);
 }
 
 /// The entry for `key`, if any, after this packet.
 #[inline(always)]
-pub fn tracked_flow(key: &FlowKey, packet: &L4Packet, now: u64) -> Option<Tracked> {
-    let entry = FLOWS.get_ptr_mut(key)?;
-    // SAFETY: FLOWS values are plain data; concurrent writers only ever set latches and
+pub fn tracked_flow<F: Family>(
+    key: &Key<F>,
+    packet: &L4Packet<F::Addr>,
+    now: u64,
+) -> Option<Tracked<F>> {
+    let entry = F::flows().get_ptr_mut(key)?;
+    // SAFETY: flow values are plain data; concurrent writers only ever set latches and
     // `last_seen_ns`, and a torn read of either is harmless.
     let entry = unsafe { &mut *entry };
     if changes_latches(entry, packet.tcp_flags) {
         let flags = packet.tcp_flags.unwrap_or_default();
-        return Some(advance(key, entry, packet, flags, now));
+        return Some(advance::<F>(key, entry, packet, flags, now));
     }
     touch(entry, now);
     Some(Tracked::Flow(entry))

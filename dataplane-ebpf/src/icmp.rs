@@ -20,8 +20,9 @@ use xlb_common::{FlowKey, FlowValue, NextHop, Stat, DIRECTION_REPLY, IPPROTO_TCP
 
 use crate::{
     checksum,
+    family::{Family, V4},
     parse::{ptr_at, read_at, Ipv4, Malformed},
-    rewrite::{live_backend, rewrite_ipv4_addresses, transmit, write_macs},
+    rewrite::{live_backend, transmit, write_macs},
     steer::Verdict,
     FLOWS,
 };
@@ -102,7 +103,7 @@ pub fn translate_error(ctx: &XdpContext, ip: &Ipv4) -> Option<Verdict> {
     let (next_hop, outcome) = if flow.direction == DIRECTION_REPLY {
         (&flow.next_hop, Stat::L4IcmpToClient)
     } else {
-        (&live_backend(flow)?.next_hop, Stat::L4IcmpToBackend)
+        (&live_backend::<V4>(flow)?.next_hop, Stat::L4IcmpToBackend)
     };
     Some(match rewrite(ctx, ip, &quoted, flow, next_hop) {
         Ok(()) => transmit(ctx, next_hop, outcome),
@@ -166,6 +167,6 @@ fn rewrite(
         inner_addrs.write_unaligned([inner_src, inner_dst]);
     }
     // The error now comes from the address the sender wrote to, and goes to the sender.
-    rewrite_ipv4_addresses(ctx, ip, flow.new_src_addr, flow.new_dst_addr)?;
+    V4::rewrite_ip_header(ctx, ip, flow.new_src_addr, flow.new_dst_addr)?;
     write_macs(ctx, next_hop)
 }

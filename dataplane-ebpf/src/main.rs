@@ -10,6 +10,7 @@
 #![no_main]
 
 mod checksum;
+mod family;
 mod flows;
 mod icmp;
 mod parse;
@@ -18,21 +19,24 @@ mod snat;
 mod steer;
 mod sweep;
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use xlb_common::{
-    Backend, FloodWindow, FlowKey, FlowValue, ListenPort, ServiceKey, ServiceValue, Settings, Stat,
-    StatsBlock, Timeouts, TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE,
-    DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_L4_PORTS, MAX_L7_PORTS, MAX_OPEN_PORTS,
-    MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS,
+    Backend, Backend6, FloodWindow, FlowKey, FlowKey6, FlowValue, FlowValue6, ListenPort,
+    ServiceKey, ServiceKey6, ServiceValue, Settings, Stat, StatsBlock, Timeouts, TrafficCounters,
+    DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, MAX_BACKENDS,
+    MAX_EGRESS_INTERFACES, MAX_L7_PORTS, MAX_OPEN_PORTS, MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS,
+    MAX_SNAT_ADDRS, PROGRAM_IPV6, PROGRAM_SLOTS,
 };
 
 use crate::{
-    parse::{frame_len, parse, Frame, Malformed, NetworkKind, TransportKind},
+    family::{Family, SCRATCH_KEYS, V4, V6},
+    parse::{frame_len, parse, Frame, IpHeader, Malformed, NetworkKind, Transport, TransportKind},
     steer::{is_snat_port, lookup_service, reply_to_client, steer_to_backend, L4Packet, Verdict},
 };
 
@@ -43,10 +47,6 @@ static STATS: PerCpuArray<StatsBlock> = PerCpuArray::with_max_entries(1, 0);
 /// TCP ports (host byte order) the userspace L7 proxy listens on; filled by the daemon.
 #[map]
 static L7_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_L7_PORTS, 0);
-
-/// (port, protocol) pairs of L4 services, whatever the address: classifies IPv6 frames.
-#[map]
-static L4_PORTS: HashMap<ListenPort, u32> = HashMap::with_max_entries(MAX_L4_PORTS, 0);
 
 /// The LB addresses (wire order) the shield guards; empty = no shield.
 #[map]
@@ -61,6 +61,12 @@ static OPEN_PORTS: HashMap<ListenPort, u32> = HashMap::with_max_entries(MAX_OPEN
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICE_KEYS, 0);
 
+/// The same for IPv6 LB addresses; a service's IPv6 listener has a slot of its own, whose
+/// rings hold only IPv6 backends.
+#[map]
+static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICE_KEYS, 0);
+
 /// Two Maglev rings per service slot, of backend ids (see `xlb_common::ring_index`). The daemon
 /// sizes it from its ring size and slot count before loading.
 #[map]
@@ -71,6 +77,10 @@ static RINGS: Array<u32> =
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// The same for IPv6 backends, in the same id space (an id is filled in one of the two).
+#[map]
+static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// The connection table: forward and reply entries of every tracked flow.
 ///
 /// A plain hash, not an LRU: nothing a flood creates can push a live flow out. Entries leave
@@ -79,6 +89,13 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// flows (`l4_drop_flow_table`) and keeps every established one.
 #[map]
 static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// The IPv6 connection table, as `FLOWS`, of the same capacity. Not preallocated: a node
+/// without IPv6 clients does not pay 40 MiB for it; an insert that finds no memory is refused
+/// like one into a full table.
+#[map]
+static FLOWS6: HashMap<FlowKey6, FlowValue6> =
+    HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// The interfaces a rewritten frame may be redirected to, by ifindex: those the program is
 /// attached to that the daemon found able to transmit XDP frames (`ndo_xdp_xmit`). A redirect
@@ -100,9 +117,36 @@ static SNAT_CURSOR: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static REOPENED_TUPLE: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
+#[map]
+static REOPENED_TUPLE6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
+
 /// Where a new flow's two entries are built before they are inserted: [reply, forward].
 #[map]
 static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(2, 0);
+
+#[map]
+static FLOW_SCRATCH6: PerCpuArray<FlowValue6> = PerCpuArray::with_max_entries(2, 0);
+
+/// The programs `xlb` tail-calls: `xlb_ipv6` at `PROGRAM_IPV6`, `xlb_ipv6_new_flow` at
+/// `PROGRAM_IPV6_NEW_FLOW`; the daemon fills it when it loads them.
+#[map]
+static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAM_SLOTS, 0);
+
+/// What the connection table did to a packet before `xlb_ipv6` tail-called
+/// `xlb_ipv6_new_flow` for it (see `family::NewFlowEvent`).
+#[map]
+static NEW_FLOW_EVENT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The closed holder's tuple a new flow falls back on (see `snat::ClosedTuple`).
+#[map]
+static CLOSED_TUPLE: PerCpuArray<snat::ClosedTuple> = PerCpuArray::with_max_entries(1, 0);
+
+/// Keys the packet path builds, off the stack (see `family::ScratchKey`).
+#[map]
+static KEY_SCRATCH: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(SCRATCH_KEYS, 0);
+
+#[map]
+static KEY_SCRATCH6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(SCRATCH_KEYS, 0);
 
 /// Limits and timeouts, set by the daemon when it loads the program: read-only data the
 /// verifier knows as constants, read with [`setting`].
@@ -124,6 +168,9 @@ static SETTINGS: Settings = Settings {
         tcp_time_wait_ns: 0,
         udp_ns: 0,
     },
+    snat_addrs6: [[0; 4]; MAX_SNAT_ADDRS],
+    snat_addr6_count: 0,
+    _pad6: 0,
 };
 
 /// A field of [`SETTINGS`], read from the loaded data rather than the compile-time zeros.
@@ -162,6 +209,20 @@ impl Tally {
         }
     }
 
+    /// Counts a frame's class, its L4 outcome and event, and its verdict; returns the action.
+    #[inline(always)]
+    fn finish(&self, class: Stat, verdict: Verdict) -> u32 {
+        self.count(class);
+        if let Some(outcome) = verdict.outcome {
+            self.count(outcome);
+        }
+        if let Some(event) = verdict.event {
+            self.count(event);
+        }
+        self.count(Stat::for_verdict(verdict.action));
+        verdict.action
+    }
+
     #[inline(always)]
     fn count(&self, stat: Stat) {
         let Some(block) = self.block else {
@@ -186,19 +247,8 @@ fn is_l7_port(port: u16) -> bool {
     unsafe { L7_PORTS.get(&port).is_some() }
 }
 
-#[inline(always)]
-fn is_l4_port(port: u16, proto: u8) -> bool {
-    let key = ListenPort {
-        port,
-        proto,
-        _pad: 0,
-    };
-    // SAFETY: the value is only tested for presence.
-    unsafe { L4_PORTS.get(&key).is_some() }
-}
-
-/// The L4 path's verdict and class for an IPv4 packet of a service or of a tracked reply;
-/// `None` for every other frame.
+/// The L4 path's verdict and class for a packet of a service or of a tracked reply; `None`
+/// for every other frame.
 #[inline(always)]
 fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdict)> {
     match frame.network {
@@ -207,25 +257,35 @@ fn l4_verdict(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Ve
                 return icmp::translate_error(ctx, &frame.ipv4)
                     .map(|verdict| (Stat::ClassL4Icmp, verdict));
             }
-            let packet = L4Packet::new(&frame.ipv4, &frame.transport, bytes)?;
-            if let Some(service) = lookup_service(&packet) {
-                return Some((
-                    Stat::ClassL4Service,
-                    steer_to_backend(ctx, &packet, &service),
-                ));
-            }
-            if is_snat_port(packet.ports.dst) {
-                return reply_to_client(ctx, &packet).map(|verdict| (Stat::ClassL4Reply, verdict));
-            }
-            None
+            l4_family::<V4>(ctx, &frame.ipv4, &frame.transport, bytes)
         }
-        NetworkKind::Ipv6 => {
-            let ports = frame.transport.ports()?;
-            is_l4_port(u16::from_be(ports.dst), frame.ipv6_proto)
-                .then_some((Stat::ClassL4Ipv6, Verdict::PASS))
-        }
-        NetworkKind::TaggedIpv4 | NetworkKind::Other => None,
+        // IPv6 is `xlb_ipv6`'s: here only when the tail call to it failed.
+        NetworkKind::Ipv6
+        | NetworkKind::TaggedIpv4
+        | NetworkKind::TaggedIpv6
+        | NetworkKind::Other => None,
     }
+}
+
+/// The L4 path for a TCP or UDP packet of family `F`.
+#[inline(always)]
+fn l4_family<F: Family>(
+    ctx: &XdpContext,
+    ip: &IpHeader<F::Addr>,
+    transport: &Transport,
+    bytes: usize,
+) -> Option<(Stat, Verdict)> {
+    let packet = L4Packet::new(ip, transport, bytes)?;
+    if let Some(service) = lookup_service::<F>(&packet) {
+        return Some((
+            Stat::ClassL4Service,
+            steer_to_backend::<F>(ctx, &packet, &service),
+        ));
+    }
+    if is_snat_port(packet.ports.dst) {
+        return reply_to_client::<F>(ctx, &packet).map(|verdict| (Stat::ClassL4Reply, verdict));
+    }
+    None
 }
 
 /// The shield, Cilium's prefilter in spirit: a TCP or UDP packet to a shielded LB address on a
@@ -281,31 +341,92 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let tally = Tally::new(bytes);
     tally.count(Stat::Received);
     let (class, verdict) = match parse(&ctx) {
-        Ok(frame) => l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| match shield(&frame) {
-            Some(reason) => (Stat::ClassOther, Verdict::drop(reason)),
-            None => (pass_class(&frame), Verdict::PASS),
-        }),
+        Ok(frame) => {
+            if frame.network == NetworkKind::Ipv6 {
+                // SAFETY: returns only if it failed (no program at the index); the frame is
+                // then classified here, as no L4 traffic.
+                unsafe { PROGRAMS.tail_call(&ctx, PROGRAM_IPV6) };
+            }
+            l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| match shield(&frame) {
+                Some(reason) => (Stat::ClassOther, Verdict::drop(reason)),
+                None => (pass_class(&frame), Verdict::PASS),
+            })
+        }
         Err(Malformed) => {
             debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
             (Stat::ClassMalformed, Verdict::PASS)
         }
     };
-    tally.count(class);
-    if let Some(outcome) = verdict.outcome {
-        tally.count(outcome);
+    tally.finish(class, verdict)
+}
+
+/// Untagged IPv6 frames, tail-called from `xlb` (which counted them as received): a program
+/// of its own, with a 512-byte stack of its own, which the IPv6 path's 40-byte keys need.
+#[xdp]
+pub fn xlb_ipv6(ctx: XdpContext) -> u32 {
+    let bytes = frame_len(&ctx);
+    let tally = Tally::new(bytes);
+    let (class, verdict) = match parse(&ctx) {
+        Ok(frame) => {
+            l4_ipv6(&ctx, &frame, bytes).unwrap_or_else(|| (pass_class(&frame), Verdict::PASS))
+        }
+        Err(Malformed) => (Stat::ClassMalformed, Verdict::PASS),
+    };
+    tally.finish(class, verdict)
+}
+
+#[inline(always)]
+fn l4_ipv6(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdict)> {
+    if frame.network != NetworkKind::Ipv6 {
+        return None;
     }
-    if let Some(event) = verdict.event {
-        tally.count(event);
+    let ip = frame.ipv6.with_addresses(ctx).ok()?;
+    l4_family::<V6>(ctx, &ip, &frame.transport, bytes)
+}
+
+/// A new IPv6 flow, tail-called from `xlb_ipv6` once its packet is known to start one: the
+/// flow's creation needs a stack of its own too. What the connection table did first comes
+/// in this CPU's `NEW_FLOW_EVENT`.
+#[xdp]
+pub fn xlb_ipv6_new_flow(ctx: XdpContext) -> u32 {
+    let bytes = frame_len(&ctx);
+    let tally = Tally::new(bytes);
+    let event = family::take_new_flow_event();
+    let verdict = match parse(&ctx) {
+        Ok(frame) => start_ipv6_flow(&ctx, &frame, bytes, event),
+        Err(Malformed) => None,
+    };
+    // `None`: the frame is no longer what `xlb_ipv6` saw, which cannot be.
+    tally.finish(Stat::ClassL4Service, verdict.unwrap_or(Verdict::ABORTED))
+}
+
+#[inline(always)]
+fn start_ipv6_flow(
+    ctx: &XdpContext,
+    frame: &Frame,
+    bytes: usize,
+    event: Option<Stat>,
+) -> Option<Verdict> {
+    if frame.network != NetworkKind::Ipv6 {
+        return None;
     }
-    tally.count(Stat::for_verdict(verdict.action));
-    verdict.action
+    let ip = frame.ipv6.with_addresses(ctx).ok()?;
+    let packet = L4Packet::new(&ip, &frame.transport, bytes)?;
+    let service = lookup_service::<V6>(&packet)?;
+    Some(steer::start_flow::<V6>(ctx, &packet, &service, event))
 }
 
 /// The daemon's sweep of the connection table ([`sweep`]), run through `BPF_PROG_TEST_RUN`;
 /// never attached.
 #[xdp]
 pub fn xlb_sweep(ctx: XdpContext) -> u32 {
-    sweep::sweep(&ctx)
+    sweep::sweep::<V4>(&ctx)
+}
+
+/// The same for the IPv6 connection table.
+#[xdp]
+pub fn xlb_sweep6(ctx: XdpContext) -> u32 {
+    sweep::sweep::<V6>(&ctx)
 }
 
 #[cfg(not(test))]

@@ -12,7 +12,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use xlb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use xlb_common::{Ipv6Wire, IPPROTO_TCP, IPPROTO_UDP};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -82,22 +82,17 @@ impl Transport {
             rst: false,
         },
     };
-
-    pub fn ports(&self) -> Option<Ports> {
-        match self.kind {
-            TransportKind::Tcp | TransportKind::Udp => Some(self.ports),
-            TransportKind::Other => None,
-        }
-    }
 }
 
-/// The parts of an IPv4 header the L4 path reads; addresses as on the wire.
+/// The parts of an IP header the L4 path reads; addresses as on the wire.
 #[derive(Clone, Copy, Default)]
-pub struct Ipv4 {
+pub struct IpHeader<A> {
     pub offset: usize,
-    pub src: u32,
-    pub dst: u32,
+    pub src: A,
+    pub dst: A,
+    /// The transport protocol (for IPv6, the header the extension headers lead to).
     pub proto: u8,
+    /// The TTL, or IPv6's hop limit.
     pub ttl: u8,
     /// A fragment, first or later: its ports cannot be rewritten consistently.
     pub fragment: bool,
@@ -105,13 +100,42 @@ pub struct Ipv4 {
     pub transport_offset: usize,
 }
 
+pub type Ipv4 = IpHeader<u32>;
+pub type Ipv6 = IpHeader<Ipv6Wire>;
+
+/// An IPv6 header as the parse leaves it: all but the addresses, which only the L4 path reads
+/// (in a stack frame of its own: 32 more bytes in the program's first frame would not fit).
+pub type Ipv6Parsed = IpHeader<()>;
+
+impl Ipv6Parsed {
+    /// The header with its addresses, read from the frame.
+    #[inline(always)]
+    pub fn with_addresses(&self, ctx: &XdpContext) -> Result<Ipv6, Malformed> {
+        Ok(Ipv6 {
+            offset: self.offset,
+            src: read_at(ctx, self.offset + mem::offset_of!(Ipv6Hdr, src_addr))?,
+            dst: read_at(ctx, self.offset + mem::offset_of!(Ipv6Hdr, dst_addr))?,
+            proto: self.proto,
+            ttl: self.ttl,
+            fragment: self.fragment,
+            transport_offset: self.transport_offset,
+        })
+    }
+}
+
+/// The first eight bytes of an IPv6 header: all the parse reads of it.
+const IPV6_FIXED_LEN: usize = 8;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum NetworkKind {
-    /// IPv4 in an untagged frame: the only packets the L4 path may rewrite.
+    /// IPv4 in an untagged frame: the L4 path may rewrite it.
     Ipv4,
     /// IPv4 inside a VLAN tag: classified, never rewritten.
     TaggedIpv4,
+    /// IPv6 in an untagged frame: the L4 path may rewrite it.
     Ipv6,
+    /// IPv6 inside a VLAN tag: classified, never rewritten.
+    TaggedIpv6,
     Other,
 }
 
@@ -119,8 +143,8 @@ pub struct Frame {
     pub network: NetworkKind,
     /// Zeroed unless `network` is an IPv4 kind.
     pub ipv4: Ipv4,
-    /// The IPv6 transport protocol reached; 0 unless `network` is `Ipv6`.
-    pub ipv6_proto: u8,
+    /// Zeroed unless `network` is an IPv6 kind.
+    pub ipv6: Ipv6Parsed,
     pub transport: Transport,
 }
 
@@ -232,45 +256,57 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(Ipv4, Transport), Malf
     Ok((header, transport))
 }
 
-/// The transport protocol number reached and the transport header.
+/// The header, with the transport protocol its extension headers lead to, and the transport
+/// header.
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(u8, Transport), Malformed> {
-    let ip: Ipv6Hdr = read_at(ctx, offset)?;
-    let ip_end = offset + Ipv6Hdr::LEN + ip.payload_len() as usize;
-    if ip.version() != 6 || ip_end > frame_len(ctx) {
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ipv6Parsed, Transport), Malformed> {
+    let [version_class, _, _, _, len_high, len_low, next_header, hop_limit]: [u8; IPV6_FIXED_LEN] =
+        read_at(ctx, offset)?;
+    let ip_end = offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes([len_high, len_low]));
+    if version_class >> 4 != 6 || ip_end > frame_len(ctx) {
         return Err(Malformed);
     }
-    let mut next_header = ip.next_hdr;
-    let mut header_start = offset + Ipv6Hdr::LEN;
+    let mut header = Ipv6Parsed {
+        offset,
+        src: (),
+        dst: (),
+        proto: next_header,
+        ttl: hop_limit,
+        fragment: false,
+        transport_offset: offset + Ipv6Hdr::LEN,
+    };
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         // Every extension header starts with (next header, length); only the unit differs.
-        let [following, len] = match next_header {
+        let [following, len] = match header.proto {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
-                read_at::<[u8; 2]>(ctx, header_start)?
+                read_at::<[u8; 2]>(ctx, header.transport_offset)?
             }
             _ => {
-                let transport = parse_transport(ctx, next_header, header_start, ip_end)?;
-                return Ok((next_header, transport));
+                let transport =
+                    parse_transport(ctx, header.proto, header.transport_offset, ip_end)?;
+                return Ok((header, transport));
             }
         };
-        let header_len = match next_header {
+        let header_len = match header.proto {
             IPPROTO_FRAGMENT => {
-                let fragment: [u8; 8] = read_at(ctx, header_start)?;
+                let fragment: [u8; 8] = read_at(ctx, header.transport_offset)?;
+                header.fragment = true;
                 if u16::from_be_bytes([fragment[2], fragment[3]]) >> 3 != 0 {
-                    return Ok((following, Transport::OTHER));
+                    header.proto = following;
+                    return Ok((header, Transport::OTHER));
                 }
                 8
             }
             IPPROTO_AH => (len as usize + 2) * 4,
             _ => (len as usize + 1) * 8,
         };
-        next_header = following;
-        header_start += header_len;
-        if header_start > ip_end {
+        header.proto = following;
+        header.transport_offset += header_len;
+        if header.transport_offset > ip_end {
             return Err(Malformed);
         }
     }
-    Ok((next_header, Transport::OTHER))
+    Ok((header, Transport::OTHER))
 }
 
 /// Parses the frame down to its transport header.
@@ -288,7 +324,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Malformed> {
     let mut frame = Frame {
         network: NetworkKind::Other,
         ipv4: Ipv4::default(),
-        ipv6_proto: 0,
+        ipv6: Ipv6Parsed::default(),
         transport: Transport::OTHER,
     };
     match ether_type {
@@ -303,9 +339,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Frame, Malformed> {
             frame.transport = transport;
         }
         ETH_P_IPV6 => {
-            let (proto, transport) = parse_ipv6(ctx, offset)?;
-            frame.network = NetworkKind::Ipv6;
-            frame.ipv6_proto = proto;
+            let (ip, transport) = parse_ipv6(ctx, offset)?;
+            frame.network = if tagged {
+                NetworkKind::TaggedIpv6
+            } else {
+                NetworkKind::Ipv6
+            };
+            frame.ipv6 = ip;
             frame.transport = transport;
         }
         _ => {}

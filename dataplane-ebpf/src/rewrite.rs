@@ -2,34 +2,35 @@
 //! Ethernet addresses, and the transmit (back out of the ingress interface, or redirected).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use xlb_common::{Backend, FlowValue, NextHop, Stat, IPPROTO_TCP};
+use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr};
+use xlb_common::{BackendOf, NextHop, Stat, WireAddr, IPPROTO_TCP};
 
 use crate::{
     checksum,
-    parse::{ptr_at, Ipv4, Malformed},
+    family::{Family, Value},
+    parse::{ptr_at, Malformed},
     steer::{L4Packet, Verdict},
-    BACKENDS, EGRESS,
+    EGRESS,
 };
 
 /// The backend a flow was created for, if it still holds its id.
 #[inline(always)]
-pub fn live_backend(flow: &FlowValue) -> Option<&'static Backend> {
-    BACKENDS
-        .get(flow.backend_id)
-        .filter(|backend| backend.generation == flow.backend_generation && backend.addr != 0)
+pub fn live_backend<F: Family>(flow: &Value<F>) -> Option<&'static BackendOf<F::Addr>> {
+    F::backends().get(flow.backend_id).filter(|backend| {
+        backend.generation == flow.backend_generation && backend.addr != F::Addr::UNSPECIFIED
+    })
 }
 
 /// Rewrites addresses, ports, TTL and MACs as `flow` and `next_hop` say, fixing checksums incrementally.
 #[inline(always)]
-pub fn rewrite(
+pub fn rewrite<F: Family>(
     ctx: &XdpContext,
-    packet: &L4Packet,
-    flow: &FlowValue,
+    packet: &L4Packet<F::Addr>,
+    flow: &Value<F>,
     next_hop: &NextHop,
 ) -> Result<(), Malformed> {
     let ip = packet.ip;
-    rewrite_ipv4_addresses(ctx, ip, flow.new_src_addr, flow.new_dst_addr)?;
+    F::rewrite_ip_header(ctx, ip, flow.new_src_addr, flow.new_dst_addr)?;
     let l4_check_offset = if ip.proto == IPPROTO_TCP {
         core::mem::offset_of!(TcpHdr, check)
     } else {
@@ -43,8 +44,8 @@ pub fn rewrite(
         // A UDP checksum of 0 means "none": it stays 0.
         if ip.proto == IPPROTO_TCP || old_check != 0 {
             let mut l4_check = old_check;
-            l4_check = checksum::replace32(l4_check, ip.src, flow.new_src_addr);
-            l4_check = checksum::replace32(l4_check, ip.dst, flow.new_dst_addr);
+            l4_check = F::replace_addr(l4_check, ip.src, flow.new_src_addr);
+            l4_check = F::replace_addr(l4_check, ip.dst, flow.new_dst_addr);
             l4_check = checksum::replace16(l4_check, packet.ports.src, flow.new_src_port);
             l4_check = checksum::replace16(l4_check, packet.ports.dst, flow.new_dst_port);
             if ip.proto != IPPROTO_TCP && l4_check == 0 {
@@ -55,31 +56,6 @@ pub fn rewrite(
         ports.write_unaligned([flow.new_src_port, flow.new_dst_port]);
     }
     write_macs(ctx, next_hop)
-}
-
-/// Rewrites the IPv4 header at `ip` to `new_src` → `new_dst` and takes one off its TTL,
-/// updating its checksum incrementally.
-#[inline(always)]
-pub fn rewrite_ipv4_addresses(
-    ctx: &XdpContext,
-    ip: &Ipv4,
-    new_src: u32,
-    new_dst: u32,
-) -> Result<(), Malformed> {
-    let ip_header: *mut Ipv4Hdr = ptr_at(ctx, ip.offset)?;
-    // SAFETY: `ptr_at` checked the header lies inside the frame; Ipv4Hdr has alignment 1.
-    let ip_header = unsafe { &mut *ip_header };
-    let mut ip_check = u16::from_ne_bytes(ip_header.check);
-    ip_check = checksum::replace32(ip_check, ip.src, new_src);
-    ip_check = checksum::replace32(ip_check, ip.dst, new_dst);
-    let old_ttl_word = u16::from_ne_bytes([ip_header.ttl, ip_header.proto]);
-    ip_header.ttl -= 1;
-    let new_ttl_word = u16::from_ne_bytes([ip_header.ttl, ip_header.proto]);
-    ip_check = checksum::replace16(ip_check, old_ttl_word, new_ttl_word);
-    ip_header.src_addr = new_src.to_ne_bytes();
-    ip_header.dst_addr = new_dst.to_ne_bytes();
-    ip_header.check = ip_check.to_ne_bytes();
-    Ok(())
 }
 
 /// Writes the Ethernet addresses of `next_hop`.

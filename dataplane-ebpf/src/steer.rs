@@ -8,17 +8,18 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use xlb_common::{
-    FlowKey, FlowValue, ServiceKey, ServiceValue, Stat, TrafficCounters, DIRECTION_FORWARD,
-    DIRECTION_REPLY,
+    BackendOf, FlowValueOf, ServiceKeyOf, ServiceValue, Stat, TrafficCounters, WireAddr,
+    DIRECTION_FORWARD, DIRECTION_REPLY,
 };
 
 use crate::{
+    family::{scratch_key, Family, Key, ScratchKey, Value},
     flows::{now, remove_pair, tracked_flow, Tracked},
-    parse::{Ipv4, Ports, TcpFlags, Transport, TransportKind},
+    parse::{IpHeader, Ports, TcpFlags, Transport, TransportKind},
     rewrite::{live_backend, rewrite, transmit},
     setting,
     snat::new_flow,
-    BACKEND_STATS, SERVICES, SERVICE_STATS, SETTINGS,
+    BACKEND_STATS, SERVICE_STATS, SETTINGS,
 };
 
 /// The XDP action for a frame, the `L4*` outcome it is counted under, and the table event it
@@ -65,23 +66,23 @@ impl Verdict {
         }
     }
 
-    fn with_event(self, event: Option<Stat>) -> Verdict {
+    pub fn with_event(self, event: Option<Stat>) -> Verdict {
         Verdict { event, ..self }
     }
 }
 
-/// An IPv4 TCP or UDP packet that may belong to the L4 path.
-pub struct L4Packet<'a> {
-    pub ip: &'a Ipv4,
+/// A TCP or UDP packet that may belong to the L4 path.
+pub struct L4Packet<'a, A> {
+    pub ip: &'a IpHeader<A>,
     pub ports: Ports,
     /// `None` for UDP.
     pub tcp_flags: Option<TcpFlags>,
     pub bytes: usize,
 }
 
-impl<'a> L4Packet<'a> {
+impl<'a, A: WireAddr> L4Packet<'a, A> {
     #[inline(always)]
-    pub fn new(ip: &'a Ipv4, transport: &Transport, bytes: usize) -> Option<L4Packet<'a>> {
+    pub fn new(ip: &'a IpHeader<A>, transport: &Transport, bytes: usize) -> Option<Self> {
         let (ports, tcp_flags) = match transport.kind {
             TransportKind::Tcp => (transport.ports, Some(transport.flags)),
             TransportKind::Udp => (transport.ports, None),
@@ -95,14 +96,25 @@ impl<'a> L4Packet<'a> {
         })
     }
 
-    pub fn key(&self) -> FlowKey {
-        FlowKey::new(
+    pub fn key(&self) -> xlb_common::FlowKeyOf<A> {
+        A::flow_key(
             self.ip.src,
             self.ip.dst,
             self.ports.src,
             self.ports.dst,
             self.ip.proto,
         )
+    }
+
+    /// Writes [`L4Packet::key`] into `key`, in place.
+    pub fn write_key(&self, key: &mut xlb_common::FlowKeyOf<A>) {
+        key.set(
+            &self.ip.src,
+            &self.ip.dst,
+            self.ports.src,
+            self.ports.dst,
+            self.ip.proto,
+        );
     }
 
     /// A SYN without ACK: the client asks for a new connection.
@@ -113,15 +125,15 @@ impl<'a> L4Packet<'a> {
 
 /// The service the packet is addressed to, if any.
 #[inline(always)]
-pub fn lookup_service(packet: &L4Packet) -> Option<ServiceValue> {
-    let key = ServiceKey {
+pub fn lookup_service<F: Family>(packet: &L4Packet<F::Addr>) -> Option<ServiceValue> {
+    let key = ServiceKeyOf {
         addr: packet.ip.dst,
         port: packet.ports.dst,
         proto: packet.ip.proto,
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; the daemon replaces values whole.
-    unsafe { SERVICES.get(&key).copied() }
+    unsafe { F::services().get(&key).copied() }
 }
 
 /// Could this packet be a backend's reply to a SNAT port? Saves a table lookup for all else.
@@ -157,7 +169,7 @@ fn add_traffic(
 
 /// Counts a packet of a flow for its service and its backend.
 #[inline(always)]
-fn count_traffic(flow: &FlowValue, direction: u8, bytes: usize, new_flow: bool) {
+fn count_traffic<A>(flow: &FlowValueOf<A>, direction: u8, bytes: usize, new_flow: bool) {
     add_traffic(
         SERVICE_STATS.get_ptr_mut(flow.service_slot),
         direction,
@@ -172,9 +184,14 @@ fn count_traffic(flow: &FlowValue, direction: u8, bytes: usize, new_flow: bool) 
     );
 }
 
-/// A packet to an L4 service: its tracked flow, or a new one; then rewrite and send.
+/// A packet to an L4 service: its tracked flow, or a new one ([`Family::start_flow`]); then
+/// rewrite and send ([`forward`]).
 #[inline(always)]
-pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceValue) -> Verdict {
+pub fn steer_to_backend<F: Family>(
+    ctx: &XdpContext,
+    packet: &L4Packet<F::Addr>,
+    service: &ServiceValue,
+) -> Verdict {
     if packet.ip.fragment {
         return Verdict::pass(Stat::L4PassFragment);
     }
@@ -182,53 +199,79 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
         return Verdict::pass(Stat::L4PassTtl);
     }
     let now = now();
-    let key = packet.key();
-    let mut event = None;
-    let tracked = match tracked_flow(&key, packet, now) {
+    let key: Key<F> = packet.key();
+    let event = match tracked_flow::<F>(&key, packet, now) {
         Some(Tracked::Flow(flow)) => {
             // SAFETY: the entry stays mapped while the program runs (RCU).
             let flow = unsafe { &*flow };
-            match live_backend(flow) {
-                Some(backend) => Some((flow, backend)),
-                None => {
-                    // Its backend left: TCP is passed below (the kernel resets the client),
-                    // UDP starts over on a live backend.
-                    remove_pair(&key, &flow.peer_key(key.proto));
-                    event = Some(Stat::L4FlowBackendGone);
-                    None
-                }
+            if let Some(backend) = live_backend::<F>(flow) {
+                return forward::<F>(ctx, packet, flow, backend, Stat::L4Forwarded, None);
             }
+            // Its backend left: TCP is passed below (the kernel resets the client), UDP
+            // starts over on a live backend.
+            if let Some(peer_key) = scratch_key::<F>(ScratchKey::Peer) {
+                flow.write_peer_key(peer_key, key.proto);
+                remove_pair::<F>(&key, peer_key);
+            }
+            Some(Stat::L4FlowBackendGone)
         }
-        Some(Tracked::Reopened) => {
-            event = Some(Stat::L4FlowReopened);
-            None
-        }
+        Some(Tracked::Reopened) => Some(Stat::L4FlowReopened),
         Some(Tracked::Lost) => return Verdict::drop(Stat::L4DropFlowLost),
         None => None,
     };
-    let (flow, backend, outcome) = match tracked {
-        Some((flow, backend)) => (flow, backend, Stat::L4Forwarded),
-        None => {
-            let starts_flow = match packet.tcp_flags {
-                Some(_) => packet.is_connection_request(),
-                None => true,
-            };
-            if !starts_flow {
-                return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
-            }
-            let reopened = event == Some(Stat::L4FlowReopened);
-            match new_flow(ctx, &key, service, reopened) {
-                Ok((flow, backend, claim_event)) => {
-                    event = event.or(claim_event);
-                    // SAFETY: this CPU's scratch slot and a BACKENDS element, both valid
-                    // while the program runs.
-                    (unsafe { &*flow }, unsafe { &*backend }, Stat::L4NewFlow)
-                }
-                Err(verdict) => return verdict.with_event(event),
-            }
-        }
+    let starts_flow = match packet.tcp_flags {
+        Some(_) => packet.is_connection_request(),
+        None => true,
     };
-    if rewrite(ctx, packet, flow, &backend.next_hop).is_err() {
+    if !starts_flow {
+        return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
+    }
+    F::start_flow(ctx, packet, service, event)
+}
+
+/// A new flow for a packet that starts one: its entries, then rewrite and send. `event` is
+/// what the table did first (a reopened tuple, a gone backend's flow removed).
+#[inline(always)]
+pub fn start_flow<F: Family>(
+    ctx: &XdpContext,
+    packet: &L4Packet<F::Addr>,
+    service: &ServiceValue,
+    event: Option<Stat>,
+) -> Verdict {
+    let Some(key) = scratch_key::<F>(ScratchKey::Packet) else {
+        return Verdict::drop(Stat::L4DropSnatExhausted).with_event(event);
+    };
+    packet.write_key(key);
+    let reopened = event == Some(Stat::L4FlowReopened);
+    match new_flow::<F>(ctx, key, service, reopened) {
+        Ok((flow, backend, claim_event)) => {
+            // SAFETY: this CPU's scratch slot and a backends element, both valid while the
+            // program runs.
+            let (flow, backend) = unsafe { (&*flow, &*backend) };
+            forward::<F>(
+                ctx,
+                packet,
+                flow,
+                backend,
+                Stat::L4NewFlow,
+                event.or(claim_event),
+            )
+        }
+        Err(verdict) => verdict.with_event(event),
+    }
+}
+
+/// Rewrites a packet of `flow` for `backend`, counts it and sends it.
+#[inline(always)]
+fn forward<F: Family>(
+    ctx: &XdpContext,
+    packet: &L4Packet<F::Addr>,
+    flow: &Value<F>,
+    backend: &BackendOf<F::Addr>,
+    outcome: Stat,
+    event: Option<Stat>,
+) -> Verdict {
+    if rewrite::<F>(ctx, packet, flow, &backend.next_hop).is_err() {
         return REWRITE_FAILED;
     }
     count_traffic(
@@ -243,10 +286,10 @@ pub fn steer_to_backend(ctx: &XdpContext, packet: &L4Packet, service: &ServiceVa
 /// A backend's packet to a SNAT port: the tracked flow's reply entry, if any, sends it back to
 /// the client. `None` when no flow is tracked for it (the frame is not L4 traffic).
 #[inline(always)]
-pub fn reply_to_client(ctx: &XdpContext, packet: &L4Packet) -> Option<Verdict> {
+pub fn reply_to_client<F: Family>(ctx: &XdpContext, packet: &L4Packet<F::Addr>) -> Option<Verdict> {
     let now = now();
-    let key = packet.key();
-    let flow = match tracked_flow(&key, packet, now)? {
+    let key: Key<F> = packet.key();
+    let flow = match tracked_flow::<F>(&key, packet, now)? {
         // SAFETY: the entry stays mapped while the program runs (RCU).
         Tracked::Flow(flow) => unsafe { &*flow },
         Tracked::Reopened => return None,
@@ -261,7 +304,7 @@ pub fn reply_to_client(ctx: &XdpContext, packet: &L4Packet) -> Option<Verdict> {
     if packet.ip.ttl <= 1 {
         return Some(Verdict::pass(Stat::L4PassTtl));
     }
-    if rewrite(ctx, packet, flow, &flow.next_hop).is_err() {
+    if rewrite::<F>(ctx, packet, flow, &flow.next_hop).is_err() {
         return Some(REWRITE_FAILED);
     }
     count_traffic(flow, DIRECTION_REPLY, packet.bytes, false);

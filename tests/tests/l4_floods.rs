@@ -264,7 +264,7 @@ fn a_port_scan_of_the_lb_is_dropped_and_served_ports_still_answer() {
     {
         let mut dataplane = lab.lb.dataplane.lock().unwrap();
         dataplane.set_l7_ports(&[L7_PORT]).unwrap();
-        dataplane.shield(&[lab.lb.addr]).unwrap();
+        dataplane.shield(&[lab.lb.addr.into()]).unwrap();
     }
     for port in [22, ADMIN_PORT, L7_PORT] {
         lab.connect(port);

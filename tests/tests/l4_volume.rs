@@ -197,7 +197,7 @@ impl Sweeper {
                     if Instant::now() >= next {
                         next += Duration::from_secs(1);
                         let plan = dataplane.lock().unwrap().sweep_flows().unwrap();
-                        peak_entries.fetch_max(plan.summary.entries as usize, Ordering::Relaxed);
+                        peak_entries.fetch_max(plan.summary().entries as usize, Ordering::Relaxed);
                     }
                     thread::sleep(Duration::from_millis(50));
                 }

@@ -308,7 +308,7 @@ fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
         assert_eq!(verdict, XDP_TX, "UDP flow {port}");
     }
     let plan = dataplane.sweep_flows().unwrap();
-    assert_eq!(plan.expired_flows, 0, "nothing is over yet");
+    assert_eq!(plan.expired_flows(), 0, "nothing is over yet");
     let table = dataplane.connection_table().table.clone();
     assert_eq!(table.entries, 2 * (u64::from(UDP_FLOWS) + 1));
     assert_eq!(table.flows["udp"], u64::from(UDP_FLOWS));
@@ -316,11 +316,11 @@ fn the_sweep_removes_every_flow_that_is_over_and_keeps_the_live_ones() {
 
     wait_out(UDP_IDLE);
     let plan = dataplane.sweep_flows().unwrap();
-    assert_eq!(plan.expired_flows, u64::from(UDP_FLOWS));
+    assert_eq!(plan.expired_flows(), u64::from(UDP_FLOWS));
     let report = dataplane.connection_table();
     assert_eq!(report.table.entries, 2, "only the established flow is left");
     assert_eq!(report.sweeps.expired_flows, u64::from(UDP_FLOWS));
-    assert_eq!(dataplane.sweep_flows().unwrap().summary.entries, 2);
+    assert_eq!(dataplane.sweep_flows().unwrap().summary().entries, 2);
 
     let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
     assert_eq!((verdict, l4), (XDP_TX, vec!["l4_forwarded"]));
@@ -344,7 +344,7 @@ fn the_sweep_spares_a_flow_reopened_after_it_was_judged_over() {
     step(&mut dataplane, &from_backend(snat_port, fin_ack));
     wait_out(SHORT);
     let plan = dataplane.judge_flows().unwrap();
-    assert_eq!(plan.expired_flows, 1, "the closed flow is over");
+    assert_eq!(plan.expired_flows(), 1, "the closed flow is over");
     // Between the sweep's snapshot and its removals, the client reuses its port: the same two
     // keys, a new flow.
     let (_, l4, reopened) = step(&mut dataplane, &from_client(40000, syn));
@@ -353,7 +353,11 @@ fn the_sweep_spares_a_flow_reopened_after_it_was_judged_over() {
         (vec!["l4_flow_reopened", "l4_new_flow"], Some(snat_port))
     );
     let plan = dataplane.remove_judged_flows(plan).unwrap();
-    assert_eq!(plan.expired_flows, 0, "the new flow is not the one judged");
+    assert_eq!(
+        plan.expired_flows(),
+        0,
+        "the new flow is not the one judged"
+    );
     let (_, l4, _) = step(&mut dataplane, &from_backend(snat_port, syn_ack));
     assert_eq!(
         l4,
@@ -423,7 +427,7 @@ fn live_flows_follow_their_backends_next_hop_and_end_when_it_has_drained() {
 fn a_backend_that_returns_while_draining_keeps_its_id_and_its_flows() {
     let mut dataplane = conntrack(|_| {});
     handshake(&mut dataplane, 40000);
-    let id = dataplane.l4().backend_ids()[&BACKEND_A];
+    let id = dataplane.l4().backend_ids()[&BACKEND_A.into()];
     let backend_c = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 78, 1, 4), 30003);
     let without_a = [
         service(TCP_SERVICE, vec![backend(backend_c, INGRESS_IFINDEX)]),
@@ -445,7 +449,7 @@ fn a_backend_that_returns_while_draining_keeps_its_id_and_its_flows() {
             service(UDP_SERVICE, vec![backend(BACKEND_B, INGRESS_IFINDEX)]),
         ])
         .unwrap();
-    assert_eq!(dataplane.l4().backend_ids()[&BACKEND_A], id);
+    assert_eq!(dataplane.l4().backend_ids()[&BACKEND_A.into()], id);
     let (_, l4, _) = step(&mut dataplane, &from_client(40000, ack));
     assert_eq!(l4, ["l4_forwarded"]);
 }

@@ -87,7 +87,7 @@ fn a_tcp_flow_is_steered_both_ways() {
         (syn_in.len() * 2 + data_in.len()) as u64
     );
     assert_eq!(
-        traffic.backends[&BACKEND_A].reply_bytes,
+        traffic.backends[&BACKEND_A.into()].reply_bytes,
         syn_ack_in.len() as u64
     );
 }
@@ -233,9 +233,9 @@ fn everything_else_is_passed_untouched() {
         .unwrap();
     pass(
         &mut dataplane,
-        "IPv6 to an L4 port",
+        "IPv6 to an L4 port of an address without IPv6 services",
         &ipv6,
-        &["class_l4_ipv6", "verdict_pass"],
+        &["class_other", "verdict_pass"],
     );
 
     let syn_in = tcp(TO_LB, client(), lb(5432), 64, syn as Flags, &[]);

@@ -34,7 +34,7 @@ fn shielded(shield: bool) -> Dataplane {
         )],
     );
     dataplane.set_l7_ports(&L7_PORTS).unwrap();
-    dataplane.shield(&[LB_ADDR]).unwrap();
+    dataplane.shield(&[LB_ADDR.into()]).unwrap();
     dataplane
 }
 

@@ -22,7 +22,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -91,15 +91,18 @@ fn map_update_bench(
     assert_eq!(l4_table.listeners.len(), shape.l4_services);
     // Every node's next hop already resolved, as on a poll after the first: this is what the
     // neighbour resolver hands the plan, without asking a kernel that knows no such nodes.
-    let resolutions: BTreeMap<Ipv4Addr, Resolution> = backend_addresses(&l4_table)
+    let resolutions: BTreeMap<IpAddr, Resolution> = backend_addresses(&l4_table)
         .into_iter()
         .map(|node| {
+            let IpAddr::V4(node_v4) = node else {
+                panic!("the benched Swarm's nodes are IPv4: {node}");
+            };
             let ready = Resolution::Ready {
-                snat_addr: LB_ADDR,
+                snat_addr: LB_ADDR.into(),
                 next_hop: NextHop {
                     ifindex: 2,
                     src_mac: [0x02, 0, 0, 0, 0, 0xc8],
-                    dst_mac: [0x02, 0, 0, 0, 0, node.octets()[3]],
+                    dst_mac: [0x02, 0, 0, 0, 0, node_v4.octets()[3]],
                 },
             };
             (node, ready)
@@ -111,7 +114,7 @@ fn map_update_bench(
             for _ in 0..iters {
                 let mut dataplane = Dataplane::load().expect("load the XDP program");
                 let started = Instant::now();
-                let plan = plan(&l4_table, &[LB_ADDR], &resolutions);
+                let plan = plan(&l4_table, &[LB_ADDR.into()], &resolutions);
                 let report = dataplane
                     .l4()
                     .apply(&plan.services)

@@ -33,7 +33,7 @@ use xlb::{
     dataplane::Dataplane,
     l4::{
         maglev::{maglev_table, RingSize},
-        maps::{BackendPlan, ServicePlan},
+        maps::{BackendPlan, IpFamily, ServicePlan},
         service::{Listener, Protocol},
         settings::{L4Settings, SnatPorts},
     },
@@ -174,8 +174,9 @@ fn loaded_dataplane() -> Dataplane {
     dataplane.set_l7_ports(&L7_PORTS).unwrap();
     let backends = (0..L4_BACKENDS)
         .map(|index| BackendPlan {
-            endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 78, 2, 1 + index as u8), 30_000 + index),
-            snat_addr: SNAT_ADDR,
+            endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 78, 2, 1 + index as u8), 30_000 + index)
+                .into(),
+            snat_addr: SNAT_ADDR.into(),
             next_hop: NextHop {
                 ifindex: TEST_RUN_IFINDEX,
                 src_mac: LB_MAC,
@@ -185,7 +186,8 @@ fn loaded_dataplane() -> Dataplane {
         .collect();
     let service = ServicePlan {
         listener: L4_SERVICE,
-        addresses: vec![LB_ADDR],
+        family: IpFamily::V4,
+        addresses: vec![LB_ADDR.into()],
         backends,
     };
     dataplane.l4().apply(&[service]).unwrap();
@@ -208,10 +210,11 @@ fn fixed_point_dataplane(client: SocketAddrV4) -> Dataplane {
     let mut dataplane = Dataplane::load_with(&settings).expect("load the XDP program");
     let service = ServicePlan {
         listener: L4_SERVICE,
-        addresses: vec![LB_ADDR],
+        family: IpFamily::V4,
+        addresses: vec![LB_ADDR.into()],
         backends: vec![BackendPlan {
-            endpoint: SocketAddrV4::new(LB_ADDR, L4_SERVICE.port),
-            snat_addr: *client.ip(),
+            endpoint: SocketAddrV4::new(LB_ADDR, L4_SERVICE.port).into(),
+            snat_addr: (*client.ip()).into(),
             next_hop: NextHop {
                 ifindex: TEST_RUN_IFINDEX,
                 src_mac: LB_MAC,

@@ -503,30 +503,21 @@ impl Reader<'_> {
             .collect()
     }
 
-    /// `[L4] SNATAddresses`: IPv4 only (the L4 NAT is IPv4), at most what the program holds.
-    fn snat_addresses(&self, entry: &Entry) -> Result<Vec<Ipv4Addr>, ConfigError> {
+    /// `[L4] SNATAddresses`: IPv4 and IPv6 (each family's backends take the addresses of
+    /// theirs), at most what the program holds of each.
+    fn snat_addresses(&self, entry: &Entry) -> Result<Vec<IpAddr>, ConfigError> {
         let addresses = self.ip_addresses(entry)?;
-        if addresses.len() > MAX_SNAT_ADDRS {
-            let message = format!(
-                "{}: at most {MAX_SNAT_ADDRS} SNAT addresses, found {}",
-                entry.path,
-                addresses.len()
-            );
-            return Err(self.error_at(entry.value.span().start, message));
+        let ipv6 = addresses.iter().filter(|addr| addr.is_ipv6()).count();
+        for (family, count) in [("IPv4", addresses.len() - ipv6), ("IPv6", ipv6)] {
+            if count > MAX_SNAT_ADDRS {
+                let message = format!(
+                    "{}: at most {MAX_SNAT_ADDRS} {family} SNAT addresses, found {count}",
+                    entry.path
+                );
+                return Err(self.error_at(entry.value.span().start, message));
+            }
         }
-        addresses
-            .into_iter()
-            .map(|addr| match addr {
-                IpAddr::V4(v4) => Ok(v4),
-                IpAddr::V6(v6) => {
-                    let message = format!(
-                        "{}: {v6} is IPv6; SNAT addresses are IPv4 (the L4 NAT is IPv4)",
-                        entry.path
-                    );
-                    Err(self.error_at(entry.value.span().start, message))
-                }
-            })
-            .collect()
+        Ok(addresses)
     }
 
     fn port_range(&self, entry: &Entry) -> Result<SnatPorts, ConfigError> {
@@ -1335,17 +1326,13 @@ mod tests {
             r#"config.toml:2:18: L4.TCPIdleTimeout: expected a duration greater than zero, found "0s""#
         );
         assert_eq!(
-            error("[L4]\nSNATAddresses = [\"fd00::1\"]"),
-            "config.toml:2:17: L4.SNATAddresses: fd00::1 is IPv6; SNAT addresses are IPv4 (the L4 NAT is IPv4)"
-        );
-        assert_eq!(
             error("[L4]\nShieldOpenPorts = [\"22/tcp\", \"ssh\"]"),
             r#"config.toml:2:30: L4.ShieldOpenPorts[1]: expected a port like "22/tcp" or "7946/udp", found "ssh""#
         );
         let seventeen: Vec<String> = (1..=17).map(|i| format!("\"10.0.0.{i}\"")).collect();
         assert_eq!(
             error(&format!("[L4]\nSNATAddresses = [{}]", seventeen.join(","))),
-            "config.toml:2:17: L4.SNATAddresses: at most 16 SNAT addresses, found 17"
+            "config.toml:2:17: L4.SNATAddresses: at most 16 IPv4 SNAT addresses, found 17"
         );
     }
 

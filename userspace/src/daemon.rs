@@ -155,12 +155,11 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
             let steering = Steering::start(dataplane.clone(), interfaces, &config.l4.addresses)
                 .await
                 .context("starting the L4 fast path")?;
-            let shielded = steering.addresses();
-            dataplane
+            let shielded = dataplane
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .shield(shielded)?;
-            if config.l4.shield && !shielded.is_empty() {
+                .shield(steering.addresses())?;
+            if !shielded.is_empty() {
                 tracing::info!(
                     addresses = ?shielded,
                     "shield: TCP and UDP to these addresses on ports nothing serves are dropped"
@@ -347,12 +346,14 @@ async fn sweep_connection_table(dataplane: Arc<Mutex<Dataplane>>) {
         })
         .await;
         match swept {
-            Ok(Ok(plan)) if plan.expired_flows + plan.stale_half_pairs > 0 => tracing::debug!(
-                expired_flows = plan.expired_flows,
-                stale_half_pairs = plan.stale_half_pairs,
-                entries = plan.summary.entries,
-                "connection table swept"
-            ),
+            Ok(Ok(sweep)) if sweep.expired_flows() + sweep.stale_half_pairs() > 0 => {
+                tracing::debug!(
+                    expired_flows = sweep.expired_flows(),
+                    stale_half_pairs = sweep.stale_half_pairs(),
+                    entries = sweep.summary().entries,
+                    "connection tables swept"
+                )
+            }
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 tracing::warn!(error = %error, "sweeping the connection table failed")

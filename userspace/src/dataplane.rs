@@ -7,21 +7,24 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{xdp::XdpMapError, Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{xdp::XdpMapError, Array, DevMapHash, HashMap, MapData, PerCpuArray, ProgramArray},
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 use tokio::io::unix::AsyncFd;
 
 use xlb_common::{
-    wire_ipv4, FlowKey, FlowValue, ListenPort, Stat, StatsBlock, Timeouts, L7_PORT_ENABLED,
-    SHIELD_ENTRY,
+    wire_ipv4, FlowKeyOf, FlowValueOf, Ipv6Wire, ListenPort, Stat, StatsBlock, Timeouts, WireAddr,
+    L7_PORT_ENABLED, PROGRAM_IPV6, PROGRAM_IPV6_NEW_FLOW, SHIELD_ENTRY,
 };
 
 use crate::l4::{
-    conntrack::{self, SweepPlan, SweepTotals, TableSummary},
+    conntrack::{self, Sweep, SweepPlan, SweepTotals, TableSummary},
     maps::{L4MapHandles, L4Maps, L4Traffic},
     service::Listener,
     settings::L4Settings,
@@ -31,8 +34,14 @@ use crate::l4::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
 
 const PROGRAM: &str = "xlb";
-/// The connection-table sweep's removals (`conntrack::sweep`), run, never attached.
+/// The IPv6 path and its new flows, tail-called (`PROGRAMS`) with stacks of their own.
+const IPV6_PROGRAMS: [(u32, &str); 2] = [
+    (PROGRAM_IPV6, "xlb_ipv6"),
+    (PROGRAM_IPV6_NEW_FLOW, "xlb_ipv6_new_flow"),
+];
+/// The connection tables' sweep removals (`conntrack::remove_judged`), run, never attached.
 const SWEEP_PROGRAM: &str = "xlb_sweep";
+const SWEEP6_PROGRAM: &str = "xlb_sweep6";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -79,7 +88,7 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    #[error("running the sweep's removals (BPF_PROG_TEST_RUN of {SWEEP_PROGRAM}) failed")]
+    #[error("running the sweep's removals (BPF_PROG_TEST_RUN of {SWEEP_PROGRAM}/{SWEEP6_PROGRAM}) failed")]
     SweepRun(#[source] Box<aya::programs::ProgramError>),
 }
 
@@ -125,6 +134,8 @@ pub struct Dataplane {
     /// `EGRESS`: those of them frames may be redirected to, as last written.
     egress: DevMapHash<MapData>,
     egress_written: BTreeSet<u32>,
+    /// `PROGRAMS`, held open: the kernel empties a program array when userspace closes it.
+    _tail_calls: ProgramArray<MapData>,
 }
 
 /// The shield's `OPEN_PORTS`: the configured ports, and those of tasks on this node.
@@ -148,18 +159,38 @@ pub struct ConnectionTableReport<'a> {
     /// As the last sweep left it.
     pub table: &'a TableSummary,
     pub sweeps: SweepTotals,
-    /// Flows one backend endpoint can have at once: SNAT addresses × ports.
+    /// Flows one IPv4 backend endpoint can have at once: SNAT addresses × ports.
     pub snat_tuples_per_backend: u64,
+    /// The same for an IPv6 backend.
+    pub snat_tuples_per_backend6: u64,
 }
 
-/// The `FLOWS` map, the timeouts the program applies to it, and what the sweeps found.
+/// The `FLOWS` and `FLOWS6` maps, the timeouts the program applies to them, and what the
+/// sweeps found (both tables together).
 struct ConnectionTable {
-    map: HashMap<MapData, FlowKey, FlowValue>,
+    ipv4: HashMap<MapData, FlowKeyOf<u32>, FlowValueOf<u32>>,
+    ipv6: HashMap<MapData, FlowKeyOf<Ipv6Wire>, FlowValueOf<Ipv6Wire>>,
     capacity: u32,
     timeouts: Timeouts,
     snat_tuples_per_backend: u64,
+    snat_tuples_per_backend6: u64,
     last: TableSummary,
     totals: SweepTotals,
+}
+
+impl ConnectionTable {
+    /// Judges `map` at `now` (see [`conntrack::judge`]).
+    fn judge<A: WireAddr>(
+        &self,
+        map: &HashMap<MapData, FlowKeyOf<A>, FlowValueOf<A>>,
+        now: u64,
+    ) -> Result<SweepPlan<A>, DataplaneError>
+    where
+        FlowKeyOf<A>: aya::Pod,
+        FlowValueOf<A>: aya::Pod,
+    {
+        conntrack::judge(map, &self.timeouts, self.capacity, now)
+    }
 }
 
 impl Dataplane {
@@ -179,6 +210,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("RINGS", ring_entries)
             .map_max_entries("FLOWS", settings.flow_entries)
+            .map_max_entries("FLOWS6", settings.flow_entries)
             .map_max_entries("SERVICE_STATS", settings.service_slots)
             .map_max_entries("FLOOD_WINDOWS", settings.service_slots)
             .override_global("SETTINGS", &program_settings, true)
@@ -199,19 +231,35 @@ impl Dataplane {
         }
         let shielded = open(&mut ebpf, "SHIELDED", HashMap::try_from)?;
         let egress = open(&mut ebpf, "EGRESS", DevMapHash::try_from)?;
+        let mut tail_calls = open(&mut ebpf, "PROGRAMS", ProgramArray::try_from)?;
+        for (index, name) in IPV6_PROGRAMS {
+            let program = xdp_program(&mut ebpf, name)?;
+            program
+                .load()
+                .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+            let fd = program
+                .fd()
+                .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+            tail_calls
+                .set(index, fd, 0)
+                .map_err(|source| map_error("PROGRAMS", "written", source))?;
+        }
         let handles = L4MapHandles {
             services: open(&mut ebpf, "SERVICES", HashMap::try_from)?,
+            services6: open(&mut ebpf, "SERVICES6", HashMap::try_from)?,
             rings: open(&mut ebpf, "RINGS", Array::try_from)?,
             backends: open(&mut ebpf, "BACKENDS", Array::try_from)?,
-            ports: open(&mut ebpf, "L4_PORTS", HashMap::try_from)?,
+            backends6: open(&mut ebpf, "BACKENDS6", Array::try_from)?,
             service_stats: open(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: open(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
         };
         let flows = ConnectionTable {
-            map: open(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            ipv4: open(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            ipv6: open(&mut ebpf, "FLOWS6", HashMap::try_from)?,
             capacity: settings.flow_entries,
             timeouts: settings.timeouts(),
             snat_tuples_per_backend: settings.snat_tuples_per_backend(),
+            snat_tuples_per_backend6: settings.snat_tuples_per_backend6(),
             last: TableSummary {
                 capacity: settings.flow_entries,
                 ..TableSummary::default()
@@ -235,8 +283,9 @@ impl Dataplane {
             attached: BTreeMap::new(),
             egress,
             egress_written: BTreeSet::new(),
+            _tail_calls: tail_calls,
         };
-        for name in [PROGRAM, SWEEP_PROGRAM] {
+        for name in [PROGRAM, SWEEP_PROGRAM, SWEEP6_PROGRAM] {
             xdp_program(&mut dataplane.ebpf, name)?
                 .load()
                 .map_err(|error| DataplaneError::Program(Box::new(error)))?;
@@ -327,17 +376,23 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Puts `addresses` under the shield (see `[L4] Shield`); nothing when it is off.
-    pub fn shield(&mut self, addresses: &[Ipv4Addr]) -> Result<(), DataplaneError> {
+    /// Puts the IPv4 ones of `addresses` under the shield (see `[L4] Shield`), and returns
+    /// them; nothing when it is off. The shield does not guard IPv6 addresses.
+    pub fn shield(&mut self, addresses: &[IpAddr]) -> Result<Vec<Ipv4Addr>, DataplaneError> {
         if !self.shield {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let mut shielded = Vec::new();
         for addr in addresses {
+            let IpAddr::V4(addr) = addr else {
+                continue;
+            };
             self.shielded
                 .insert(wire_ipv4(*addr), SHIELD_ENTRY, 0)
                 .map_err(|source| map_error("SHIELDED", "written", source))?;
+            shielded.push(*addr);
         }
-        Ok(())
+        Ok(shielded)
     }
 
     /// Makes `ports`, the published ports of tasks on this node, exactly the ones the shield
@@ -374,37 +429,37 @@ impl Dataplane {
         self.l4.traffic()
     }
 
-    /// Removes the flows that are over from the connection table (see [`conntrack`]).
-    pub fn sweep_flows(&mut self) -> Result<SweepPlan, DataplaneError> {
-        let plan = self.judge_flows()?;
-        self.remove_judged_flows(plan)
+    /// Removes the flows that are over from the connection tables (see [`conntrack`]).
+    pub fn sweep_flows(&mut self) -> Result<Sweep, DataplaneError> {
+        let sweep = self.judge_flows()?;
+        self.remove_judged_flows(sweep)
     }
 
     /// The first half of [`Dataplane::sweep_flows`]: which flows are over now, by a snapshot
-    /// of the table.
-    pub fn judge_flows(&self) -> Result<SweepPlan, DataplaneError> {
+    /// of each table.
+    pub fn judge_flows(&self) -> Result<Sweep, DataplaneError> {
         let table = &self.flows;
-        conntrack::judge(
-            &table.map,
-            &table.timeouts,
-            table.capacity,
-            conntrack::monotonic_now(),
-        )
+        let now = conntrack::monotonic_now();
+        Ok(Sweep {
+            ipv4: table.judge(&table.ipv4, now)?,
+            ipv6: table.judge(&table.ipv6, now)?,
+        })
     }
 
-    /// The second half of [`Dataplane::sweep_flows`]: removes what `plan` judged over and is
-    /// still over, and returns `plan` with what was removed.
-    pub fn remove_judged_flows(
-        &mut self,
-        mut plan: SweepPlan,
-    ) -> Result<SweepPlan, DataplaneError> {
-        conntrack::remove_judged(xdp_program(&mut self.ebpf, SWEEP_PROGRAM)?, &mut plan)?;
+    /// The second half of [`Dataplane::sweep_flows`]: removes what `sweep` judged over and is
+    /// still over, and returns `sweep` with what was removed.
+    pub fn remove_judged_flows(&mut self, mut sweep: Sweep) -> Result<Sweep, DataplaneError> {
+        conntrack::remove_judged(xdp_program(&mut self.ebpf, SWEEP_PROGRAM)?, &mut sweep.ipv4)?;
+        conntrack::remove_judged(
+            xdp_program(&mut self.ebpf, SWEEP6_PROGRAM)?,
+            &mut sweep.ipv6,
+        )?;
         let table = &mut self.flows;
-        table.last = plan.summary.clone();
+        table.last = sweep.summary();
         table.totals.sweeps += 1;
-        table.totals.expired_flows += plan.expired_flows;
-        table.totals.stale_half_pairs += plan.stale_half_pairs;
-        Ok(plan)
+        table.totals.expired_flows += sweep.expired_flows();
+        table.totals.stale_half_pairs += sweep.stale_half_pairs();
+        Ok(sweep)
     }
 
     /// The connection table as the last sweep left it, and the sweeps' totals.
@@ -413,6 +468,7 @@ impl Dataplane {
             table: &self.flows.last,
             sweeps: self.flows.totals,
             snat_tuples_per_backend: self.flows.snat_tuples_per_backend,
+            snat_tuples_per_backend6: self.flows.snat_tuples_per_backend6,
         }
     }
 

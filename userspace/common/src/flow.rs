@@ -2,12 +2,18 @@
 //! its state from their latches, and when it may go. The XDP program and the daemon's sweep
 //! call the same functions, so they cannot disagree about a flow.
 
-use crate::{NextHop, IPPROTO_TCP};
+use crate::{Ipv6Wire, NextHop, IPPROTO_TCP};
 
 /// SNAT tuples tried for a new flow before it is dropped: the free one, or the first whose
 /// holder has expired, is taken; failing both, the oldest TIME_WAIT hold seen (see
 /// [`FlowState::TimeWait`]).
 pub const SNAT_ATTEMPTS: u32 = 16;
+
+/// The same for a new IPv6 flow: the verifier walks every path through the attempts, and
+/// with IPv6's keys more than 8 take it past its million-instruction limit. With a share p
+/// of a backend's tuples in use, a new flow is then refused with probability about p^4
+/// rather than p^12 (a retransmitted SYN, after a second).
+pub const SNAT_ATTEMPTS6: u32 = 8;
 
 /// Of those, how many follow this CPU's walk over the tuples; the rest are picked at random.
 pub const SNAT_WALK_ATTEMPTS: u32 = 4;
@@ -20,10 +26,15 @@ pub const MAX_SNAT_ADDRS: usize = 16;
 /// before its forward entry, and another CPU may look at it in between.
 pub const HALF_PAIR_GRACE_NS: u64 = 2_000_000_000;
 
-/// Flow keys the sweep hands the XDP program's `xlb_sweep` in one `BPF_PROG_TEST_RUN`, as the
-/// frame's bytes: an XDP test frame holds at most a page less the headroom and the
-/// `skb_shared_info` (3 520 bytes), and this many keys take 3 200.
-pub const SWEEP_KEYS_PER_RUN: usize = 200;
+/// Bytes of flow keys the sweep hands the XDP program's `xlb_sweep` / `xlb_sweep6` in one
+/// `BPF_PROG_TEST_RUN`, as the frame: an XDP test frame holds at most a page less the headroom
+/// and the `skb_shared_info` (3 520 bytes).
+pub const SWEEP_FRAME_BYTES: usize = 3200;
+
+/// Keys of `key_size` bytes in one sweep frame: 200 IPv4 keys, 80 IPv6 ones.
+pub const fn sweep_keys_per_run(key_size: usize) -> usize {
+    SWEEP_FRAME_BYTES / key_size
+}
 
 /// `xlb_sweep`'s return value: flows removed, plus half pairs removed times this.
 pub const SWEEP_HALF_PAIRS_UNIT: u32 = 1 << 16;
@@ -95,21 +106,26 @@ impl FlowState {
     }
 }
 
-/// Key of the `FLOWS` connection table: a packet's 5-tuple as received (wire order).
+/// Key of a connection table (`FLOWS`, `FLOWS6`): a packet's 5-tuple as received (wire order).
 ///
 /// A flow has two entries: the forward one keyed by (client → LB address:service port) and
 /// the reply one keyed by (backend → LB SNAT address:SNAT port). Each one's peer key is the
 /// tuple it rewrites to, reversed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct FlowKeyOf<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+
+/// An IPv4 flow key.
+pub type FlowKey = FlowKeyOf<u32>;
+/// An IPv6 flow key.
+pub type FlowKey6 = FlowKeyOf<Ipv6Wire>;
 
 impl FlowKey {
     /// The key of a 5-tuple (wire order), padding zeroed.
@@ -124,23 +140,69 @@ impl FlowKey {
         dst_port: u16,
         proto: u8,
     ) -> FlowKey {
-        let [s0, s1] = src_port.to_ne_bytes();
-        let [d0, d1] = dst_port.to_ne_bytes();
         let words = [
             src_addr,
             dst_addr,
-            u32::from_ne_bytes([s0, s1, d0, d1]),
+            port_word(src_port, dst_port),
             u32::from_ne_bytes([proto, 0, 0, 0]),
         ];
         // SAFETY: FlowKey is `repr(C)`, 16 bytes of integers without implicit padding, the
         // fields laid out as the words are; every bit pattern is a valid FlowKey.
         unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
     }
+}
+
+impl FlowKey6 {
+    /// The key of a 5-tuple (wire order), padding zeroed; built as words like
+    /// [`FlowKey::new`].
+    #[inline(always)]
+    pub const fn new(
+        src_addr: Ipv6Wire,
+        dst_addr: Ipv6Wire,
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+    ) -> FlowKey6 {
+        let [s0, s1, s2, s3] = src_addr;
+        let [d0, d1, d2, d3] = dst_addr;
+        let words = [
+            s0,
+            s1,
+            s2,
+            s3,
+            d0,
+            d1,
+            d2,
+            d3,
+            port_word(src_port, dst_port),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: FlowKey6 is `repr(C)`, 40 bytes of integers without implicit padding, laid
+        // out as the words are; every bit pattern is valid.
+        unsafe { core::mem::transmute::<[u32; 10], FlowKey6>(words) }
+    }
+}
+
+impl<A: WireAddr> FlowKeyOf<A> {
+    /// Overwrites the key with a 5-tuple (wire order), in place: how the XDP program builds
+    /// keys in map memory, where one on its stack would not fit (an IPv6 key is 40 bytes of
+    /// the 512 a call chain may use).
+    #[inline(always)]
+    pub fn set(&mut self, src_addr: &A, dst_addr: &A, src_port: u16, dst_port: u16, proto: u8) {
+        src_addr.copy_into(&mut self.src_addr);
+        dst_addr.copy_into(&mut self.dst_addr);
+        self.src_port = src_port;
+        self.dst_port = dst_port;
+        let tail = core::ptr::addr_of_mut!(self.proto).cast::<u32>();
+        // SAFETY: `proto` and the 3 padding bytes after it are the key's last 4 bytes, written
+        // as one word so that no `memset` call fills the padding.
+        unsafe { tail.write_unaligned(u32::from_ne_bytes([proto, 0, 0, 0])) }
+    }
 
     /// The key of packets travelling the other way.
     #[inline(always)]
-    pub const fn reversed(&self) -> FlowKey {
-        FlowKey::new(
+    pub fn reversed(&self) -> FlowKeyOf<A> {
+        A::flow_key(
             self.dst_addr,
             self.src_addr,
             self.dst_port,
@@ -150,12 +212,25 @@ impl FlowKey {
     }
 }
 
+/// Two ports (wire order) as the word they make in a key or value.
+#[inline(always)]
+const fn port_word(first: u16, second: u16) -> u32 {
+    let [a, b] = first.to_ne_bytes();
+    let [c, d] = second.to_ne_bytes();
+    u32::from_ne_bytes([a, b, c, d])
+}
+
+/// An IPv4 flow entry.
+pub type FlowValue = FlowValueOf<u32>;
+/// An IPv6 flow entry.
+pub type FlowValue6 = FlowValueOf<Ipv6Wire>;
+
 /// `FlowValue::direction` of an entry for client → backend packets.
 pub const DIRECTION_FORWARD: u8 = 0;
 /// `FlowValue::direction` of an entry for backend → client packets.
 pub const DIRECTION_REPLY: u8 = 1;
 
-/// Value of the `FLOWS` connection table: how to rewrite and send packets of one direction.
+/// Value of a connection table: how to rewrite and send packets of one direction.
 ///
 /// The TCP progress is kept as one-way latches, one byte each, written with plain stores
 /// (from 0 to 1) into both entries: two CPUs updating a flow at once can each only set what was seen, so
@@ -165,14 +240,14 @@ pub const DIRECTION_REPLY: u8 = 1;
 /// them all (the client reopened it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowValue {
+pub struct FlowValueOf<A> {
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC to within a tick) of this direction's last
     /// packet, to within
     /// [`LAST_SEEN_GRANULARITY_NS`]. A flow is idle since the later of its two entries'.
     pub last_seen_ns: u64,
     /// The packet's new 4-tuple (wire order); reversed, it is the peer entry's key.
-    pub new_src_addr: u32,
-    pub new_dst_addr: u32,
+    pub new_src_addr: A,
+    pub new_dst_addr: A,
     pub new_src_port: u16,
     pub new_dst_port: u16,
     /// Reply entries: toward the client. Forward entries read theirs from `BACKENDS`.
@@ -196,53 +271,70 @@ pub struct FlowValue {
     pub backend_generation: u32,
 }
 
-impl FlowValue {
-    /// A new flow's entry for one direction: every latch clear, last seen at `last_seen_ns`.
+impl<A: WireAddr> FlowValueOf<A> {
+    /// Makes this a new flow's entry for one direction, every latch clear, in place: how the
+    /// XDP program builds entries in map memory, off its stack.
     ///
-    /// Built as fourteen 32-bit words, like [`FlowKey::new`]: field by field, the XDP program
-    /// would clear the latches with a call to a byte-looping `memset` on every new flow.
+    /// Written word by word: field by field, the latches and the MACs would be filled by
+    /// calls to a byte-looping `memset` and to `memmove`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    pub const fn new(
+    pub fn init(
+        &mut self,
         last_seen_ns: u64,
-        (new_src_addr, new_src_port): (u32, u16),
-        (new_dst_addr, new_dst_port): (u32, u16),
+        (new_src_addr, new_src_port): (&A, u16),
+        (new_dst_addr, new_dst_port): (&A, u16),
         next_hop: &NextHop,
         service_slot: u32,
         backend_id: u32,
         direction: u8,
         backend_generation: u32,
-    ) -> FlowValue {
-        let [s0, s1] = new_src_port.to_ne_bytes();
-        let [d0, d1] = new_dst_port.to_ne_bytes();
-        let [m0, m1, m2, m3, m4, m5] = next_hop.src_mac;
-        let [n0, n1, n2, n3, n4, n5] = next_hop.dst_mac;
-        let [t0, t1, t2, t3, t4, t5, t6, t7] = last_seen_ns.to_ne_bytes();
-        let words: [u32; 14] = [
-            u32::from_ne_bytes([t0, t1, t2, t3]),
-            u32::from_ne_bytes([t4, t5, t6, t7]),
-            new_src_addr,
-            new_dst_addr,
-            u32::from_ne_bytes([s0, s1, d0, d1]),
-            next_hop.ifindex,
-            u32::from_ne_bytes([m0, m1, m2, m3]),
-            u32::from_ne_bytes([m4, m5, n0, n1]),
-            u32::from_ne_bytes([n2, n3, n4, n5]),
-            service_slot,
-            backend_id,
-            u32::from_ne_bytes([direction, 0, 0, 0]),
-            0,
-            backend_generation,
-        ];
-        // SAFETY: FlowValue is `repr(C)`, 56 bytes of integers and byte arrays without
-        // implicit padding, laid out as the words are; every bit pattern is valid.
-        unsafe { core::mem::transmute::<[u32; 14], FlowValue>(words) }
+    ) {
+        self.last_seen_ns = last_seen_ns;
+        new_src_addr.copy_into(&mut self.new_src_addr);
+        new_dst_addr.copy_into(&mut self.new_dst_addr);
+        self.new_src_port = new_src_port;
+        self.new_dst_port = new_dst_port;
+        self.next_hop.ifindex = next_hop.ifindex;
+        copy_mac(&mut self.next_hop.src_mac, &next_hop.src_mac);
+        copy_mac(&mut self.next_hop.dst_mac, &next_hop.dst_mac);
+        self.service_slot = service_slot;
+        self.backend_id = backend_id;
+        let latches = core::ptr::addr_of_mut!(self.direction).cast::<[u32; 2]>();
+        // SAFETY: `direction`, the seven latches and `_pad` are eight bytes in a row.
+        unsafe { latches.write_unaligned([u32::from_ne_bytes([direction, 0, 0, 0]), 0]) };
+        self.backend_generation = backend_generation;
+    }
+
+    /// Writes the key of the entry for the other direction into `key`, in place (see
+    /// [`FlowKeyOf::set`]).
+    #[inline(always)]
+    pub fn write_peer_key(&self, key: &mut FlowKeyOf<A>, proto: u8) {
+        key.set(
+            &self.new_dst_addr,
+            &self.new_src_addr,
+            self.new_dst_port,
+            self.new_src_port,
+            proto,
+        );
+    }
+
+    /// Is `key` (of this entry's protocol) the key of the entry for the other direction? The
+    /// same as `self.peer_key(key.proto) == *key`, without building the key or a branch per
+    /// word.
+    #[inline(always)]
+    pub fn is_peer_of(&self, key: &FlowKeyOf<A>) -> bool {
+        let diff = self.new_dst_addr.diff(&key.src_addr)
+            | self.new_src_addr.diff(&key.dst_addr)
+            | u32::from(self.new_dst_port ^ key.src_port)
+            | u32::from(self.new_src_port ^ key.dst_port);
+        diff == 0
     }
 
     /// The key of the entry for the other direction.
     #[inline(always)]
-    pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey::new(
+    pub fn peer_key(&self, proto: u8) -> FlowKeyOf<A> {
+        A::flow_key(
             self.new_dst_addr,
             self.new_src_addr,
             self.new_dst_port,
@@ -252,11 +344,85 @@ impl FlowValue {
     }
 }
 
+/// An address family's address as the datapath stores it: a `u32` for IPv4, [`Ipv6Wire`] for
+/// IPv6. The connection table, services and backends are generic over it, and each family
+/// has maps of its own, so IPv4 keys stay 16 bytes.
+pub trait WireAddr: Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::Debug {
+    /// The unspecified address: a free backend id holds it.
+    const UNSPECIFIED: Self;
+
+    fn flow_key(src: Self, dst: Self, src_port: u16, dst_port: u16, proto: u8) -> FlowKeyOf<Self>;
+
+    /// Zero when the two addresses are the same; computed without a branch, so that the XDP
+    /// verifier walks one path through a key comparison, not one per word.
+    fn diff(&self, other: &Self) -> u32;
+
+    /// `*dst = *self`, word by word: as one assignment between two maps' memory, the XDP
+    /// program would copy an IPv6 address with a byte-looping `memmove`, which the verifier
+    /// walks byte by byte.
+    fn copy_into(&self, dst: &mut Self);
+}
+
+/// Copies a MAC address as a 32-bit and a 16-bit store: a 6-byte array assignment would be a
+/// call to `memmove` in the XDP program.
+#[inline(always)]
+pub fn copy_mac(dst: &mut [u8; 6], mac: &[u8; 6]) {
+    let head = u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]);
+    let tail = u16::from_ne_bytes([mac[4], mac[5]]);
+    let dst = dst.as_mut_ptr();
+    // SAFETY: `dst` is valid for 6 bytes; unaligned stores.
+    unsafe {
+        dst.cast::<u32>().write_unaligned(head);
+        dst.add(4).cast::<u16>().write_unaligned(tail);
+    }
+}
+
+impl WireAddr for u32 {
+    const UNSPECIFIED: u32 = 0;
+
+    #[inline(always)]
+    fn flow_key(src: u32, dst: u32, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+        FlowKey::new(src, dst, src_port, dst_port, proto)
+    }
+
+    #[inline(always)]
+    fn diff(&self, other: &u32) -> u32 {
+        self ^ other
+    }
+
+    #[inline(always)]
+    fn copy_into(&self, dst: &mut u32) {
+        *dst = *self;
+    }
+}
+
+impl WireAddr for Ipv6Wire {
+    const UNSPECIFIED: Ipv6Wire = [0; 4];
+
+    #[inline(always)]
+    fn flow_key(src: Ipv6Wire, dst: Ipv6Wire, src_port: u16, dst_port: u16, proto: u8) -> FlowKey6 {
+        FlowKey6::new(src, dst, src_port, dst_port, proto)
+    }
+
+    #[inline(always)]
+    fn diff(&self, other: &Ipv6Wire) -> u32 {
+        (self[0] ^ other[0]) | (self[1] ^ other[1]) | (self[2] ^ other[2]) | (self[3] ^ other[3])
+    }
+
+    #[inline(always)]
+    fn copy_into(&self, dst: &mut Ipv6Wire) {
+        dst[0] = self[0];
+        dst[1] = self[1];
+        dst[2] = self[2];
+        dst[3] = self[3];
+    }
+}
+
 /// The state of the flow whose entries are `entry` and `peer` (either order), for a packet
 /// or entry of protocol `proto`. Latches are read from both: a CPU that set one entry's and
 /// not yet the other's has still seen it.
 #[inline(always)]
-pub const fn flow_state(proto: u8, entry: &FlowValue, peer: &FlowValue) -> FlowState {
+pub const fn flow_state<A>(proto: u8, entry: &FlowValueOf<A>, peer: &FlowValueOf<A>) -> FlowState {
     if proto != IPPROTO_TCP {
         return FlowState::Udp;
     }
@@ -287,7 +453,7 @@ const fn either(entry_latch: u8, peer_latch: u8) -> bool {
 
 /// When the flow of `entry` and `peer` last carried a packet.
 #[inline(always)]
-pub const fn flow_last_seen(entry: &FlowValue, peer: &FlowValue) -> u64 {
+pub const fn flow_last_seen<A>(entry: &FlowValueOf<A>, peer: &FlowValueOf<A>) -> u64 {
     if entry.last_seen_ns > peer.last_seen_ns {
         entry.last_seen_ns
     } else {
@@ -299,11 +465,11 @@ pub const fn flow_last_seen(entry: &FlowValue, peer: &FlowValue) -> u64 {
 /// `timeout` gives a state's timeout (the XDP program reads each from its global settings,
 /// userspace from [`Timeouts::for_state`]).
 #[inline(always)]
-pub fn flow_expired(
+pub fn flow_expired<A>(
     timeout: impl Fn(FlowState) -> u64,
     proto: u8,
-    entry: &FlowValue,
-    peer: &FlowValue,
+    entry: &FlowValueOf<A>,
+    peer: &FlowValueOf<A>,
     now: u64,
 ) -> bool {
     let timeout = timeout(flow_state(proto, entry, peer));

@@ -6,8 +6,8 @@
 //! Byte order: addresses and ports that the XDP program compares with or writes into packet
 //! headers are kept as they are on the wire (network byte order, stored in memory byte by byte),
 //! so the datapath never converts them; [`wire_ipv4`] and [`wire_port`] make them from
-//! userspace values. Ports used only as map keys for classification (`L7_PORTS`, `L4_PORTS`) are
-//! in host byte order.
+//! userspace values. Ports used only as map keys for classification (`L7_PORTS`, `OPEN_PORTS`)
+//! are in host byte order.
 #![no_std]
 
 mod flow;
@@ -16,19 +16,23 @@ mod stats;
 pub use flow::*;
 pub use stats::*;
 
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 /// Capacity of the `L7_PORTS` map: the TCP ports the userspace proxy listens on.
 pub const MAX_L7_PORTS: u32 = 64;
-
-/// Capacity of the `L4_PORTS` map: the (port, protocol) pairs L4 services listen on.
-pub const MAX_L4_PORTS: u32 = 1024;
 
 /// Capacity of the `SHIELDED` map: the LB addresses the shield guards.
 pub const MAX_SHIELDED_ADDRS: u32 = 64;
 
 /// Capacity of the `OPEN_PORTS` map: (port, protocol) pairs the shield lets through.
 pub const MAX_OPEN_PORTS: u32 = 256;
+
+/// Index in the `PROGRAMS` array of `xlb_ipv6`, which `xlb` tail-calls for IPv6 frames.
+pub const PROGRAM_IPV6: u32 = 0;
+/// Index of `xlb_ipv6_new_flow`, which `xlb_ipv6` tail-calls to create a flow.
+pub const PROGRAM_IPV6_NEW_FLOW: u32 = 1;
+/// Capacity of the `PROGRAMS` array.
+pub const PROGRAM_SLOTS: u32 = 2;
 
 /// Capacity of the `EGRESS` device map: the interfaces frames may be redirected to.
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
@@ -76,6 +80,40 @@ pub const fn wire_port(port: u16) -> u16 {
     u16::from_ne_bytes(port.to_be_bytes())
 }
 
+/// An IPv6 address as the datapath stores it: the header's sixteen bytes, read as four native
+/// `u32`s.
+pub type Ipv6Wire = [u32; 4];
+
+/// The datapath's form of an IPv6 address (see [`Ipv6Wire`]).
+pub const fn wire_ipv6(addr: Ipv6Addr) -> Ipv6Wire {
+    let o = addr.octets();
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The address a [`wire_ipv6`] value stands for.
+pub const fn ipv6_from_wire(wire: Ipv6Wire) -> Ipv6Addr {
+    let [a, b, c, d] = wire[0].to_ne_bytes();
+    let [e, f, g, h] = wire[1].to_ne_bytes();
+    let [i, j, k, l] = wire[2].to_ne_bytes();
+    let [m, n, o, p] = wire[3].to_ne_bytes();
+    let segment = u16::from_be_bytes;
+    Ipv6Addr::new(
+        segment([a, b]),
+        segment([c, d]),
+        segment([e, f]),
+        segment([g, h]),
+        segment([i, j]),
+        segment([k, l]),
+        segment([m, n]),
+        segment([o, p]),
+    )
+}
+
 /// The port a [`wire_port`] value stands for.
 pub const fn port_from_wire(wire: u16) -> u16 {
     u16::from_be_bytes(wire.to_ne_bytes())
@@ -84,8 +122,7 @@ pub const fn port_from_wire(wire: u16) -> u16 {
 /// Value of the `L7_PORTS` hash map, keyed by a TCP port in host byte order.
 pub const L7_PORT_ENABLED: u32 = 1;
 
-/// Key of the `L4_PORTS` map: a port (host byte order) and protocol some L4 service listens on,
-/// whatever the address. Only IPv6 classification uses it.
+/// Key of the shield's `OPEN_PORTS` map: a port (host byte order) and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ListenPort {
@@ -94,18 +131,18 @@ pub struct ListenPort {
     pub _pad: u8,
 }
 
-/// Value of the `L4_PORTS` map.
-pub const L4_PORT_ENABLED: u32 = 1;
-
-/// Key of the `SERVICES` map: what a client addresses (wire byte order).
+/// Key of the `SERVICES` and `SERVICES6` maps: what a client addresses (wire byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    pub addr: u32,
+pub struct ServiceKeyOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
 }
+
+pub type ServiceKey = ServiceKeyOf<u32>;
+pub type ServiceKey6 = ServiceKeyOf<Ipv6Wire>;
 
 /// Value of the `SERVICES` map.
 ///
@@ -125,25 +162,29 @@ pub const fn ring_index(slot: u32, ring: u32, ring_size: u32, position: u32) -> 
     (slot * 2 + ring) * ring_size + position
 }
 
-/// An element of `BACKENDS`, indexed by backend id (1.., 0 = none): where a new flow is sent
-/// and how to reach it. Filled by the daemon once the next hop is resolved; every forwarded
-/// packet reads its next hop here, so a neighbour or route change reaches live flows.
+/// An element of `BACKENDS` (IPv4) or `BACKENDS6`, indexed by backend id (1.., 0 = none; one
+/// id space for both, each id used in one of them): where a new flow is sent and how to reach
+/// it. Filled by the daemon once the next hop is resolved; every forwarded packet reads its
+/// next hop here, so a neighbour or route change reaches live flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
+pub struct BackendOf<A> {
     /// Wire order.
-    pub addr: u32,
+    pub addr: A,
     /// Wire order.
     pub port: u16,
     pub _pad: u16,
     /// This LB's address toward the backend: the source of forwarded packets (wire order).
-    pub snat_addr: u32,
+    pub snat_addr: A,
     /// Which endpoint holds the id: a new number each time the id is given to an endpoint, 0
     /// when the id is free. A flow remembers the generation it was created with; when they
     /// differ its backend is gone.
     pub generation: u32,
     pub next_hop: NextHop,
 }
+
+pub type Backend = BackendOf<u32>;
+pub type Backend6 = BackendOf<Ipv6Wire>;
 
 /// How a rewritten frame leaves: the egress interface and the Ethernet addresses to write.
 #[repr(C)]
@@ -177,6 +218,10 @@ pub struct Settings {
     /// shared out over the CPUs, as Katran counts its flood threshold per CPU); 0 = no limit.
     pub new_flows_per_cpu_second: u32,
     pub timeouts: Timeouts,
+    /// IPv6 SNAT addresses, as `snat_addrs` for IPv4 backends.
+    pub snat_addrs6: [Ipv6Wire; MAX_SNAT_ADDRS],
+    pub snat_addr6_count: u32,
+    pub _pad6: u32,
 }
 
 /// An element of the per-CPU `FLOOD_WINDOWS` array, one per service slot: this CPU's new flows
@@ -198,11 +243,15 @@ mod user {
     unsafe impl aya::Pod for StatsBlock {}
     unsafe impl aya::Pod for ListenPort {}
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey6 {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowValue6 {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for FloodWindow {}
 }
@@ -217,10 +266,14 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<ListenPort>(), 4);
         assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceKey6>(), 20);
+        assert_eq!(size_of::<Backend6>(), 56);
+        assert_eq!(size_of::<FlowKey6>(), 40);
+        assert_eq!(size_of::<FlowValue6>(), 80);
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<NextHop>(), 16);
         assert_eq!(size_of::<Backend>(), 32);
-        assert_eq!(size_of::<Settings>(), 128);
+        assert_eq!(size_of::<Settings>(), 392);
         assert_eq!(size_of::<Timeouts>(), 40);
         assert_eq!(size_of::<StatsBlock>(), 16 * Stat::COUNT as usize);
         assert_eq!(size_of::<FlowKey>(), 16);
@@ -314,6 +367,11 @@ mod tests {
         assert_eq!(ipv4_from_wire(wire_ipv4(addr)), addr);
         assert_eq!(wire_port(0x1234).to_ne_bytes(), [0x12, 0x34]);
         assert_eq!(port_from_wire(wire_port(5432)), 5432);
+        let addr6: Ipv6Addr = "fd00:1:2::3".parse().unwrap();
+        let wire = wire_ipv6(addr6);
+        assert_eq!(wire[0].to_ne_bytes(), [0xfd, 0, 0, 1]);
+        assert_eq!(wire[3].to_ne_bytes(), [0, 0, 0, 3]);
+        assert_eq!(ipv6_from_wire(wire), addr6);
     }
 
     #[test]
@@ -330,10 +388,33 @@ mod tests {
             FlowKey::new(0x0102_0304, 0x0506_0708, 0x090a, 0x0b0c, IPPROTO_UDP),
             fields
         );
+        let fields6 = FlowKey6 {
+            src_addr: [1, 2, 3, 4],
+            dst_addr: [5, 6, 7, 8],
+            src_port: 0x090a,
+            dst_port: 0x0b0c,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        assert_eq!(
+            FlowKey6::new([1, 2, 3, 4], [5, 6, 7, 8], 0x090a, 0x0b0c, IPPROTO_TCP),
+            fields6
+        );
+        assert_eq!(fields6.reversed().reversed(), fields6);
+        let mut set = FlowKey6 {
+            src_addr: [u32::MAX; 4],
+            dst_addr: [u32::MAX; 4],
+            src_port: u16::MAX,
+            dst_port: u16::MAX,
+            proto: u8::MAX,
+            _pad: [u8::MAX; 3],
+        };
+        set.set(&[1, 2, 3, 4], &[5, 6, 7, 8], 0x090a, 0x0b0c, IPPROTO_TCP);
+        assert_eq!(set, fields6, "every byte written, padding zeroed");
     }
 
     #[test]
-    fn a_value_built_from_words_is_the_value_built_from_fields() {
+    fn a_value_built_in_place_is_the_value_built_from_fields() {
         let next_hop = NextHop {
             ifindex: 7,
             src_mac: [1, 2, 3, 4, 5, 6],
@@ -352,17 +433,70 @@ mod tests {
             backend_generation: 17,
             ..FlowValue::default()
         };
-        let words = FlowValue::new(
+        // Over a value with every byte set: `init` must write all of them.
+        let mut built = FlowValue {
+            last_seen_ns: u64::MAX,
+            new_src_addr: u32::MAX,
+            new_dst_addr: u32::MAX,
+            new_src_port: u16::MAX,
+            new_dst_port: u16::MAX,
+            next_hop: NextHop {
+                ifindex: u32::MAX,
+                src_mac: [0xff; 6],
+                dst_mac: [0xff; 6],
+            },
+            service_slot: u32::MAX,
+            backend_id: u32::MAX,
+            direction: 0xff,
+            answered: 0xff,
+            established: 0xff,
+            fin_from_client: 0xff,
+            fin_from_backend: 0xff,
+            backend_closed_first: 0xff,
+            rst: 0xff,
+            _pad: 0xff,
+            backend_generation: u32::MAX,
+        };
+        built.init(
             0x0102_0304_0506_0708,
-            (11, 13),
-            (12, 14),
+            (&11, 13),
+            (&12, 14),
             &next_hop,
             15,
             16,
             DIRECTION_REPLY,
             17,
         );
-        assert_eq!(words, fields);
+        assert_eq!(built, fields);
+        let fields6 = FlowValue6 {
+            last_seen_ns: fields.last_seen_ns,
+            new_src_addr: [11, 21, 31, 41],
+            new_dst_addr: [12, 22, 32, 42],
+            new_src_port: 13,
+            new_dst_port: 14,
+            next_hop,
+            service_slot: 15,
+            backend_id: 16,
+            direction: DIRECTION_REPLY,
+            backend_generation: 17,
+            ..FlowValue6::default()
+        };
+        let mut built6 = FlowValue6 {
+            answered: 1,
+            rst: 1,
+            ..fields6
+        };
+        built6.init(
+            fields.last_seen_ns,
+            (&[11, 21, 31, 41], 13),
+            (&[12, 22, 32, 42], 14),
+            &next_hop,
+            15,
+            16,
+            DIRECTION_REPLY,
+            17,
+        );
+        assert_eq!(built6, fields6);
     }
 
     #[test]
@@ -383,6 +517,38 @@ mod tests {
             ..FlowValue::default()
         };
         assert_eq!(reply.peer_key(IPPROTO_TCP), forward);
+        assert!(reply.is_peer_of(&forward));
+        for other in [
+            FlowKey {
+                src_addr: 9,
+                ..forward
+            },
+            FlowKey {
+                dst_addr: 9,
+                ..forward
+            },
+            FlowKey {
+                src_port: 9,
+                ..forward
+            },
+            FlowKey {
+                dst_port: 9,
+                ..forward
+            },
+        ] {
+            assert!(!reply.is_peer_of(&other), "{other:?}");
+        }
         assert_eq!(forward.reversed().reversed(), forward);
+        let reply6 = FlowValue6 {
+            new_src_addr: [2, 0, 0, 7],
+            new_dst_addr: [1, 0, 0, 7],
+            new_src_port: 4,
+            new_dst_port: 3,
+            ..FlowValue6::default()
+        };
+        let forward6 = FlowKey6::new([1, 0, 0, 7], [2, 0, 0, 7], 3, 4, IPPROTO_TCP);
+        assert!(reply6.is_peer_of(&forward6));
+        let other6 = FlowKey6::new([1, 0, 0, 8], [2, 0, 0, 7], 3, 4, IPPROTO_TCP);
+        assert!(!reply6.is_peer_of(&other6), "the last word differs");
     }
 }

@@ -43,71 +43,70 @@ pub enum Stat {
     VerdictTx = 6,
     VerdictRedirect = 7,
     VerdictAborted = 8,
-    /// An IPv4 TCP/UDP packet to an L4 service's (LB address, port, protocol).
+    /// A TCP/UDP packet (IPv4 or IPv6) to an L4 service's (LB address, port, protocol).
     ClassL4Service = 9,
-    /// An IPv4 TCP/UDP packet from a backend to an LB address and SNAT port of a tracked flow.
+    /// A TCP/UDP packet (IPv4 or IPv6) from a backend to an LB address and SNAT port of a
+    /// tracked flow.
     ClassL4Reply = 10,
-    /// An IPv6 TCP/UDP packet to an L4 service's port: passed untouched (IPv4-only NAT).
-    ClassL4Ipv6 = 11,
     /// A new flow was steered to a backend (TCP SYN or first UDP datagram).
-    L4NewFlow = 12,
+    L4NewFlow = 11,
     /// A packet of a tracked flow was forwarded to its backend.
-    L4Forwarded = 13,
+    L4Forwarded = 12,
     /// A backend's reply was forwarded to its client.
-    L4Replied = 14,
+    L4Replied = 13,
     /// Passed: a TCP segment without SYN for a service, with no tracked flow (the kernel answers).
-    L4PassNoFlow = 15,
+    L4PassNoFlow = 14,
     /// Passed: an IP fragment for a service (ports cannot be rewritten in later fragments).
-    L4PassFragment = 16,
+    L4PassFragment = 15,
     /// Passed: TTL would expire; the kernel answers with ICMP.
-    L4PassTtl = 17,
+    L4PassTtl = 16,
     /// Dropped: the service has no backend (empty ring or id 0 at the hashed position).
-    L4DropNoBackend = 18,
+    L4DropNoBackend = 17,
     /// Dropped: no free SNAT source port after `SNAT_ATTEMPTS` tries.
-    L4DropSnatExhausted = 19,
+    L4DropSnatExhausted = 18,
     /// Dropped: the connection table refused the entries.
-    L4DropFlowTable = 20,
+    L4DropFlowTable = 19,
     /// Dropped: a tracked flow whose other entry vanished (evicted); both are removed.
-    L4DropFlowLost = 21,
+    L4DropFlowLost = 20,
     /// An event: a SYN on the tuple of a flow that is over (closed, or idle past its timeout)
     /// removed its entries and started a new flow (the client reused its port).
-    L4FlowReopened = 22,
+    L4FlowReopened = 21,
     /// Dropped: the egress interface is not in `EGRESS` (the program is not attached to it, or
     /// it cannot transmit XDP frames now: a veth whose peer has neither XDP nor GRO).
-    L4DropRedirect = 23,
+    L4DropRedirect = 22,
     /// An event, counted besides `L4NewFlow`: the new flow took the SNAT tuple of an expired
     /// flow, or, with every other tuple tried live, of a closing one; its entries were removed.
-    L4FlowReclaimed = 24,
+    L4FlowReclaimed = 23,
     /// An event, counted besides `L4NewFlow`: every SNAT tuple tried was live or in TIME_WAIT,
     /// so the new flow took one the backend may still hold in TIME_WAIT (it accepts the new
     /// SYN when its timestamp is newer, RFC 6191, and otherwise answers with an ACK that has
     /// the client reset it: a one-second retry, what a refused SYN costs anyway).
-    L4SnatTimeWaitReused = 25,
+    L4SnatTimeWaitReused = 24,
     /// An event: a packet's flow led to a backend that is gone (removed from the service, its
     /// id free or given to another endpoint); its entries were removed. A TCP segment is then
     /// passed, and the kernel, which has no socket for it, resets the client; a UDP datagram
     /// starts a new flow to a live backend.
-    L4FlowBackendGone = 26,
+    L4FlowBackendGone = 25,
     /// Dropped: the service's new-flow limit for this second is spent (a SYN flood, or more
     /// clients than `[L4] NewFlowsPerSecond` allows); established flows are not affected.
-    L4DropFlood = 27,
+    L4DropFlood = 26,
     /// Dropped by the shield: TCP to an LB address on a port nothing here serves (no L4
     /// service, no L7 port, not open, not an ephemeral port of this node's own connections).
-    ShieldDropTcp = 28,
+    ShieldDropTcp = 27,
     /// Dropped by the shield: the same for UDP.
-    ShieldDropUdp = 29,
+    ShieldDropUdp = 28,
     /// An ICMP error (unreachable, time exceeded, parameter problem) quoting a packet of a
     /// tracked flow.
-    ClassL4Icmp = 30,
+    ClassL4Icmp = 29,
     /// Such an error from the backend's side, translated and sent to the client.
-    L4IcmpToClient = 31,
+    L4IcmpToClient = 30,
     /// Such an error from the client's side, translated and sent to the backend.
-    L4IcmpToBackend = 32,
+    L4IcmpToBackend = 31,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 32;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -122,7 +121,6 @@ impl Stat {
         Stat::VerdictAborted,
         Stat::ClassL4Service,
         Stat::ClassL4Reply,
-        Stat::ClassL4Ipv6,
         Stat::L4NewFlow,
         Stat::L4Forwarded,
         Stat::L4Replied,
@@ -160,7 +158,6 @@ impl Stat {
             Stat::VerdictAborted => "verdict_aborted",
             Stat::ClassL4Service => "class_l4_service",
             Stat::ClassL4Reply => "class_l4_reply",
-            Stat::ClassL4Ipv6 => "class_l4_ipv6",
             Stat::L4NewFlow => "l4_new_flow",
             Stat::L4Forwarded => "l4_forwarded",
             Stat::L4Replied => "l4_replied",

@@ -9,7 +9,8 @@
 //! judges each flow again as it removes it (why: `dataplane-ebpf/src/sweep.rs`).
 //!
 //! [`plan_sweep`] decides from a snapshot of the entries and is pure; [`judge`] runs it on the
-//! kernel's map, and [`remove_judged`] has the program carry out what it decided.
+//! kernel's map, and [`remove_judged`] has the program carry out what it decided. The IPv4 and
+//! IPv6 tables are swept alike, each by the program's sweep of its family ([`Sweep`]).
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
@@ -22,8 +23,8 @@ use aya::{
 };
 use serde::Serialize;
 use xlb_common::{
-    flow_expired, flow_state, FlowKey, FlowState, FlowValue, Timeouts, DIRECTION_FORWARD,
-    HALF_PAIR_GRACE_NS, SWEEP_HALF_PAIRS_UNIT, SWEEP_KEYS_PER_RUN,
+    flow_expired, flow_state, sweep_keys_per_run, FlowKeyOf, FlowState, FlowValueOf, Ipv6Wire,
+    Timeouts, WireAddr, DIRECTION_FORWARD, HALF_PAIR_GRACE_NS, SWEEP_HALF_PAIRS_UNIT,
 };
 
 use super::batch;
@@ -36,6 +37,7 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TableSummary {
     pub entries: u64,
+    /// Entries each family's table holds at most (the IPv4 and IPv6 tables are as large).
     pub capacity: u32,
     pub flows: BTreeMap<&'static str, u64>,
     /// Entries without their peer (half a pair, briefly, while a flow is being created).
@@ -44,18 +46,56 @@ pub struct TableSummary {
     pub snat_tuples_in_use: BTreeMap<u32, u64>,
 }
 
-/// What one sweep found and did.
+impl TableSummary {
+    /// Both families' tables as one (backend ids are one space, so their tuples add up).
+    fn merge(&self, other: &TableSummary) -> TableSummary {
+        let mut merged = self.clone();
+        merged.entries += other.entries;
+        merged.half_pairs += other.half_pairs;
+        for (state, count) in &other.flows {
+            *merged.flows.entry(state).or_default() += count;
+        }
+        for (id, count) in &other.snat_tuples_in_use {
+            *merged.snat_tuples_in_use.entry(*id).or_default() += count;
+        }
+        merged
+    }
+}
+
+/// What one sweep of one family's table found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SweepPlan {
+pub struct SweepPlan<A> {
     /// The forward keys of expired flows (the program removes the forward entry first, so
     /// that nothing forwards into a freed tuple).
-    pub expired: Vec<FlowKey>,
+    pub expired: Vec<FlowKeyOf<A>>,
     /// Entries whose peer has been missing for longer than [`HALF_PAIR_GRACE_NS`].
-    pub stale: Vec<FlowKey>,
+    pub stale: Vec<FlowKeyOf<A>>,
     pub expired_flows: u64,
     pub stale_half_pairs: u64,
     /// The table as it will be once the plan is applied.
     pub summary: TableSummary,
+}
+
+/// One sweep of both tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub ipv4: SweepPlan<u32>,
+    pub ipv6: SweepPlan<Ipv6Wire>,
+}
+
+impl Sweep {
+    pub fn expired_flows(&self) -> u64 {
+        self.ipv4.expired_flows + self.ipv6.expired_flows
+    }
+
+    pub fn stale_half_pairs(&self) -> u64 {
+        self.ipv4.stale_half_pairs + self.ipv6.stale_half_pairs
+    }
+
+    /// Both tables as they will be once the plans are applied.
+    pub fn summary(&self) -> TableSummary {
+        self.ipv4.summary.merge(&self.ipv6.summary)
+    }
 }
 
 /// Sweep totals since the program was loaded.
@@ -68,16 +108,22 @@ pub struct SweepTotals {
 
 /// Which entries of `entries` to remove at `now` (CLOCK_MONOTONIC nanoseconds, the program's
 /// clock), and what stays.
-pub fn plan_sweep(
-    entries: &[(FlowKey, FlowValue)],
+pub fn plan_sweep<A: WireAddr>(
+    entries: &[(FlowKeyOf<A>, FlowValueOf<A>)],
     timeouts: &Timeouts,
     capacity: u32,
     now: u64,
-) -> SweepPlan {
-    let table: StdHashMap<FlowKey, &FlowValue> =
+) -> SweepPlan<A> {
+    let table: StdHashMap<FlowKeyOf<A>, &FlowValueOf<A>> =
         entries.iter().map(|(key, value)| (*key, value)).collect();
     let timeout = |state: FlowState| timeouts.for_state(state);
-    let mut plan = SweepPlan::default();
+    let mut plan = SweepPlan {
+        expired: Vec::new(),
+        stale: Vec::new(),
+        expired_flows: 0,
+        stale_half_pairs: 0,
+        summary: TableSummary::default(),
+    };
     plan.summary.capacity = capacity;
     for (key, value) in entries {
         let peer = table
@@ -119,14 +165,18 @@ pub fn plan_sweep(
 }
 
 /// Reads `flows` and judges it at `now` (see [`plan_sweep`]).
-pub fn judge(
-    flows: &HashMap<MapData, FlowKey, FlowValue>,
+pub fn judge<A: WireAddr>(
+    flows: &HashMap<MapData, FlowKeyOf<A>, FlowValueOf<A>>,
     timeouts: &Timeouts,
     capacity: u32,
     now: u64,
-) -> Result<SweepPlan, DataplaneError> {
+) -> Result<SweepPlan<A>, DataplaneError>
+where
+    FlowKeyOf<A>: aya::Pod,
+    FlowValueOf<A>: aya::Pod,
+{
     use aya::maps::IterableMap;
-    let entries: Vec<(FlowKey, FlowValue)> =
+    let entries: Vec<(FlowKeyOf<A>, FlowValueOf<A>)> =
         batch::read_all(flows.map()).map_err(|source| DataplaneError::Sweep {
             action: "read",
             source,
@@ -134,12 +184,17 @@ pub fn judge(
     Ok(plan_sweep(&entries, timeouts, capacity, now))
 }
 
-/// Has `remover` (the program's `xlb_sweep`) remove what `plan` judged over, unless it has
-/// carried a packet since, and counts in `plan` what was removed.
-pub fn remove_judged(remover: &Xdp, plan: &mut SweepPlan) -> Result<(), DataplaneError> {
-    let candidates: Vec<FlowKey> = plan.expired.iter().chain(&plan.stale).copied().collect();
+/// Has `remover` (the program's `xlb_sweep` or `xlb_sweep6`, for the family's keys) remove
+/// what `plan` judged over, unless it has carried a packet since, and counts in `plan` what
+/// was removed.
+pub fn remove_judged<A: WireAddr>(
+    remover: &Xdp,
+    plan: &mut SweepPlan<A>,
+) -> Result<(), DataplaneError> {
+    let candidates: Vec<FlowKeyOf<A>> = plan.expired.iter().chain(&plan.stale).copied().collect();
     let (mut flows_removed, mut halves_removed) = (0, 0);
-    for chunk in candidates.chunks(SWEEP_KEYS_PER_RUN) {
+    let keys_per_run = sweep_keys_per_run(std::mem::size_of::<FlowKeyOf<A>>());
+    for chunk in candidates.chunks(keys_per_run) {
         let removed = remover
             .test_run(TestRunOptions {
                 data_in: Some(key_bytes(chunk)),
@@ -156,10 +211,11 @@ pub fn remove_judged(remover: &Xdp, plan: &mut SweepPlan) -> Result<(), Dataplan
     Ok(())
 }
 
-/// The keys as the bytes of a frame for `xlb_sweep`.
-fn key_bytes(keys: &[FlowKey]) -> &[u8] {
-    // SAFETY: `FlowKey` is `repr(C)` plain data without padding bytes left uninitialised
-    // (its padding is an explicit zeroed field), so its bytes may be read as `u8`s.
+/// The keys as the bytes of a frame for the program's sweep.
+fn key_bytes<A: WireAddr>(keys: &[FlowKeyOf<A>]) -> &[u8] {
+    // SAFETY: a flow key is `repr(C)` plain data without padding bytes left uninitialised
+    // (its padding is an explicit zeroed field, and both address types are whole words), so
+    // its bytes may be read as `u8`s.
     unsafe { std::slice::from_raw_parts(keys.as_ptr().cast(), std::mem::size_of_val(keys)) }
 }
 
@@ -173,7 +229,7 @@ pub fn monotonic_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use xlb_common::{DIRECTION_REPLY, IPPROTO_TCP, IPPROTO_UDP};
+    use xlb_common::{FlowKey, FlowValue, DIRECTION_REPLY, IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
 

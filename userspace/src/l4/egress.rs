@@ -13,7 +13,7 @@
 //! which has no `netdev` family of its own; two blocking round trips on a `netlink-sys` socket
 //! (the family's id, then the device) need no connection task.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use netlink_packet_core::{
     DecodeError, DefaultNla, Emitable, NetlinkDeserializable, NetlinkMessage, NetlinkPayload,
@@ -215,7 +215,7 @@ impl EgressChecker {
 /// their replies would come in where nothing translates them back. `interface_name` names an
 /// interface by ifindex for the reason shown.
 pub fn require_attached_egress(
-    resolutions: &mut BTreeMap<Ipv4Addr, Resolution>,
+    resolutions: &mut BTreeMap<IpAddr, Resolution>,
     attached: &BTreeMap<u32, String>,
     interface_name: impl Fn(u32) -> String,
 ) {
@@ -235,6 +235,8 @@ pub fn require_attached_egress(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use xlb_common::NextHop;
 
     use super::*;
@@ -242,15 +244,15 @@ mod tests {
     #[test]
     fn a_backend_behind_an_interface_without_the_program_is_left_out_with_the_fix() {
         let ready = |ifindex| Resolution::Ready {
-            snat_addr: Ipv4Addr::new(10, 0, 0, 1),
+            snat_addr: Ipv4Addr::new(10, 0, 0, 1).into(),
             next_hop: NextHop {
                 ifindex,
                 ..NextHop::default()
             },
         };
-        let attached_here = Ipv4Addr::new(10, 0, 0, 2);
-        let elsewhere = Ipv4Addr::new(10, 0, 1, 2);
-        let pending = Ipv4Addr::new(10, 0, 0, 3);
+        let attached_here = IpAddr::from(Ipv4Addr::new(10, 0, 0, 2));
+        let elsewhere = IpAddr::from(Ipv4Addr::new(10, 0, 1, 2));
+        let pending = IpAddr::from(Ipv4Addr::new(10, 0, 0, 3));
         let mut resolutions = BTreeMap::from([
             (attached_here, ready(2)),
             (elsewhere, ready(3)),

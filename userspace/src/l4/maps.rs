@@ -1,23 +1,24 @@
 //! The map writer: makes the XDP program's L4 maps hold a [`ServicePlan`] list, changing only
 //! what changed.
 //!
-//! Backends get small stable ids (0 = none). Each service (listener) gets a slot with two Maglev
-//! rings: an update writes the positions of the inactive ring that differ from what it holds,
+//! Backends get small stable ids (0 = none), one id space for both address families. Each
+//! service (listener) gets a slot per address family it is steered in, with two Maglev rings
+//! holding backends of that family only: an update writes the positions of the inactive ring that differ from what it holds,
 //! then flips the service's `active_ring` in one `SERVICES` update per LB address, so the
 //! datapath sees the old table or the new one, never a mix. The ring written next is the one
 //! the datapath left a whole poll interval earlier.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use xlb_common::{
-    ring_index, wire_ipv4, wire_port, Backend, ListenPort, NextHop, ServiceKey, ServiceValue,
-    TrafficCounters, L4_PORT_ENABLED, MAX_BACKENDS, NO_BACKEND,
+    ring_index, wire_ipv4, wire_ipv6, wire_port, Backend, Backend6, NextHop, ServiceKey,
+    ServiceKey6, ServiceValue, TrafficCounters, MAX_BACKENDS, NO_BACKEND,
 };
 
 use super::{
@@ -26,34 +27,89 @@ use super::{
 };
 use crate::dataplane::{map_error, DataplaneError};
 
-/// One service as the maps should hold it.
+/// An address family of the L4 path: each has maps of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(addr: IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+/// One service in one address family as the maps should hold it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePlan {
     pub listener: Listener,
-    /// LB addresses it answers on.
-    pub addresses: Vec<Ipv4Addr>,
-    /// Endpoints whose next hop is known; the others get no flows until it is.
+    pub family: IpFamily,
+    /// LB addresses it answers on, all of `family` (others are left out).
+    pub addresses: Vec<IpAddr>,
+    /// Endpoints of `family` whose next hop is known; the others get no flows until it is.
     pub backends: Vec<BackendPlan>,
 }
 
 /// A backend and how to reach it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendPlan {
-    pub endpoint: SocketAddrV4,
-    /// This node's address toward the endpoint: the source of forwarded packets.
-    pub snat_addr: Ipv4Addr,
+    pub endpoint: SocketAddr,
+    /// This node's address toward the endpoint, of the endpoint's family: the source of
+    /// forwarded packets.
+    pub snat_addr: IpAddr,
     pub next_hop: NextHop,
 }
 
+/// A backend id's value, in the map of its family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackendValue {
+    V4(Backend),
+    V6(Backend6),
+}
+
 impl BackendPlan {
-    fn map_value(&self, generation: u32) -> Backend {
-        Backend {
-            addr: wire_ipv4(*self.endpoint.ip()),
-            port: wire_port(self.endpoint.port()),
-            _pad: 0,
-            snat_addr: wire_ipv4(self.snat_addr),
-            generation,
-            next_hop: self.next_hop,
+    /// The map value, or `None` when the SNAT address is not of the endpoint's family.
+    fn map_value(&self, generation: u32) -> Option<BackendValue> {
+        let port = wire_port(self.endpoint.port());
+        Some(match (self.endpoint.ip(), self.snat_addr) {
+            (IpAddr::V4(addr), IpAddr::V4(snat_addr)) => BackendValue::V4(Backend {
+                addr: wire_ipv4(addr),
+                port,
+                _pad: 0,
+                snat_addr: wire_ipv4(snat_addr),
+                generation,
+                next_hop: self.next_hop,
+            }),
+            (IpAddr::V6(addr), IpAddr::V6(snat_addr)) => BackendValue::V6(Backend6 {
+                addr: wire_ipv6(addr),
+                port,
+                _pad: 0,
+                snat_addr: wire_ipv6(snat_addr),
+                generation,
+                next_hop: self.next_hop,
+            }),
+            _ => return None,
+        })
+    }
+}
+
+impl BackendValue {
+    fn generation(&self) -> u32 {
+        match self {
+            BackendValue::V4(value) => value.generation,
+            BackendValue::V6(value) => value.generation,
+        }
+    }
+
+    /// The free value of the same family.
+    fn cleared(&self) -> BackendValue {
+        match self {
+            BackendValue::V4(_) => BackendValue::V4(Backend::default()),
+            BackendValue::V6(_) => BackendValue::V6(Backend6::default()),
         }
     }
 }
@@ -67,6 +123,8 @@ pub struct ApplyReport {
     pub rings_flipped: usize,
     /// Listeners left out because every service slot is taken.
     pub out_of_slots: Vec<Listener>,
+    /// Backends left out because their SNAT address is of the other family.
+    pub mismatched: Vec<SocketAddr>,
 }
 
 /// Traffic of one service or backend, summed over CPUs.
@@ -82,35 +140,38 @@ pub struct Traffic {
 /// Traffic of every listener and backend written, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct L4Traffic {
+    /// Both families' slots of a listener together.
     pub services: BTreeMap<Listener, Traffic>,
-    pub backends: BTreeMap<SocketAddrV4, Traffic>,
+    pub backends: BTreeMap<SocketAddr, Traffic>,
 }
 
 struct SlotState {
     slot: u32,
     active_ring: u32,
-    keys: BTreeSet<ServiceKey>,
+    /// The LB addresses written to the family's `SERVICES` map for it.
+    addresses: BTreeSet<IpAddr>,
 }
 
 /// The L4 maps of a loaded program, and what the writer knows they hold.
 pub struct L4Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     rings: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    ports: HashMap<MapData, ListenPort, u32>,
+    backends6: Array<MapData, Backend6>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     ring_size: RingSize,
     service_slots: u32,
     /// Contents of both rings of every slot ever used (empty = all `NO_BACKEND`).
     ring_contents: Vec<[Vec<u32>; 2]>,
-    listeners: BTreeMap<Listener, SlotState>,
-    backend_ids: BTreeMap<SocketAddrV4, (u32, Backend)>,
+    listeners: BTreeMap<(Listener, IpFamily), SlotState>,
+    backend_ids: BTreeMap<SocketAddr, (u32, BackendValue)>,
     /// Endpoints that left every service, with the moment their id is cleared: until then
     /// their established flows go on (as the L7 proxy's requests do for `DrainTimeout`); after
     /// it, a TCP flow's next segment is reset by the kernel and a UDP flow moves to a live
     /// backend. No new flow reaches them: the rings no longer hold their id.
-    draining: BTreeMap<SocketAddrV4, (u32, Backend, Instant)>,
+    draining: BTreeMap<SocketAddr, (u32, BackendValue, Instant)>,
     drain: Duration,
     next_backend_id: u32,
     /// The generation the next endpoint given an id gets (never 0: a free id's).
@@ -120,9 +181,10 @@ pub struct L4Maps {
 /// The maps [`L4Maps`] writes, taken from the loaded object.
 pub struct L4MapHandles {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
     pub rings: Array<MapData, u32>,
     pub backends: Array<MapData, Backend>,
-    pub ports: HashMap<MapData, ListenPort, u32>,
+    pub backends6: Array<MapData, Backend6>,
     pub service_stats: PerCpuArray<MapData, TrafficCounters>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
 }
@@ -136,9 +198,10 @@ impl L4Maps {
     ) -> L4Maps {
         L4Maps {
             services: handles.services,
+            services6: handles.services6,
             rings: handles.rings,
             backends: handles.backends,
-            ports: handles.ports,
+            backends6: handles.backends6,
             service_stats: handles.service_stats,
             backend_stats: handles.backend_stats,
             ring_size,
@@ -156,51 +219,54 @@ impl L4Maps {
     /// Makes the maps steer exactly `plan`.
     pub fn apply(&mut self, plan: &[ServicePlan]) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
-        self.write_backends(plan)?;
+        self.write_backends(plan, &mut report)?;
         for service in plan {
             self.write_service(service, &mut report)?;
         }
-        let planned: BTreeSet<Listener> = plan.iter().map(|service| service.listener).collect();
-        let removed: Vec<Listener> = self
+        let planned: BTreeSet<(Listener, IpFamily)> = plan
+            .iter()
+            .map(|service| (service.listener, service.family))
+            .collect();
+        let removed: Vec<(Listener, IpFamily)> = self
             .listeners
             .keys()
-            .filter(|listener| !planned.contains(listener))
+            .filter(|slot| !planned.contains(slot))
             .copied()
             .collect();
-        for listener in removed {
-            if let Some(state) = self.listeners.remove(&listener) {
-                for key in &state.keys {
-                    remove_key(&mut self.services, key, "SERVICES")?;
+        for slot in removed {
+            if let Some(state) = self.listeners.remove(&slot) {
+                for addr in &state.addresses {
+                    self.remove_service_key(*addr, &slot.0)?;
                 }
             }
         }
         self.forget_unused_backends(plan)?;
-        self.write_ports(plan)?;
         Ok(report)
     }
 
     /// The backend id of each endpoint currently written.
-    pub fn backend_ids(&self) -> BTreeMap<SocketAddrV4, u32> {
+    pub fn backend_ids(&self) -> BTreeMap<SocketAddr, u32> {
         self.backend_ids
             .iter()
             .map(|(endpoint, (id, _))| (*endpoint, *id))
             .collect()
     }
 
-    /// The slot of each listener currently written.
-    pub fn service_slots(&self) -> BTreeMap<Listener, u32> {
+    /// The slot of each listener and family currently written.
+    pub fn service_slots(&self) -> BTreeMap<(Listener, IpFamily), u32> {
         self.listeners
             .iter()
-            .map(|(listener, state)| (*listener, state.slot))
+            .map(|(slot, state)| (*slot, state.slot))
             .collect()
     }
 
     /// Traffic of every listener and every backend, summed over CPUs.
     pub fn traffic(&self) -> Result<L4Traffic, DataplaneError> {
         let mut traffic = L4Traffic::default();
-        for (listener, state) in &self.listeners {
+        for ((listener, _), state) in &self.listeners {
             let total = sum(&self.service_stats, state.slot, "SERVICE_STATS")?;
-            traffic.services.insert(*listener, total);
+            let listener_total = traffic.services.entry(*listener).or_default();
+            *listener_total = listener_total.add(&total);
         }
         for (endpoint, (id, _)) in &self.backend_ids {
             let total = sum(&self.backend_stats, *id, "BACKEND_STATS")?;
@@ -209,7 +275,11 @@ impl L4Maps {
         Ok(traffic)
     }
 
-    fn write_backends(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
+    fn write_backends(
+        &mut self,
+        plan: &[ServicePlan],
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
         for backend in plan.iter().flat_map(|service| &service.backends) {
             // An endpoint keeps its id and generation while it stays (or comes back while it
             // drains): a changed next hop is written in place and reaches its live flows.
@@ -217,29 +287,46 @@ impl L4Maps {
                 self.backend_ids.insert(backend.endpoint, (id, written));
             }
             let (id, value) = match self.backend_ids.get(&backend.endpoint) {
-                Some((id, written)) => {
-                    let value = backend.map_value(written.generation);
-                    if *written == value {
+                Some((id, written)) => match backend.map_value(written.generation()) {
+                    Some(value) if value == *written => continue,
+                    Some(value) => (*id, value),
+                    None => {
+                        report.mismatched.push(backend.endpoint);
                         continue;
                     }
-                    (*id, value)
-                }
+                },
                 None => {
+                    let generation = self.next_generation;
+                    let Some(value) = backend.map_value(generation) else {
+                        report.mismatched.push(backend.endpoint);
+                        continue;
+                    };
                     let id = self.free_backend_id().ok_or(DataplaneError::Full {
                         map: "BACKENDS",
                         capacity: MAX_BACKENDS - 1,
                     })?;
-                    let generation = self.next_generation;
                     self.next_generation = generation.checked_add(1).unwrap_or(1);
-                    (id, backend.map_value(generation))
+                    (id, value)
                 }
             };
-            self.backends
-                .set(id, value, 0)
-                .map_err(|source| map_error("BACKENDS", "updated", source))?;
+            self.set_backend(id, value)?;
             self.backend_ids.insert(backend.endpoint, (id, value));
         }
         Ok(())
+    }
+
+    /// Writes backend id `id` in the map of its value's family.
+    fn set_backend(&mut self, id: u32, value: BackendValue) -> Result<(), DataplaneError> {
+        match value {
+            BackendValue::V4(value) => self
+                .backends
+                .set(id, value, 0)
+                .map_err(|source| map_error("BACKENDS", "updated", source)),
+            BackendValue::V6(value) => self
+                .backends6
+                .set(id, value, 0)
+                .map_err(|source| map_error("BACKENDS6", "updated", source)),
+        }
     }
 
     /// The next unused id after the last one given: ids are reused as late as possible, so a
@@ -256,11 +343,11 @@ impl L4Maps {
     }
 
     fn forget_unused_backends(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
-        let planned: BTreeSet<SocketAddrV4> = plan
+        let planned: BTreeSet<SocketAddr> = plan
             .iter()
             .flat_map(|service| service.backends.iter().map(|backend| backend.endpoint))
             .collect();
-        let unused: Vec<SocketAddrV4> = self
+        let unused: Vec<SocketAddr> = self
             .backend_ids
             .keys()
             .filter(|endpoint| !planned.contains(endpoint))
@@ -273,17 +360,15 @@ impl L4Maps {
                     .insert(endpoint, (id, written, now + self.drain));
             }
         }
-        let drained: Vec<SocketAddrV4> = self
+        let drained: Vec<SocketAddr> = self
             .draining
             .iter()
             .filter(|(_, (_, _, deadline))| *deadline <= now)
             .map(|(endpoint, _)| *endpoint)
             .collect();
         for endpoint in drained {
-            if let Some((id, _, _)) = self.draining.remove(&endpoint) {
-                self.backends
-                    .set(id, Backend::default(), 0)
-                    .map_err(|source| map_error("BACKENDS", "updated", source))?;
+            if let Some((id, written, _)) = self.draining.remove(&endpoint) {
+                self.set_backend(id, written.cleared())?;
             }
         }
         Ok(())
@@ -299,8 +384,9 @@ impl L4Maps {
         service: &ServicePlan,
         report: &mut ApplyReport,
     ) -> Result<(), DataplaneError> {
-        let (slot, active_ring, old_keys) = match self.listeners.get(&service.listener) {
-            Some(state) => (state.slot, state.active_ring, state.keys.clone()),
+        let slot_key = (service.listener, service.family);
+        let (slot, active_ring, old_addresses) = match self.listeners.get(&slot_key) {
+            Some(state) => (state.slot, state.active_ring, state.addresses.clone()),
             None => match self.allocate_slot() {
                 Some(slot) => (slot, 0, BTreeSet::new()),
                 None => {
@@ -314,7 +400,7 @@ impl L4Maps {
             .iter()
             .filter_map(|backend| {
                 let (id, _) = self.backend_ids.get(&backend.endpoint)?;
-                Some((SocketAddr::V4(backend.endpoint), *id))
+                Some((backend.endpoint, *id))
             })
             .collect();
         let table = maglev_table(&endpoints, self.ring_size);
@@ -329,15 +415,11 @@ impl L4Maps {
         }
         let live = &self.ring_contents[slot as usize][active_ring as usize];
         let live_matches = ring_equals(live, &wanted);
-        let keys: BTreeSet<ServiceKey> = service
+        let addresses: BTreeSet<IpAddr> = service
             .addresses
             .iter()
-            .map(|addr| ServiceKey {
-                addr: wire_ipv4(*addr),
-                port: wire_port(service.listener.port),
-                proto: service.listener.protocol.number(),
-                _pad: 0,
-            })
+            .copied()
+            .filter(|addr| IpFamily::of(*addr) == service.family)
             .collect();
         let new_active = if live_matches {
             active_ring
@@ -351,25 +433,87 @@ impl L4Maps {
             slot,
             active_ring: new_active,
         };
-        for key in &keys {
-            if new_active != active_ring || !old_keys.contains(key) {
-                self.services
-                    .insert(key, value, 0)
-                    .map_err(|source| map_error("SERVICES", "updated", source))?;
+        for addr in &addresses {
+            if new_active != active_ring || !old_addresses.contains(addr) {
+                self.insert_service_key(*addr, &service.listener, value)?;
             }
         }
-        for key in old_keys.difference(&keys) {
-            remove_key(&mut self.services, key, "SERVICES")?;
+        for addr in old_addresses.difference(&addresses) {
+            self.remove_service_key(*addr, &service.listener)?;
         }
         self.listeners.insert(
-            service.listener,
+            slot_key,
             SlotState {
                 slot,
                 active_ring: new_active,
-                keys,
+                addresses,
             },
         );
         Ok(())
+    }
+
+    /// Points (`addr`, `listener`) at `value` in its family's `SERVICES` map.
+    fn insert_service_key(
+        &mut self,
+        addr: IpAddr,
+        listener: &Listener,
+        value: ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        let port = wire_port(listener.port);
+        let proto = listener.protocol.number();
+        match addr {
+            IpAddr::V4(addr) => {
+                let key = ServiceKey {
+                    addr: wire_ipv4(addr),
+                    port,
+                    proto,
+                    _pad: 0,
+                };
+                self.services
+                    .insert(key, value, 0)
+                    .map_err(|source| map_error("SERVICES", "updated", source))
+            }
+            IpAddr::V6(addr) => {
+                let key = ServiceKey6 {
+                    addr: wire_ipv6(addr),
+                    port,
+                    proto,
+                    _pad: 0,
+                };
+                self.services6
+                    .insert(key, value, 0)
+                    .map_err(|source| map_error("SERVICES6", "updated", source))
+            }
+        }
+    }
+
+    fn remove_service_key(
+        &mut self,
+        addr: IpAddr,
+        listener: &Listener,
+    ) -> Result<(), DataplaneError> {
+        let port = wire_port(listener.port);
+        let proto = listener.protocol.number();
+        match addr {
+            IpAddr::V4(addr) => {
+                let key = ServiceKey {
+                    addr: wire_ipv4(addr),
+                    port,
+                    proto,
+                    _pad: 0,
+                };
+                remove_key(&mut self.services, &key, "SERVICES")
+            }
+            IpAddr::V6(addr) => {
+                let key = ServiceKey6 {
+                    addr: wire_ipv6(addr),
+                    port,
+                    proto,
+                    _pad: 0,
+                };
+                remove_key(&mut self.services6, &key, "SERVICES6")
+            }
+        }
     }
 
     /// Writes the positions of ring `ring` of `slot` that differ from `wanted`.
@@ -395,32 +539,6 @@ impl L4Maps {
         self.ring_contents[slot as usize][ring as usize] = wanted.to_vec();
         Ok(written)
     }
-
-    fn write_ports(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
-        let wanted: BTreeSet<ListenPort> = plan
-            .iter()
-            .map(|service| ListenPort {
-                port: service.listener.port,
-                proto: service.listener.protocol.number(),
-                _pad: 0,
-            })
-            .collect();
-        let stale: Vec<ListenPort> = self
-            .ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|port| !wanted.contains(port))
-            .collect();
-        for port in stale {
-            remove_key(&mut self.ports, &port, "L4_PORTS")?;
-        }
-        for port in wanted {
-            self.ports
-                .insert(port, L4_PORT_ENABLED, 0)
-                .map_err(|source| map_error("L4_PORTS", "updated", source))?;
-        }
-        Ok(())
-    }
 }
 
 /// An empty ring stands for one of `NO_BACKEND` only.
@@ -440,6 +558,18 @@ fn remove_key<K: aya::Pod, V: aya::Pod>(
     match map.remove(key) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(source) => Err(map_error(name, "updated", source)),
+    }
+}
+
+impl Traffic {
+    fn add(&self, other: &Traffic) -> Traffic {
+        Traffic {
+            forward_packets: self.forward_packets + other.forward_packets,
+            forward_bytes: self.forward_bytes + other.forward_bytes,
+            reply_packets: self.reply_packets + other.reply_packets,
+            reply_bytes: self.reply_bytes + other.reply_bytes,
+            new_flows: self.new_flows + other.new_flows,
+        }
     }
 }
 

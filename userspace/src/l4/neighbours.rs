@@ -1,14 +1,17 @@
 //! Next-hop resolution for backends, ahead of any flow: the egress interface, its MAC, the next
 //! hop's MAC and this node's source address toward each backend, read from the kernel's routing
-//! and neighbour tables over rtnetlink.
+//! and neighbour tables over rtnetlink, for IPv4 and IPv6 alike.
 //!
 //! A next hop without a usable neighbour entry is asked for with `NTF_USE` (the kernel sends the
-//! ARP request; nothing is sent to the backend itself) and reported as pending: its backend gets
+//! ARP request or IPv6 neighbour solicitation; nothing is sent to the backend itself) and reported as pending: its backend gets
 //! flows from the next poll on, once the entry is there. Entries that are only `STALE` are
 //! refreshed the same way, so MACs stay confirmed while they are used by XDP, which the kernel's
 //! neighbour code never sees.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
@@ -39,7 +42,8 @@ pub enum NeighbourError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
     Ready {
-        snat_addr: Ipv4Addr,
+        /// This node's address toward the backend, of the backend's family.
+        snat_addr: IpAddr,
         next_hop: NextHop,
     },
     /// The neighbour is being resolved; ask again at the next poll.
@@ -65,8 +69,8 @@ impl NeighbourResolver {
     /// Resolves every address in `backends`.
     pub async fn resolve(
         &self,
-        backends: &[Ipv4Addr],
-    ) -> Result<BTreeMap<Ipv4Addr, Resolution>, NeighbourError> {
+        backends: &[IpAddr],
+    ) -> Result<BTreeMap<IpAddr, Resolution>, NeighbourError> {
         let neighbours = self.neighbours().await?;
         let mut resolved = BTreeMap::new();
         for backend in backends {
@@ -76,11 +80,9 @@ impl NeighbourResolver {
         Ok(resolved)
     }
 
-    /// The IPv4 addresses of interface `name`: the default LB addresses.
-    pub async fn interface_ipv4_addresses(
-        &self,
-        name: &str,
-    ) -> Result<Vec<Ipv4Addr>, NeighbourError> {
+    /// The IPv4 and global IPv6 addresses of interface `name`: the default LB addresses.
+    /// Link-local IPv6 addresses are left out: a client off the link cannot reach them.
+    pub async fn interface_addresses(&self, name: &str) -> Result<Vec<IpAddr>, NeighbourError> {
         let mut links = self
             .handle
             .link()
@@ -107,8 +109,10 @@ impl NeighbourResolver {
             .map_err(|source| request_error(format!("address get dev {name}"), source))?
         {
             for attribute in &address.attributes {
-                if let AddressAttribute::Address(std::net::IpAddr::V4(addr)) = attribute {
-                    found.push(*addr);
+                if let AddressAttribute::Address(addr) = attribute {
+                    if !is_link_local(*addr) {
+                        found.push(*addr);
+                    }
                 }
             }
         }
@@ -117,8 +121,8 @@ impl NeighbourResolver {
 
     async fn resolve_one(
         &self,
-        backend: Ipv4Addr,
-        neighbours: &BTreeMap<(u32, Ipv4Addr), Neighbour>,
+        backend: IpAddr,
+        neighbours: &BTreeMap<(u32, IpAddr), Neighbour>,
     ) -> Result<Resolution, NeighbourError> {
         let Some(route) = self.route_to(backend).await? else {
             return Ok(Resolution::Unreachable(format!("no route to {backend}")));
@@ -135,8 +139,9 @@ impl NeighbourResolver {
             )));
         };
         let Some(snat_addr) = route.source else {
+            let family = if backend.is_ipv4() { "IPv4" } else { "IPv6" };
             return Ok(Resolution::Unreachable(format!(
-                "the interface toward {backend} (index {}) has no IPv4 address",
+                "the interface toward {backend} (index {}) has no {family} address",
                 route.ifindex
             )));
         };
@@ -160,10 +165,15 @@ impl NeighbourResolver {
     }
 
     /// `ip route get ADDR`: the egress interface, gateway and preferred source.
-    async fn route_to(&self, destination: Ipv4Addr) -> Result<Option<Route>, NeighbourError> {
-        let message = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(destination, 32)
-            .build();
+    async fn route_to(&self, destination: IpAddr) -> Result<Option<Route>, NeighbourError> {
+        let message = match destination {
+            IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(v4, 32)
+                .build(),
+            IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(v6, 128)
+                .build(),
+        };
         let mut routes = self.handle.route().get(message).execute();
         let route = match routes.try_next().await {
             Ok(route) => route,
@@ -183,12 +193,8 @@ impl NeighbourResolver {
         for attribute in &route.attributes {
             match attribute {
                 RouteAttribute::Oif(index) => found.ifindex = *index,
-                RouteAttribute::Gateway(RouteAddress::Inet(gateway)) => {
-                    found.gateway = Some(*gateway)
-                }
-                RouteAttribute::PrefSource(RouteAddress::Inet(source)) => {
-                    found.source = Some(*source)
-                }
+                RouteAttribute::Gateway(gateway) => found.gateway = route_address(gateway),
+                RouteAttribute::PrefSource(source) => found.source = route_address(source),
                 _ => {}
             }
         }
@@ -196,12 +202,17 @@ impl NeighbourResolver {
             return Ok(None);
         }
         if found.source.is_none() {
-            found.source = self.first_ipv4(found.ifindex).await?;
+            found.source = self.first_address(found.ifindex, destination).await?;
         }
         Ok(Some(found))
     }
 
-    async fn first_ipv4(&self, ifindex: u32) -> Result<Option<Ipv4Addr>, NeighbourError> {
+    /// The interface's first address of `like`'s family (not link-local).
+    async fn first_address(
+        &self,
+        ifindex: u32,
+        like: IpAddr,
+    ) -> Result<Option<IpAddr>, NeighbourError> {
         let mut addresses = self
             .handle
             .address()
@@ -214,8 +225,10 @@ impl NeighbourResolver {
             .map_err(|source| request_error(format!("address get dev {ifindex}"), source))?
         {
             for attribute in &address.attributes {
-                if let AddressAttribute::Address(std::net::IpAddr::V4(addr)) = attribute {
-                    return Ok(Some(*addr));
+                if let AddressAttribute::Address(addr) = attribute {
+                    if addr.is_ipv4() == like.is_ipv4() && !is_link_local(*addr) {
+                        return Ok(Some(*addr));
+                    }
                 }
             }
         }
@@ -238,15 +251,26 @@ impl NeighbourResolver {
         }))
     }
 
-    /// Every IPv4 neighbour entry, by (interface, address).
-    async fn neighbours(&self) -> Result<BTreeMap<(u32, Ipv4Addr), Neighbour>, NeighbourError> {
+    /// Every IPv4 and IPv6 neighbour entry, by (interface, address).
+    async fn neighbours(&self) -> Result<BTreeMap<(u32, IpAddr), Neighbour>, NeighbourError> {
+        let mut neighbours = BTreeMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            self.dump_neighbours(family, &mut neighbours).await?;
+        }
+        Ok(neighbours)
+    }
+
+    async fn dump_neighbours(
+        &self,
+        family: AddressFamily,
+        neighbours: &mut BTreeMap<(u32, IpAddr), Neighbour>,
+    ) -> Result<(), NeighbourError> {
         let mut entries = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(family)
             .execute();
-        let mut neighbours = BTreeMap::new();
         while let Some(entry) = entries
             .try_next()
             .await
@@ -258,7 +282,10 @@ impl NeighbourResolver {
             for attribute in &entry.attributes {
                 match attribute {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)) => {
-                        address = Some(*addr)
+                        address = Some(IpAddr::V4(*addr))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(addr)) => {
+                        address = Some(IpAddr::V6(*addr))
                     }
                     NeighbourAttribute::LinkLayerAddress(bytes) => {
                         mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
@@ -288,16 +315,16 @@ impl NeighbourResolver {
                 neighbours.insert((entry.header.ifindex, address), neighbour);
             }
         }
-        Ok(neighbours)
+        Ok(())
     }
 
     /// Asks the kernel to resolve (or re-confirm) a neighbour: `ip neigh replace ADDR dev IF
     /// nud none use`. The kernel sends the ARP request; the entry appears in the table.
-    async fn request_resolution(&self, ifindex: u32, addr: Ipv4Addr) -> Result<(), NeighbourError> {
+    async fn request_resolution(&self, ifindex: u32, addr: IpAddr) -> Result<(), NeighbourError> {
         let request = self
             .handle
             .neighbours()
-            .add(ifindex, addr.into())
+            .add(ifindex, addr)
             .state(NeighbourState::None)
             .flags(NeighbourFlags::Use)
             .replace();
@@ -310,9 +337,22 @@ impl NeighbourResolver {
 
 struct Route {
     ifindex: u32,
-    gateway: Option<Ipv4Addr>,
-    source: Option<Ipv4Addr>,
+    gateway: Option<IpAddr>,
+    source: Option<IpAddr>,
     local: bool,
+}
+
+fn route_address(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// fe80::/10: reachable only on its own link.
+fn is_link_local(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 struct Neighbour {

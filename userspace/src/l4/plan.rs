@@ -4,11 +4,11 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use super::{
-    maps::{BackendPlan, ServicePlan},
+    maps::{BackendPlan, IpFamily, ServicePlan},
     neighbours::Resolution,
     service::L4RouteTable,
 };
@@ -21,63 +21,91 @@ pub struct Plan {
     pub left_out: BTreeMap<SocketAddr, String>,
 }
 
-/// The IPv4 backend addresses whose next hops the plan needs.
-pub fn backend_addresses(table: &L4RouteTable) -> Vec<Ipv4Addr> {
-    let mut addresses: Vec<Ipv4Addr> = table
+/// The backend addresses whose next hops the plan needs.
+pub fn backend_addresses(table: &L4RouteTable) -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = table
         .listeners
         .iter()
         .flat_map(|route| &route.endpoints)
-        .filter_map(|endpoint| match endpoint {
-            SocketAddr::V4(v4) => Some(*v4.ip()),
-            SocketAddr::V6(_) => None,
-        })
+        .map(SocketAddr::ip)
         .collect();
     addresses.sort();
     addresses.dedup();
     addresses
 }
 
+/// Each route in each family the node has LB addresses of, when the route has endpoints of
+/// that family, or none at all (its clients are then refused in XDP, `l4_drop_no_backend`,
+/// until it has). A family a service has no endpoints in is not steered: its packets go to
+/// the kernel, which refuses them (there is no NAT between the families).
 pub fn plan(
     table: &L4RouteTable,
-    lb_addresses: &[Ipv4Addr],
-    resolutions: &BTreeMap<Ipv4Addr, Resolution>,
+    lb_addresses: &[IpAddr],
+    resolutions: &BTreeMap<IpAddr, Resolution>,
 ) -> Plan {
     let mut plan = Plan::default();
     for route in &table.listeners {
-        let mut backends = Vec::new();
-        for endpoint in &route.endpoints {
-            let SocketAddr::V4(endpoint_v4) = endpoint else {
-                plan.left_out.insert(
-                    *endpoint,
-                    "IPv6 endpoints are not steered by XDP (IPv4 NAT only)".to_owned(),
-                );
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let addresses: Vec<IpAddr> = lb_addresses
+                .iter()
+                .copied()
+                .filter(|addr| IpFamily::of(*addr) == family)
+                .collect();
+            let endpoints: Vec<SocketAddr> = route
+                .endpoints
+                .iter()
+                .copied()
+                .filter(|endpoint| IpFamily::of(endpoint.ip()) == family)
+                .collect();
+            if endpoints.is_empty() && !route.endpoints.is_empty() {
                 continue;
-            };
-            match resolutions.get(endpoint_v4.ip()) {
-                Some(Resolution::Ready {
-                    snat_addr,
-                    next_hop,
-                }) => backends.push(BackendPlan {
-                    endpoint: *endpoint_v4,
-                    snat_addr: *snat_addr,
-                    next_hop: *next_hop,
-                }),
-                Some(Resolution::Unreachable(reason)) => {
-                    plan.left_out.insert(*endpoint, reason.clone());
+            }
+            if addresses.is_empty() {
+                for endpoint in endpoints {
+                    let reason = format!(
+                        "this node has no {} address to answer on ([L4] Addresses)",
+                        family_name(family)
+                    );
+                    plan.left_out.insert(endpoint, reason);
                 }
-                Some(Resolution::Pending) | None => {
-                    plan.left_out
-                        .insert(*endpoint, "its next hop is being resolved".to_owned());
+                continue;
+            }
+            let mut backends = Vec::new();
+            for endpoint in endpoints {
+                match resolutions.get(&endpoint.ip()) {
+                    Some(Resolution::Ready {
+                        snat_addr,
+                        next_hop,
+                    }) => backends.push(BackendPlan {
+                        endpoint,
+                        snat_addr: *snat_addr,
+                        next_hop: *next_hop,
+                    }),
+                    Some(Resolution::Unreachable(reason)) => {
+                        plan.left_out.insert(endpoint, reason.clone());
+                    }
+                    Some(Resolution::Pending) | None => {
+                        plan.left_out
+                            .insert(endpoint, "its next hop is being resolved".to_owned());
+                    }
                 }
             }
+            plan.services.push(ServicePlan {
+                listener: route.listener,
+                family,
+                addresses,
+                backends,
+            });
         }
-        plan.services.push(ServicePlan {
-            listener: route.listener,
-            addresses: lb_addresses.to_vec(),
-            backends,
-        });
     }
     plan
+}
+
+fn family_name(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
 }
 
 #[cfg(test)]
@@ -87,10 +115,22 @@ mod tests {
     use super::*;
     use crate::l4::service::{L4Route, Listener, Protocol};
 
-    #[test]
-    fn only_endpoints_with_a_next_hop_get_flows() {
-        let endpoint = |text: &str| text.parse::<SocketAddr>().unwrap();
-        let table = L4RouteTable {
+    const NEXT_HOP: NextHop = NextHop {
+        ifindex: 2,
+        src_mac: [2, 0, 0, 0, 0, 1],
+        dst_mac: [2, 0, 0, 0, 0, 2],
+    };
+
+    fn endpoint(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn addr(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn table(endpoints: &[&str]) -> L4RouteTable {
+        L4RouteTable {
             listeners: vec![L4Route {
                 service: "db".into(),
                 listener: Listener {
@@ -98,49 +138,50 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
                 target_port: 5432,
-                endpoints: vec![
-                    endpoint("10.0.0.1:30001"),
-                    endpoint("10.0.0.2:30001"),
-                    endpoint("10.0.0.3:30001"),
-                    endpoint("[fd00::4]:30001"),
-                ],
+                endpoints: endpoints.iter().map(|text| endpoint(text)).collect(),
             }],
             rejected: vec![],
-        };
+        }
+    }
+
+    fn ready(snat_addr: &str) -> Resolution {
+        Resolution::Ready {
+            snat_addr: addr(snat_addr),
+            next_hop: NEXT_HOP,
+        }
+    }
+
+    #[test]
+    fn only_endpoints_with_a_next_hop_get_flows() {
+        let table = table(&[
+            "10.0.0.1:30001",
+            "10.0.0.2:30001",
+            "10.0.0.3:30001",
+            "[fd00::4]:30001",
+        ]);
         assert_eq!(
             backend_addresses(&table),
-            ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|a| a.parse::<Ipv4Addr>().unwrap())
+            ["10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::4"].map(addr)
         );
-        let next_hop = NextHop {
-            ifindex: 2,
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-        };
-        let snat_addr: Ipv4Addr = "10.0.0.254".parse().unwrap();
         let resolutions = BTreeMap::from([
+            (addr("10.0.0.1"), ready("10.0.0.254")),
+            (addr("10.0.0.2"), Resolution::Pending),
             (
-                "10.0.0.1".parse().unwrap(),
-                Resolution::Ready {
-                    snat_addr,
-                    next_hop,
-                },
-            ),
-            ("10.0.0.2".parse().unwrap(), Resolution::Pending),
-            (
-                "10.0.0.3".parse().unwrap(),
+                addr("10.0.0.3"),
                 Resolution::Unreachable("no route to 10.0.0.3".into()),
             ),
         ]);
-        let lb: Ipv4Addr = "10.0.1.1".parse().unwrap();
+        let lb = addr("10.0.1.1");
         let plan = plan(&table, &[lb], &resolutions);
-        assert_eq!(plan.services.len(), 1);
+        assert_eq!(plan.services.len(), 1, "no IPv6 LB address: IPv4 only");
+        assert_eq!(plan.services[0].family, IpFamily::V4);
         assert_eq!(plan.services[0].addresses, [lb]);
         assert_eq!(
             plan.services[0].backends,
             [BackendPlan {
-                endpoint: "10.0.0.1:30001".parse().unwrap(),
-                snat_addr,
-                next_hop
+                endpoint: endpoint("10.0.0.1:30001"),
+                snat_addr: addr("10.0.0.254"),
+                next_hop: NEXT_HOP,
             }]
         );
         let reasons: Vec<(String, &str)> = plan
@@ -158,9 +199,60 @@ mod tests {
                 ("10.0.0.3:30001".to_owned(), "no route to 10.0.0.3"),
                 (
                     "[fd00::4]:30001".to_owned(),
-                    "IPv6 endpoints are not steered by XDP (IPv4 NAT only)"
+                    "this node has no IPv6 address to answer on ([L4] Addresses)"
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn each_family_is_steered_with_its_own_addresses_and_backends() {
+        let table = table(&["10.0.0.1:30001", "[fd00::4]:30001"]);
+        let resolutions = BTreeMap::from([
+            (addr("10.0.0.1"), ready("10.0.0.254")),
+            (addr("fd00::4"), ready("fd00::fe")),
+        ]);
+        let lb_addresses = [addr("10.0.1.1"), addr("fd00:1::1")];
+        let plan = plan(&table, &lb_addresses, &resolutions);
+        let families: Vec<(IpFamily, Vec<IpAddr>, Vec<SocketAddr>)> = plan
+            .services
+            .iter()
+            .map(|service| {
+                let backends = service.backends.iter().map(|b| b.endpoint).collect();
+                (service.family, service.addresses.clone(), backends)
+            })
+            .collect();
+        assert_eq!(
+            families,
+            [
+                (
+                    IpFamily::V4,
+                    vec![addr("10.0.1.1")],
+                    vec![endpoint("10.0.0.1:30001")]
+                ),
+                (
+                    IpFamily::V6,
+                    vec![addr("fd00:1::1")],
+                    vec![endpoint("[fd00::4]:30001")]
+                ),
+            ]
+        );
+        assert!(plan.left_out.is_empty());
+    }
+
+    #[test]
+    fn a_family_without_endpoints_is_left_to_the_kernel_unless_none_has_any() {
+        let lb_addresses = [addr("10.0.1.1"), addr("fd00:1::1")];
+        let resolutions = BTreeMap::from([(addr("10.0.0.1"), ready("10.0.0.254"))]);
+        let v4_only = plan(&table(&["10.0.0.1:30001"]), &lb_addresses, &resolutions);
+        let families: Vec<IpFamily> = v4_only.services.iter().map(|s| s.family).collect();
+        assert_eq!(families, [IpFamily::V4]);
+        let scaled_to_zero = plan(&table(&[]), &lb_addresses, &resolutions);
+        let families: Vec<IpFamily> = scaled_to_zero.services.iter().map(|s| s.family).collect();
+        assert_eq!(
+            families,
+            [IpFamily::V4, IpFamily::V6],
+            "steered in both, refused in XDP until a task runs"
         );
     }
 }

@@ -2,14 +2,14 @@
 
 use std::{
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
     time::Duration,
 };
 
 use serde::Serialize;
 use xlb_common::{
-    wire_ipv4, Timeouts, DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS, MAX_SNAT_ADDRS,
+    wire_ipv4, wire_ipv6, Timeouts, DEFAULT_FLOW_ENTRIES, DEFAULT_SERVICE_SLOTS, MAX_SNAT_ADDRS,
 };
 
 use super::{
@@ -139,9 +139,10 @@ pub fn parse_local_ports(local_port_range: &str) -> Result<RangeInclusive<u16>, 
 pub struct L4Settings {
     /// Addresses L4 services answer on; empty = the IPv4 addresses of the XDP interface.
     pub addresses: Vec<IpAddr>,
-    /// Source addresses toward backends, shared by all; empty = each backend's route source.
-    /// Each one adds a whole port range of SNAT tuples per backend.
-    pub snat_addresses: Vec<Ipv4Addr>,
+    /// Source addresses toward backends, shared by all of their family; none of a family =
+    /// each backend's route source. Each one adds a whole port range of SNAT tuples per
+    /// backend of its family.
+    pub snat_addresses: Vec<IpAddr>,
     pub snat_ports: SnatPorts,
     pub ring_size: RingSize,
     /// Connection-table entries; each flow takes two.
@@ -191,18 +192,26 @@ impl Default for L4Settings {
 
 impl L4Settings {
     /// The XDP program's global `SETTINGS`. `snat_addresses` must hold at most
-    /// [`MAX_SNAT_ADDRS`] (the config checks it); more are left out.
+    /// [`MAX_SNAT_ADDRS`] of each family (the config checks it); more are left out.
     pub fn to_program_settings(&self, cpus: u32) -> xlb_common::Settings {
+        let (ipv4, ipv6) = self.snat_addresses_by_family();
         let mut snat_addrs = [0; MAX_SNAT_ADDRS];
-        for (slot, addr) in snat_addrs.iter_mut().zip(&self.snat_addresses) {
+        for (slot, addr) in snat_addrs.iter_mut().zip(&ipv4) {
             *slot = wire_ipv4(*addr);
+        }
+        let mut snat_addrs6 = [[0; 4]; MAX_SNAT_ADDRS];
+        for (slot, addr) in snat_addrs6.iter_mut().zip(&ipv6) {
+            *slot = wire_ipv6(*addr);
         }
         xlb_common::Settings {
             ring_size: self.ring_size.get(),
             snat_port_first: self.snat_ports.first,
             snat_port_last: self.snat_ports.last,
             snat_addrs,
-            snat_addr_count: self.snat_addresses.len().min(MAX_SNAT_ADDRS) as u32,
+            snat_addr_count: ipv4.len().min(MAX_SNAT_ADDRS) as u32,
+            snat_addrs6,
+            snat_addr6_count: ipv6.len().min(MAX_SNAT_ADDRS) as u32,
+            _pad6: 0,
             local_port_first: self.local_ports.as_ref().map_or(1, |ports| *ports.start()),
             local_port_last: self.local_ports.as_ref().map_or(0, |ports| *ports.end()),
             _pad: 0,
@@ -230,12 +239,36 @@ impl L4Settings {
         }
     }
 
-    /// SNAT tuples per backend endpoint: addresses × ports. The table holds at most this many
-    /// flows to one endpoint at once, and sustains about this many new flows to it per
-    /// [`L4Settings::tcp_time_wait`] when backends close first, per `tcp_closing` otherwise.
+    /// The configured SNAT addresses, IPv4 and IPv6.
+    fn snat_addresses_by_family(&self) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+        let mut ipv4 = Vec::new();
+        let mut ipv6 = Vec::new();
+        for addr in &self.snat_addresses {
+            match addr {
+                IpAddr::V4(v4) => ipv4.push(*v4),
+                IpAddr::V6(v6) => ipv6.push(*v6),
+            }
+        }
+        (ipv4, ipv6)
+    }
+
+    /// SNAT tuples per IPv4 backend endpoint: IPv4 SNAT addresses (at least its own) × ports.
+    /// The table holds at most this many flows to one endpoint at once, and sustains about
+    /// this many new flows to it per [`L4Settings::tcp_time_wait`] when backends close first,
+    /// per `tcp_closing` otherwise. The same with IPv6 addresses for IPv6 backends
+    /// ([`L4Settings::snat_tuples_per_backend6`]).
     pub fn snat_tuples_per_backend(&self) -> u64 {
+        self.snat_tuples(self.snat_addresses_by_family().0.len())
+    }
+
+    /// SNAT tuples per IPv6 backend endpoint.
+    pub fn snat_tuples_per_backend6(&self) -> u64 {
+        self.snat_tuples(self.snat_addresses_by_family().1.len())
+    }
+
+    fn snat_tuples(&self, addresses: usize) -> u64 {
         let ports = u64::from(self.snat_ports.last - self.snat_ports.first) + 1;
-        ports * self.snat_addresses.len().max(1) as u64
+        ports * addresses.max(1) as u64
     }
 
     /// `RINGS` entries: two rings per service slot.
@@ -289,13 +322,20 @@ mod tests {
         assert_eq!(timeouts.udp_ns, 30_000_000_000);
 
         let two = L4Settings {
-            snat_addresses: vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
+            snat_addresses: vec![
+                Ipv4Addr::new(10, 0, 0, 1).into(),
+                "fd00::1".parse().unwrap(),
+                Ipv4Addr::new(10, 0, 0, 2).into(),
+            ],
             ..L4Settings::default()
         };
         let value = two.to_program_settings(2);
         assert_eq!(value.snat_addr_count, 2);
         assert_eq!(value.snat_addrs[1].to_ne_bytes(), [10, 0, 0, 2]);
+        assert_eq!(value.snat_addr6_count, 1);
+        assert_eq!(value.snat_addrs6[0][0].to_ne_bytes(), [0xfd, 0, 0, 0]);
         assert_eq!(two.snat_tuples_per_backend(), 2 * 31_744);
+        assert_eq!(two.snat_tuples_per_backend6(), 31_744);
 
         let limited = L4Settings {
             new_flows_per_second: Some(1001),

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use super::service::{L4RouteTable, Listener, Protocol};
@@ -15,12 +15,9 @@ use crate::routes::RouteTable;
 pub fn local_endpoint_ports(
     routes: &RouteTable,
     l4: &L4RouteTable,
-    addresses: &[Ipv4Addr],
+    addresses: &[IpAddr],
 ) -> BTreeSet<Listener> {
-    let local = |endpoint: &SocketAddr| match endpoint.ip() {
-        IpAddr::V4(addr) => addresses.contains(&addr),
-        IpAddr::V6(_) => false,
-    };
+    let local = |endpoint: &SocketAddr| addresses.contains(&endpoint.ip());
     let l7 = routes
         .routes
         .values()
@@ -52,8 +49,8 @@ mod tests {
 
     #[test]
     fn only_endpoints_on_this_nodes_addresses_are_opened() {
-        let here = Ipv4Addr::new(10, 0, 0, 10);
-        let elsewhere = Ipv4Addr::new(10, 0, 0, 20);
+        let here = IpAddr::from([10, 0, 0, 10]);
+        let elsewhere = IpAddr::from([10, 0, 0, 20]);
         let routes = RouteTable::default();
         let l4 = L4RouteTable {
             listeners: vec![L4Route {

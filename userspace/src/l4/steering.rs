@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -40,41 +40,32 @@ pub struct Steering {
     attached: BTreeMap<u32, String>,
     /// Those found unable to take redirected frames at the last poll.
     cannot_take_redirects: BTreeSet<u32>,
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     left_out: BTreeMap<SocketAddr, String>,
 }
 
 impl Steering {
-    /// Steers on `configured` LB addresses, or on the IPv4 addresses of the `interfaces` the
-    /// program is attached to.
+    /// Steers on `configured` LB addresses, or on the IPv4 and global IPv6 addresses of the
+    /// `interfaces` the program is attached to.
     pub async fn start(
         dataplane: Arc<Mutex<Dataplane>>,
         interfaces: &[String],
         configured: &[IpAddr],
     ) -> Result<Steering, SteeringError> {
         let resolver = NeighbourResolver::connect()?;
-        let addresses: Vec<Ipv4Addr> = if configured.is_empty() {
+        let addresses: Vec<IpAddr> = if configured.is_empty() {
             let mut addresses = Vec::new();
             for interface in interfaces {
-                addresses.extend(resolver.interface_ipv4_addresses(interface).await?);
+                addresses.extend(resolver.interface_addresses(interface).await?);
             }
             addresses
         } else {
-            for ipv6 in configured.iter().filter(|addr| addr.is_ipv6()) {
-                tracing::warn!(address = %ipv6, "[L4] Addresses: IPv6 is not steered (IPv4 NAT only); ignored");
-            }
-            configured
-                .iter()
-                .filter_map(|addr| match addr {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect()
+            configured.to_vec()
         };
         if addresses.is_empty() {
             tracing::warn!(
                 ?interfaces,
-                "no IPv4 address to answer L4 services on: none is steered (set [L4] Addresses)"
+                "no address to answer L4 services on: none is steered (set [L4] Addresses)"
             );
         } else {
             tracing::info!(?addresses, "L4 services answer on these addresses");
@@ -92,7 +83,7 @@ impl Steering {
     }
 
     /// The addresses L4 services answer on.
-    pub fn addresses(&self) -> &[Ipv4Addr] {
+    pub fn addresses(&self) -> &[IpAddr] {
         &self.addresses
     }
 
@@ -123,6 +114,9 @@ impl Steering {
         }
         for listener in &report.out_of_slots {
             tracing::warn!(%listener, "L4 service not steered: every service slot is taken ([L4] MaxServices)");
+        }
+        for endpoint in &report.mismatched {
+            tracing::warn!(%endpoint, "L4 endpoint gets no flows: its source address is of the other family");
         }
         for (endpoint, reason) in &plan.left_out {
             if self.left_out.get(endpoint) != Some(reason) {

@@ -1,0 +1,255 @@
+//! The IPv6 L4 path frame by frame through the real kernel (BPF_PROG_TEST_RUN): `xlb` hands
+//! IPv6 frames to `xlb_ipv6` and new flows to `xlb_ipv6_new_flow` by tail call, and the NAT,
+//! the connection table's life cycle and the sweep work as they do for IPv4. Output bytes are
+//! built independently with etherparse, whose checksums must match the program's incremental
+//! updates byte for byte.
+
+mod xdp_support;
+
+use std::{net::SocketAddrV6, thread, time::Duration};
+
+use xdp_support::*;
+use xlb::{dataplane::Dataplane, l4::settings::L4Settings};
+
+/// Long enough for a few test runs to happen inside it, short enough to wait out.
+const SHORT: Duration = Duration::from_millis(200);
+
+fn client6(port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(CLIENT6, port, 0, 0)
+}
+
+fn lb6(port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(LB_ADDR6, port, 0, 0)
+}
+
+fn snat6() -> SocketAddrV6 {
+    SocketAddrV6::new(SNAT_ADDR6, SNAT_PORT, 0, 0)
+}
+
+/// One SNAT port: every rewritten source port is predictable, and a second flow must take the
+/// first one's tuple or be refused.
+fn ipv6_dataplane(tweak: impl FnOnce(&mut L4Settings)) -> Dataplane {
+    let mut settings = settings(one_snat_port());
+    tweak(&mut settings);
+    dataplane(
+        &settings,
+        &[
+            service6(TCP_SERVICE, vec![backend6(BACKEND6_A, INGRESS_IFINDEX)]),
+            service6(UDP_SERVICE, vec![backend6(BACKEND6_A, INGRESS_IFINDEX)]),
+        ],
+    )
+}
+
+#[test]
+fn a_tcp_flow_is_steered_both_ways() {
+    let mut dataplane = ipv6_dataplane(|_| {});
+    let syn_in = tcp6(TO_LB, client6(40000), lb6(5432), 64, syn as Flags, &[]);
+    let syn_out = tcp6(TO_BACKEND, snat6(), BACKEND6_A, 63, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "SYN of a new flow",
+        &syn_in,
+        XDP_TX,
+        Some(&syn_out),
+        &["class_l4_service", "l4_new_flow", "verdict_tx"],
+    );
+
+    let syn_ack_in = tcp6(FROM_BACKEND, BACKEND6_A, snat6(), 64, syn_ack as Flags, &[]);
+    let syn_ack_out = tcp6(
+        TO_CLIENT,
+        lb6(5432),
+        client6(40000),
+        63,
+        syn_ack as Flags,
+        &[],
+    );
+    expect(
+        &mut dataplane,
+        "the backend's reply",
+        &syn_ack_in,
+        XDP_TX,
+        Some(&syn_ack_out),
+        &["class_l4_reply", "l4_replied", "verdict_tx"],
+    );
+
+    let data_in = tcp6(
+        TO_LB,
+        client6(40000),
+        lb6(5432),
+        64,
+        ack as Flags,
+        b"SELECT 1;",
+    );
+    let data_out = tcp6(
+        TO_BACKEND,
+        snat6(),
+        BACKEND6_A,
+        63,
+        ack as Flags,
+        b"SELECT 1;",
+    );
+    expect(
+        &mut dataplane,
+        "a later segment",
+        &data_in,
+        XDP_TX,
+        Some(&data_out),
+        &["class_l4_service", "l4_forwarded", "verdict_tx"],
+    );
+
+    let traffic = dataplane.l4().traffic().unwrap();
+    let service = traffic.services[&TCP_SERVICE];
+    assert_eq!(
+        (
+            service.forward_packets,
+            service.reply_packets,
+            service.new_flows
+        ),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        traffic.backends[&BACKEND6_A.into()].reply_bytes,
+        syn_ack_in.len() as u64
+    );
+
+    let other_client = tcp6(TO_LB, client6(40001), lb6(5432), 64, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "a second flow while the only SNAT tuple is held",
+        &other_client,
+        XDP_DROP,
+        None,
+        &["class_l4_service", "l4_drop_snat_exhausted", "verdict_drop"],
+    );
+}
+
+#[test]
+fn udp_datagrams_are_steered_both_ways() {
+    let mut dataplane = ipv6_dataplane(|_| {});
+    let query = udp6(TO_LB, client6(5353), lb6(53), 64, b"query");
+    let query_out = udp6(TO_BACKEND, snat6(), BACKEND6_A, 63, b"query");
+    expect(
+        &mut dataplane,
+        "a first datagram",
+        &query,
+        XDP_TX,
+        Some(&query_out),
+        &["class_l4_service", "l4_new_flow", "verdict_tx"],
+    );
+    let answer = udp6(FROM_BACKEND, BACKEND6_A, snat6(), 64, b"answer");
+    let answer_out = udp6(TO_CLIENT, lb6(53), client6(5353), 63, b"answer");
+    expect(
+        &mut dataplane,
+        "the answer",
+        &answer,
+        XDP_TX,
+        Some(&answer_out),
+        &["class_l4_reply", "l4_replied", "verdict_tx"],
+    );
+}
+
+#[test]
+fn a_closed_flow_is_reopened_on_its_tuple_and_swept_once_over() {
+    let mut dataplane = ipv6_dataplane(|settings| {
+        settings.tcp_closing = SHORT;
+        settings.tcp_handshake = SHORT;
+    });
+    let from_client = |flags: Flags| tcp6(TO_LB, client6(40000), lb6(5432), 64, flags, &[]);
+    let from_backend = |flags: Flags| tcp6(FROM_BACKEND, BACKEND6_A, snat6(), 64, flags, &[]);
+    for frame in [
+        from_client(syn),
+        from_backend(syn_ack),
+        from_client(ack),
+        from_client(fin_ack),
+        from_backend(fin_ack),
+    ] {
+        let (verdict, _) = run(&mut dataplane, &frame);
+        assert_eq!(verdict, XDP_TX);
+    }
+    let syn_out = tcp6(TO_BACKEND, snat6(), BACKEND6_A, 63, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "the client reuses its port on the closed flow's tuple",
+        &from_client(syn),
+        XDP_TX,
+        Some(&syn_out),
+        &[
+            "class_l4_service",
+            "l4_flow_reopened",
+            "l4_new_flow",
+            "verdict_tx",
+        ],
+    );
+
+    let other_client = tcp6(TO_LB, client6(40001), lb6(5432), 64, syn as Flags, &[]);
+    let (verdict, _) = run(&mut dataplane, &other_client);
+    assert_eq!(verdict, XDP_DROP, "the only tuple is the reopened flow's");
+    let sweep = dataplane.sweep_flows().unwrap();
+    assert_eq!(sweep.expired_flows(), 0);
+    assert_eq!(
+        sweep.summary().entries,
+        2,
+        "the reopened flow's two entries"
+    );
+    assert_eq!(sweep.summary().flows["handshake"], 1);
+
+    thread::sleep(SHORT * 3 / 2);
+    let sweep = dataplane.sweep_flows().unwrap();
+    assert_eq!(
+        sweep.ipv6.expired_flows, 1,
+        "the unanswered SYN's flow is over after the handshake timeout"
+    );
+    assert_eq!(sweep.summary().entries, 0);
+    assert_eq!(dataplane.connection_table().sweeps.expired_flows, 1);
+    let other_out = tcp6(TO_BACKEND, snat6(), BACKEND6_A, 63, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "a new flow on the tuple the sweep freed",
+        &other_client,
+        XDP_TX,
+        Some(&other_out),
+        &["class_l4_service", "l4_new_flow", "verdict_tx"],
+    );
+}
+
+#[test]
+fn ipv6_frames_no_service_claims_are_passed() {
+    let mut dataplane = ipv6_dataplane(|_| {});
+    dataplane.set_l7_ports(&[80]).unwrap();
+    let to_proxy = tcp6(TO_LB, client6(40000), lb6(80), 64, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "to the L7 proxy",
+        &to_proxy,
+        XDP_PASS,
+        None,
+        &["class_l7", "verdict_pass"],
+    );
+    let elsewhere = tcp6(TO_LB, client6(40000), lb6(22), 64, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "to a port no service claims",
+        &elsewhere,
+        XDP_PASS,
+        None,
+        &["class_other", "verdict_pass"],
+    );
+    let last_hop = tcp6(TO_LB, client6(40000), lb6(5432), 1, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "a hop limit of 1, for the kernel to answer",
+        &last_hop,
+        XDP_PASS,
+        None,
+        &["class_l4_service", "l4_pass_ttl", "verdict_pass"],
+    );
+    let stray = tcp6(FROM_BACKEND, BACKEND6_A, snat6(), 64, ack as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "to a SNAT port without a flow",
+        &stray,
+        XDP_PASS,
+        None,
+        &["class_other", "verdict_pass"],
+    );
+}
