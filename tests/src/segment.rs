@@ -4,6 +4,7 @@
 //! ```text
 //!   client ── p-client ┐
 //!   lb-00  ── p-lb-00  ├── br0 (switch)      every host: to-switch 10.79.X.H/24
+//!                                            (and fd79:X::H/64, for the IPv6 tests)
 //!   be-0   ── p-be-0   ┘
 //! ```
 //!
@@ -11,7 +12,10 @@
 //! carry finished checksums. Whoever attaches XDP to a host's `to-switch` and transmits from it
 //! must also put a native XDP program on the host's switch port (see [`Host::switch_port`]).
 
-use std::{fs::File, net::Ipv4Addr};
+use std::{
+    fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result};
 
@@ -68,6 +72,27 @@ impl Segment {
     /// The address of host number `host` on the segment: 10.79.X.host.
     pub fn addr(&self, host: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 79, self.subnet_octet, host)
+    }
+
+    /// The IPv6 address of host number `host` on the segment: fd79:X::host.
+    pub fn addr6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd79, self.subnet_octet.into(), 0, 0, 0, 0, 0, host.into())
+    }
+
+    /// Gives `host` [`Segment::addr6`]`(number)` as well, usable at once (no duplicate address
+    /// detection: the segment is the test's own).
+    pub fn add_ipv6(&self, host: &Host, number: u8) -> Result<Ipv6Addr> {
+        let addr = self.addr6(number);
+        host.netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            Self::HOST_INTERFACE,
+            "nodad",
+        ])?;
+        Ok(addr)
     }
 
     /// Creates namespace `xlb-<run>-<role>` with `to-switch` at [`Segment::addr`]`(host)`,

@@ -2,12 +2,13 @@
 //! balancers (lb-00, lb-01) and backends, with the XDP program, the map writer and the next-hop
 //! resolver of the daemon running in each LB namespace. The LB namespaces cannot forward or NAT
 //! anything (forwarding off, FORWARD policy DROP, no NAT rules, nothing listening on the L4
-//! ports), so every connection that works was carried by XDP in both directions.
+//! ports), so every connection that works was carried by XDP in both directions. Every case
+//! runs over IPv4 and over IPv6.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -24,6 +25,7 @@ use xlb::{
     dataplane::Dataplane,
     l4::{
         maglev::RingSize,
+        maps::IpFamily,
         service::{L4Route, L4RouteTable, Listener, Protocol},
         settings::L4Settings,
     },
@@ -49,16 +51,16 @@ const SUBNET_OCTET: u8 = 42;
 /// answers `name:payload`. Both stop when dropped.
 struct Backend {
     name: String,
-    addr: Ipv4Addr,
+    addr: IpAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Backend {
-    fn start(host: &Host, name: &str) -> Backend {
+    fn start(host: &Host, addr: IpAddr, name: &str) -> Backend {
         let (tcp, udp) = in_netns(&host.netns, || {
-            let tcp = TcpListener::bind(("0.0.0.0", BACKEND_TCP_PORT)).unwrap();
-            let udp = UdpSocket::bind(("0.0.0.0", BACKEND_UDP_PORT)).unwrap();
+            let tcp = TcpListener::bind((addr, BACKEND_TCP_PORT)).unwrap();
+            let udp = UdpSocket::bind((addr, BACKEND_UDP_PORT)).unwrap();
             (tcp, udp)
         })
         .unwrap();
@@ -93,7 +95,7 @@ impl Backend {
         });
         Backend {
             name: name.to_owned(),
-            addr: host.addr,
+            addr,
             stop,
             threads: vec![tcp_thread, udp_thread],
         }
@@ -119,6 +121,9 @@ impl Drop for Backend {
 struct Lab {
     runtime: tokio::runtime::Runtime,
     client: Host,
+    /// The client's address in the lab's family, and each LB's.
+    client_addr: IpAddr,
+    lb_addrs: Vec<IpAddr>,
     lbs: Vec<LoadBalancer>,
     backends: Vec<Backend>,
     // Dropped after the LBs: the peers' programs, then the namespaces.
@@ -128,7 +133,9 @@ struct Lab {
 }
 
 impl Lab {
-    fn start(backend_count: usize) -> Lab {
+    /// The lab with `backend_count` backends, its client, LBs and backends talking `family`
+    /// (IPv6: each host gets an address of it besides its IPv4 one).
+    fn start(backend_count: usize, family: IpFamily) -> Lab {
         require_root().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -143,6 +150,19 @@ impl Lab {
             .collect();
         let backend_hosts: Vec<Host> = (0..4)
             .map(|i| segment.add_host(&format!("be-{i}"), 20 + i).unwrap())
+            .collect();
+        let address = |host: &Host, number: u8| -> IpAddr {
+            match family {
+                IpFamily::V4 => host.addr.into(),
+                IpFamily::V6 => segment.add_ipv6(host, number).unwrap().into(),
+            }
+        };
+        let client_addr = address(&client, 2);
+        let lb_addrs: Vec<IpAddr> = (0..2)
+            .map(|i| address(&lb_hosts[i], 10 + i as u8))
+            .collect();
+        let backend_addrs: Vec<IpAddr> = (0..4)
+            .map(|i| address(&backend_hosts[i], 20 + i as u8))
             .collect();
         let peer_programs = peer_program(&segment, &lb_hosts.iter().collect::<Vec<_>>());
         let lb_settings = L4Settings {
@@ -159,12 +179,14 @@ impl Lab {
             .iter()
             .take(backend_count)
             .enumerate()
-            .map(|(i, host)| Backend::start(host, &format!("be-{i}")))
+            .map(|(i, host)| Backend::start(host, backend_addrs[i], &format!("be-{i}")))
             .collect();
         let hosts = lb_hosts.into_iter().chain(backend_hosts).collect();
         Lab {
             runtime,
             client,
+            client_addr,
+            lb_addrs,
             lbs,
             backends,
             _peer_programs: peer_programs,
@@ -177,7 +199,7 @@ impl Lab {
         let endpoints = |port| {
             backends
                 .iter()
-                .map(|backend| SocketAddr::V4(SocketAddrV4::new(backend.addr, port)))
+                .map(|backend| SocketAddr::new(backend.addr, port))
                 .collect::<Vec<_>>()
         };
         L4RouteTable {
@@ -212,11 +234,11 @@ impl Lab {
 
     /// A TCP connection from the client namespace, from `source_port` (0: any) to `lb`.
     fn connect(&self, lb: usize, source_port: u16) -> TcpStream {
-        let target = SocketAddr::from((self.lbs[lb].addr, TCP_LISTENER.port));
-        let client = self.client.addr;
+        let target = SocketAddr::new(self.lb_addrs[lb], TCP_LISTENER.port);
+        let client = self.client_addr;
         let socket = in_netns(&self.client.netns, move || {
-            let socket =
-                Socket::new(Domain::IPV4, Type::STREAM, Some(SocketProtocol::TCP)).unwrap();
+            let domain = Domain::for_address(target);
+            let socket = Socket::new(domain, Type::STREAM, Some(SocketProtocol::TCP)).unwrap();
             socket.set_reuse_address(true).unwrap();
             socket
                 .bind(&SocketAddr::from((client, source_port)).into())
@@ -233,7 +255,7 @@ impl Lab {
     }
 
     fn udp_socket(&self) -> UdpSocket {
-        let client = self.client.addr;
+        let client = self.client_addr;
         let socket = in_netns(&self.client.netns, move || {
             UdpSocket::bind((client, 0)).unwrap()
         })
@@ -259,7 +281,16 @@ fn echo_round_trip(stream: &mut TcpStream, message: &[u8]) {
 
 #[test]
 fn tcp_connections_spread_evenly_and_land_on_the_same_backend_via_either_lb() {
-    let mut lab = Lab::start(3);
+    tcp_connections_spread_evenly(IpFamily::V4);
+}
+
+#[test]
+fn ipv6_tcp_connections_spread_evenly_and_land_on_the_same_backend_via_either_lb() {
+    tcp_connections_spread_evenly(IpFamily::V6);
+}
+
+fn tcp_connections_spread_evenly(family: IpFamily) {
+    let mut lab = Lab::start(3, family);
     let backends: Vec<&Backend> = lab.backends.iter().collect();
     let table = lab.table(&backends);
     lab.steer_all(&table);
@@ -289,7 +320,16 @@ fn tcp_connections_spread_evenly_and_land_on_the_same_backend_via_either_lb() {
 
 #[test]
 fn adding_and_removing_backends_moves_no_established_flow() {
-    let mut lab = Lab::start(4);
+    backend_changes_move_no_flow(IpFamily::V4);
+}
+
+#[test]
+fn ipv6_adding_and_removing_backends_moves_no_established_flow() {
+    backend_changes_move_no_flow(IpFamily::V6);
+}
+
+fn backend_changes_move_no_flow(family: IpFamily) {
+    let mut lab = Lab::start(4, family);
     let first_three: Vec<&Backend> = lab.backends.iter().take(3).collect();
     let table = lab.table(&first_three);
     lab.steer_all(&table);
@@ -342,13 +382,22 @@ fn adding_and_removing_backends_moves_no_established_flow() {
 
 #[test]
 fn udp_requests_are_answered_and_counted_exactly() {
-    let mut lab = Lab::start(3);
+    udp_requests_are_answered(IpFamily::V4);
+}
+
+#[test]
+fn ipv6_udp_requests_are_answered_and_counted_exactly() {
+    udp_requests_are_answered(IpFamily::V6);
+}
+
+fn udp_requests_are_answered(family: IpFamily) {
+    let mut lab = Lab::start(3, family);
     let backends: Vec<&Backend> = lab.backends.iter().collect();
     let table = lab.table(&backends);
     lab.steer_all(&table);
 
     let socket = lab.udp_socket();
-    let target = SocketAddr::from((lab.lbs[0].addr, UDP_LISTENER.port));
+    let target = SocketAddr::new(lab.lb_addrs[0], UDP_LISTENER.port);
     let before = lab.lbs[0].dataplane.lock().unwrap().stats().unwrap();
     let traffic_before = lab.lbs[0].dataplane.lock().unwrap().l4_traffic().unwrap();
     let mut answered_by = Vec::new();

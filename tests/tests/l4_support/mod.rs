@@ -59,8 +59,9 @@ pub fn peer_program(segment: &Segment, lbs: &[&Host]) -> Dataplane {
 }
 
 /// A load balancer: the XDP program attached natively to its host's `to-switch`, steered by
-/// the daemon's own `Steering`. Its kernel cannot forward (ip_forward 0, FORWARD policy DROP),
-/// so whatever crosses it was carried by XDP.
+/// the daemon's own `Steering`. Its kernel cannot forward (forwarding off and FORWARD policy
+/// DROP, IPv4 and IPv6), so whatever crosses it was carried by XDP. It answers L4 services on
+/// the addresses its interface has when it starts.
 pub struct LoadBalancer {
     pub addr: Ipv4Addr,
     pub dataplane: Arc<Mutex<Dataplane>>,
@@ -70,9 +71,12 @@ pub struct LoadBalancer {
 impl LoadBalancer {
     pub fn start(host: &Host, runtime: &tokio::runtime::Runtime, settings: &L4Settings) -> Self {
         set_sysctl(&host.netns, "net.ipv4.ip_forward", "0");
-        host.netns
-            .run("iptables", &["-P", "FORWARD", "DROP"])
-            .unwrap();
+        set_sysctl(&host.netns, "net.ipv6.conf.all.forwarding", "0");
+        for iptables in ["iptables", "ip6tables"] {
+            host.netns
+                .run(iptables, &["-P", "FORWARD", "DROP"])
+                .unwrap();
+        }
         let (dataplane, steering) = in_netns(&host.netns, || {
             let mut dataplane = Dataplane::load_with(settings).unwrap();
             let mode = dataplane.attach(Segment::HOST_INTERFACE).unwrap();
