@@ -27,3 +27,37 @@ pub fn replace32(check: u16, old: u32, new: u32) -> u16 {
         + u32::from((new >> 16) as u16);
     !fold(sum)
 }
+
+/// An incremental update of several fields at once: RFC 1624's `~HC + Σ~m + Σm'` summed in
+/// one register and folded once at the end. Field by field through [`replace16`] and
+/// [`replace32`], the many live temporaries of an IPv6 header's eight address words spill
+/// onto the program's 512-byte stack.
+#[derive(Clone, Copy)]
+pub struct Update(u64);
+
+impl Update {
+    #[inline(always)]
+    pub fn new(check: u16) -> Update {
+        Update(u64::from(!check))
+    }
+
+    #[inline(always)]
+    pub fn replace16(self, old: u16, new: u16) -> Update {
+        Update(self.0 + u64::from(!old) + u64::from(new))
+    }
+
+    #[inline(always)]
+    pub fn replace32(self, old: u32, new: u32) -> Update {
+        self.replace16(old as u16, new as u16)
+            .replace16((old >> 16) as u16, (new >> 16) as u16)
+    }
+
+    /// The updated checksum.
+    #[inline(always)]
+    pub fn finish(self) -> u16 {
+        let mut sum = self.0;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        !fold(sum as u32)
+    }
+}

@@ -13,7 +13,7 @@ use xlb_common::{
 };
 
 use crate::{
-    checksum,
+    checksum::{self, Update},
     parse::{ptr_at, IpHeader, Malformed},
     setting,
     steer::{self, L4Packet, Verdict},
@@ -49,8 +49,9 @@ pub trait Family: 'static {
     /// The address folded into the 32 bits the Maglev hash mixes.
     fn hash_word(addr: Self::Addr) -> u32;
 
-    /// A TCP/UDP checksum after an address of its pseudo-header changed from `old` to `new`.
-    fn replace_addr(check: u16, old: Self::Addr, new: Self::Addr) -> u16;
+    /// A TCP/UDP (or ICMPv6) checksum update for an address of its pseudo-header changed from
+    /// `old` to `new`.
+    fn replace_addr(update: Update, old: &Self::Addr, new: &Self::Addr) -> Update;
 
     /// Creates a flow for a packet that starts one, rewrites and sends it
     /// ([`steer::start_flow`]): inline for IPv4; for IPv6 in `xlb_ipv6_new_flow`, tail-called
@@ -198,8 +199,8 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn replace_addr(check: u16, old: u32, new: u32) -> u16 {
-        checksum::replace32(check, old, new)
+    fn replace_addr(update: Update, old: &u32, new: &u32) -> Update {
+        update.replace32(*old, *new)
     }
 
     #[inline(always)]
@@ -295,12 +296,12 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn replace_addr(check: u16, old: Ipv6Wire, new: Ipv6Wire) -> u16 {
-        let mut check = check;
-        for word in 0..4 {
-            check = checksum::replace32(check, old[word], new[word]);
-        }
-        check
+    fn replace_addr(update: Update, old: &Ipv6Wire, new: &Ipv6Wire) -> Update {
+        update
+            .replace32(old[0], new[0])
+            .replace32(old[1], new[1])
+            .replace32(old[2], new[2])
+            .replace32(old[3], new[3])
     }
 
     /// IPv6 has no header checksum: the addresses and the hop limit are written as they are.

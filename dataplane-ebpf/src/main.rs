@@ -13,6 +13,7 @@ mod checksum;
 mod family;
 mod flows;
 mod icmp;
+mod icmp6;
 mod parse;
 mod rewrite;
 mod snat;
@@ -27,11 +28,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use xlb_common::{
-    Backend, Backend6, FloodWindow, FlowKey, FlowKey6, FlowValue, FlowValue6, ListenPort,
+    Backend, Backend6, FloodWindow, FlowKey, FlowKey6, FlowValue, FlowValue6, Ipv6Wire, ListenPort,
     ServiceKey, ServiceKey6, ServiceValue, Settings, Stat, StatsBlock, Timeouts, TrafficCounters,
-    DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, MAX_BACKENDS,
-    MAX_EGRESS_INTERFACES, MAX_L7_PORTS, MAX_OPEN_PORTS, MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS,
-    MAX_SNAT_ADDRS, PROGRAM_IPV6, PROGRAM_SLOTS,
+    DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_L7_PORTS, MAX_OPEN_PORTS, MAX_SERVICE_KEYS,
+    MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_SLOTS,
 };
 
 use crate::{
@@ -127,8 +128,9 @@ static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(2, 0
 #[map]
 static FLOW_SCRATCH6: PerCpuArray<FlowValue6> = PerCpuArray::with_max_entries(2, 0);
 
-/// The programs `xlb` tail-calls: `xlb_ipv6` at `PROGRAM_IPV6`, `xlb_ipv6_new_flow` at
-/// `PROGRAM_IPV6_NEW_FLOW`; the daemon fills it when it loads them.
+/// The programs tail-called for IPv6: `xlb_ipv6` and `xlb_ipv6_icmp` from `xlb`,
+/// `xlb_ipv6_new_flow` from `xlb_ipv6` (at `PROGRAM_*`); the daemon fills it when it loads
+/// them.
 #[map]
 static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAM_SLOTS, 0);
 
@@ -140,6 +142,10 @@ static NEW_FLOW_EVENT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 /// The closed holder's tuple a new flow falls back on (see `snat::ClosedTuple`).
 #[map]
 static CLOSED_TUPLE: PerCpuArray<snat::ClosedTuple> = PerCpuArray::with_max_entries(1, 0);
+
+/// The addresses an ICMPv6 error carries, off the stack (see `icmp6::copy_addresses`).
+#[map]
+static ICMP6_ADDRESSES: PerCpuArray<[Ipv6Wire; 4]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Keys the packet path builds, off the stack (see `family::ScratchKey`).
 #[map]
@@ -343,9 +349,14 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let (class, verdict) = match parse(&ctx) {
         Ok(frame) => {
             if frame.network == NetworkKind::Ipv6 {
+                let program = if frame.ipv6.proto == IPPROTO_ICMPV6 {
+                    PROGRAM_IPV6_ICMP
+                } else {
+                    PROGRAM_IPV6
+                };
                 // SAFETY: returns only if it failed (no program at the index); the frame is
                 // then classified here, as no L4 traffic.
-                unsafe { PROGRAMS.tail_call(&ctx, PROGRAM_IPV6) };
+                unsafe { PROGRAMS.tail_call(&ctx, program) };
             }
             l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| match shield(&frame) {
                 Some(reason) => (Stat::ClassOther, Verdict::drop(reason)),
@@ -382,6 +393,29 @@ fn l4_ipv6(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdi
     }
     let ip = frame.ipv6.with_addresses(ctx).ok()?;
     l4_family::<V6>(ctx, &ip, &frame.transport, bytes)
+}
+
+/// Untagged ICMPv6, tail-called from `xlb` as `xlb_ipv6` is: errors about tracked flows are
+/// translated ([`icmp6`]), the rest (neighbour discovery among it) passed.
+#[xdp]
+pub fn xlb_ipv6_icmp(ctx: XdpContext) -> u32 {
+    let bytes = frame_len(&ctx);
+    let tally = Tally::new(bytes);
+    let (class, verdict) = match parse(&ctx) {
+        Ok(frame) => icmp_ipv6(&ctx, &frame)
+            .map(|verdict| (Stat::ClassL4Icmp, verdict))
+            .unwrap_or((Stat::ClassOther, Verdict::PASS)),
+        Err(Malformed) => (Stat::ClassMalformed, Verdict::PASS),
+    };
+    tally.finish(class, verdict)
+}
+
+#[inline(always)]
+fn icmp_ipv6(ctx: &XdpContext, frame: &Frame) -> Option<Verdict> {
+    if frame.network != NetworkKind::Ipv6 {
+        return None;
+    }
+    icmp6::translate_error(ctx, &frame.ipv6)
 }
 
 /// A new IPv6 flow, tail-called from `xlb_ipv6` once its packet is known to start one: the

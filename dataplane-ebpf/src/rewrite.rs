@@ -6,7 +6,7 @@ use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr};
 use xlb_common::{BackendOf, NextHop, Stat, WireAddr, IPPROTO_TCP};
 
 use crate::{
-    checksum,
+    checksum::Update,
     family::{Family, Value},
     parse::{ptr_at, Malformed},
     steer::{L4Packet, Verdict},
@@ -43,11 +43,13 @@ pub fn rewrite<F: Family>(
         let old_check = u16::from_ne_bytes(check.read_unaligned());
         // A UDP checksum of 0 means "none": it stays 0.
         if ip.proto == IPPROTO_TCP || old_check != 0 {
-            let mut l4_check = old_check;
-            l4_check = F::replace_addr(l4_check, ip.src, flow.new_src_addr);
-            l4_check = F::replace_addr(l4_check, ip.dst, flow.new_dst_addr);
-            l4_check = checksum::replace16(l4_check, packet.ports.src, flow.new_src_port);
-            l4_check = checksum::replace16(l4_check, packet.ports.dst, flow.new_dst_port);
+            let update = Update::new(old_check);
+            let update = F::replace_addr(update, &ip.src, &flow.new_src_addr);
+            let update = F::replace_addr(update, &ip.dst, &flow.new_dst_addr);
+            let mut l4_check = update
+                .replace16(packet.ports.src, flow.new_src_port)
+                .replace16(packet.ports.dst, flow.new_dst_port)
+                .finish();
             if ip.proto != IPPROTO_TCP && l4_check == 0 {
                 l4_check = 0xffff;
             }

@@ -6,8 +6,13 @@
 
 mod xdp_support;
 
-use std::{net::SocketAddrV6, thread, time::Duration};
+use std::{
+    net::{Ipv6Addr, SocketAddrV6},
+    thread,
+    time::Duration,
+};
 
+use etherparse::{icmpv6::DestUnreachableCode, Icmpv6Type, PacketBuilder};
 use xdp_support::*;
 use xlb::{dataplane::Dataplane, l4::settings::L4Settings};
 
@@ -248,6 +253,144 @@ fn ipv6_frames_no_service_claims_are_passed() {
         &mut dataplane,
         "to a SNAT port without a flow",
         &stray,
+        XDP_PASS,
+        None,
+        &["class_other", "verdict_pass"],
+    );
+}
+
+/// A router between the LB and the backends, and one between the LB and the client.
+const BACKEND_SIDE_ROUTER: Ipv6Addr = Ipv6Addr::new(0xfd78, 0x21, 0, 0, 0, 0, 0, 0xfe);
+const CLIENT_SIDE_ROUTER: Ipv6Addr = Ipv6Addr::new(0xfd77, 0x11, 0, 0, 0, 0, 0, 0xfe);
+const PACKET_TOO_BIG: Icmpv6Type = Icmpv6Type::PacketTooBig { mtu: 1280 };
+
+/// An ICMPv6 message of `kind` from `from` to `to`, carrying `quoted` (etherparse computes
+/// its checksum, pseudo-header included).
+fn icmp6_error(
+    macs: ([u8; 6], [u8; 6]),
+    (from, to): (Ipv6Addr, Ipv6Addr),
+    hop_limit: u8,
+    kind: Icmpv6Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv6(from.octets(), to.octets(), hop_limit)
+        .icmpv6(kind)
+        .write(&mut frame, quoted)
+        .unwrap();
+    frame
+}
+
+/// The IP packet of an Ethernet frame: what an ICMPv6 error quotes.
+fn ip_packet(frame: &[u8]) -> Vec<u8> {
+    frame[14..].to_vec()
+}
+
+#[test]
+fn packet_too_big_from_the_backends_side_reaches_the_client() {
+    let mut dataplane = ipv6_dataplane(|_| {});
+    let data_in = tcp6(
+        TO_LB,
+        client6(40000),
+        lb6(5432),
+        64,
+        syn as Flags,
+        &[7; 1400],
+    );
+    let (verdict, forwarded) = run(&mut dataplane, &data_in);
+    assert_eq!(verdict, XDP_TX);
+    let error = icmp6_error(
+        FROM_BACKEND,
+        (BACKEND_SIDE_ROUTER, SNAT_ADDR6),
+        64,
+        PACKET_TOO_BIG,
+        &ip_packet(&forwarded)[..1232],
+    );
+    // The quoted packet as the client sent it (with the hop limit the router saw).
+    let as_sent = tcp6(
+        TO_LB,
+        client6(40000),
+        lb6(5432),
+        63,
+        syn as Flags,
+        &[7; 1400],
+    );
+    let expected = icmp6_error(
+        TO_CLIENT,
+        (LB_ADDR6, CLIENT6),
+        63,
+        PACKET_TOO_BIG,
+        &ip_packet(&as_sent)[..1232],
+    );
+    expect(
+        &mut dataplane,
+        "packet too big, quoting the SNAT side",
+        &error,
+        XDP_TX,
+        Some(&expected),
+        &["class_l4_icmp", "l4_icmp_to_client", "verdict_tx"],
+    );
+}
+
+#[test]
+fn an_unreachable_client_is_reported_to_the_backend() {
+    let mut dataplane = ipv6_dataplane(|_| {});
+    let query = udp6(TO_LB, client6(5353), lb6(53), 64, b"query");
+    run(&mut dataplane, &query);
+    let answer = udp6(FROM_BACKEND, BACKEND6_A, snat6(), 64, b"answer");
+    let (_, to_client) = run(&mut dataplane, &answer);
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port);
+    let error = icmp6_error(
+        TO_LB,
+        (CLIENT_SIDE_ROUTER, LB_ADDR6),
+        64,
+        unreachable,
+        &ip_packet(&to_client),
+    );
+    let as_sent = udp6(FROM_BACKEND, BACKEND6_A, snat6(), 63, b"answer");
+    let expected = icmp6_error(
+        TO_BACKEND,
+        (SNAT_ADDR6, *BACKEND6_A.ip()),
+        63,
+        unreachable,
+        &ip_packet(&as_sent),
+    );
+    expect(
+        &mut dataplane,
+        "port unreachable, quoting the client side",
+        &error,
+        XDP_TX,
+        Some(&expected),
+        &["class_l4_icmp", "l4_icmp_to_backend", "verdict_tx"],
+    );
+
+    let untracked = udp6(TO_CLIENT, lb6(53), client6(6000), 63, b"answer");
+    let error = icmp6_error(
+        TO_LB,
+        (CLIENT_SIDE_ROUTER, LB_ADDR6),
+        64,
+        unreachable,
+        &ip_packet(&untracked),
+    );
+    expect(
+        &mut dataplane,
+        "an error about no tracked flow",
+        &error,
+        XDP_PASS,
+        None,
+        &["class_other", "verdict_pass"],
+    );
+    let mut solicitation = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, [0x33, 0x33, 0xff, 0, 0, 1])
+        .ipv6(CLIENT6.octets(), LB_ADDR6.octets(), 255)
+        .icmpv6(Icmpv6Type::NeighborSolicitation)
+        .write(&mut solicitation, &[0; 20])
+        .unwrap();
+    expect(
+        &mut dataplane,
+        "neighbour discovery",
+        &solicitation,
         XDP_PASS,
         None,
         &["class_other", "verdict_pass"],

@@ -20,7 +20,7 @@ use tokio::io::unix::AsyncFd;
 
 use xlb_common::{
     wire_ipv4, FlowKeyOf, FlowValueOf, Ipv6Wire, ListenPort, Stat, StatsBlock, Timeouts, WireAddr,
-    L7_PORT_ENABLED, PROGRAM_IPV6, PROGRAM_IPV6_NEW_FLOW, SHIELD_ENTRY,
+    L7_PORT_ENABLED, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_IPV6_NEW_FLOW, SHIELD_ENTRY,
 };
 
 use crate::l4::{
@@ -34,10 +34,12 @@ use crate::l4::{
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
 
 const PROGRAM: &str = "xlb";
-/// The IPv6 path and its new flows, tail-called (`PROGRAMS`) with stacks of their own.
-const IPV6_PROGRAMS: [(u32, &str); 2] = [
+/// The IPv6 path, its new flows and its ICMPv6 errors, tail-called (`PROGRAMS`) with stacks
+/// of their own.
+const IPV6_PROGRAMS: [(u32, &str); 3] = [
     (PROGRAM_IPV6, "xlb_ipv6"),
     (PROGRAM_IPV6_NEW_FLOW, "xlb_ipv6_new_flow"),
+    (PROGRAM_IPV6_ICMP, "xlb_ipv6_icmp"),
 ];
 /// The connection tables' sweep removals (`conntrack::remove_judged`), run, never attached.
 const SWEEP_PROGRAM: &str = "xlb_sweep";

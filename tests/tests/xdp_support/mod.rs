@@ -236,8 +236,8 @@ pub fn udp6(
     frame
 }
 
-/// What etherparse reads in an IPv6 frame, with the TCP/UDP checksum recomputed by etherparse
-/// and compared with the frame's: addresses, ports and hop limit.
+/// What etherparse reads in an IPv6 frame, with the TCP/UDP/ICMPv6 checksum recomputed by
+/// etherparse and compared with the frame's: addresses, ports (0 for ICMPv6) and hop limit.
 pub fn inspect6(frame: &[u8]) -> Result<(SocketAddr, SocketAddr, u8), String> {
     let headers = PacketHeaders::from_ethernet_slice(frame).map_err(|e| e.to_string())?;
     let Some(NetHeaders::Ipv6(ip, _)) = headers.net else {
@@ -263,7 +263,14 @@ pub fn inspect6(frame: &[u8]) -> Result<(SocketAddr, SocketAddr, u8), String> {
                 expected,
             )
         }
-        _ => return Err("no TCP or UDP header".into()),
+        Some(TransportHeader::Icmpv6(icmp)) => {
+            let expected = icmp
+                .icmp_type
+                .calc_checksum(ip.source, ip.destination, payload)
+                .unwrap();
+            (0, 0, icmp.checksum, expected)
+        }
+        _ => return Err("no TCP, UDP or ICMPv6 header".into()),
     };
     if checksum != expected {
         return Err(format!(

@@ -31,8 +31,10 @@ pub const MAX_OPEN_PORTS: u32 = 256;
 pub const PROGRAM_IPV6: u32 = 0;
 /// Index of `xlb_ipv6_new_flow`, which `xlb_ipv6` tail-calls to create a flow.
 pub const PROGRAM_IPV6_NEW_FLOW: u32 = 1;
+/// Index of `xlb_ipv6_icmp`, which `xlb` tail-calls for ICMPv6 frames.
+pub const PROGRAM_IPV6_ICMP: u32 = 2;
 /// Capacity of the `PROGRAMS` array.
-pub const PROGRAM_SLOTS: u32 = 2;
+pub const PROGRAM_SLOTS: u32 = 3;
 
 /// Capacity of the `EGRESS` device map: the interfaces frames may be redirected to.
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
@@ -63,6 +65,7 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// An IPv4 address as the datapath stores it: the header's four bytes, read as a native `u32`.
 pub const fn wire_ipv4(addr: Ipv4Addr) -> u32 {
