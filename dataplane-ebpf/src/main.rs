@@ -53,6 +53,10 @@ static L7_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_L7_PORTS, 0);
 #[map]
 static SHIELDED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SHIELDED_ADDRS, 0);
 
+/// The same for IPv6 addresses.
+#[map]
+static SHIELDED6: HashMap<Ipv6Wire, u32> = HashMap::with_max_entries(MAX_SHIELDED_ADDRS, 0);
+
 /// (port, protocol) pairs the shield lets through to a shielded address, besides L4 services,
 /// L7 ports and ephemeral ports.
 #[map]
@@ -302,16 +306,19 @@ fn shield(frame: &Frame) -> Option<Stat> {
     if frame.network != NetworkKind::Ipv4 {
         return None;
     }
-    let transport = &frame.transport;
+    // SAFETY: the value is only tested for presence.
+    unsafe { SHIELDED.get(&frame.ipv4.dst) }?;
+    shielded_port(&frame.transport, frame.ipv4.proto)
+}
+
+/// The shield's verdict for a packet to a shielded address (see [`shield`]).
+#[inline(always)]
+fn shielded_port(transport: &Transport, proto: u8) -> Option<Stat> {
     let reason = match transport.kind {
         TransportKind::Tcp => Stat::ShieldDropTcp,
         TransportKind::Udp => Stat::ShieldDropUdp,
         TransportKind::Other => return None,
     };
-    // SAFETY (both lookups): values only tested for presence.
-    if unsafe { SHIELDED.get(&frame.ipv4.dst) }.is_none() {
-        return None;
-    }
     let port = u16::from_be(transport.ports.dst);
     if transport.kind == TransportKind::Tcp && is_l7_port(port) {
         return None;
@@ -321,9 +328,10 @@ fn shield(frame: &Frame) -> Option<Stat> {
     }
     let open = ListenPort {
         port,
-        proto: frame.ipv4.proto,
+        proto,
         _pad: 0,
     };
+    // SAFETY: the value is only tested for presence.
     if unsafe { OPEN_PORTS.get(&open) }.is_some() {
         return None;
     }
@@ -386,13 +394,20 @@ pub fn xlb_ipv6(ctx: XdpContext) -> u32 {
     tally.finish(class, verdict)
 }
 
+/// The IPv6 L4 path, then the shield; `None` passes the frame.
 #[inline(always)]
 fn l4_ipv6(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdict)> {
     if frame.network != NetworkKind::Ipv6 {
         return None;
     }
     let ip = frame.ipv6.with_addresses(ctx).ok()?;
-    l4_family::<V6>(ctx, &ip, &frame.transport, bytes)
+    if let Some(found) = l4_family::<V6>(ctx, &ip, &frame.transport, bytes) {
+        return Some(found);
+    }
+    // SAFETY: the value is only tested for presence.
+    unsafe { SHIELDED6.get(&ip.dst) }?;
+    let reason = shielded_port(&frame.transport, ip.proto)?;
+    Some((Stat::ClassOther, Verdict::drop(reason)))
 }
 
 /// Untagged ICMPv6, tail-called from `xlb` as `xlb_ipv6` is: errors about tracked flows are

@@ -396,3 +396,67 @@ fn an_unreachable_client_is_reported_to_the_backend() {
         &["class_other", "verdict_pass"],
     );
 }
+
+#[test]
+fn a_port_scan_of_the_lb_ipv6_address_is_dropped_except_what_is_served_or_open() {
+    let mut dataplane = ipv6_dataplane(|settings| settings.local_ports = Some(32768..=60999));
+    dataplane.set_l7_ports(&[80]).unwrap();
+    dataplane.shield(&[LB_ADDR6.into()]).unwrap();
+    let syn_to = |port| tcp6(TO_LB, client6(40000), lb6(port), 64, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "a port nothing serves",
+        &syn_to(23),
+        XDP_DROP,
+        None,
+        &["class_other", "shield_drop_tcp", "verdict_drop"],
+    );
+    let probe = udp6(TO_LB, client6(40000), lb6(9999), 64, b"probe");
+    expect(
+        &mut dataplane,
+        "a UDP port nothing serves",
+        &probe,
+        XDP_DROP,
+        None,
+        &["class_other", "shield_drop_udp", "verdict_drop"],
+    );
+    for (port, class) in [
+        (22, "class_other"),
+        (80, "class_l7"),
+        (40000, "class_other"),
+    ] {
+        expect(
+            &mut dataplane,
+            &format!("port {port}: SSH, the L7 proxy, an ephemeral port"),
+            &syn_to(port),
+            XDP_PASS,
+            None,
+            &[class, "verdict_pass"],
+        );
+    }
+    let syn_out = tcp6(TO_BACKEND, snat6(), BACKEND6_A, 63, syn as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "the L4 service",
+        &syn_to(5432),
+        XDP_TX,
+        Some(&syn_out),
+        &["class_l4_service", "l4_new_flow", "verdict_tx"],
+    );
+    let elsewhere = tcp6(
+        TO_LB,
+        client6(40000),
+        SocketAddrV6::new(CLIENT_SIDE_ROUTER, 23, 0, 0),
+        64,
+        syn as Flags,
+        &[],
+    );
+    expect(
+        &mut dataplane,
+        "an address the shield does not guard",
+        &elsewhere,
+        XDP_PASS,
+        None,
+        &["class_other", "verdict_pass"],
+    );
+}

@@ -155,11 +155,12 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
             let steering = Steering::start(dataplane.clone(), interfaces, &config.l4.addresses)
                 .await
                 .context("starting the L4 fast path")?;
-            let shielded = dataplane
+            let shielded = steering.addresses();
+            dataplane
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .shield(steering.addresses())?;
-            if !shielded.is_empty() {
+                .shield(shielded)?;
+            if config.l4.shield && !shielded.is_empty() {
                 tracing::info!(
                     addresses = ?shielded,
                     "shield: TCP and UDP to these addresses on ports nothing serves are dropped"

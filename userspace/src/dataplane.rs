@@ -12,15 +12,13 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 use tokio::io::unix::AsyncFd;
 
 use xlb_common::{
-    wire_ipv4, FlowKeyOf, FlowValueOf, Ipv6Wire, ListenPort, Stat, StatsBlock, Timeouts, WireAddr,
-    L7_PORT_ENABLED, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_IPV6_NEW_FLOW, SHIELD_ENTRY,
+    wire_ipv4, wire_ipv6, FlowKeyOf, FlowValueOf, Ipv6Wire, ListenPort, Stat, StatsBlock, Timeouts,
+    WireAddr, L7_PORT_ENABLED, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_IPV6_NEW_FLOW,
+    SHIELD_ENTRY,
 };
 
 use crate::l4::{
@@ -129,6 +127,7 @@ pub struct Dataplane {
     /// The LB addresses the shield guards (left empty when `[L4] Shield` is off: the map is
     /// kept open all the same, the program refers to it).
     shielded: HashMap<MapData, u32, u32>,
+    shielded6: HashMap<MapData, Ipv6Wire, u32>,
     shield: bool,
     open_ports: OpenPorts,
     /// The interfaces the program is attached to, by ifindex.
@@ -232,6 +231,7 @@ impl Dataplane {
                 .map_err(|source| map_error("OPEN_PORTS", "written", source))?;
         }
         let shielded = open(&mut ebpf, "SHIELDED", HashMap::try_from)?;
+        let shielded6 = open(&mut ebpf, "SHIELDED6", HashMap::try_from)?;
         let egress = open(&mut ebpf, "EGRESS", DevMapHash::try_from)?;
         let mut tail_calls = open(&mut ebpf, "PROGRAMS", ProgramArray::try_from)?;
         for (index, name) in IPV6_PROGRAMS {
@@ -280,6 +280,7 @@ impl Dataplane {
             ),
             flows,
             shielded,
+            shielded6,
             shield: settings.shield,
             open_ports,
             attached: BTreeMap::new(),
@@ -378,23 +379,24 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Puts the IPv4 ones of `addresses` under the shield (see `[L4] Shield`), and returns
-    /// them; nothing when it is off. The shield does not guard IPv6 addresses.
-    pub fn shield(&mut self, addresses: &[IpAddr]) -> Result<Vec<Ipv4Addr>, DataplaneError> {
+    /// Puts `addresses` under the shield (see `[L4] Shield`); nothing when it is off.
+    pub fn shield(&mut self, addresses: &[IpAddr]) -> Result<(), DataplaneError> {
         if !self.shield {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let mut shielded = Vec::new();
         for addr in addresses {
-            let IpAddr::V4(addr) = addr else {
-                continue;
-            };
-            self.shielded
-                .insert(wire_ipv4(*addr), SHIELD_ENTRY, 0)
-                .map_err(|source| map_error("SHIELDED", "written", source))?;
-            shielded.push(*addr);
+            match addr {
+                IpAddr::V4(v4) => self
+                    .shielded
+                    .insert(wire_ipv4(*v4), SHIELD_ENTRY, 0)
+                    .map_err(|source| map_error("SHIELDED", "written", source))?,
+                IpAddr::V6(v6) => self
+                    .shielded6
+                    .insert(wire_ipv6(*v6), SHIELD_ENTRY, 0)
+                    .map_err(|source| map_error("SHIELDED6", "written", source))?,
+            }
         }
-        Ok(shielded)
+        Ok(())
     }
 
     /// Makes `ports`, the published ports of tasks on this node, exactly the ones the shield
