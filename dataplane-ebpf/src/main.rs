@@ -20,7 +20,6 @@ mod snat;
 mod steer;
 mod sweep;
 
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray, ProgramArray},
@@ -95,12 +94,11 @@ static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
-/// The IPv6 connection table, as `FLOWS`, of the same capacity. Not preallocated: a node
-/// without IPv6 clients does not pay 40 MiB for it; an insert that finds no memory is refused
-/// like one into a full table.
+/// The IPv6 connection table, as `FLOWS`, of the same capacity. Preallocated like it: without,
+/// every new flow's two inserts allocate, which more than doubles its cost (1.4 µs against
+/// 0.66 µs through `BPF_PROG_TEST_RUN`), and a full table is then a failed allocation.
 #[map]
-static FLOWS6: HashMap<FlowKey6, FlowValue6> =
-    HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, BPF_F_NO_PREALLOC);
+static FLOWS6: HashMap<FlowKey6, FlowValue6> = HashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
 
 /// The interfaces a rewritten frame may be redirected to, by ifindex: those the program is
 /// attached to that the daemon found able to transmit XDP frames (`ndo_xdp_xmit`). A redirect

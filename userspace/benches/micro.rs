@@ -10,7 +10,8 @@
 //! - `maglev`: one service's Maglev table with the default ring size, for 10 and 100 backends.
 //! - `xdp_packet`: one frame through the XDP program: a SYN for the L7 proxy, passed
 //!   (`l7_pass`); a SYN for an L4 service, NATed with a new conntrack entry (`l4_new_flow`); an
-//!   ACK of an established L4 flow (`l4_established`). Needs root; skipped without it.
+//!   ACK of an established L4 flow (`l4_established`); the same two over IPv6, through the
+//!   tail calls (`l4_new_flow_ipv6`, `l4_established_ipv6`). Needs root; skipped without it.
 //!
 //! `cargo xtask bench` reads each `target/criterion/<group>/<id>/new/estimates.json`, so the
 //! group and bench names are an interface: renaming one breaks it.
@@ -19,7 +20,7 @@ mod support;
 
 use std::{
     hint::black_box,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
@@ -150,6 +151,8 @@ const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbe];
 const LB_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
 const SNAT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 78, 1, 1);
+const LB_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 1);
+const SNAT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd78, 1, 0, 0, 0, 0, 0, 1);
 const L4_SERVICE: Listener = Listener {
     port: 5432,
     protocol: Protocol::Tcp,
@@ -168,30 +171,48 @@ const NEW_FLOWS_PER_LOAD: u32 = 20_000;
 const REPEAT: u32 = 10_000;
 
 /// The program with the defaults the daemon loads it with, the proxy on 80 and 443, and one
-/// L4 service with [`L4_BACKENDS`] backends.
-fn loaded_dataplane() -> Dataplane {
+/// L4 service of `family` with [`L4_BACKENDS`] backends.
+fn loaded_dataplane(family: IpFamily) -> Dataplane {
     let mut dataplane = Dataplane::load().expect("load the XDP program");
     dataplane.set_l7_ports(&L7_PORTS).unwrap();
     let backends = (0..L4_BACKENDS)
-        .map(|index| BackendPlan {
-            endpoint: SocketAddrV4::new(Ipv4Addr::new(10, 78, 2, 1 + index as u8), 30_000 + index)
-                .into(),
-            snat_addr: SNAT_ADDR.into(),
-            next_hop: NextHop {
-                ifindex: TEST_RUN_IFINDEX,
-                src_mac: LB_MAC,
-                dst_mac: BACKEND_MAC,
-            },
+        .map(|index| {
+            let (endpoint, snat_addr): (IpAddr, IpAddr) = match family {
+                IpFamily::V4 => (
+                    Ipv4Addr::new(10, 78, 2, 1 + index as u8).into(),
+                    SNAT_ADDR.into(),
+                ),
+                IpFamily::V6 => (
+                    Ipv6Addr::new(0xfd78, 2, 0, 0, 0, 0, 0, 1 + index).into(),
+                    SNAT_ADDR6.into(),
+                ),
+            };
+            BackendPlan {
+                endpoint: SocketAddr::new(endpoint, 30_000 + index),
+                snat_addr,
+                next_hop: NextHop {
+                    ifindex: TEST_RUN_IFINDEX,
+                    src_mac: LB_MAC,
+                    dst_mac: BACKEND_MAC,
+                },
+            }
         })
         .collect();
     let service = ServicePlan {
         listener: L4_SERVICE,
-        family: IpFamily::V4,
-        addresses: vec![LB_ADDR.into()],
+        family,
+        addresses: vec![lb_addr(family)],
         backends,
     };
     dataplane.l4().apply(&[service]).unwrap();
     dataplane
+}
+
+fn lb_addr(family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => LB_ADDR.into(),
+        IpFamily::V6 => LB_ADDR6.into(),
+    }
 }
 
 /// Runs of the established flow per call: each takes one off the TTL of 255.
@@ -202,19 +223,20 @@ const FIXED_POINT_REPEAT: u32 = 250;
 /// The forward rewrite of a segment of `client` is then that same segment (its TTL one lower,
 /// its MACs the next hop's), which the program takes for the same flow on the next run: the
 /// whole established path, every lookup and write of it, run after run.
-fn fixed_point_dataplane(client: SocketAddrV4) -> Dataplane {
+fn fixed_point_dataplane(client: SocketAddr) -> Dataplane {
     let settings = L4Settings {
         snat_ports: SnatPorts::new(client.port(), client.port()).unwrap(),
         ..L4Settings::default()
     };
     let mut dataplane = Dataplane::load_with(&settings).expect("load the XDP program");
+    let family = IpFamily::of(client.ip());
     let service = ServicePlan {
         listener: L4_SERVICE,
-        family: IpFamily::V4,
-        addresses: vec![LB_ADDR.into()],
+        family,
+        addresses: vec![lb_addr(family)],
         backends: vec![BackendPlan {
-            endpoint: SocketAddrV4::new(LB_ADDR, L4_SERVICE.port).into(),
-            snat_addr: (*client.ip()).into(),
+            endpoint: SocketAddr::new(lb_addr(family), L4_SERVICE.port),
+            snat_addr: client.ip(),
             next_hop: NextHop {
                 ifindex: TEST_RUN_IFINDEX,
                 src_mac: LB_MAC,
@@ -236,22 +258,29 @@ fn ack(step: PacketBuilderStep<TcpHeader>) -> PacketBuilderStep<TcpHeader> {
     step.ack(1)
 }
 
-/// A client's TCP segment to the LB, 64-byte frame, no payload; TTL 255, so that the
+/// A client's TCP segment to the LB (of the client's family), no payload; TTL 255, so that the
 /// established flow can be run [`FIXED_POINT_REPEAT`] times on it.
-fn tcp_to_lb(client: SocketAddrV4, port: u16, flags: TcpFlags) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(client.ip().octets(), LB_ADDR.octets(), 255)
-        .tcp(client.port(), port, 1000, 64240);
+fn tcp_to_lb(client: SocketAddr, port: u16, flags: TcpFlags) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    let builder = match (client.ip(), lb_addr(IpFamily::of(client.ip()))) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => builder.ipv4(from.octets(), to.octets(), 255),
+        (IpAddr::V6(from), IpAddr::V6(to)) => builder.ipv6(from.octets(), to.octets(), 255),
+        _ => unreachable!("lb_addr is of the client's family"),
+    };
+    let builder = builder.tcp(client.port(), port, 1000, 64240);
     let mut frame = Vec::new();
     flags(builder).write(&mut frame, &[]).unwrap();
     frame
 }
 
-/// The `index`-th of 2^24 distinct clients (address and port).
-fn client(index: u32) -> SocketAddrV4 {
+/// The `index`-th of 2^24 distinct clients (address and port) of `family`.
+fn client(family: IpFamily, index: u32) -> SocketAddr {
     let [_, hi, lo, port_bits] = index.to_be_bytes();
-    let addr = Ipv4Addr::new(10, 79, hi, lo);
-    SocketAddrV4::new(addr, 40_000 + u16::from(port_bits))
+    let addr: IpAddr = match family {
+        IpFamily::V4 => Ipv4Addr::new(10, 79, hi, lo).into(),
+        IpFamily::V6 => Ipv6Addr::new(0xfd79, 0, 0, 0, 0, 0, hi.into(), lo.into()).into(),
+    };
+    SocketAddr::new(addr, 40_000 + u16::from(port_bits))
 }
 
 /// Runs `frame` `repeat` times in one call; returns the kernel's time per run.
@@ -291,8 +320,8 @@ fn xdp_packet(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("xdp_packet");
 
-    let mut dataplane = loaded_dataplane();
-    let l7_syn = tcp_to_lb(client(0), 80, syn);
+    let mut dataplane = loaded_dataplane(IpFamily::V4);
+    let l7_syn = tcp_to_lb(client(IpFamily::V4, 0), 80, syn);
     assert_counted(&mut dataplane, &l7_syn, XDP_PASS, Stat::ClassL7);
     // A passed frame is left as it came in, so one call can run it REPEAT times; the kernel
     // reports the mean time per run, truncated to whole nanoseconds.
@@ -309,36 +338,38 @@ fn xdp_packet(c: &mut Criterion) {
         })
     });
 
-    // A new flow's frame is rewritten in place (NAT), and with `repeat` the kernel runs the
-    // program again on the rewritten frame, which is no longer for the service; and each new
-    // flow must be another client. So each SYN gets a call of its own (`repeat` = 1), and its
-    // time includes the kernel's fixed cost of timing one call (tens of nanoseconds: l7_pass
-    // costs that much more with `repeat` = 1).
-    let mut new_flows = NewFlows::start();
-    group.bench_function("l4_new_flow", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| new_flows.next()).sum())
-    });
+    for (family, suffix) in [(IpFamily::V4, ""), (IpFamily::V6, "_ipv6")] {
+        // A new flow's frame is rewritten in place (NAT), and with `repeat` the kernel runs
+        // the program again on the rewritten frame, which is no longer for the service; and
+        // each new flow must be another client. So each SYN gets a call of its own (`repeat`
+        // = 1), and its time includes the kernel's fixed cost of timing one call (tens of
+        // nanoseconds: l7_pass costs that much more with `repeat` = 1).
+        let mut new_flows = NewFlows::start(family);
+        group.bench_function(format!("l4_new_flow{suffix}"), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| new_flows.next()).sum())
+        });
 
-    // An established flow runs with `repeat`, as l7_pass does, on a flow whose rewrite gives
-    // back the frame it was given (see `fixed_point_dataplane`).
-    let established = client(0);
-    let mut fixed_point = fixed_point_dataplane(established);
-    let first_syn = tcp_to_lb(established, L4_SERVICE.port, syn);
-    assert_counted(&mut fixed_point, &first_syn, XDP_TX, Stat::L4NewFlow);
-    let l4_ack = tcp_to_lb(established, L4_SERVICE.port, ack);
-    assert_counted(&mut fixed_point, &l4_ack, XDP_TX, Stat::L4Forwarded);
-    group.bench_function("l4_established", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let repeat = left.min(u64::from(FIXED_POINT_REPEAT)) as u32;
-                total += run(&mut fixed_point, &l4_ack, repeat, XDP_TX) * repeat;
-                left -= u64::from(repeat);
-            }
-            total
-        })
-    });
+        // An established flow runs with `repeat`, as l7_pass does, on a flow whose rewrite
+        // gives back the frame it was given (see `fixed_point_dataplane`).
+        let established = client(family, 0);
+        let mut fixed_point = fixed_point_dataplane(established);
+        let first_syn = tcp_to_lb(established, L4_SERVICE.port, syn);
+        assert_counted(&mut fixed_point, &first_syn, XDP_TX, Stat::L4NewFlow);
+        let l4_ack = tcp_to_lb(established, L4_SERVICE.port, ack);
+        assert_counted(&mut fixed_point, &l4_ack, XDP_TX, Stat::L4Forwarded);
+        group.bench_function(format!("l4_established{suffix}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let repeat = left.min(u64::from(FIXED_POINT_REPEAT)) as u32;
+                    total += run(&mut fixed_point, &l4_ack, repeat, XDP_TX) * repeat;
+                    left -= u64::from(repeat);
+                }
+                total
+            })
+        });
+    }
     group.finish();
 }
 
@@ -346,20 +377,22 @@ fn xdp_packet(c: &mut Criterion) {
 /// [`NEW_FLOWS_PER_LOAD`] flows so that the connection table never fills.
 struct NewFlows {
     dataplane: Dataplane,
+    family: IpFamily,
     flows: u32,
 }
 
 impl NewFlows {
-    fn start() -> NewFlows {
-        let mut dataplane = loaded_dataplane();
+    fn start(family: IpFamily) -> NewFlows {
+        let mut dataplane = loaded_dataplane(family);
         assert_counted(
             &mut dataplane,
-            &tcp_to_lb(client(0), L4_SERVICE.port, syn),
+            &tcp_to_lb(client(family, 0), L4_SERVICE.port, syn),
             XDP_TX,
             Stat::L4NewFlow,
         );
         NewFlows {
             dataplane,
+            family,
             flows: 1,
         }
     }
@@ -367,9 +400,9 @@ impl NewFlows {
     /// The kernel's time for the next client's SYN.
     fn next(&mut self) -> Duration {
         if self.flows == NEW_FLOWS_PER_LOAD {
-            *self = NewFlows::start();
+            *self = NewFlows::start(self.family);
         }
-        let frame = tcp_to_lb(client(self.flows), L4_SERVICE.port, syn);
+        let frame = tcp_to_lb(client(self.family, self.flows), L4_SERVICE.port, syn);
         self.flows += 1;
         run(&mut self.dataplane, &frame, 1, XDP_TX)
     }

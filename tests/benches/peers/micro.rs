@@ -51,6 +51,16 @@ pub const BENCHES: &[(&str, &str, &str)] = &[
         "XDP, a packet of an established L4 flow",
     ),
     (
+        "xdp_packet",
+        "l4_new_flow_ipv6",
+        "XDP, the first packet of an IPv6 L4 flow (two tail calls)",
+    ),
+    (
+        "xdp_packet",
+        "l4_established_ipv6",
+        "XDP, a packet of an established IPv6 L4 flow (one tail call)",
+    ),
+    (
         "control",
         "route_table_10k_services_100k_tasks",
         "route table for 10 000 services / 100 000 tasks",
