@@ -2,7 +2,7 @@
 //! one load balancer and one backend on one Ethernet segment. 200 000 short TCP connections
 //! and 100 000 UDP exchanges (each from a fresh socket, so each is a new flow) must all
 //! succeed; then, with every timeout set to 2 s (instead of waiting out the defaults), the
-//! sweep must bring the connection table back to about empty.
+//! sweep must bring the connection table back to about empty. Over IPv4, then over IPv6.
 //!
 //! The LB namespace cannot forward anything itself (forwarding off, FORWARD policy DROP,
 //! nothing listening), so every exchange that works was carried by XDP both ways.
@@ -19,7 +19,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -35,6 +35,7 @@ use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 use xlb::{
     dataplane::Dataplane,
     l4::{
+        maps::IpFamily,
         service::{L4Route, L4RouteTable, Listener, Protocol},
         settings::{check_snat_ports, L4Settings, SnatPorts},
     },
@@ -101,24 +102,25 @@ fn count_from_env(name: &str, default: usize) -> usize {
 /// client closes, then closes (passively: the backend holds no TIME_WAIT). A UDP server
 /// answers `be:payload`. Both stop when dropped.
 struct Backend {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     netns: Netns,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Backend {
-    fn start(host: &Host) -> Backend {
+    fn start(host: &Host, addr: IpAddr) -> Backend {
         let (tcp, udp) = in_netns(&host.netns, || {
-            let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(SocketProtocol::TCP)).unwrap();
+            let listen = SocketAddr::new(addr, BACKEND_TCP_PORT);
+            let domain = Domain::for_address(listen);
+            let tcp = Socket::new(domain, Type::STREAM, Some(SocketProtocol::TCP)).unwrap();
             tcp.set_reuse_address(true).unwrap();
-            tcp.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, BACKEND_TCP_PORT)).into())
-                .unwrap();
+            tcp.bind(&listen.into()).unwrap();
             tcp.listen(4096).unwrap();
             // A blocking accept that gives up now and then, to see the stop flag.
             tcp.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
-            let udp = UdpSocket::bind(("0.0.0.0", BACKEND_UDP_PORT)).unwrap();
+            let udp = UdpSocket::bind((addr, BACKEND_UDP_PORT)).unwrap();
             udp.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
             (TcpListener::from(tcp), udp)
@@ -153,7 +155,7 @@ impl Backend {
             }));
         }
         Backend {
-            addr: host.addr,
+            addr,
             netns: host.netns.clone(),
             stop,
             threads,
@@ -228,7 +230,7 @@ impl Drop for Sweeper {
 /// out of a veth needs one on the peer).
 struct Lab {
     client: Host,
-    lb_addr: Ipv4Addr,
+    lb_addr: IpAddr,
     backend: Backend,
     sweeper: Sweeper,
     lb: LoadBalancer,
@@ -240,7 +242,8 @@ struct Lab {
 }
 
 impl Lab {
-    fn start() -> Lab {
+    /// The lab, talking `family` (IPv6: each host gets an address of it as well).
+    fn start(family: IpFamily) -> Lab {
         require_root().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -251,6 +254,15 @@ impl Lab {
         let client = segment.add_host("client", 2).unwrap();
         let lb = segment.add_host("lb", 10).unwrap();
         let backend_host = segment.add_host("be", 20).unwrap();
+        let address = |host: &Host, number: u8| -> IpAddr {
+            match family {
+                IpFamily::V4 => host.addr.into(),
+                IpFamily::V6 => segment.add_ipv6(host, number).unwrap().into(),
+            }
+        };
+        address(&client, 2);
+        let lb_addr = address(&lb, 10);
+        let backend_addr = address(&backend_host, 20);
         let peer_program = peer_program(&segment, &[&lb]);
 
         // The LB's own ephemeral ports stay off the SNAT ones.
@@ -262,7 +274,7 @@ impl Lab {
         let snat_ports = SnatPorts::new(SNAT_PORTS.0, SNAT_PORTS.1).unwrap();
         check_snat_ports(snat_ports, LB_LOCAL_PORT_RANGE).unwrap();
         // One client address, one service, 200 000 connections in a row: ports are reused
-        // while in TIME_WAIT.
+        // while in TIME_WAIT (both settings apply to IPv6 too).
         set_sysctl(&client.netns, "net.ipv4.tcp_tw_reuse", "1");
         set_sysctl(&client.netns, "net.ipv4.ip_local_port_range", "1024 65000");
 
@@ -277,11 +289,11 @@ impl Lab {
             ..L4Settings::default()
         };
         let load_balancer = LoadBalancer::start(&lb, &runtime, &settings);
-        let backend = Backend::start(&backend_host);
+        let backend = Backend::start(&backend_host, backend_addr);
         let sweeper = Sweeper::start(load_balancer.dataplane.clone());
         let mut lab = Lab {
             client,
-            lb_addr: lb.addr,
+            lb_addr,
             backend,
             sweeper,
             lb: load_balancer,
@@ -297,7 +309,7 @@ impl Lab {
     /// Steers both listeners to the backend, as a discovery poll does, until its next hop is
     /// resolved (two backend ids: one per endpoint, address and port).
     fn steer(&mut self) {
-        let endpoint = |port| vec![SocketAddr::V4(SocketAddrV4::new(self.backend.addr, port))];
+        let endpoint = |port| vec![SocketAddr::new(self.backend.addr, port)];
         let table = L4RouteTable {
             listeners: vec![
                 L4Route {
@@ -460,7 +472,11 @@ fn tcp_exchange(target: SocketAddr, index: usize) -> io::Result<bool> {
 /// One request from a fresh socket (a new flow), answered by the backend through the LB;
 /// retried on the same socket when a datagram is lost.
 fn udp_exchange(target: SocketAddr, index: usize) -> io::Result<bool> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let any: IpAddr = match target {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((any, 0))?;
     socket.set_read_timeout(Some(UDP_ANSWER_TIMEOUT))?;
     let request = format!("query {index}");
     let expected = format!("be:{request}");
@@ -556,14 +572,29 @@ fn report_stats(lab: &Lab, when: &str) {
     eprintln!("stats {when}: {}", line.join(" "));
 }
 
+/// One volume run at a time: two at once would share the machine's two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_table_empties() {
+    volume(IpFamily::V4);
+}
+
+#[test]
+fn ipv6_short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_table_empties() {
+    volume(IpFamily::V6);
+}
+
+fn volume(family: IpFamily) {
+    let _serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
     let connections = count_from_env("XLB_L4_VOLUME_CONNECTIONS", DEFAULT_CONNECTIONS);
     let exchanges = count_from_env("XLB_L4_VOLUME_EXCHANGES", DEFAULT_EXCHANGES);
-    let lab = Lab::start();
+    let lab = Lab::start(family);
 
-    let tcp_target = SocketAddr::from((lab.lb_addr, TCP_LISTENER.port));
+    let tcp_target = SocketAddr::new(lab.lb_addr, TCP_LISTENER.port);
     let rate = match std::env::var("XLB_L4_VOLUME_RATE") {
         Ok(value) => value
             .parse()
@@ -576,7 +607,7 @@ fn short_tcp_connections_and_udp_exchanges_by_the_hundred_thousand_then_the_tabl
     });
     report_stats(&lab, "after tcp");
 
-    let udp_target = SocketAddr::from((lab.lb_addr, UDP_LISTENER.port));
+    let udp_target = SocketAddr::new(lab.lb_addr, UDP_LISTENER.port);
     let udp = run_clients(&lab, "udp exchanges", exchanges, rate, |index| {
         udp_exchange(udp_target, index)
     });
