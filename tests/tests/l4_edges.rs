@@ -1,5 +1,5 @@
 //! Edge cases of the L4 fast path end to end, in namespaces on one Ethernet segment (as in
-//! `l4_namespaces`): path-MTU discovery through the ICMP translation, a backend's "port
+//! `l4_namespaces`): path-MTU discovery through the ICMP and ICMPv6 translations, a backend's "port
 //! unreachable" reaching its UDP client, a backend's MAC changing under a live stream. The LB
 //! namespace cannot forward (forwarding off, FORWARD policy DROP), so every packet that crosses
 //! it was carried by XDP.
@@ -63,37 +63,67 @@ fn read_until(stream: &mut TcpStream, deadline: Instant) -> (usize, bool) {
     (received, false)
 }
 
-/// `/proc/net/snmp`'s Icmp `field` in `netns`.
-fn icmp_counter(netns: &Netns, field: &str) -> u64 {
+/// The router's ICMP errors sent, from `/proc/net/snmp` and `/proc/net/snmp6`: what it told
+/// the backend about the path's MTU.
+fn icmp_counters(netns: &Netns) -> String {
     let snmp = netns.run("cat", &["/proc/net/snmp"]).unwrap();
     let mut rows = snmp.lines().filter(|line| line.starts_with("Icmp:"));
     let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
-    let index = names
+    let unreachable = names
         .split_whitespace()
-        .position(|name| name == field)
-        .unwrap();
-    values
-        .split_whitespace()
-        .nth(index)
-        .unwrap()
-        .parse()
-        .unwrap()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "OutDestUnreachs")
+        .map_or("?", |(_, value)| value);
+    let snmp6 = netns.run("cat", &["/proc/net/snmp6"]).unwrap();
+    let too_big = snmp6
+        .lines()
+        .find_map(|line| line.strip_prefix("Icmp6OutPktTooBigs"))
+        .map_or("?", str::trim);
+    format!("{unreachable} destination unreachable, {too_big} packet too big")
 }
 
 #[test]
 fn a_large_download_crosses_a_smaller_mtu_behind_the_lb() {
+    large_download_crosses_a_smaller_mtu(Client::Routed);
+}
+
+#[test]
+fn ipv6_a_large_download_crosses_a_smaller_mtu_behind_the_lb() {
+    large_download_crosses_a_smaller_mtu(Client::RoutedIpv6);
+}
+
+/// The router's rule that drops what path-MTU discovery needs: ICMP, or ICMPv6's "packet
+/// too big" (not all of ICMPv6: neighbour discovery must go on).
+fn mtu_icmp_rule(client: &Client) -> (&'static str, &'static [&'static str]) {
+    match client {
+        Client::RoutedIpv6 => (
+            "ip6tables",
+            &[
+                "OUTPUT",
+                "-p",
+                "icmpv6",
+                "--icmpv6-type",
+                "packet-too-big",
+                "-j",
+                "DROP",
+            ],
+        ),
+        _ => ("iptables", &["OUTPUT", "-p", "icmp", "-j", "DROP"]),
+    }
+}
+
+fn large_download_crosses_a_smaller_mtu(client: Client) {
     let _turn = one_at_a_time();
-    let mut lab = Lab::start(&Lab::settings(), Client::Routed);
+    let (iptables, rule) = mtu_icmp_rule(&client);
+    let mut lab = Lab::start(&Lab::settings(), client);
     let router = lab.router.clone().unwrap();
     let _server = Server::start(&lab.backend.netns, BACKEND_TCP_PORT, download);
     let table = lab.table(TCP_LISTENER, BACKEND_TCP_PORT);
     lab.steer(&table);
 
     // Without ICMP from the router, the backend never learns the path's MTU: a black hole.
-    router
-        .netns
-        .run("iptables", &["-A", "OUTPUT", "-p", "icmp", "-j", "DROP"])
-        .unwrap();
+    let with = |action: &'static str| [&[action][..], rule].concat();
+    router.netns.run(iptables, &with("-A")).unwrap();
     let before = lab.lb.stats();
     let mut stalled = lab.connect(TCP_LISTENER.port);
     let (received, ended) = read_until(&mut stalled, Instant::now() + Duration::from_secs(3));
@@ -109,20 +139,16 @@ fn a_large_download_crosses_a_smaller_mtu_behind_the_lb() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(stalled);
-    router
-        .netns
-        .run("iptables", &["-D", "OUTPUT", "-p", "icmp", "-j", "DROP"])
-        .unwrap();
+    router.netns.run(iptables, &with("-D")).unwrap();
 
-    let sent_by_router = icmp_counter(&router.netns, "OutDestUnreachs");
     let started = Instant::now();
     let mut stream = lab.connect(TCP_LISTENER.port);
     let (received, ended) = read_until(&mut stream, started + Duration::from_secs(20));
     let after = lab.lb.stats();
     eprintln!(
-        "downloaded {received} bytes in {:?}; the router sent {} more destination-unreachable",
+        "downloaded {received} bytes in {:?}; the router's ICMP: {}",
         started.elapsed(),
-        icmp_counter(&router.netns, "OutDestUnreachs") - sent_by_router
+        icmp_counters(&router.netns)
     );
     print_moved("ICMP allowed", &blackholed, &after);
     assert_eq!(received, DOWNLOAD_BYTES);
@@ -138,7 +164,7 @@ fn a_backends_port_unreachable_reaches_the_udp_client() {
     let table = lab.table(UDP_LISTENER, CLOSED_BACKEND_UDP_PORT);
     lab.steer(&table);
 
-    let target = SocketAddr::from((lab.lb.addr, UDP_LISTENER.port));
+    let target = SocketAddr::new(lab.lb_addr, UDP_LISTENER.port);
     let client = lab.client.addr;
     let socket = in_netns(&lab.client.netns, move || {
         let socket = UdpSocket::bind((client, 0)).unwrap();

@@ -5,7 +5,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
@@ -47,6 +47,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// The routed client's link: client 10.81.43.2, router 10.81.43.1.
 pub const CLIENT_LINK_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 81, SUBNET_OCTET, 2);
 pub const CLIENT_LINK_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 81, SUBNET_OCTET, 1);
+/// The same link's IPv6 addresses, for [`Client::RoutedIpv6`].
+pub const CLIENT_LINK_CLIENT6: Ipv6Addr =
+    Ipv6Addr::new(0xfd81, SUBNET_OCTET as u16, 0, 0, 0, 0, 0, 2);
+pub const CLIENT_LINK_ROUTER6: Ipv6Addr =
+    Ipv6Addr::new(0xfd81, SUBNET_OCTET as u16, 0, 0, 0, 0, 0, 1);
 /// The router's MTU toward the client, below the 1500 of everything else.
 pub const NARROW_MTU: &str = "1280";
 pub static SERIAL: Mutex<()> = Mutex::new(());
@@ -55,7 +60,7 @@ pub fn one_at_a_time() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A TCP server in a namespace: every accepted connection gets its own thread running
+/// A TCP server in a namespace, for IPv4 and IPv6: every accepted connection gets its own thread running
 /// `handler`, which must return soon after `stop` is set. Stops when dropped.
 pub struct Server {
     pub stop: Arc<AtomicBool>,
@@ -66,8 +71,9 @@ pub type Handler = fn(TcpStream, &AtomicBool);
 
 impl Server {
     pub fn start(netns: &Netns, port: u16, handler: Handler) -> Server {
+        // `[::]` takes IPv4 connections too (Linux's default `bindv6only` is 0).
         let listener = in_netns(netns, move || {
-            TcpListener::bind(("0.0.0.0", port))
+            TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
                 .unwrap_or_else(|error| panic!("port {port}: {error}"))
         })
         .unwrap();
@@ -141,6 +147,8 @@ pub enum Client {
     OnSegment,
     /// Behind a router whose link to the client has an MTU of [`NARROW_MTU`].
     Routed,
+    /// The same, talking IPv6 (every host gets an IPv6 address as well).
+    RoutedIpv6,
 }
 
 /// Client, LB and one backend (and a router when the client is routed). The LB's switch port
@@ -152,6 +160,9 @@ pub struct Lab {
     pub client: Host,
     pub backend: Host,
     pub router: Option<Host>,
+    /// The addresses the client talks to, of its family.
+    pub lb_addr: IpAddr,
+    pub backend_addr: IpAddr,
     // Dropped after the LB: the peer's program, then the namespaces.
     _peer_program: Dataplane,
     _hosts: Vec<Host>,
@@ -178,11 +189,22 @@ impl Lab {
         let segment = Segment::create_on(SUBNET_OCTET).unwrap();
         let lb_host = segment.add_host("lb", LB_HOST).unwrap();
         let backend = segment.add_host("be", BACKEND_HOST).unwrap();
+        let (mut lb_addr, mut backend_addr): (IpAddr, IpAddr) =
+            (lb_host.addr.into(), backend.addr.into());
         let (client, router) = match client {
             Client::OnSegment => (segment.add_host("client", 2).unwrap(), None),
             Client::Routed => {
                 let router = segment.add_host("router", 1).unwrap();
                 (routed_client(&router), Some(router))
+            }
+            Client::RoutedIpv6 => {
+                let router = segment.add_host("router", 1).unwrap();
+                let client = routed_client(&router);
+                segment.add_ipv6(&router, 1).unwrap();
+                lb_addr = segment.add_ipv6(&lb_host, LB_HOST).unwrap().into();
+                backend_addr = segment.add_ipv6(&backend, BACKEND_HOST).unwrap().into();
+                route_ipv6(&client, &router);
+                (client, Some(router))
             }
         };
         // Spoofed SYNs' SYN-ACKs come back to the client's MAC: dropped, not forwarded.
@@ -198,6 +220,8 @@ impl Lab {
             client,
             backend,
             router,
+            lb_addr,
+            backend_addr,
             _peer_program: peer_program,
             _hosts: hosts,
             _segment: segment,
@@ -215,10 +239,7 @@ impl Lab {
                 service: "edge".into(),
                 listener,
                 target_port: listener.port,
-                endpoints: vec![SocketAddr::V4(SocketAddrV4::new(
-                    self.backend.addr,
-                    backend_port,
-                ))],
+                endpoints: vec![SocketAddr::new(self.backend_addr, backend_port)],
             }],
             rejected: vec![],
         }
@@ -226,7 +247,7 @@ impl Lab {
 
     /// A TCP connection from the client namespace to `port` at the LB address.
     pub fn try_connect(&self, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
-        let target = SocketAddr::from((self.lb.addr, port));
+        let target = SocketAddr::new(self.lb_addr, port);
         let stream = in_netns(&self.client.netns, move || {
             TcpStream::connect_timeout(&target, timeout)
         })
@@ -237,7 +258,7 @@ impl Lab {
 
     pub fn connect(&self, port: u16) -> TcpStream {
         self.try_connect(port, IO_TIMEOUT)
-            .unwrap_or_else(|error| panic!("connecting to {}:{port}: {error}", self.lb.addr))
+            .unwrap_or_else(|error| panic!("connecting to {}:{port}: {error}", self.lb_addr))
     }
 }
 
@@ -284,6 +305,39 @@ pub fn routed_client(router: &Host) -> Host {
         addr: CLIENT_LINK_CLIENT,
         switch_port: String::new(),
     }
+}
+
+/// IPv6 on the routed client's link too ([`CLIENT_LINK_CLIENT6`], [`CLIENT_LINK_ROUTER6`]),
+/// the router forwarding IPv6, the client's default IPv6 route via it.
+fn route_ipv6(client: &Host, router: &Host) {
+    for (netns, interface, addr) in [
+        (&client.netns, "to-router", CLIENT_LINK_CLIENT6),
+        (&router.netns, "to-client", CLIENT_LINK_ROUTER6),
+    ] {
+        netns
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                interface,
+                "nodad",
+            ])
+            .unwrap();
+    }
+    set_sysctl(&router.netns, "net.ipv6.conf.all.forwarding", "1");
+    client
+        .netns
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &CLIENT_LINK_ROUTER6.to_string(),
+        ])
+        .unwrap();
 }
 
 pub fn echo_round_trip(stream: &mut TcpStream, message: &[u8]) {
