@@ -150,7 +150,8 @@ impl Family for V4 {
         service: &ServiceValue,
         event: Option<Stat>,
     ) -> Verdict {
-        steer::start_flow::<V4>(ctx, packet, service, event)
+        let reopened = event == Some(Stat::L4FlowReopened);
+        steer::start_flow::<V4>(ctx, packet, service, reopened, event)
     }
 
     #[inline(always)]

@@ -438,9 +438,15 @@ fn icmp_ipv6(ctx: &XdpContext, frame: &Frame) -> Option<Verdict> {
 pub fn xlb_ipv6_new_flow(ctx: XdpContext) -> u32 {
     let bytes = frame_len(&ctx);
     let tally = Tally::new(bytes);
+    // Counted here rather than with the verdict: carried through the flow's creation, each of
+    // its values would be a state of its own for the verifier, tripling its walk.
     let event = family::take_new_flow_event();
+    if let Some(event) = event {
+        tally.count(event);
+    }
+    let reopened = event == Some(Stat::L4FlowReopened);
     let verdict = match parse(&ctx) {
-        Ok(frame) => start_ipv6_flow(&ctx, &frame, bytes, event),
+        Ok(frame) => start_ipv6_flow(&ctx, &frame, bytes, reopened),
         Err(Malformed) => None,
     };
     // `None`: the frame is no longer what `xlb_ipv6` saw, which cannot be.
@@ -452,7 +458,7 @@ fn start_ipv6_flow(
     ctx: &XdpContext,
     frame: &Frame,
     bytes: usize,
-    event: Option<Stat>,
+    reopened: bool,
 ) -> Option<Verdict> {
     if frame.network != NetworkKind::Ipv6 {
         return None;
@@ -460,7 +466,9 @@ fn start_ipv6_flow(
     let ip = frame.ipv6.with_addresses(ctx).ok()?;
     let packet = L4Packet::new(&ip, &frame.transport, bytes)?;
     let service = lookup_service::<V6>(&packet)?;
-    Some(steer::start_flow::<V6>(ctx, &packet, &service, event))
+    Some(steer::start_flow::<V6>(
+        ctx, &packet, &service, reopened, None,
+    ))
 }
 
 /// The daemon's sweep of the connection table ([`sweep`]), run through `BPF_PROG_TEST_RUN`;

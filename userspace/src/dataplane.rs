@@ -137,6 +137,8 @@ pub struct Dataplane {
     egress_written: BTreeSet<u32>,
     /// `PROGRAMS`, held open: the kernel empties a program array when userspace closes it.
     _tail_calls: ProgramArray<MapData>,
+    /// Whether the IPv6 programs loaded (see [`Dataplane::steers_ipv6`]).
+    ipv6: bool,
 }
 
 /// The shield's `OPEN_PORTS`: the configured ports, and those of tasks on this node.
@@ -234,18 +236,18 @@ impl Dataplane {
         let shielded6 = open(&mut ebpf, "SHIELDED6", HashMap::try_from)?;
         let egress = open(&mut ebpf, "EGRESS", DevMapHash::try_from)?;
         let mut tail_calls = open(&mut ebpf, "PROGRAMS", ProgramArray::try_from)?;
-        for (index, name) in IPV6_PROGRAMS {
-            let program = xdp_program(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|error| DataplaneError::Program(Box::new(error)))?;
-            let fd = program
-                .fd()
-                .map_err(|error| DataplaneError::Program(Box::new(error)))?;
-            tail_calls
-                .set(index, fd, 0)
-                .map_err(|source| map_error("PROGRAMS", "written", source))?;
-        }
+        let ipv6 = match load_ipv6_programs(&mut ebpf, &mut tail_calls) {
+            Ok(()) => true,
+            Err(error) => {
+                let error = format!("{:#}", anyhow::Error::from(error));
+                tracing::warn!(
+                    error,
+                    "the IPv6 L4 path was not loaded: IPv6 packets go to the kernel, IPv4 is \
+                     steered as usual"
+                );
+                false
+            }
+        };
         let handles = L4MapHandles {
             services: open(&mut ebpf, "SERVICES", HashMap::try_from)?,
             services6: open(&mut ebpf, "SERVICES6", HashMap::try_from)?,
@@ -287,6 +289,7 @@ impl Dataplane {
             egress,
             egress_written: BTreeSet::new(),
             _tail_calls: tail_calls,
+            ipv6,
         };
         for name in [PROGRAM, SWEEP_PROGRAM, SWEEP6_PROGRAM] {
             xdp_program(&mut dataplane.ebpf, name)?
@@ -294,6 +297,34 @@ impl Dataplane {
                 .map_err(|error| DataplaneError::Program(Box::new(error)))?;
         }
         Ok(dataplane)
+    }
+
+    /// Whether IPv6 is steered: the IPv6 programs loaded. Where a kernel's verifier refuses them
+    /// (their new-flow program is the most complex of all), IPv6 is left to the kernel rather
+    /// than the whole dataplane failing.
+    pub fn steers_ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// How many instructions the kernel's verifier walked to accept each loaded program, by
+    /// name: how close each is to its limit (one million).
+    pub fn verified_instructions(&self) -> Result<BTreeMap<&'static str, u32>, DataplaneError> {
+        let mut counts = BTreeMap::new();
+        for name in [PROGRAM, SWEEP_PROGRAM, SWEEP6_PROGRAM]
+            .into_iter()
+            .chain(IPV6_PROGRAMS.map(|(_, name)| name))
+        {
+            let missing = DataplaneError::Missing {
+                kind: "program",
+                name,
+            };
+            let program = self.ebpf.program(name).ok_or(missing)?;
+            let info = program
+                .info()
+                .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+            counts.insert(name, info.verified_instruction_count().unwrap_or(0));
+        }
+        Ok(counts)
     }
 
     /// The XDP program itself (for attaching, or for `BPF_PROG_TEST_RUN` in tests).
@@ -533,6 +564,26 @@ impl<L: log::Log> LogForwarder<L> {
             guard.clear_ready();
         }
     }
+}
+
+/// Loads the IPv6 programs and puts them in `PROGRAMS`, where `xlb` tail-calls them.
+fn load_ipv6_programs(
+    ebpf: &mut Ebpf,
+    tail_calls: &mut ProgramArray<MapData>,
+) -> Result<(), DataplaneError> {
+    for (index, name) in IPV6_PROGRAMS {
+        let program = xdp_program(ebpf, name)?;
+        program
+            .load()
+            .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+        let fd = program
+            .fd()
+            .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+        tail_calls
+            .set(index, fd, 0)
+            .map_err(|source| map_error("PROGRAMS", "written", source))?;
+    }
+    Ok(())
 }
 
 /// Takes map `name` out of the object as a `T`.

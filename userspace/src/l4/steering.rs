@@ -53,7 +53,7 @@ impl Steering {
         configured: &[IpAddr],
     ) -> Result<Steering, SteeringError> {
         let resolver = NeighbourResolver::connect()?;
-        let addresses: Vec<IpAddr> = if configured.is_empty() {
+        let mut addresses: Vec<IpAddr> = if configured.is_empty() {
             let mut addresses = Vec::new();
             for interface in interfaces {
                 addresses.extend(resolver.interface_addresses(interface).await?);
@@ -62,6 +62,9 @@ impl Steering {
         } else {
             configured.to_vec()
         };
+        if !lock(&dataplane).steers_ipv6() {
+            addresses.retain(IpAddr::is_ipv4);
+        }
         if addresses.is_empty() {
             tracing::warn!(
                 ?interfaces,
