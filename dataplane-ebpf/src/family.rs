@@ -59,6 +59,7 @@ pub trait Family: 'static {
     fn start_flow(
         ctx: &XdpContext,
         packet: &L4Packet<Self::Addr>,
+        key: &Key<Self>,
         service: &ServiceValue,
         event: Option<Stat>,
     ) -> Verdict;
@@ -147,11 +148,12 @@ impl Family for V4 {
     fn start_flow(
         ctx: &XdpContext,
         packet: &L4Packet<u32>,
+        key: &Key<Self>,
         service: &ServiceValue,
         event: Option<Stat>,
     ) -> Verdict {
         let reopened = event == Some(Stat::L4FlowReopened);
-        steer::start_flow::<V4>(ctx, packet, service, reopened, event)
+        steer::start_flow::<V4>(ctx, packet, key, service, reopened, event)
     }
 
     #[inline(always)]
@@ -237,6 +239,7 @@ impl Family for V6 {
     fn start_flow(
         ctx: &XdpContext,
         _packet: &L4Packet<Ipv6Wire>,
+        _key: &Key<Self>,
         _service: &ServiceValue,
         event: Option<Stat>,
     ) -> Verdict {

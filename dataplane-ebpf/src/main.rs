@@ -35,7 +35,7 @@ use xlb_common::{
 };
 
 use crate::{
-    family::{Family, SCRATCH_KEYS, V4, V6},
+    family::{Family, ScratchKey, SCRATCH_KEYS, V4, V6},
     parse::{frame_len, parse, Frame, IpHeader, Malformed, NetworkKind, Transport, TransportKind},
     steer::{is_snat_port, lookup_service, reply_to_client, steer_to_backend, L4Packet, Verdict},
 };
@@ -466,8 +466,11 @@ fn start_ipv6_flow(
     let ip = frame.ipv6.with_addresses(ctx).ok()?;
     let packet = L4Packet::new(&ip, &frame.transport, bytes)?;
     let service = lookup_service::<V6>(&packet)?;
+    // Off the stack: this program's frame and the flow's creation share 512 bytes.
+    let key = family::scratch_key::<V6>(ScratchKey::Packet)?;
+    packet.write_key(key);
     Some(steer::start_flow::<V6>(
-        ctx, &packet, &service, reopened, None,
+        ctx, &packet, key, &service, reopened, None,
     ))
 }
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr};
-use xlb_common::{BackendOf, NextHop, Stat, WireAddr, IPPROTO_TCP};
+use xlb_common::{copy_mac, BackendOf, NextHop, Stat, WireAddr, IPPROTO_TCP};
 
 use crate::{
     checksum::Update,
@@ -64,28 +64,11 @@ pub fn rewrite<F: Family>(
 #[inline(always)]
 pub fn write_macs(ctx: &XdpContext, next_hop: &NextHop) -> Result<(), Malformed> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: checked inside the frame; EthHdr fields are byte arrays.
-    unsafe {
-        write_mac(&raw mut (*eth).dst_addr, &next_hop.dst_mac);
-        write_mac(&raw mut (*eth).src_addr, &next_hop.src_mac);
-    }
+    // SAFETY: checked inside the frame; EthHdr fields are byte arrays (alignment 1).
+    let eth = unsafe { &mut *eth };
+    copy_mac(&mut eth.dst_addr, &next_hop.dst_mac);
+    copy_mac(&mut eth.src_addr, &next_hop.src_mac);
     Ok(())
-}
-
-/// Copies a MAC address as a 32-bit and a 16-bit store: a 6-byte array assignment would be a
-/// call to `memmove` on every packet.
-///
-/// # Safety
-/// `dst` must be valid for writing 6 bytes.
-#[inline(always)]
-unsafe fn write_mac(dst: *mut [u8; 6], mac: &[u8; 6]) {
-    let head = u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]);
-    let tail = u16::from_ne_bytes([mac[4], mac[5]]);
-    // SAFETY: the caller's promise; unaligned stores.
-    unsafe {
-        dst.cast::<u32>().write_unaligned(head);
-        dst.cast::<u8>().add(4).cast::<u16>().write_unaligned(tail);
-    }
 }
 
 /// Sends the rewritten frame: back out of the interface it came in on, or redirected through

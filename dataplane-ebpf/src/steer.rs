@@ -226,10 +226,11 @@ pub fn steer_to_backend<F: Family>(
     if !starts_flow {
         return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
     }
-    F::start_flow(ctx, packet, service, event)
+    F::start_flow(ctx, packet, &key, service, event)
 }
 
-/// A new flow for a packet that starts one: its entries, then rewrite and send. `event` is
+/// A new flow for a packet (of flow key `key`) that starts one: its entries, then rewrite and
+/// send. `event` is
 /// what the table did first (a reopened tuple, a gone backend's flow removed), to be counted
 /// with the verdict unless the flow's creation has an event of its own; `reopened`: the tuple
 /// was the packet's flow's, just removed.
@@ -237,14 +238,11 @@ pub fn steer_to_backend<F: Family>(
 pub fn start_flow<F: Family>(
     ctx: &XdpContext,
     packet: &L4Packet<F::Addr>,
+    key: &Key<F>,
     service: &ServiceValue,
     reopened: bool,
     event: Option<Stat>,
 ) -> Verdict {
-    let Some(key) = scratch_key::<F>(ScratchKey::Packet) else {
-        return Verdict::drop(Stat::L4DropSnatExhausted).with_event(event);
-    };
-    packet.write_key(key);
     match new_flow::<F>(ctx, key, service, reopened) {
         Ok((flow, backend, claim_event)) => {
             // SAFETY: this CPU's scratch slot and a backends element, both valid while the

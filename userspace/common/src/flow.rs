@@ -198,18 +198,6 @@ impl<A: WireAddr> FlowKeyOf<A> {
         // as one word so that no `memset` call fills the padding.
         unsafe { tail.write_unaligned(u32::from_ne_bytes([proto, 0, 0, 0])) }
     }
-
-    /// The key of packets travelling the other way.
-    #[inline(always)]
-    pub fn reversed(&self) -> FlowKeyOf<A> {
-        A::flow_key(
-            self.dst_addr,
-            self.src_addr,
-            self.dst_port,
-            self.src_port,
-            self.proto,
-        )
-    }
 }
 
 /// Two ports (wire order) as the word they make in a key or value.

@@ -403,7 +403,6 @@ mod tests {
             FlowKey6::new([1, 2, 3, 4], [5, 6, 7, 8], 0x090a, 0x0b0c, IPPROTO_TCP),
             fields6
         );
-        assert_eq!(fields6.reversed().reversed(), fields6);
         let mut set = FlowKey6 {
             src_addr: [u32::MAX; 4],
             dst_addr: [u32::MAX; 4],
@@ -541,7 +540,6 @@ mod tests {
         ] {
             assert!(!reply.is_peer_of(&other), "{other:?}");
         }
-        assert_eq!(forward.reversed().reversed(), forward);
         let reply6 = FlowValue6 {
             new_src_addr: [2, 0, 0, 7],
             new_dst_addr: [1, 0, 0, 7],

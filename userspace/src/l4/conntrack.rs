@@ -128,7 +128,7 @@ pub fn plan_sweep<A: WireAddr>(
     for (key, value) in entries {
         let peer = table
             .get(&value.peer_key(key.proto))
-            .filter(|peer| peer.peer_key(key.proto) == *key);
+            .filter(|peer| peer.is_peer_of(key));
         let Some(peer) = peer else {
             if now.saturating_sub(value.last_seen_ns) > HALF_PAIR_GRACE_NS {
                 plan.stale_half_pairs += 1;

@@ -18,7 +18,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use xlb_common::{
     ring_index, wire_ipv4, wire_ipv6, wire_port, Backend, Backend6, NextHop, ServiceKey,
-    ServiceKey6, ServiceValue, TrafficCounters, MAX_BACKENDS, NO_BACKEND,
+    ServiceKey6, ServiceKeyOf, ServiceValue, TrafficCounters, MAX_BACKENDS, NO_BACKEND,
 };
 
 use super::{
@@ -459,31 +459,15 @@ impl L4Maps {
         listener: &Listener,
         value: ServiceValue,
     ) -> Result<(), DataplaneError> {
-        let port = wire_port(listener.port);
-        let proto = listener.protocol.number();
         match addr {
-            IpAddr::V4(addr) => {
-                let key = ServiceKey {
-                    addr: wire_ipv4(addr),
-                    port,
-                    proto,
-                    _pad: 0,
-                };
-                self.services
-                    .insert(key, value, 0)
-                    .map_err(|source| map_error("SERVICES", "updated", source))
-            }
-            IpAddr::V6(addr) => {
-                let key = ServiceKey6 {
-                    addr: wire_ipv6(addr),
-                    port,
-                    proto,
-                    _pad: 0,
-                };
-                self.services6
-                    .insert(key, value, 0)
-                    .map_err(|source| map_error("SERVICES6", "updated", source))
-            }
+            IpAddr::V4(addr) => self
+                .services
+                .insert(service_key(wire_ipv4(addr), listener), value, 0)
+                .map_err(|source| map_error("SERVICES", "updated", source)),
+            IpAddr::V6(addr) => self
+                .services6
+                .insert(service_key(wire_ipv6(addr), listener), value, 0)
+                .map_err(|source| map_error("SERVICES6", "updated", source)),
         }
     }
 
@@ -492,27 +476,17 @@ impl L4Maps {
         addr: IpAddr,
         listener: &Listener,
     ) -> Result<(), DataplaneError> {
-        let port = wire_port(listener.port);
-        let proto = listener.protocol.number();
         match addr {
-            IpAddr::V4(addr) => {
-                let key = ServiceKey {
-                    addr: wire_ipv4(addr),
-                    port,
-                    proto,
-                    _pad: 0,
-                };
-                remove_key(&mut self.services, &key, "SERVICES")
-            }
-            IpAddr::V6(addr) => {
-                let key = ServiceKey6 {
-                    addr: wire_ipv6(addr),
-                    port,
-                    proto,
-                    _pad: 0,
-                };
-                remove_key(&mut self.services6, &key, "SERVICES6")
-            }
+            IpAddr::V4(addr) => remove_key(
+                &mut self.services,
+                &service_key(wire_ipv4(addr), listener),
+                "SERVICES",
+            ),
+            IpAddr::V6(addr) => remove_key(
+                &mut self.services6,
+                &service_key(wire_ipv6(addr), listener),
+                "SERVICES6",
+            ),
         }
     }
 
@@ -538,6 +512,16 @@ impl L4Maps {
         }
         self.ring_contents[slot as usize][ring as usize] = wanted.to_vec();
         Ok(written)
+    }
+}
+
+/// The `SERVICES`/`SERVICES6` key of `listener` on LB address `addr` (wire order).
+fn service_key<A>(addr: A, listener: &Listener) -> ServiceKeyOf<A> {
+    ServiceKeyOf {
+        addr,
+        port: wire_port(listener.port),
+        proto: listener.protocol.number(),
+        _pad: 0,
     }
 }
 
