@@ -40,6 +40,9 @@ pub enum Tracked<F: Family> {
     /// The entry's peer is gone or belongs to another flow (half of a pair removed, or a
     /// tuple taken over): the entry was removed and the packet dropped.
     Lost,
+    /// As `Lost`, for a connection request: the packet starts a new flow (see
+    /// [`without_peer`]).
+    Orphaned,
 }
 
 /// CLOCK_MONOTONIC to within a tick (a few milliseconds): timeouts are seconds long, and the
@@ -99,14 +102,12 @@ fn advance<F: Family>(
     entry.write_peer_key(peer_key, key.proto);
     let peer_key: &Key<F> = peer_key;
     let Some(peer) = F::flows().get_ptr_mut(peer_key) else {
-        let _ = F::flows().remove(key);
-        return Tracked::Lost;
+        return without_peer::<F>(key, entry, packet);
     };
     // SAFETY: flow values are plain data; concurrent writers only ever set latches.
     let peer = unsafe { &mut *peer };
     if !peer.is_peer_of(key) {
-        let _ = F::flows().remove(key);
-        return Tracked::Lost;
+        return without_peer::<F>(key, entry, packet);
     }
     if entry.direction == DIRECTION_FORWARD {
         if packet.is_connection_request() {
@@ -151,6 +152,26 @@ fn advance<F: Family>(
     }
     touch(entry, now);
     Tracked::Flow(entry)
+}
+
+/// An entry whose peer is gone or another flow's is removed. Most often its flow was over and
+/// another CPU (a new flow reclaiming the tuple, or the sweep) was removing the pair between
+/// this packet's two lookups: a connection request then starts a new flow, as on the tuple of
+/// any flow that is over, where a drop would cost the client a second's retransmission. Any
+/// other packet is dropped.
+#[inline(always)]
+fn without_peer<F: Family>(
+    key: &Key<F>,
+    entry: &Value<F>,
+    packet: &L4Packet<F::Addr>,
+) -> Tracked<F> {
+    let orphaned = entry.direction == DIRECTION_FORWARD && packet.is_connection_request();
+    let _ = F::flows().remove(key);
+    if orphaned {
+        Tracked::Orphaned
+    } else {
+        Tracked::Lost
+    }
 }
 
 /// Removes both entries of a flow: the forward one first, so that its SNAT tuple (the reply

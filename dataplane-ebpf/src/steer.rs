@@ -216,6 +216,7 @@ pub fn steer_to_backend<F: Family>(
             Some(Stat::L4FlowBackendGone)
         }
         Some(Tracked::Reopened) => Some(Stat::L4FlowReopened),
+        Some(Tracked::Orphaned) => Some(Stat::L4FlowOrphaned),
         Some(Tracked::Lost) => return Verdict::drop(Stat::L4DropFlowLost),
         None => None,
     };
@@ -292,7 +293,8 @@ pub fn reply_to_client<F: Family>(ctx: &XdpContext, packet: &L4Packet<F::Addr>) 
     let flow = match tracked_flow::<F>(&key, packet, now)? {
         // SAFETY: the entry stays mapped while the program runs (RCU).
         Tracked::Flow(flow) => unsafe { &*flow },
-        Tracked::Reopened => return None,
+        // The packet's entry is a forward one: not a reply.
+        Tracked::Reopened | Tracked::Orphaned => return None,
         Tracked::Lost => return Some(Verdict::drop(Stat::L4DropFlowLost)),
     };
     if flow.direction != DIRECTION_REPLY {

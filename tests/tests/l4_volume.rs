@@ -510,12 +510,13 @@ fn udp_exchange(target: SocketAddr, index: usize) -> io::Result<bool> {
     Err(last_error.unwrap_or_else(|| io::Error::other("no answer")))
 }
 
-const REPORTED_STATS: [Stat; 15] = [
+const REPORTED_STATS: [Stat; 16] = [
     Stat::L4NewFlow,
     Stat::L4Forwarded,
     Stat::L4Replied,
     Stat::L4FlowReopened,
     Stat::L4FlowReclaimed,
+    Stat::L4FlowOrphaned,
     Stat::L4SnatTimeWaitReused,
     Stat::L4PassNoFlow,
     Stat::L4DropNoBackend,

@@ -8,11 +8,13 @@ mod xdp_support;
 
 use std::{net::SocketAddrV4, thread, time::Duration};
 
+use aya::maps::{Map, MapData, MapInfo};
 use xdp_support::*;
 use xlb::{
     dataplane::Dataplane,
     l4::settings::{L4Settings, SnatPorts},
 };
+use xlb_common::{FlowKey, FlowValue};
 
 /// Long enough for a few test runs to happen inside it, short enough to wait out.
 const SHORT: Duration = Duration::from_millis(200);
@@ -230,6 +232,65 @@ fn a_syn_on_a_closed_flows_tuple_reopens_it_on_the_same_snat_tuple() {
     );
     let (_, l4, _) = step(&mut dataplane, &from_backend(snat_port, syn_ack));
     assert_eq!(l4, ["l4_replied"], "the new flow's reply entry is in place");
+}
+
+/// The program's IPv4 connection table, opened by id: the test's hand in it.
+fn flows_table(dataplane: &mut Dataplane) -> aya::maps::HashMap<MapData, FlowKey, FlowValue> {
+    let info = dataplane.program().unwrap().info().unwrap();
+    let id = info
+        .map_ids()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .find(|id| MapInfo::from_id(*id).unwrap().name_as_str() == Some("FLOWS"))
+        .expect("the program uses FLOWS");
+    aya::maps::HashMap::try_from(Map::HashMap(MapData::from_id(id).unwrap())).unwrap()
+}
+
+/// The reply entry's key of SNAT port `snat_port` toward backend A, as the program keys it.
+fn reply_key(snat_port: u16) -> FlowKey {
+    FlowKey::new(
+        u32::from_ne_bytes(BACKEND_A.ip().octets()),
+        u32::from_ne_bytes(SNAT_ADDR.octets()),
+        BACKEND_A.port().to_be(),
+        snat_port.to_be(),
+        6,
+    )
+}
+
+#[test]
+fn a_syn_that_meets_half_a_removed_pair_starts_a_new_flow() {
+    let mut dataplane = conntrack(|s| s.snat_ports = SnatPorts::new(61000, 61999).unwrap());
+    let snat_port = handshake(&mut dataplane, 40000);
+    step(&mut dataplane, &from_client(40000, fin_ack));
+    step(&mut dataplane, &from_backend(snat_port, fin_ack));
+    // What a packet's two lookups see when another CPU (the sweep, or a new flow reclaiming
+    // the closed flow's tuple) removes the pair between them: the forward entry, and no reply
+    // entry.
+    flows_table(&mut dataplane)
+        .remove(&reply_key(snat_port))
+        .unwrap();
+    let (verdict, l4, new_snat_port) = step(&mut dataplane, &from_client(40000, syn));
+    assert_eq!(
+        (verdict, l4),
+        (XDP_TX, vec!["l4_flow_orphaned", "l4_new_flow"]),
+        "the client reusing its port gets its new connection, not a dropped SYN"
+    );
+    let (_, l4, _) = step(
+        &mut dataplane,
+        &from_backend(new_snat_port.unwrap(), syn_ack),
+    );
+    assert_eq!(l4, ["l4_replied"], "the new flow is whole");
+
+    // Any other packet of such a flow is dropped, and the entry left removed.
+    let snat_port = handshake(&mut dataplane, 40001);
+    flows_table(&mut dataplane)
+        .remove(&reply_key(snat_port))
+        .unwrap();
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, fin_ack));
+    assert_eq!((verdict, l4), (XDP_DROP, vec!["l4_drop_flow_lost"]));
+    let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, ack));
+    assert_eq!((verdict, l4), (XDP_PASS, vec!["l4_pass_no_flow"]));
 }
 
 #[test]

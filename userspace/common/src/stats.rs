@@ -66,7 +66,8 @@ pub enum Stat {
     L4DropSnatExhausted = 18,
     /// Dropped: the connection table refused the entries.
     L4DropFlowTable = 19,
-    /// Dropped: a tracked flow whose other entry vanished (evicted); both are removed.
+    /// Dropped: a packet (other than a connection request) of a tracked flow whose other
+    /// entry is gone or another flow's; the entry left is removed.
     L4DropFlowLost = 20,
     /// An event: a SYN on the tuple of a flow that is over (closed, or idle past its timeout)
     /// removed its entries and started a new flow (the client reused its port).
@@ -102,11 +103,15 @@ pub enum Stat {
     L4IcmpToClient = 30,
     /// Such an error from the client's side, translated and sent to the backend.
     L4IcmpToBackend = 31,
+    /// An event: a connection request found its tuple's entry without its peer (another CPU,
+    /// or the sweep, removing the flow's pair between the packet's two lookups; or a new flow
+    /// that took the tuple over); the entry left was removed and the packet started a new flow.
+    L4FlowOrphaned = 32,
 }
 
 impl Stat {
     /// Number of slots in the `STATS` array.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
 
     /// All stats, in index order.
     pub const ALL: [Stat; Stat::COUNT as usize] = [
@@ -142,6 +147,7 @@ impl Stat {
         Stat::ClassL4Icmp,
         Stat::L4IcmpToClient,
         Stat::L4IcmpToBackend,
+        Stat::L4FlowOrphaned,
     ];
 
     /// The name userspace reports this stat under.
@@ -179,6 +185,7 @@ impl Stat {
             Stat::ClassL4Icmp => "class_l4_icmp",
             Stat::L4IcmpToClient => "l4_icmp_to_client",
             Stat::L4IcmpToBackend => "l4_icmp_to_backend",
+            Stat::L4FlowOrphaned => "l4_flow_orphaned",
         }
     }
 
