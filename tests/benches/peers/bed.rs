@@ -100,8 +100,9 @@ impl Bed {
              on one bridge; the backend is the Swarm service `{SERVICE}` (tests/docker-demo, \
              FROM scratch) published mode=host at {}. lb-00's bridge port has a native XDP_PASS \
              program and tx checksum offload is off on every veth, for every row; lb-00 has \
-             forwarding off (but for kernel NAT's row) and tcp_tw_reuse=1; the client has \
-             tcp_tw_reuse=1 and ports 1024-65000.",
+             forwarding off (but for kernel NAT's rows) and tcp_tw_reuse=1; the client has \
+             tcp_tw_reuse=1 and ports 1024-65000. Kernel NAT's second row has an XDP_PASS \
+             program on lb-00's own veth too, as xlb's row has its program there.",
             self.client.addr, self.lb.addr, self.node.addr, self.backend
         )
     }
@@ -116,6 +117,15 @@ impl Bed {
         SocketAddr::new(self.lb.addr.into(), L4_PORT)
     }
 
+    /// An XDP_PASS program on lb-00's own veth while the result lives, which puts the veth
+    /// in the receive mode xlb's program puts it in.
+    pub fn lb_interface_in_xdp_mode(&self) -> Result<Dataplane> {
+        in_netns(&self.lb.netns, || {
+            attach_pass_program(Segment::HOST_INTERFACE)
+        })?
+        .context("attaching an XDP_PASS program to lb-00's veth")
+    }
+
     /// xlb's admin endpoint.
     pub fn admin_addr(&self) -> SocketAddr {
         SocketAddr::new(self.lb.addr.into(), ADMIN_PORT)
@@ -123,23 +133,26 @@ impl Bed {
 }
 
 /// XDP_TX out of lb-00's veth is delivered only when the peer end (the bridge port) has a
-/// native XDP program; xlb's own program with no service passes everything.
+/// native XDP program.
 fn attach_peer_program(segment: &Segment, lb: &Host) -> Result<Dataplane> {
-    in_netns(&segment.switch, || -> Result<Dataplane> {
-        let mut program = Dataplane::load_with(&L4Settings {
-            ring_size: RingSize::new(3).expect("3 is prime"),
-            flow_entries: 16,
-            service_slots: 1,
-            ..L4Settings::default()
-        })?;
-        let mode = program.attach(&lb.switch_port)?;
-        anyhow::ensure!(
-            mode == AttachMode::Native,
-            "the peer XDP program attached in {mode:?} mode; XDP_TX needs native"
-        );
-        Ok(program)
-    })?
-    .context("attaching the XDP_PASS program to lb-00's bridge port")
+    in_netns(&segment.switch, || attach_pass_program(&lb.switch_port))?
+        .context("attaching the XDP_PASS program to lb-00's bridge port")
+}
+
+/// xlb's own program with no service, natively on `interface`: it passes everything.
+fn attach_pass_program(interface: &str) -> Result<Dataplane> {
+    let mut program = Dataplane::load_with(&L4Settings {
+        ring_size: RingSize::new(3).expect("3 is prime"),
+        flow_entries: 16,
+        service_slots: 1,
+        ..L4Settings::default()
+    })?;
+    let mode = program.attach(interface)?;
+    anyhow::ensure!(
+        mode == AttachMode::Native,
+        "the XDP_PASS program attached in {mode:?} mode on {interface}; XDP_TX needs native"
+    );
+    Ok(program)
 }
 
 /// lb-00 as a host, not a router: no forwarding, no redirects, FORWARD dropped. A namespace

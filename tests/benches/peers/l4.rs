@@ -125,6 +125,17 @@ pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -
     {
         let nat = KernelNat::start(bed);
         measure_both("kernel NAT (iptables)", via_lb(bed, &nat, |_| Vec::new()));
+        // The same, with lb-00's veth receiving as it does under xlb: a veth with an XDP
+        // program runs its own NAPI and hands the kernel skbs rebuilt from XDP buffers (copied
+        // when the sender's skb lacks XDP's headroom), which a NIC's driver does not. The
+        // difference between the two kernel NAT rows is what the veth's XDP mode costs, not
+        // what NAT costs.
+        let in_xdp_mode =
+            nat.and_then(|nat| bed.lb_interface_in_xdp_mode().map(|mode| (nat, mode)));
+        measure_both(
+            "kernel NAT, lb-00's veth in XDP mode",
+            via_lb(bed, &in_xdp_mode, |_| Vec::new()),
+        );
     }
     Ok(rows)
 }
