@@ -137,6 +137,7 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
                         "snat_tuples_per_backend": connections.snat_tuples_per_backend,
                         "snat_tuples_in_use": snat_tuples_in_use,
                         "sweeps": connections.sweeps,
+                        "next_sweep_in_ms": connections.next_sweep_in.as_millis() as u64,
                     },
                 },
             }))

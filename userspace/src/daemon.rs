@@ -20,7 +20,7 @@ use crate::{
     config::{self, Config, Extension, ProxyConfig, WorkerProcesses},
     dataplane::Dataplane,
     l4::{
-        conntrack::SWEEP_INTERVAL,
+        conntrack::MIN_SWEEP_INTERVAL,
         service::{l4_route_table, L4RouteTable},
         service::{Listener, Protocol},
         settings::{check_snat_ports, parse_local_ports, L4Settings},
@@ -331,32 +331,38 @@ fn start_dataplane(
     Ok(dataplane)
 }
 
-/// Sweeps the connection table every [`SWEEP_INTERVAL`], off the async workers (a full table
-/// takes milliseconds to read).
+/// Sweeps the connection table when its schedule says (`conntrack::SweepSchedule`: as often
+/// as the table's growth needs), off the async workers (a full table takes milliseconds to
+/// read).
 async fn sweep_connection_table(dataplane: Arc<Mutex<Dataplane>>) {
-    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = MIN_SWEEP_INTERVAL;
     loop {
-        ticks.tick().await;
+        tokio::time::sleep(wait).await;
         let dataplane = dataplane.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            dataplane
+            let mut dataplane = dataplane
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .sweep_flows()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let sweep = dataplane.sweep_flows();
+            (sweep, dataplane.connection_table().next_sweep_in)
         })
         .await;
+        wait = match &swept {
+            Ok((Ok(_), next)) => *next,
+            _ => MIN_SWEEP_INTERVAL,
+        };
         match swept {
-            Ok(Ok(sweep)) if sweep.expired_flows() + sweep.stale_half_pairs() > 0 => {
+            Ok((Ok(sweep), _)) if sweep.expired_flows() + sweep.stale_half_pairs() > 0 => {
                 tracing::debug!(
                     expired_flows = sweep.expired_flows(),
                     stale_half_pairs = sweep.stale_half_pairs(),
                     entries = sweep.summary().entries,
+                    next_in_ms = wait.as_millis() as u64,
                     "connection tables swept"
                 )
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
+            Ok((Ok(_), _)) => {}
+            Ok((Err(error), _)) => {
                 tracing::warn!(error = %error, "sweeping the connection table failed")
             }
             Err(error) => tracing::warn!(error = %error, "the connection-table sweep panicked"),

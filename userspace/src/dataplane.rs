@@ -12,7 +12,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 use tokio::io::unix::AsyncFd;
 
 use xlb_common::{
@@ -22,7 +26,7 @@ use xlb_common::{
 };
 
 use crate::l4::{
-    conntrack::{self, Sweep, SweepPlan, SweepTotals, TableSummary},
+    conntrack::{self, Sweep, SweepPlan, SweepSchedule, SweepTotals, TableSummary},
     maps::{L4MapHandles, L4Maps, L4Traffic},
     service::Listener,
     settings::L4Settings,
@@ -162,6 +166,8 @@ pub struct ConnectionTableReport<'a> {
     /// As the last sweep left it.
     pub table: &'a TableSummary,
     pub sweeps: SweepTotals,
+    /// How long after the last sweep the next is due (see [`SweepSchedule`]).
+    pub next_sweep_in: Duration,
     /// Flows one IPv4 backend endpoint can have at once: SNAT addresses × ports.
     pub snat_tuples_per_backend: u64,
     /// The same for an IPv6 backend.
@@ -179,6 +185,7 @@ struct ConnectionTable {
     snat_tuples_per_backend6: u64,
     last: TableSummary,
     totals: SweepTotals,
+    schedule: SweepSchedule,
 }
 
 impl ConnectionTable {
@@ -269,6 +276,7 @@ impl Dataplane {
                 ..TableSummary::default()
             },
             totals: SweepTotals::default(),
+            schedule: SweepSchedule::default(),
         };
         let mut dataplane = Self {
             ebpf,
@@ -494,6 +502,7 @@ impl Dataplane {
         table.totals.sweeps += 1;
         table.totals.expired_flows += sweep.expired_flows();
         table.totals.stale_half_pairs += sweep.stale_half_pairs();
+        table.schedule.record(&sweep, Instant::now());
         Ok(sweep)
     }
 
@@ -502,6 +511,7 @@ impl Dataplane {
         ConnectionTableReport {
             table: &self.flows.last,
             sweeps: self.flows.totals,
+            next_sweep_in: self.flows.schedule.next(),
             snat_tuples_per_backend: self.flows.snat_tuples_per_backend,
             snat_tuples_per_backend6: self.flows.snat_tuples_per_backend6,
         }

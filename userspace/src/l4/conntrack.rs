@@ -2,7 +2,7 @@
 //!
 //! The XDP program removes a flow only when something needs its place: a new flow whose SNAT
 //! tuple it holds, or a SYN reopening its 5-tuple. Everything else that is over (a client that
-//! vanished, a closed flow nobody collides with) is removed by the sweep, once a second, by the
+//! vanished, a closed flow nobody collides with) is removed by the sweep (see [`SweepSchedule`] for when), by the
 //! same rule the program applies (`xlb_common::flow_expired`), so the table does not fill with
 //! the dead. The table is read in batches ([`super::batch`]) and judged here; the removals are
 //! the kernel's: the keys go to the program's `xlb_sweep` through `BPF_PROG_TEST_RUN`, which
@@ -13,8 +13,8 @@
 //! IPv6 tables are swept alike, each by the program's sweep of its family ([`Sweep`]).
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
-    time::Duration,
+    collections::BTreeMap,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -30,8 +30,10 @@ use xlb_common::{
 use super::batch;
 use crate::dataplane::DataplaneError;
 
-/// How often the daemon sweeps.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest time between two of the daemon's sweeps.
+pub const MIN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest: what `/stats` shows of the table is at most about this old.
+pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What the table holds, by state; flows are counted once, by their forward entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -72,6 +74,8 @@ pub struct SweepPlan<A> {
     pub stale: Vec<FlowKeyOf<A>>,
     pub expired_flows: u64,
     pub stale_half_pairs: u64,
+    /// Entries in the snapshot judged.
+    pub read: u64,
     /// The table as it will be once the plan is applied.
     pub summary: TableSummary,
 }
@@ -114,7 +118,9 @@ pub fn plan_sweep<A: WireAddr>(
     capacity: u32,
     now: u64,
 ) -> SweepPlan<A> {
-    let table: StdHashMap<FlowKeyOf<A>, &FlowValueOf<A>> =
+    // foldhash, not SipHash: the keys are the kernel's, and hashing a full table's with SipHash
+    // was over a quarter of the sweep's userspace time (perf).
+    let table: foldhash::HashMap<FlowKeyOf<A>, &FlowValueOf<A>> =
         entries.iter().map(|(key, value)| (*key, value)).collect();
     let timeout = |state: FlowState| timeouts.for_state(state);
     let mut plan = SweepPlan {
@@ -122,6 +128,7 @@ pub fn plan_sweep<A: WireAddr>(
         stale: Vec::new(),
         expired_flows: 0,
         stale_half_pairs: 0,
+        read: entries.len() as u64,
         summary: TableSummary::default(),
     };
     plan.summary.capacity = capacity;
@@ -162,6 +169,73 @@ pub fn plan_sweep<A: WireAddr>(
         }
     }
     plan
+}
+
+/// How one family's table moved over the time between two sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableGrowth {
+    /// Entries the previous sweep left.
+    pub left_before: u64,
+    /// Entries this sweep read.
+    pub read: u64,
+    /// Entries this sweep left.
+    pub left: u64,
+    pub capacity: u64,
+    /// Since the previous sweep.
+    pub elapsed: Duration,
+}
+
+/// When to sweep a table next. A sweep reads the table whole, so it costs in proportion to the
+/// entries held, whatever it removes: sweeping every second the ~140 000 entries a
+/// new-connection load had left took 3.5% of the bench machine's time during the keep-alive
+/// load that followed (perf), four times what the XDP program took. Nothing needs the dead
+/// entries gone until the table would fill (a new flow reclaims an expired flow's SNAT tuple
+/// itself where it needs it), so the next sweep is due in half the time the table would take
+/// to fill at the rate it grew since the previous sweep, within [`MIN_SWEEP_INTERVAL`] and
+/// [`MAX_SWEEP_INTERVAL`]. (The kernel's conntrack garbage collection, and Cilium's, likewise
+/// scan less often when a scan finds little to do.)
+pub fn next_sweep_interval(growth: TableGrowth) -> Duration {
+    let grown = growth.read.saturating_sub(growth.left_before);
+    let room = growth.capacity.saturating_sub(growth.left);
+    if grown == 0 {
+        return MAX_SWEEP_INTERVAL;
+    }
+    // room / (grown / elapsed) / 2, in floating point: the counts fit f64 exactly.
+    let fill_time = growth.elapsed.as_secs_f64() * room as f64 / grown as f64;
+    Duration::from_secs_f64(fill_time / 2.0).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL)
+}
+
+/// The daemon's sweep timing: what the previous sweep left of each table, and when it ran.
+#[derive(Debug, Clone, Default)]
+pub struct SweepSchedule {
+    previous: Option<(Instant, [u64; 2])>,
+    next: Option<Duration>,
+}
+
+impl SweepSchedule {
+    /// Records `sweep`, run at `now`; the wait until the next is then [`SweepSchedule::next`].
+    pub fn record(&mut self, sweep: &Sweep, now: Instant) {
+        let left = [sweep.ipv4.summary.entries, sweep.ipv6.summary.entries];
+        // The first sweep has no growth to go by: the next one is a second later.
+        self.next = self.previous.map(|(then, left_before)| {
+            let growth = |family: usize, read: u64, capacity: u32| TableGrowth {
+                left_before: left_before[family],
+                read,
+                left: left[family],
+                capacity: u64::from(capacity),
+                elapsed: now.saturating_duration_since(then),
+            };
+            next_sweep_interval(growth(0, sweep.ipv4.read, sweep.ipv4.summary.capacity)).min(
+                next_sweep_interval(growth(1, sweep.ipv6.read, sweep.ipv6.summary.capacity)),
+            )
+        });
+        self.previous = Some((now, left));
+    }
+
+    /// How long to wait for the next sweep.
+    pub fn next(&self) -> Duration {
+        self.next.unwrap_or(MIN_SWEEP_INTERVAL)
+    }
 }
 
 /// Reads `flows` and judges it at `now` (see [`plan_sweep`]).
@@ -358,5 +432,78 @@ mod tests {
         );
         assert_eq!(plan.stale_half_pairs, 1);
         assert_eq!(plan.summary.half_pairs, 1);
+    }
+
+    fn growth(left_before: u64, read: u64, left: u64, elapsed_secs: u64) -> TableGrowth {
+        TableGrowth {
+            left_before,
+            read,
+            left,
+            capacity: 262_144,
+            elapsed: Duration::from_secs(elapsed_secs),
+        }
+    }
+
+    #[test]
+    fn a_table_that_does_not_grow_is_swept_at_the_longest_interval() {
+        // 140 000 entries left by an earlier load, none added since, some of them expiring.
+        assert_eq!(
+            next_sweep_interval(growth(140_000, 140_000, 120_000, 1)),
+            MAX_SWEEP_INTERVAL
+        );
+        assert_eq!(
+            next_sweep_interval(growth(140_000, 90_000, 80_000, 1)),
+            MAX_SWEEP_INTERVAL
+        );
+    }
+
+    #[test]
+    fn the_next_sweep_comes_at_half_the_time_the_table_would_take_to_fill() {
+        // 10 000 entries a second with 122 144 free: full in 12.2 s, swept again in 6.1 s.
+        let interval = next_sweep_interval(growth(130_000, 150_000, 140_000, 2));
+        assert_eq!(interval.as_millis(), 6_107);
+        // Filling fast and nearly full: at once, that is at the shortest interval.
+        assert_eq!(
+            next_sweep_interval(growth(200_000, 250_000, 250_000, 1)),
+            MIN_SWEEP_INTERVAL
+        );
+        assert_eq!(
+            next_sweep_interval(growth(0, 262_144, 262_144, 1)),
+            MIN_SWEEP_INTERVAL
+        );
+    }
+
+    #[test]
+    fn the_schedule_follows_the_faster_growing_family() {
+        fn plan<A: WireAddr>(read: u64, left: u64) -> SweepPlan<A> {
+            SweepPlan {
+                read,
+                summary: TableSummary {
+                    entries: left,
+                    capacity: 262_144,
+                    ..TableSummary::default()
+                },
+                ..SweepPlan::default()
+            }
+        }
+        let sweep = |ipv4: (u64, u64), ipv6: (u64, u64)| Sweep {
+            ipv4: plan(ipv4.0, ipv4.1),
+            ipv6: plan(ipv6.0, ipv6.1),
+        };
+        let start = Instant::now();
+        let mut schedule = SweepSchedule::default();
+        assert_eq!(schedule.next(), MIN_SWEEP_INTERVAL);
+        schedule.record(&sweep((1_000, 1_000), (0, 0)), start);
+        assert_eq!(schedule.next(), MIN_SWEEP_INTERVAL, "no growth known yet");
+        schedule.record(
+            &sweep((1_000, 1_000), (0, 0)),
+            start + Duration::from_secs(1),
+        );
+        assert_eq!(schedule.next(), MAX_SWEEP_INTERVAL, "neither table grew");
+        schedule.record(
+            &sweep((1_000, 1_000), (200_000, 200_000)),
+            start + Duration::from_secs(2),
+        );
+        assert_eq!(schedule.next(), MIN_SWEEP_INTERVAL, "IPv6 filling fast");
     }
 }
