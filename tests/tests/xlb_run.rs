@@ -103,6 +103,8 @@ fn runs_without_docker_falls_back_to_generic_xdp_and_stops_on_sigterm() {
             "default_backend": null,
             "rejected": [],
             "l4": { "listeners": [], "rejected": [] },
+            // Docker never read: no snapshot served.
+            "snapshot": { "version": null },
         })
     );
 

@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -17,7 +18,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    dataplane::Dataplane, l4::service::L4RouteTable, proxy::WorkerStats, routes::RouteTable,
+    controller_feed::FeedStatus, dataplane::Dataplane, l4::service::L4RouteTable,
+    proxy::WorkerStats, routes::RouteTable,
 };
 
 /// What the admin endpoint reports on.
@@ -30,6 +32,37 @@ pub struct AdminState {
     pub dataplane: Option<Arc<Mutex<Dataplane>>>,
     /// The L7 proxy's workers, shown under `"proxy"`.
     pub proxy_workers: Arc<WorkerStats>,
+    /// The version of the snapshot served, and when it was first applied.
+    pub snapshot: Mutex<Option<(u64, Instant)>>,
+    /// The controllers feeding this node (`xlb proxy`); none under `xlb run`.
+    pub controllers: Option<Arc<FeedStatus>>,
+}
+
+impl AdminState {
+    /// Records that the snapshot of `version` is served.
+    pub fn record_snapshot(&self, version: u64) {
+        let mut served = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        if served.is_none_or(|(served, _)| served != version) {
+            *served = Some((version, Instant::now()));
+        }
+    }
+
+    /// `/routes`' `"snapshot"`: the version served, how long it has been served, and the
+    /// controllers' state.
+    fn snapshot_report(&self) -> serde_json::Value {
+        let served = *self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = match served {
+            Some((version, since)) => json!({
+                "version": version,
+                "age_ms": since.elapsed().as_millis() as u64,
+            }),
+            None => json!({ "version": null }),
+        };
+        if let (Some(controllers), Some(fields)) = (&self.controllers, report.as_object_mut()) {
+            fields.insert("controllers".to_owned(), json!(controllers.report()));
+        }
+        report
+    }
 }
 
 /// Serves admin requests on `listener` until `shutdown` is cancelled.
@@ -72,6 +105,7 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
             if let Some(fields) = routes.as_object_mut() {
                 let l4 = serde_json::to_value(&**state.l4_routes.load()).unwrap_or_default();
                 fields.insert("l4".to_owned(), l4);
+                fields.insert("snapshot".to_owned(), state.snapshot_report());
             }
             json_response(&routes)
         }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{daemon, logging};
+use crate::{controller, daemon, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,12 +19,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the load balancer: discovery, L7 proxy, XDP dataplane (as root).
+    /// Run the load balancer on one host: discovery, L7 proxy, XDP dataplane (as root).
     Run(RunArgs),
+    /// On a Swarm manager: read Swarm and serve route snapshots to the proxies.
+    Controller(ControllerArgs),
+    /// On a load-balancer node: the L7 proxy and XDP dataplane, fed by the controllers.
+    Proxy(ProxyArgs),
 }
 
+/// What a node serving traffic is told: `xlb run` and `xlb proxy` alike.
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {
+pub struct NodeArgs {
     /// Interlock's config.toml.
     #[arg(long, short = 'c')]
     pub config: PathBuf,
@@ -39,9 +44,45 @@ pub struct RunArgs {
     /// Which `[Extensions.<name>]` of the config to serve (default: the only one, or `default`).
     #[arg(long)]
     pub extension: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Overrides the config's DockerURL (e.g. a private engine's socket).
     #[arg(long)]
     pub docker_url: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Interlock's config.toml; snapshots are served on its ListenAddr.
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// Overrides the config's DockerURL.
+    #[arg(long)]
+    pub docker_url: Option<String>,
+    /// A file holding the token proxies must present (`Authorization: Bearer`); without one,
+    /// snapshots are served on loopback only.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Which `[Extensions.<name>]` to build the route tables for.
+    #[arg(long)]
+    pub extension: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// A controller's address, `http://HOST:PORT` (its ListenAddr); repeat it for several:
+    /// the proxy moves to the next when one fails.
+    #[arg(long, required = true)]
+    pub controller: Vec<String>,
+    /// A file holding the controllers' token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Cli {
@@ -49,6 +90,8 @@ impl Cli {
         logging::init();
         match self.command {
             Command::Run(args) => daemon::run(args),
+            Command::Controller(args) => controller::run(args),
+            Command::Proxy(args) => daemon::run_proxy(args),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! `xlb run`: loads the config, then runs discovery, the L7 proxy, the admin endpoint and the XDP
-//! dataplane until SIGINT or SIGTERM, and detaches XDP on the way out.
+//! `xlb run` and `xlb proxy`: load the config, then run the L7 proxy, the admin endpoint and the
+//! XDP dataplane, fed by discovery in the same process (`run`) or by controllers (`proxy`),
+//! until SIGINT or SIGTERM, and detach XDP on the way out.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -16,24 +17,25 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState},
-    cli::RunArgs,
+    cli::{NodeArgs, ProxyArgs, RunArgs},
     config::{self, Config, Extension, ProxyConfig, WorkerProcesses},
+    controller_feed::{ControllerFeed, ControllerUrl},
     dataplane::Dataplane,
+    discovery::Discovery,
     l4::{
         conntrack::MIN_SWEEP_INTERVAL,
-        service::{l4_route_table, L4RouteTable},
         service::{Listener, Protocol},
         settings::{check_snat_ports, parse_local_ports, L4Settings},
-        shield::local_endpoint_ports,
         steering::Steering,
     },
     logging,
+    node::Node,
     proxy::{
         self, BackendTlsClients, BoundWorkers, CertificateStore, ProxyPorts, ProxySettings, Router,
         TlsTermination,
     },
-    routes::{route_table, Route, RouteSettings, RouteTable},
-    swarm::{Swarm, SwarmSnapshot},
+    routes::RouteSettings,
+    snapshot,
     tls_policy::TlsPolicy,
 };
 
@@ -50,7 +52,42 @@ const DEFAULT_WORKER_PROCESSES: WorkerProcesses = WorkerProcesses::Count(NonZero
 /// How often certificate secrets are checked for changes.
 const CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Where a node's snapshots come from.
+enum SnapshotSource {
+    /// Discovery in this process (`xlb run`), from the config's or this Docker URL.
+    Docker { docker_url: Option<String> },
+    /// Controllers (`xlb proxy`).
+    Controllers {
+        controllers: Vec<ControllerUrl>,
+        token_file: Option<PathBuf>,
+    },
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    run_node(
+        &args.node,
+        SnapshotSource::Docker {
+            docker_url: args.docker_url,
+        },
+    )
+}
+
+pub fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let controllers = args
+        .controller
+        .iter()
+        .map(|url| ControllerUrl::parse(url))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    run_node(
+        &args.node,
+        SnapshotSource::Controllers {
+            controllers,
+            token_file: args.token_file,
+        },
+    )
+}
+
+fn run_node(args: &NodeArgs, source: SnapshotSource) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
     let (name, extension) = select_extension(&config, args.extension.as_deref())?;
     if let Some(path) = &extension.proxy.error_log_path {
@@ -73,11 +110,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(&args, &config, &extension))
+    runtime.block_on(serve(args, &config, &extension, source))
 }
 
 /// The `[Extensions.<name>]` to serve: the one asked for, else the only one, else `default`.
-fn select_extension(config: &Config, wanted: Option<&str>) -> anyhow::Result<(String, Extension)> {
+pub fn select_extension(
+    config: &Config,
+    wanted: Option<&str>,
+) -> anyhow::Result<(String, Extension)> {
     let names = || {
         config
             .extensions
@@ -138,14 +178,24 @@ fn raise_open_file_limit(limit: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow::Result<()> {
+/// The L7 proxy's ports: `PublishedPort` and `PublishedSSLPort`.
+pub fn l7_ports(extension: &Extension) -> Vec<u16> {
+    [Some(extension.published_port), extension.published_ssl_port]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+async fn serve(
+    args: &NodeArgs,
+    config: &Config,
+    extension: &Extension,
+    source: SnapshotSource,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let l7_ports: Vec<u16> = [Some(extension.published_port), extension.published_ssl_port]
-        .into_iter()
-        .flatten()
-        .collect();
+    let l7_ports = l7_ports(extension);
     let (dataplane, steering) = match (args.interface.as_slice(), args.no_xdp) {
         (interfaces, false) if !interfaces.is_empty() => {
             let admin_port = config.listen_addr.map(|addr| addr.port());
@@ -213,37 +263,57 @@ async fn serve(args: &RunArgs, config: &Config, extension: &Extension) -> anyhow
         proxy_workers.serve(router.clone(), settings, shutdown.clone()),
     ));
 
+    let (publish, snapshots) = snapshot::channel();
+    let controllers = match source {
+        SnapshotSource::Docker { docker_url } => {
+            let route_settings = route_settings(extension);
+            if let Some(cluster) = &route_settings.service_cluster {
+                tracing::info!(%cluster, "serving only the services of this cluster (ServiceCluster)");
+            }
+            let discovery = Discovery {
+                docker_url: docker_url.unwrap_or_else(|| config.docker_url.clone()),
+                interval: config.poll_interval,
+                route_settings,
+                reserved_ports: l7_ports,
+            };
+            tasks.spawn(discovery.run(publish, shutdown.clone()));
+            None
+        }
+        SnapshotSource::Controllers {
+            controllers,
+            token_file,
+        } => {
+            let token = token_file.as_deref().map(read_token).transpose()?;
+            let urls: Vec<&str> = controllers.iter().map(|url| url.text.as_str()).collect();
+            tracing::info!(controllers = ?urls, "route snapshots from the controllers");
+            let feed = ControllerFeed::new(controllers, token);
+            let status = feed.status();
+            tasks.spawn(feed.run(publish, shutdown.clone()));
+            Some(status)
+        }
+    };
+
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
         l4_routes: ArcSwap::default(),
         dataplane,
         proxy_workers: worker_stats,
+        snapshot: Mutex::default(),
+        controllers,
     });
     if let Some(addr) = config.listen_addr {
         let listener = bind(addr, "the admin endpoint (ListenAddr)").await?;
         tracing::info!(%addr, "admin endpoint listening: /health /routes /stats");
         tasks.spawn(admin::serve(listener, state.clone(), shutdown.clone()));
     }
-
-    let docker_url = args
-        .docker_url
-        .clone()
-        .unwrap_or_else(|| config.docker_url.clone());
-    let route_settings = route_settings(extension);
-    if let Some(cluster) = &route_settings.service_cluster {
-        tracing::info!(%cluster, "serving only the services of this cluster (ServiceCluster)");
-    }
-    let discovery = Discovery {
-        docker_url,
-        interval: config.poll_interval,
-        route_settings,
-        reserved_ports: l7_ports,
+    let node = Node {
         router,
         certificates,
         state,
         steering,
+        refresh: config.poll_interval,
     };
-    tasks.spawn(discovery.run(shutdown.clone()));
+    tasks.spawn(node.run(snapshots, shutdown.clone()));
 
     wait_for_termination().await?;
     tracing::info!("shutting down: draining connections");
@@ -371,105 +441,25 @@ async fn sweep_connection_table(dataplane: Arc<Mutex<Dataplane>>) {
 }
 
 /// What the extension's config changes in routing: `ServiceCluster` and `IPHash`.
-fn route_settings(extension: &Extension) -> RouteSettings {
+pub fn route_settings(extension: &Extension) -> RouteSettings {
     RouteSettings {
         service_cluster: extension.service_cluster.clone(),
         ip_hash: extension.proxy.ip_hash,
     }
 }
 
-/// Discovery: polls Swarm every `interval` and hands each snapshot's route tables to their
-/// consumers. When Docker cannot be reached the last good tables keep serving.
-struct Discovery {
-    docker_url: String,
-    interval: Duration,
-    route_settings: RouteSettings,
-    /// The L7 proxy's ports, which L4 listeners may not claim.
-    reserved_ports: Vec<u16>,
-    router: Arc<Router>,
-    certificates: Option<Arc<CertificateStore>>,
-    state: Arc<AdminState>,
-    /// The XDP L4 fast path, unless proxy-only.
-    steering: Option<Steering>,
-}
-
-impl Discovery {
-    async fn run(mut self, shutdown: CancellationToken) {
-        let mut swarm: Option<Swarm> = None;
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let connected = match swarm.take() {
-                Some(connected) => connected,
-                None => match Swarm::connect(&self.docker_url).await {
-                    Ok(connected) => {
-                        tracing::info!(url = %self.docker_url, "connected to the Docker API");
-                        connected
-                    }
-                    Err(error) => {
-                        let error = format!("{:#}", anyhow::Error::from(error));
-                        tracing::warn!(error, "discovery");
-                        continue;
-                    }
-                },
-            };
-            match connected.snapshot().await {
-                Ok(snapshot) => {
-                    self.apply(&snapshot).await;
-                    swarm = Some(connected);
-                }
-                Err(error) => {
-                    let error = format!("{:#}", anyhow::Error::from(error));
-                    tracing::warn!(error, "discovery failed: keeping the last route tables");
-                }
-            }
-        }
-    }
-
-    /// Hands one snapshot's route tables to the proxy, the certificates and the XDP L4 path.
-    async fn apply(&mut self, snapshot: &SwarmSnapshot) {
-        let table = route_table(snapshot, &self.route_settings);
-        let current = self.state.routes.load_full();
-        if table != *current {
-            log_changes(&current, &table);
-            self.router.update(&table);
-            if let Some(certificates) = &self.certificates {
-                certificates.update(&table);
-            }
-            self.state.routes.store(Arc::new(table));
-        }
-        let l4_table = l4_route_table(snapshot, &self.reserved_ports);
-        let current_l4 = self.state.l4_routes.load_full();
-        if l4_table != *current_l4 {
-            log_l4_changes(&current_l4, &l4_table);
-            self.state.l4_routes.store(Arc::new(l4_table));
-        }
-        // Every poll, not only on change: next hops resolve and need refreshing.
-        if let Some(steering) = self.steering.as_mut() {
-            if let Err(error) = steering.update(&self.state.l4_routes.load()).await {
-                let error = format!("{:#}", anyhow::Error::from(error));
-                tracing::warn!(error, "L4 maps not updated");
-            }
-            let local = local_endpoint_ports(
-                &self.state.routes.load(),
-                &self.state.l4_routes.load(),
-                steering.addresses(),
-            );
-            if let Some(dataplane) = &self.state.dataplane {
-                let mut dataplane = dataplane
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                if let Err(error) = dataplane.open_endpoint_ports(&local) {
-                    let error = format!("{:#}", anyhow::Error::from(error));
-                    tracing::warn!(error, "shield: the ports of tasks on this node not opened");
-                }
-            }
-        }
-    }
+/// The controllers' token in `path`, without surrounding whitespace (a secret file often ends
+/// in a newline).
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the token file {} is empty",
+        path.display()
+    );
+    Ok(token.to_owned())
 }
 
 /// The SSL port (`PublishedSSLPort`): TLS as `SSLProtocols`/`SSLCiphers` say, certificates from
@@ -509,71 +499,6 @@ fn log_unavailable_tls_names(proxy_config: &ProxyConfig) {
     }
 }
 
-fn log_changes(old: &RouteTable, new: &RouteTable) {
-    for (host, routes) in &new.routes {
-        for route in routes {
-            if !old.routes.get(host).is_some_and(|old| old.contains(route)) {
-                log_route(host, route);
-            }
-        }
-    }
-    if let Some(route) = &new.default_backend {
-        if old.default_backend.as_ref() != Some(route) {
-            log_route("(default backend)", route);
-        }
-    }
-    for (host, routes) in &old.routes {
-        for route in routes {
-            let kept = new
-                .routes
-                .get(host)
-                .is_some_and(|new| new.iter().any(|new| new.context_root == route.context_root));
-            if !kept {
-                tracing::info!(host = %host, context_root = %route.context_root, "route removed");
-            }
-        }
-    }
-    if old.default_backend.is_some() && new.default_backend.is_none() {
-        tracing::info!("default backend removed");
-    }
-    for rejected in new
-        .rejected
-        .iter()
-        .filter(|rejected| !old.rejected.contains(rejected))
-    {
-        tracing::warn!(service = %rejected.service, reason = %rejected.reason, "service disabled");
-    }
-}
-
-fn log_route(host: &str, route: &Route) {
-    let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
-    tracing::info!(
-        host = %host,
-        context_root = %route.context_root,
-        service = %route.service,
-        endpoints = %endpoints.join(","),
-        "route"
-    );
-}
-
-fn log_l4_changes(old: &L4RouteTable, new: &L4RouteTable) {
-    for route in new
-        .listeners
-        .iter()
-        .filter(|route| !old.listeners.contains(route))
-    {
-        let endpoints: Vec<String> = route.endpoints.iter().map(ToString::to_string).collect();
-        tracing::info!(listener = %route.listener, service = %route.service, endpoints = %endpoints.join(","), "L4 route");
-    }
-    for rejected in new
-        .rejected
-        .iter()
-        .filter(|rejected| !old.rejected.contains(rejected))
-    {
-        tracing::warn!(service = %rejected.service, reason = %rejected.reason, "L4 ports not steered");
-    }
-}
-
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -589,7 +514,7 @@ async fn log_failure(
     }
 }
 
-async fn wait_for_termination() -> anyhow::Result<()> {
+pub async fn wait_for_termination() -> anyhow::Result<()> {
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing SIGINT handler")?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())

@@ -1,19 +1,25 @@
 //! xlb: an eBPF/XDP-accelerated L4+L7 load balancer for Docker Swarm in host-mode networking.
 //!
 //! Data flows one way: the Swarm API is polled into a [`swarm::SwarmSnapshot`], a pure function
-//! turns it into a [`routes::RouteTable`], and the table is handed to the L7 [`proxy`] and the
-//! XDP [`dataplane`].
+//! turns it into a [`routes::RouteTable`], published as a versioned [`snapshot::Snapshot`], and
+//! a [`node`] hands it to the L7 [`proxy`] and the XDP [`dataplane`]: in one process (`xlb
+//! run`), or from a [`controller`] on a manager to the proxies (`xlb proxy`) over HTTP.
 //!
 //! - [`config`]: Interlock's `config.toml`, accepted as it is.
-//! - [`swarm`]: discovery through the Docker API (bollard).
+//! - [`swarm`]: the Docker API (bollard), read into a snapshot of Swarm.
+//! - [`discovery`]: polls Swarm and publishes the route tables when they change.
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
+//! - [`snapshot`]: the versioned route tables that cross from discovery to the nodes.
+//! - [`controller`]: `xlb controller`, serving snapshots to proxies (long poll, bearer token).
+//! - [`controller_feed`]: a proxy's side of it, failing over between controllers.
+//! - [`node`]: applies each snapshot to the proxy's router, certificates and the XDP L4 path.
 //! - [`proxy`]: the L7 HTTP proxy (hyper): routing by host and path, balancing, redirects, TLS,
 //!   HTTP/2, WebSockets and Interlock's response headers.
 //! - [`tls_policy`]: `SSLProtocols`/`SSLCiphers` mapped to rustls versions and suites.
 //! - [`l4`]: the L4 fast path's userspace side: Maglev tables, service labels, map writing.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
-//! - [`daemon`]: `xlb run`, wiring the above together.
+//! - [`daemon`]: `xlb run` and `xlb proxy`, wiring the above together.
 //! - [`logging`]: xlb's own log, and `ErrorLogPath`.
 //! - [`build_info`]: version strings.
 
@@ -21,11 +27,16 @@ pub mod admin;
 pub mod build_info;
 pub mod cli;
 pub mod config;
+pub mod controller;
+pub mod controller_feed;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod l4;
 pub mod logging;
+pub mod node;
 pub mod proxy;
 pub mod routes;
+pub mod snapshot;
 pub mod swarm;
 pub mod tls_policy;

@@ -12,7 +12,7 @@ use std::{
 
 use bollard::models::{EndpointPortConfigPublishModeEnum, Node, Service, Task, TaskState};
 use http::Uri;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::swarm::SwarmSnapshot;
 
@@ -64,7 +64,7 @@ pub struct RouteSettings {
 }
 
 /// Everything the proxy and the dataplane need to know, derived from one Swarm snapshot.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
     /// Lower-case host name (no port), or a `*.suffix` wildcard → the routes on that host, one
     /// per context root, longest context root first.
@@ -76,7 +76,7 @@ pub struct RouteTable {
 }
 
 /// How one service is routed: the same on each of its hosts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     /// The Swarm service's name.
     pub service: String,
@@ -97,7 +97,7 @@ pub struct Route {
 }
 
 /// How a request's endpoint is chosen among a route's endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum Balance {
     RoundRobin,
@@ -112,7 +112,7 @@ pub enum Balance {
 }
 
 /// The scheme a client used to reach the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheme {
     Http,
@@ -120,7 +120,7 @@ pub enum Scheme {
 }
 
 /// One `source,target` pair of `com.docker.lb.redirects`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Redirect {
     pub source_scheme: Scheme,
     /// Lower-case host name, matched against the request's host without its port.
@@ -130,7 +130,7 @@ pub struct Redirect {
     pub target: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RejectedService {
     pub service: String,
     pub reason: String,

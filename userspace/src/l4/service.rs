@@ -16,7 +16,7 @@ use std::{
 use bollard::models::{
     EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum, Service, Task,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     routes::{is_running, label, node_addresses, service_name, RejectedService},
@@ -26,7 +26,7 @@ use crate::{
 /// Comma-separated `LISTEN[:TARGET][/tcp|/udp]`: which LB ports lead to which container ports.
 pub const LABEL_L4_PORTS: &str = "xlb.l4.ports";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -51,7 +51,7 @@ impl Protocol {
 }
 
 /// What clients address on the LB: a port and protocol (on every LB address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Listener {
     pub port: u16,
     pub protocol: Protocol,
@@ -89,7 +89,7 @@ pub struct PortClaim {
 }
 
 /// A listener and where its flows go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L4Route {
     pub service: String,
     pub listener: Listener,
@@ -99,7 +99,7 @@ pub struct L4Route {
 }
 
 /// The L4 part of the route table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L4RouteTable {
     /// Sorted by listener.
     pub listeners: Vec<L4Route>,

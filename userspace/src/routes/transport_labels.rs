@@ -3,7 +3,7 @@
 //!
 //! [`parse`] is pure: a bad value becomes the reason the service is disabled.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Name of the Docker secret holding the PEM certificate chain served for the service's hosts.
 pub const LABEL_SSL_CERT: &str = "com.docker.lb.ssl_cert";
@@ -22,7 +22,7 @@ pub const LABEL_WEBSOCKET_ENDPOINTS: &str = "com.docker.lb.websocket_endpoints";
 const MAX_SECRET_NAME: usize = 64;
 
 /// How a service's traffic is carried, from its labels.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transport {
     /// Certificate and key secrets served for the service's hosts on the SSL port.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,17 +33,17 @@ pub struct Transport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_tls: Option<BackendTls>,
     /// Path prefixes where WebSocket upgrades are relayed.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub websocket_endpoints: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateSecrets {
     pub cert: String,
     pub key: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BackendTls {
     pub verify: BackendTlsVerify,
     /// The name sent as SNI and, with `required`, checked against the tasks' certificates:
@@ -51,7 +51,7 @@ pub struct BackendTls {
     pub server_name: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendTlsVerify {
     None,

@@ -1,0 +1,259 @@
+//! The seed's split, end to end on a real Swarm: `xlb controller` on the manager reads Docker
+//! and serves snapshots; `xlb proxy` on lb-00 and lb-01, namespaces with no Docker engine and a
+//! DockerURL that leads nowhere, route the seed's service from them alone. Requests without the
+//! token are refused; scaling reaches both proxies; with the controller killed the proxies keep
+//! serving, and a second controller on another node takes over.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::Value;
+use xlb_testbed::{
+    build_docker_demo_binary,
+    seed::{xlb_binary, HttpResponse, HOST, IMAGE, SERVICE, SERVICE_CREATE_ARGS, TARGET_PORT},
+    wait_until, Dockerd, Host, Process, ScratchDir, Segment, Swarm,
+};
+
+const CONTROLLER_PORT: u16 = 2376;
+const PROXY_PORT: u16 = 80;
+const TOKEN: &str = "a-test-token-of-the-controllers";
+/// Short, so that the test waits for the controller's discovery, not for its poll.
+const CONFIG: &str = r#"ListenAddr = "0.0.0.0:2376"
+DockerURL = "unix:///nonexistent/docker.sock"
+PollInterval = "300ms"
+
+[Extensions.default]
+PublishMode = "host"
+PublishedPort = 80
+
+[Extensions.default.Config]
+AccessLogPath = "off"
+"#;
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Fields drop in declaration order: the Swarm (and its engine) first, the switch last.
+struct Cluster {
+    swarm: Swarm,
+    client: Host,
+    manager: Host,
+    standby: Host,
+    lbs: [Host; 2],
+    scratch: ScratchDir,
+    config: PathBuf,
+    token_file: PathBuf,
+    _segment: Segment,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        xlb_testbed::require_root().unwrap();
+        let docker_demo = build_docker_demo_binary().unwrap();
+        let segment = Segment::create().unwrap();
+        let client = segment.add_host("client", 2).unwrap();
+        let manager = segment.add_host("manager", 10).unwrap();
+        let standby = segment.add_host("standby", 11).unwrap();
+        let lbs = [
+            segment.add_host("lb-00", 20).unwrap(),
+            segment.add_host("lb-01", 21).unwrap(),
+        ];
+        let swarm = Swarm::init(Dockerd::start(&manager.netns).unwrap(), manager.addr).unwrap();
+        swarm.build_image(IMAGE, &docker_demo).unwrap();
+        swarm.service_create(SERVICE_CREATE_ARGS).unwrap();
+        swarm
+            .wait_for_task_endpoints(SERVICE, TARGET_PORT, 1, CONVERGE)
+            .unwrap();
+        let scratch = ScratchDir::create("controller-split").unwrap();
+        let config = scratch.path().join("config.toml");
+        std::fs::write(&config, CONFIG).unwrap();
+        let token_file = scratch.path().join("token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        Cluster {
+            swarm,
+            client,
+            manager,
+            standby,
+            lbs,
+            scratch,
+            config,
+            token_file,
+            _segment: segment,
+        }
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(format!("{name}.log"))
+    }
+
+    fn spawn(&self, host: &Host, name: &str, args: &[&str]) -> Process {
+        let log = std::fs::File::create(self.log_path(name)).unwrap();
+        let mut command = host.netns.command(xlb_binary());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        Process::spawn(command).unwrap()
+    }
+
+    /// `xlb controller` on `host`, reading the manager's engine (its socket is a file, reached
+    /// from any namespace: on a real cluster each manager reads its own engine).
+    fn controller(&self, host: &Host, name: &str) -> Process {
+        let docker_url = self.swarm.dockerd().host_url();
+        self.spawn(host, name, &["controller", "--docker-url", &docker_url])
+    }
+
+    fn proxy(&self, lb: usize) -> Process {
+        let controllers = [&self.manager, &self.standby]
+            .map(|host| format!("http://{}:{CONTROLLER_PORT}", host.addr));
+        self.spawn(
+            &self.lbs[lb],
+            &format!("proxy-{lb}"),
+            &[
+                "proxy",
+                "--no-xdp",
+                "--controller",
+                &controllers[0],
+                "--controller",
+                &controllers[1],
+            ],
+        )
+    }
+
+    fn logs(&self) -> String {
+        ["controller", "standby", "proxy-0", "proxy-1"]
+            .iter()
+            .map(|name| {
+                let log = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+                format!("--- {name}:\n{log}")
+            })
+            .collect()
+    }
+
+    /// `curl -si` from the client namespace, with extra curl arguments.
+    fn curl(&self, url: &str, extra: &[&str]) -> anyhow::Result<HttpResponse> {
+        let mut args = vec!["-si", "--max-time", "5"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let output = self.client.netns.run("curl", &args)?;
+        HttpResponse::parse(&output)
+    }
+
+    /// The seed's request through lb-`lb`.
+    fn get(&self, lb: usize) -> anyhow::Result<HttpResponse> {
+        let url = format!("http://{}:{PROXY_PORT}/ping", self.lbs[lb].addr);
+        self.curl(&url, &["-H", &format!("Host: {HOST}")])
+    }
+
+    /// lb-`lb`'s `/routes` (its admin endpoint on ListenAddr).
+    fn routes(&self, lb: usize) -> anyhow::Result<Value> {
+        let url = format!("http://{}:{CONTROLLER_PORT}/routes", self.lbs[lb].addr);
+        let response = self.curl(&url, &[])?;
+        serde_json::from_str(&response.body).context("/routes is not JSON")
+    }
+
+    fn routed_endpoints(&self, lb: usize) -> usize {
+        self.routes(lb).ok().map_or(0, |routes| {
+            routes["routes"][HOST][0]["endpoints"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+    }
+
+    /// Waits until both proxies route the service to `count` endpoints and answer through them.
+    fn wait_for_both(&self, count: usize) {
+        for lb in 0..2 {
+            wait_until(
+                &format!("lb-0{lb} to route {HOST} to {count} endpoint(s)"),
+                CONVERGE,
+                || Ok((self.routed_endpoints(lb) == count).then_some(())),
+            )
+            .unwrap_or_else(|error| panic!("{error:#}\n{}", self.logs()));
+            let response = self.get(lb).unwrap();
+            assert_eq!(
+                response.status,
+                200,
+                "lb-0{lb}: {response:?}\n{}",
+                self.logs()
+            );
+        }
+    }
+}
+
+#[test]
+fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
+    let cluster = Cluster::start();
+    let mut controller = cluster.controller(&cluster.manager, "controller");
+    let _proxies = [cluster.proxy(0), cluster.proxy(1)];
+    cluster.wait_for_both(1);
+
+    // Neither proxy's node runs an engine, and their DockerURL leads nowhere: what they route
+    // came from the controller.
+    for lb in &cluster.lbs {
+        assert!(lb.netns.pids().unwrap().iter().all(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim() != "dockerd"
+        }));
+    }
+
+    // The token guards everything but /health.
+    let controller_url = format!("http://{}:{CONTROLLER_PORT}", cluster.manager.addr);
+    let refused = cluster
+        .curl(&format!("{controller_url}/snapshot"), &[])
+        .unwrap();
+    assert_eq!(refused.status, 401, "{refused:?}");
+    let wrong = cluster
+        .curl(
+            &format!("{controller_url}/snapshot"),
+            &["-H", "Authorization: Bearer not-the-token"],
+        )
+        .unwrap();
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    let health = cluster
+        .curl(&format!("{controller_url}/health"), &[])
+        .unwrap();
+    assert_eq!(health.status, 200);
+    let snapshot = cluster
+        .curl(
+            &format!("{controller_url}/snapshot"),
+            &["-H", &format!("Authorization: Bearer {TOKEN}")],
+        )
+        .unwrap();
+    assert_eq!(snapshot.status, 200, "{snapshot:?}");
+    let snapshot: Value = serde_json::from_str(&snapshot.body).unwrap();
+    assert!(snapshot["version"].as_u64().unwrap() > 0);
+    assert_eq!(
+        snapshot["l7"]["routes"][HOST][0]["service"], SERVICE,
+        "{snapshot}"
+    );
+
+    // Scaling reaches both proxies.
+    cluster.swarm.service_scale(SERVICE, 2).unwrap();
+    cluster.wait_for_both(2);
+    let routes = cluster.routes(0).unwrap();
+    assert_eq!(
+        routes["snapshot"]["controllers"][0]["state"], "up",
+        "{routes}"
+    );
+
+    // The controller dies: the proxies keep serving what they have.
+    controller.kill().unwrap();
+    for lb in 0..2 {
+        for _ in 0..5 {
+            let response = cluster.get(lb).unwrap();
+            assert_eq!(response.status, 200, "lb-0{lb} without a controller");
+        }
+    }
+
+    // A second controller, on another node, takes over: the proxies fail over to it.
+    let _standby = cluster.controller(&cluster.standby, "standby");
+    cluster.swarm.service_scale(SERVICE, 3).unwrap();
+    cluster.wait_for_both(3);
+    let routes = cluster.routes(1).unwrap();
+    let controllers = &routes["snapshot"]["controllers"];
+    assert_eq!(controllers[0]["state"], "down", "{routes}");
+    assert_eq!(controllers[1]["state"], "up", "{routes}");
+}
