@@ -17,10 +17,11 @@ use xlb_testbed::{
 const CONTROLLER_PORT: u16 = 2376;
 const PROXY_PORT: u16 = 80;
 const TOKEN: &str = "a-test-token-of-the-controllers";
-/// Short, so that the test waits for the controller's discovery, not for its poll.
+/// A minute between resyncs: every change the test waits for must come from the engine's
+/// events (and the reads while tasks settle), as the test's deadlines are far shorter.
 const CONFIG: &str = r#"ListenAddr = "0.0.0.0:2376"
 DockerURL = "unix:///nonexistent/docker.sock"
-PollInterval = "300ms"
+PollInterval = "60s"
 
 [Extensions.default]
 PublishMode = "host"

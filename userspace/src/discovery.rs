@@ -1,10 +1,18 @@
-//! Discovery: reads Swarm every `PollInterval` ([`crate::swarm`]), builds the route tables
-//! from it (pure functions: [`route_table`], [`l4_route_table`]) and publishes them as the next
-//! [`Snapshot`] when they changed. The only part of xlb that talks to Docker; when Docker
-//! cannot be reached the last snapshot stays published.
+//! Discovery: reads Swarm ([`crate::swarm`]), builds the route tables from it (pure functions:
+//! [`route_table`], [`l4_route_table`]) and publishes them as the next
+//! [`crate::snapshot::Snapshot`] when they changed. The only part of xlb that talks to Docker;
+//! when Docker cannot be reached the last snapshot stays published.
+//!
+//! When it reads: at once after each event of the engine's that can change the tables (a
+//! service, node, secret or config changed, a container here started or died), then every
+//! [`SETTLING_POLL`] while tasks are settling (Swarm raises no event when a task starts on
+//! another node), and every `PollInterval` in any case, as a resync.
 
 use std::time::Duration;
 
+use bollard::models::EventMessage;
+use futures_util::{stream::BoxStream, FutureExt, StreamExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -13,6 +21,20 @@ use crate::{
     snapshot::{publish_if_changed, SnapshotSender},
     swarm::{Swarm, SwarmSnapshot},
 };
+
+/// How often Swarm is read while tasks are settling after an event: a task that Swarm reports
+/// running is routed within about this much (plus a read and the proxies' long poll).
+pub const SETTLING_POLL: Duration = Duration::from_millis(50);
+/// How long after an event reads keep coming every [`SETTLING_POLL`] even though no task is
+/// settling yet (Swarm's orchestrator creates a service's tasks a moment after the event), and
+/// the longest they keep coming for tasks that never settle (a task that keeps failing to
+/// start, which the `PollInterval` resync still follows).
+const SETTLING_AFTER_EVENT: Duration = Duration::from_secs(3);
+const SETTLING_AT_MOST: Duration = Duration::from_secs(30);
+/// The wait before the event stream is opened again after it failed.
+const EVENTS_RETRY: Duration = Duration::from_secs(1);
+
+type Events = BoxStream<'static, Result<EventMessage, bollard::errors::Error>>;
 
 pub struct Discovery {
     pub docker_url: String,
@@ -23,15 +45,41 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// Polls Swarm until `shutdown`, publishing each change to `snapshots`.
+    /// Reads Swarm until `shutdown` (see the module's doc for when), publishing each change to
+    /// `snapshots`.
     pub async fn run(self, snapshots: SnapshotSender, shutdown: CancellationToken) {
         let mut swarm: Option<Swarm> = None;
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events: Option<Events> = None;
+        let mut events_retry = Instant::now();
+        let mut schedule = ReadSchedule::new(self.interval);
         loop {
+            let mut wake = schedule.next_read();
+            if events.is_none() && swarm.is_some() {
+                // The event stream is reopened (with a read) once its retry delay is over.
+                wake = wake.min(events_retry);
+            }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
+                () = tokio::time::sleep_until(wake) => {}
+                event = next_event(&mut events) => match event {
+                    Some(Ok(event)) => {
+                        tracing::debug!(kind = ?event.typ, action = ?event.action, "Docker event: reading Swarm");
+                        // A burst of events (a service update moves several tasks) is one read.
+                        while let Some(Some(Ok(_))) = events.as_mut().and_then(|events| events.next().now_or_never()) {}
+                        schedule.event(Instant::now());
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "the Docker event stream failed: reopened in a second, reading every PollInterval meanwhile");
+                        events = None;
+                        events_retry = Instant::now() + EVENTS_RETRY;
+                        continue;
+                    }
+                    None => {
+                        events = None;
+                        events_retry = Instant::now() + EVENTS_RETRY;
+                        continue;
+                    }
+                },
             }
             let connected = match swarm.take() {
                 Some(connected) => connected,
@@ -43,18 +91,26 @@ impl Discovery {
                     Err(error) => {
                         let error = format!("{:#}", anyhow::Error::from(error));
                         tracing::warn!(error, "discovery");
+                        schedule.failed(Instant::now());
                         continue;
                     }
                 },
             };
+            if events.is_none() && Instant::now() >= events_retry {
+                // Opened before the read: what changes after it is an event, not lost.
+                events = Some(connected.events());
+            }
             match connected.snapshot().await {
                 Ok(swarm_snapshot) => {
                     self.publish(&swarm_snapshot, &snapshots);
+                    schedule.read(Instant::now(), swarm_snapshot.settling());
                     swarm = Some(connected);
                 }
                 Err(error) => {
                     let error = format!("{:#}", anyhow::Error::from(error));
                     tracing::warn!(error, "discovery failed: keeping the last route tables");
+                    schedule.failed(Instant::now());
+                    events = None;
                 }
             }
         }
@@ -137,5 +193,130 @@ fn log_l4_changes(old: &L4RouteTable, new: &L4RouteTable) {
         .filter(|rejected| !old.rejected.contains(rejected))
     {
         tracing::warn!(service = %rejected.service, reason = %rejected.reason, "L4 ports not steered");
+    }
+}
+
+/// The next event, or never when there is no stream.
+async fn next_event(
+    events: &mut Option<Events>,
+) -> Option<Result<EventMessage, bollard::errors::Error>> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When discovery reads Swarm next (see the module's doc): pure, so that the rule is testable
+/// without an engine.
+#[derive(Debug, Clone)]
+struct ReadSchedule {
+    interval: Duration,
+    /// The next resync, `interval` after the last read (at once before the first).
+    resync: Instant,
+    /// The last event, while its settling reads go on.
+    event: Option<Instant>,
+    /// Whether the last read saw tasks settling.
+    settling: bool,
+}
+
+impl ReadSchedule {
+    fn new(interval: Duration) -> ReadSchedule {
+        ReadSchedule {
+            interval,
+            resync: Instant::now(),
+            event: None,
+            settling: false,
+        }
+    }
+
+    /// An event arrived at `now`: read at once, then keep reading while tasks settle.
+    fn event(&mut self, now: Instant) {
+        self.event = Some(now);
+        self.resync = now;
+    }
+
+    /// A read finished at `now`, having seen tasks `settling` or not.
+    fn read(&mut self, now: Instant, settling: bool) {
+        self.resync = now + self.interval;
+        self.settling = settling;
+        if let Some(event) = self.event {
+            let since = now.saturating_duration_since(event);
+            let settled = !settling && since >= SETTLING_AFTER_EVENT;
+            if settled || since >= SETTLING_AT_MOST {
+                self.event = None;
+            }
+        }
+    }
+
+    /// A read failed at `now`: try again at the next resync.
+    fn failed(&mut self, now: Instant) {
+        self.resync = now + self.interval;
+        self.event = None;
+    }
+
+    /// When to read next.
+    fn next_read(&self) -> Instant {
+        match self.event {
+            Some(_) => self.resync.min(Instant::now() + SETTLING_POLL),
+            None => self.resync,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL_INTERVAL: Duration = Duration::from_secs(3);
+
+    #[tokio::test(start_paused = true)]
+    async fn without_events_swarm_is_read_every_poll_interval() {
+        let mut schedule = ReadSchedule::new(POLL_INTERVAL);
+        let start = Instant::now();
+        assert_eq!(schedule.next_read(), start, "the first read at once");
+        schedule.read(start, false);
+        assert_eq!(schedule.next_read(), start + POLL_INTERVAL);
+        // Settling tasks without an event (a task rescheduled on another node) wait for the
+        // resync: nothing says when to look sooner.
+        schedule.read(start, true);
+        assert_eq!(schedule.next_read(), start + POLL_INTERVAL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_event_is_read_at_once_then_every_settling_poll_while_tasks_settle() {
+        let mut schedule = ReadSchedule::new(POLL_INTERVAL);
+        let start = Instant::now();
+        schedule.read(start, false);
+        schedule.event(start);
+        assert_eq!(schedule.next_read(), start, "at once");
+        schedule.read(start, false);
+        assert_eq!(
+            schedule.next_read(),
+            start + SETTLING_POLL,
+            "no task settling yet: the orchestrator has not created them"
+        );
+        tokio::time::advance(SETTLING_AFTER_EVENT).await;
+        schedule.read(Instant::now(), true);
+        assert_eq!(
+            schedule.next_read(),
+            Instant::now() + SETTLING_POLL,
+            "settling"
+        );
+        schedule.read(Instant::now(), false);
+        assert_eq!(
+            schedule.next_read(),
+            Instant::now() + POLL_INTERVAL,
+            "settled: back to the resync"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tasks_that_never_settle_are_polled_fast_for_a_bounded_time() {
+        let mut schedule = ReadSchedule::new(POLL_INTERVAL);
+        let start = Instant::now();
+        schedule.event(start);
+        tokio::time::advance(SETTLING_AT_MOST).await;
+        schedule.read(Instant::now(), true);
+        assert_eq!(schedule.next_read(), Instant::now() + POLL_INTERVAL);
     }
 }

@@ -1,15 +1,18 @@
-//! Discovery: reads services, tasks and nodes from the Docker API (bollard) into a snapshot.
+//! The Docker API (bollard): services, tasks and nodes read into a snapshot, and the engine's
+//! events that say when to read again.
 //!
-//! Polling is the source of truth: task starts and stops raise no service event, so every
-//! `PollInterval` the whole state is read again and the route table rebuilt from it.
+//! Reading is the source of truth: Swarm raises no event when a task starts or stops on another
+//! node, so [`crate::discovery`] reads everything again after each event, while tasks are
+//! settling, and every `PollInterval` in any case.
 
 use std::collections::HashMap;
 
 use bollard::{
-    models::{Node, Service, Task},
-    query_parameters::{ListNodesOptions, ListServicesOptions, ListTasksOptions},
+    models::{EventMessage, Node, Service, Task, TaskState},
+    query_parameters::{EventsOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions},
     Docker, API_DEFAULT_VERSION,
 };
+use futures_util::{stream::BoxStream, StreamExt};
 
 /// How long one Docker API call may take.
 const API_TIMEOUT_SECS: u64 = 10;
@@ -38,6 +41,14 @@ impl SwarmSnapshot {
                 .push(task);
         }
         TasksByService(by_service)
+    }
+
+    /// Whether a task Swarm wants running is not running yet: routes are still about to change.
+    pub fn settling(&self) -> bool {
+        self.tasks.iter().any(|task| {
+            let state = task.status.as_ref().and_then(|status| status.state);
+            state != Some(TaskState::RUNNING)
+        })
     }
 }
 
@@ -127,6 +138,34 @@ impl Swarm {
             tasks,
             nodes,
         })
+    }
+}
+
+impl Swarm {
+    /// The engine's events that can change the route tables: services, nodes, secrets and
+    /// configs being created, updated or removed (cluster-wide, on a manager), and this node's
+    /// containers starting and dying (the only sign of a task here starting or stopping).
+    pub fn events(&self) -> BoxStream<'static, Result<EventMessage, bollard::errors::Error>> {
+        let filters = HashMap::from([
+            (
+                "type".to_owned(),
+                ["service", "node", "secret", "config", "container"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+            (
+                "event".to_owned(),
+                ["create", "update", "remove", "start", "die"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+        ]);
+        self.docker
+            .events(Some(EventsOptions {
+                filters: Some(filters),
+                ..EventsOptions::default()
+            }))
+            .boxed()
     }
 }
 
