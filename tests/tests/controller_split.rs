@@ -4,7 +4,11 @@
 //! token are refused; scaling reaches both proxies; with the controller killed the proxies keep
 //! serving, and a second controller on another node takes over.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use serde_json::Value;
@@ -86,12 +90,16 @@ impl Cluster {
     }
 
     fn spawn(&self, host: &Host, name: &str, args: &[&str]) -> Process {
+        self.spawn_with_config(host, name, args, &self.config)
+    }
+
+    fn spawn_with_config(&self, host: &Host, name: &str, args: &[&str], config: &Path) -> Process {
         let log = std::fs::File::create(self.log_path(name)).unwrap();
         let mut command = host.netns.command(xlb_binary());
         command
             .args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .arg("--token-file")
             .arg(&self.token_file)
             .stdin(Stdio::null())
@@ -257,4 +265,90 @@ fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
     let controllers = &routes["snapshot"]["controllers"];
     assert_eq!(controllers[0]["state"], "down", "{routes}");
     assert_eq!(controllers[1]["state"], "up", "{routes}");
+}
+
+/// `/proc/<pid>/status`'s value for `key` (`Uid`, `CapEff`, ...), whitespace collapsed.
+fn proc_status(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn a_proxy_with_a_user_gives_up_root_once_attached_and_bound_and_keeps_working() {
+    let cluster = Cluster::start();
+    let config = cluster.scratch.path().join("config-user.toml");
+    std::fs::write(
+        &config,
+        CONFIG.replace(
+            "[Extensions.default.Config]",
+            "[Extensions.default.Config]\nUser = \"nobody\"",
+        ),
+    )
+    .unwrap();
+    let _controller = cluster.controller(&cluster.manager, "controller");
+    let controller = format!("http://{}:{CONTROLLER_PORT}", cluster.manager.addr);
+    let lb = &cluster.lbs[0];
+    let mut proxy = cluster.spawn_with_config(
+        lb,
+        "proxy-0",
+        &[
+            "proxy",
+            "--interface",
+            Segment::HOST_INTERFACE,
+            "--controller",
+            &controller,
+        ],
+        &config,
+    );
+    wait_until("lb-00 to route the service", CONVERGE, || {
+        Ok((cluster.routed_endpoints(0) == 1).then_some(()))
+    })
+    .unwrap_or_else(|error| panic!("{error:#}\n{}", cluster.logs()));
+
+    // Port 80 bound and XDP attached as root; running as nobody:nogroup without capabilities.
+    let pid = proxy.pid();
+    assert_eq!(proc_status(pid, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(proc_status(pid, "Gid"), "65534 65534 65534 65534");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(proc_status(pid, set), "0000000000000000", "{set}");
+    }
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    let link = lb
+        .netns
+        .ip(&["link", "show", "dev", Segment::HOST_INTERFACE])
+        .unwrap();
+    assert!(link.contains("xdp"), "XDP attached: {link}");
+
+    // What it does as nobody still works: routing, the maps read through held descriptors,
+    // and the connection table's sweep (BPF_PROG_TEST_RUN on the program it holds).
+    let response = cluster.get(0).unwrap();
+    assert_eq!(response.status, 200, "{response:?}\n{}", cluster.logs());
+    let stats_url = format!("http://{}:{CONTROLLER_PORT}/stats", lb.addr);
+    wait_until("a sweep run as nobody", CONVERGE, || {
+        let stats = cluster.curl(&stats_url, &[])?;
+        let stats: Value = serde_json::from_str(&stats.body)?;
+        let sweeps = stats["l4"]["connections"]["sweeps"]["sweeps"].as_u64();
+        Ok(sweeps.is_some_and(|sweeps| sweeps >= 2).then_some(()))
+    })
+    .unwrap_or_else(|error| panic!("{error:#}\n{}", cluster.logs()));
+
+    // SIGTERM: it drains and exits, and XDP goes with it (its link closed, no root needed).
+    let status = proxy.stop().unwrap();
+    let log = cluster.logs();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(
+        !log.contains("sweeping the connection table failed"),
+        "{log}"
+    );
+    let link = lb
+        .netns
+        .ip(&["link", "show", "dev", Segment::HOST_INTERFACE])
+        .unwrap();
+    assert!(!link.contains("xdp"), "XDP detached on exit: {link}");
 }

@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -30,6 +31,7 @@ use crate::{
     },
     logging,
     node::Node,
+    privileges,
     proxy::{
         self, BackendTlsClients, BoundWorkers, CertificateStore, ProxyPorts, ProxySettings, Router,
         TlsTermination,
@@ -147,12 +149,6 @@ fn apply_process_limits(proxy: &ProxyConfig) -> anyhow::Result<()> {
     if let Some(limit) = proxy.rlimit_nofile {
         raise_open_file_limit(limit)?;
     }
-    if let Some(user) = &proxy.user {
-        tracing::info!(
-            user = %user,
-            "User is parsed but not applied yet: xlb keeps the privileges it needs for XDP"
-        );
-    }
     Ok(())
 }
 
@@ -258,13 +254,12 @@ async fn serve(
         proxy_id = %settings.proxy_id,
         "L7 proxy listening"
     );
-    tasks.spawn(log_failure(
-        "proxy",
-        proxy_workers.serve(router.clone(), settings, shutdown.clone()),
-    ));
+    let proxy_running = proxy_workers.start(router.clone(), settings, shutdown.clone())?;
+    tasks.spawn(log_failure("proxy", proxy_running.wait()));
 
     let (publish, snapshots) = snapshot::channel();
-    let controllers = match source {
+    let takes_user = matches!(source, SnapshotSource::Controllers { .. });
+    let (feed, controllers): (BoxFuture<'static, ()>, _) = match source {
         SnapshotSource::Docker { docker_url } => {
             let route_settings = route_settings(extension);
             if let Some(cluster) = &route_settings.service_cluster {
@@ -276,8 +271,7 @@ async fn serve(
                 route_settings,
                 reserved_ports: l7_ports,
             };
-            tasks.spawn(discovery.run(publish, shutdown.clone()));
-            None
+            (Box::pin(discovery.run(publish, shutdown.clone())), None)
         }
         SnapshotSource::Controllers {
             controllers,
@@ -288,8 +282,7 @@ async fn serve(
             tracing::info!(controllers = ?urls, "route snapshots from the controllers");
             let feed = ControllerFeed::new(controllers, token);
             let status = feed.status();
-            tasks.spawn(feed.run(publish, shutdown.clone()));
-            Some(status)
+            (Box::pin(feed.run(publish, shutdown.clone())), Some(status))
         }
     };
 
@@ -306,6 +299,24 @@ async fn serve(
         tracing::info!(%addr, "admin endpoint listening: /health /routes /stats");
         tasks.spawn(admin::serve(listener, state.clone(), shutdown.clone()));
     }
+    // Everything that needs root is done: XDP attached, ports bound, files open.
+    match &extension.proxy.user {
+        Some(user) if takes_user => {
+            let dropped = privileges::drop_to(user)?;
+            tracing::info!(
+                user = %dropped.user,
+                uid = dropped.uid,
+                gid = dropped.gid,
+                "running as User, without capabilities"
+            );
+        }
+        Some(user) => tracing::info!(
+            user = %user,
+            "User is applied by `xlb proxy`; `xlb run` keeps root, as it reads the Docker socket"
+        ),
+        None => {}
+    }
+    tasks.spawn(feed);
     let node = Node {
         router,
         certificates,

@@ -13,6 +13,7 @@
 //! - [`controller`]: `xlb controller`, serving snapshots to proxies (long poll, bearer token).
 //! - [`controller_feed`]: a proxy's side of it, failing over between controllers.
 //! - [`node`]: applies each snapshot to the proxy's router, certificates and the XDP L4 path.
+//! - [`privileges`]: `User`, applied by `xlb proxy` once it holds what needs root.
 //! - [`proxy`]: the L7 HTTP proxy (hyper): routing by host and path, balancing, redirects, TLS,
 //!   HTTP/2, WebSockets and Interlock's response headers.
 //! - [`tls_policy`]: `SSLProtocols`/`SSLCiphers` mapped to rustls versions and suites.
@@ -35,6 +36,7 @@ pub mod discovery;
 pub mod l4;
 pub mod logging;
 pub mod node;
+pub mod privileges;
 pub mod proxy;
 pub mod routes;
 pub mod snapshot;

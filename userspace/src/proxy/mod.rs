@@ -77,7 +77,7 @@ pub use limits::ClientLimits;
 pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
-pub use workers::{BoundWorkers, ProxyPorts, WorkerReport, WorkerStats};
+pub use workers::{BoundWorkers, ProxyPorts, RunningWorkers, WorkerReport, WorkerStats};
 
 use access_log::AccessLog;
 use backend_tls::BackendTlsPools;
@@ -182,7 +182,7 @@ struct ProxyShared {
 }
 
 /// The access log's writer, running until the last handle of the log is gone.
-type AccessLogWriter = tokio::task::JoinHandle<()>;
+pub(crate) type AccessLogWriter = tokio::task::JoinHandle<()>;
 
 impl ProxyShared {
     /// Checks the identity and opens the access log; its writer runs on the caller's runtime.

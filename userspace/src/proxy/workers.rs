@@ -25,7 +25,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    serve_worker, HttpsListener, Listeners, ProxySettings, ProxyShared, Router, TlsTermination,
+    serve_worker, AccessLogWriter, HttpsListener, Listeners, ProxySettings, ProxyShared, Router,
+    TlsTermination,
 };
 
 /// Pending connections the kernel queues per worker socket (tokio's own `bind` default).
@@ -156,6 +157,17 @@ impl BoundWorkers {
         settings: ProxySettings,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.start(router, settings, shutdown)?.wait().await
+    }
+
+    /// Opens the access log and starts every worker thread: once it returns, the proxy holds
+    /// every file and socket it will use (so the process may give up its privileges).
+    pub fn start(
+        self,
+        router: Arc<Router>,
+        settings: ProxySettings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<RunningWorkers> {
         let (shared, access_log_writer) = ProxyShared::open(settings)?;
         let shared = Arc::new(shared);
         let mut finished = Vec::new();
@@ -180,8 +192,26 @@ impl BoundWorkers {
             finished.push(result);
         }
         tracing::info!(workers = finished.len(), "proxy workers started");
+        Ok(RunningWorkers {
+            finished,
+            shared,
+            access_log_writer,
+        })
+    }
+}
+
+/// The proxy's workers once started ([`BoundWorkers::start`]).
+pub struct RunningWorkers {
+    finished: Vec<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>,
+    shared: Arc<ProxyShared>,
+    access_log_writer: Option<AccessLogWriter>,
+}
+
+impl RunningWorkers {
+    /// Waits until every worker has finished (after shutdown); then writes out the access log.
+    pub async fn wait(self) -> anyhow::Result<()> {
         let mut first_failure = None;
-        for (index, result) in finished.into_iter().enumerate() {
+        for (index, result) in self.finished.into_iter().enumerate() {
             let outcome = result
                 .await
                 .map_err(|_| anyhow::anyhow!("proxy worker {index} panicked"))
@@ -191,8 +221,8 @@ impl BoundWorkers {
                 first_failure.get_or_insert(error);
             }
         }
-        let shared = Arc::into_inner(shared).context("a proxy worker outlived the proxy")?;
-        shared.finish(access_log_writer).await?;
+        let shared = Arc::into_inner(self.shared).context("a proxy worker outlived the proxy")?;
+        shared.finish(self.access_log_writer).await?;
         first_failure.map_or(Ok(()), Err)
     }
 }
