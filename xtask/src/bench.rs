@@ -253,7 +253,7 @@ pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
     let report: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut problems = Vec::new();
-    for (table, expected_rows) in [("l7", 7), ("l4", 10)] {
+    for (table, expected_rows) in [("l7", 7), ("l4", 12)] {
         let rows = report[table].as_array().cloned().unwrap_or_default();
         if rows.len() != expected_rows {
             problems.push(format!(
@@ -285,13 +285,21 @@ pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
             }
         }
     }
-    let control = &report["control"];
-    if !control["error"].is_null()
-        || control["routable_after_ms"]
-            .as_array()
-            .is_none_or(Vec::is_empty)
-    {
-        problems.push(format!("control: {}", control));
+    let controls = report["control"].as_array().cloned().unwrap_or_default();
+    if controls.len() != 2 {
+        problems.push(format!(
+            "control: {} series, expected 2 (xlb run, controller → proxy)",
+            controls.len()
+        ));
+    }
+    for control in &controls {
+        if !control["error"].is_null()
+            || control["routable_after_ms"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+        {
+            problems.push(format!("control: {control}"));
+        }
     }
     for bench in report["micro"].as_array().into_iter().flatten() {
         if bench["mean_ns"].as_f64().is_none() {
@@ -345,10 +353,13 @@ mod tests {
         };
         let report = serde_json::json!({
             "l7": (0..7).map(|index| row(&format!("l7-{index}"), "keep-alive")).collect::<Vec<_>>(),
-            "l4": (0..10)
+            "l4": (0..12)
                 .map(|index| row(&format!("l4-{index}"), if index % 2 == 0 { "keep-alive" } else { "new-per-request" }))
                 .collect::<Vec<_>>(),
-            "control": {"routable_after_ms": [120.0, 80.0], "error": null},
+            "control": [
+                {"path": "xlb run", "routable_after_ms": [120.0, 80.0], "error": null},
+                {"path": "xlb controller → xlb proxy", "routable_after_ms": [90.0], "error": null},
+            ],
             "micro": [{"group": "maglev", "id": "build_ring_10_backends", "mean_ns": 2.0e6}],
         });
         for file in [
@@ -396,7 +407,7 @@ mod tests {
         assert!(error.contains("build_ring_10_backends"), "{error}");
 
         let mut no_control = report.clone();
-        no_control["control"]["routable_after_ms"] = serde_json::json!([]);
+        no_control["control"][1]["routable_after_ms"] = serde_json::json!([]);
         assert!(check(&no_control, &dir).is_err());
 
         std::fs::remove_file(dir.join("l7-cpu.svg")).unwrap();

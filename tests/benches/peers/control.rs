@@ -1,9 +1,11 @@
-//! The control plane: how long after Swarm reports a new task running the proxy routes to it.
+//! The control plane: how long after Swarm reports a new task running the proxy routes to it,
+//! through `xlb run` (discovery in the proxy's process) and through `xlb controller` on the
+//! Swarm node feeding `xlb proxy` on lb-00 (the cluster's path: one more hop, a long poll).
 //! Each event scales the service from one task to two; the new task's `Status.Timestamp` (when
-//! Swarm saw it enter `running`) is compared with the moment xlb's `/routes` first lists its
-//! endpoint, polled every [`POLL`]. The service is scaled back to one between events, then
+//! Swarm saw it enter `running`) is compared with the moment the proxy's `/routes` first lists
+//! its endpoint, polled every [`POLL`]. The service is scaled back to one between events, then
 //! left alone for a random part of the poll interval: events that always followed the
-//! previous one's detection would fall at the same phase of xlb's poll and all measure alike.
+//! previous one's detection would fall at the same phase of a resync and all measure alike.
 //!
 //! The route-table build and BPF map update for a large synthetic snapshot are criterion
 //! benches (`userspace/benches/control.rs`), reported by [`crate::micro`].
@@ -34,7 +36,9 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Control {
-    /// The config's `PollInterval`, which bounds xlb's discovery today.
+    /// How the routes reached the proxy.
+    pub path: String,
+    /// The config's `PollInterval` (a resync: changes are read on the engine's events).
     pub poll_interval: String,
     /// Task running → routable, one per scale event, in milliseconds.
     pub routable_after_ms: Vec<f64>,
@@ -44,38 +48,66 @@ pub struct Control {
     pub error: Option<String>,
 }
 
-pub fn measure(bed: &Bed, options: &Options, plan: &Plan, progress: &Progress) -> Result<Control> {
-    let inputs = ProxyInputs {
+pub fn measure(
+    bed: &Bed,
+    options: &Options,
+    plan: &Plan,
+    progress: &Progress,
+) -> Result<Vec<Control>> {
+    let inputs = |dir: &str| ProxyInputs {
         listen: bed.l7_addr(),
         backend: bed.backend,
-        dir: bed.scratch.path().join("control"),
+        dir: bed.scratch.path().join(dir),
         access_log: AccessLog::Off,
         callgrind: None,
     };
+    let run = {
+        let xlb = proxies::start_xlb(bed, &options.xlb, &inputs("control"), bed.l7_addr());
+        series(bed, "xlb run", xlb, plan, progress)
+    };
+    let split = {
+        let xlb =
+            proxies::start_xlb_split(bed, &options.xlb, &inputs("control-split"), bed.l7_addr());
+        series(bed, "xlb controller → xlb proxy", xlb, plan, progress)
+    };
+    Ok(vec![run, split])
+}
+
+/// The scale events measured while `started` (the proxy, and its controller) runs.
+fn series(
+    bed: &Bed,
+    path: &str,
+    started: Result<proxies::Running>,
+    plan: &Plan,
+    progress: &Progress,
+) -> Control {
     let mut samples = Vec::new();
-    let outcome = proxies::start_xlb(bed, &options.xlb, &inputs, bed.l7_addr()).and_then(|_xlb| {
+    let outcome = started.and_then(|_running| {
         for event in 0..plan.scale_events {
             progress.step(&format!(
-                "control: scale event {} of {}",
+                "control ({path}): scale event {} of {}",
                 event + 1,
                 plan.scale_events
             ));
             let ms = one_scale_event(bed)?;
-            progress.done(&format!("control: task running → routable in {ms:.0} ms"));
+            progress.done(&format!(
+                "control ({path}): task running → routable in {ms:.0} ms"
+            ));
             samples.push(ms);
         }
         Ok(())
     });
     let mut sorted = samples.clone();
     sorted.sort_by(f64::total_cmp);
-    Ok(Control {
+    Control {
+        path: path.to_owned(),
         poll_interval: format!("{XLB_POLL_INTERVAL:?}"),
         p50_ms: percentile(&sorted, 50.0),
         p99_ms: percentile(&sorted, 99.0),
         max_ms: sorted.last().copied().unwrap_or(0.0),
         routable_after_ms: samples,
         error: outcome.err().map(|error| format!("{error:#}")),
-    })
+    }
 }
 
 /// Scales 1 → 2, measures the new task, scales back and waits for the routes to follow.

@@ -192,7 +192,7 @@ fn main() -> anyhow::Result<()> {
             report.l4 = Some(l4::measure(&bed, &options, &plan, &progress)?);
         }
         if options.wants(Section::Control) {
-            report.control = Some(control::measure(&bed, &options, &plan, &progress)?);
+            report.control = control::measure(&bed, &options, &plan, &progress)?;
         }
         progress.step("cleaning up: the service, the engine, the namespaces");
     }

@@ -266,6 +266,58 @@ pub fn start_xlb(
     })
 }
 
+/// `xlb controller` on the Swarm node, reading its engine, and `xlb proxy` on lb-00 with XDP,
+/// fed by it over the segment with a token: the cluster's path, on the bed.
+pub fn start_xlb_split(
+    bed: &Bed,
+    xlb: &Path,
+    inputs: &ProxyInputs,
+    ready_at: SocketAddr,
+) -> Result<Running> {
+    std::fs::create_dir_all(&inputs.dir)?;
+    let config = inputs.dir.join("config.toml");
+    // `xlb proxy` applies `User`, and the seed's `nginx` has no account on a Debian host.
+    let without_user: Vec<String> = xlb_config(inputs)
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("User ="))
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(&config, without_user.join("\n"))?;
+    let token = inputs.dir.join("token");
+    std::fs::write(&token, "bench-controller-token\n")?;
+    let controller_log = inputs.dir.join("controller.out");
+    let mut controller = bed.node.netns.command(xlb);
+    controller
+        .arg("controller")
+        .arg("--config")
+        .arg(&config)
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--docker-url", &bed.swarm.dockerd().host_url()])
+        .env("XLB_LOG", "warn");
+    let controller = spawn_logged(controller, &controller_log)?;
+    let log = inputs.dir.join("xlb.out");
+    let mut command = pinned(&bed.lb.netns, inputs, xlb);
+    command
+        .arg("proxy")
+        .arg("--config")
+        .arg(&config)
+        .args(["--interface", Segment::HOST_INTERFACE])
+        .args([
+            "--controller",
+            &format!("http://{}:{}", bed.node.addr, crate::bed::ADMIN_PORT),
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .env("XLB_LOG", "warn");
+    let proxy = spawn_logged(command, &log)?;
+    wait_for_200(bed, ready_at, "xlb proxy", &log)?;
+    Ok(Running {
+        processes: vec![proxy, controller],
+        children: Vec::new(),
+    })
+}
+
 /// Kernel NAT in lb-00 while it lives: DNAT of the L4 port to the backend, MASQUERADE
 /// towards it, forwarding on. Dropping it puts lb-00 back to a host that forwards nothing.
 pub struct KernelNat<'a> {

@@ -30,7 +30,8 @@ pub struct Report {
     /// `--callgrind`'s counts.
     pub instructions: Option<Vec<Instructions>>,
     pub l4: Option<Vec<Row>>,
-    pub control: Option<Control>,
+    /// One series per path the routes take (see [`crate::control`]).
+    pub control: Vec<Control>,
     pub micro: Option<Vec<Micro>>,
 }
 
@@ -91,7 +92,7 @@ impl Report {
             l7: None,
             instructions: None,
             l4: None,
-            control: None,
+            control: Vec::new(),
             micro: None,
         }
     }
@@ -159,8 +160,8 @@ impl Report {
         if let Some(rows) = &self.l4 {
             l4_tables(&mut out, rows, &self.rates);
         }
-        if self.control.is_some() || self.micro.is_some() {
-            control_table(&mut out, self.control.as_ref(), self.micro.as_deref());
+        if !self.control.is_empty() || self.micro.is_some() {
+            control_table(&mut out, &self.control, self.micro.as_deref());
         }
         if let Some(micro) = &self.micro {
             micro_table(&mut out, micro);
@@ -410,15 +411,16 @@ fn l4_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
     }
 }
 
-fn control_table(out: &mut String, control: Option<&Control>, micro: Option<&[Micro]>) {
+fn control_table(out: &mut String, controls: &[Control], micro: Option<&[Micro]>) {
     let _ = writeln!(out, "\n## Control plane\n");
     let _ = writeln!(out, "| measure | p50 | p99 | max | samples |");
     let _ = writeln!(out, "|---|---|---|---|---|");
-    if let Some(control) = control {
+    for control in controls {
         let _ = writeln!(
             out,
-            "| Swarm task running → routable on xlb (PollInterval {}) | {:.0} ms | {:.0} ms | \
+            "| Swarm task running → routable, {} (PollInterval {}) | {:.0} ms | {:.0} ms | \
              {:.0} ms | {} |",
+            control.path,
             control.poll_interval,
             control.p50_ms,
             control.p99_ms,
