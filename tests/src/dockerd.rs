@@ -38,6 +38,18 @@ pub struct Dockerd {
 impl Dockerd {
     /// Starts dockerd inside `netns` and waits until it answers `/_ping`.
     pub fn start(netns: &Netns) -> Result<Dockerd> {
+        Self::start_as(netns, None)
+    }
+
+    /// As [`Dockerd::start`], the engine in a UTS namespace of its own whose host name is
+    /// `hostname`: a Swarm node takes its name from its host's, and nodes on one machine would
+    /// otherwise all share the machine's (the seed's `docker node update ... lb-00` needs
+    /// `lb-00`).
+    pub fn start_named(netns: &Netns, hostname: &str) -> Result<Dockerd> {
+        Self::start_as(netns, Some(hostname))
+    }
+
+    fn start_as(netns: &Netns, hostname: Option<&str>) -> Result<Dockerd> {
         let scratch = ScratchDir::create("dockerd")?;
         let dir = scratch.path();
         let socket = dir.join("docker.sock");
@@ -50,9 +62,20 @@ impl Dockerd {
             .with_context(|| format!("cannot create {}", log_path.display()))?;
         // `sh` execs dockerd, so the PID we hold is dockerd's own.
         let mut launcher = restore_cgroup_mounts_commands()?;
+        if let Some(hostname) = hostname {
+            launcher.insert(0, format!("hostname {hostname}"));
+        }
         launcher.push(format!("exec {DOCKERD} \"$@\""));
         let launcher = launcher.join(" && ");
-        let mut command = netns.command("sh");
+        // `unshare` execs `sh` in the new UTS namespace (no fork): the PID stays dockerd's.
+        let mut command = match hostname {
+            Some(_) => {
+                let mut command = netns.command("unshare");
+                command.args(["--uts", "sh"]);
+                command
+            }
+            None => netns.command("sh"),
+        };
         command
             .args(["-c", &launcher, DOCKERD])
             .arg("--host")

@@ -42,7 +42,7 @@ pub use netns::{list_netns, Netns};
 pub use privileges::require_root;
 pub use process::Process;
 pub use segment::{in_netns, Host, Segment};
-pub use swarm::{RunningTask, Swarm};
+pub use swarm::{NodeRole, RunningTask, Swarm};
 pub use topology::Topology;
 pub use unique::{run_id, RunId, ScratchDir};
 pub use veth::{create_veth_pair, disable_tx_checksum_offload, VethEnd};

@@ -1,7 +1,7 @@
-//! A single-node Docker Swarm on a testbed [`Dockerd`], and the service
+//! A Docker Swarm on testbed [`Dockerd`]s (one node, or more joined to it), and the service
 //! operations the end-to-end tests drive: create, scale, remove, and finding
 //! the `address:port` each running task publishes in host mode, which is what
-//! xlb discovers and balances across. The node leaves the swarm on Drop.
+//! xlb discovers and balances across. Every node leaves the swarm on Drop.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,6 +19,15 @@ use crate::wait::wait_until;
 pub struct Swarm {
     dockerd: Dockerd,
     advertise_addr: Ipv4Addr,
+    /// Nodes joined to the first one, which the swarm's commands go to.
+    members: Vec<Dockerd>,
+}
+
+/// What a node joins a swarm as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRole {
+    Manager,
+    Worker,
 }
 
 /// A running task as a load balancer sees it: where it answers, and since when.
@@ -41,7 +50,39 @@ impl Swarm {
         Ok(Swarm {
             dockerd,
             advertise_addr,
+            members: Vec::new(),
         })
+    }
+
+    /// `docker swarm join` of `dockerd`, advertising `advertise_addr`, as `role`, with the
+    /// token the first node hands out. The swarm keeps the engine and it leaves on Drop.
+    pub fn join(
+        &mut self,
+        dockerd: Dockerd,
+        advertise_addr: Ipv4Addr,
+        role: NodeRole,
+    ) -> Result<()> {
+        let role_name = match role {
+            NodeRole::Manager => "manager",
+            NodeRole::Worker => "worker",
+        };
+        let token = self.docker(&["swarm", "join-token", "--quiet", role_name])?;
+        dockerd.docker(&[
+            "swarm",
+            "join",
+            "--token",
+            token.trim(),
+            "--advertise-addr",
+            &advertise_addr.to_string(),
+            &format!("{}:2377", self.advertise_addr),
+        ])?;
+        self.members.push(dockerd);
+        Ok(())
+    }
+
+    /// The engines joined to the first node.
+    pub fn members(&self) -> &[Dockerd] {
+        &self.members
     }
 
     pub fn dockerd(&self) -> &Dockerd {
@@ -57,9 +98,13 @@ impl Swarm {
         self.dockerd.docker(args)
     }
 
-    /// See [`build_scratch_image`].
+    /// See [`build_scratch_image`]; on every node, since no registry serves the image to
+    /// them.
     pub fn build_image(&self, tag: &str, static_binary: &Path) -> Result<()> {
-        build_scratch_image(&self.dockerd, tag, static_binary)
+        for dockerd in std::iter::once(&self.dockerd).chain(&self.members) {
+            build_scratch_image(dockerd, tag, static_binary)?;
+        }
+        Ok(())
     }
 
     /// `docker service create --detach --no-resolve-image ARGS`; returns the
@@ -214,8 +259,10 @@ fn published_target_matches(port: &Value, target_port: u16) -> bool {
 
 impl Drop for Swarm {
     fn drop(&mut self) {
-        if let Err(error) = self.docker(&["swarm", "leave", "--force"]) {
-            eprintln!("xlb-testbed: leaving the swarm: {error:#}");
+        for dockerd in self.members.iter().chain(std::iter::once(&self.dockerd)) {
+            if let Err(error) = dockerd.docker(&["swarm", "leave", "--force"]) {
+                eprintln!("xlb-testbed: leaving the swarm: {error:#}");
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
-//! The seed's split, end to end on a real Swarm: `xlb controller` on the manager reads Docker
-//! and serves snapshots; `xlb proxy` on lb-00 and lb-01, namespaces with no Docker engine and a
-//! DockerURL that leads nowhere, route the seed's service from them alone. Requests without the
-//! token are refused; scaling reaches both proxies; with the controller killed the proxies keep
-//! serving, and a second controller on another node takes over.
+//! The seed's split, end to end on a real multi-node Swarm: two managers (manager-0, manager-1),
+//! lb-00 and lb-01 joined as workers and labelled `nodetype=loadbalancer` with the seed's own
+//! command, and worker-0; each node its own namespace and engine. `xlb controller` on manager-0
+//! reads Docker and serves snapshots; `xlb proxy` on lb-00 and lb-01, whose worker engines
+//! cannot list services and whose DockerURL leads nowhere, route the seed's service from the
+//! snapshots alone. Requests without the token are refused; scaling reaches both proxies; with
+//! the controller killed the proxies keep serving, and manager-1's controller takes over.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,7 +17,7 @@ use serde_json::Value;
 use xlb_testbed::{
     build_docker_demo_binary,
     seed::{xlb_binary, HttpResponse, HOST, IMAGE, SERVICE, SERVICE_CREATE_ARGS, TARGET_PORT},
-    wait_until, Dockerd, Host, Process, ScratchDir, Segment, Swarm,
+    wait_until, Dockerd, Host, NodeRole, Process, ScratchDir, Segment, Swarm,
 };
 
 const CONTROLLER_PORT: u16 = 2376;
@@ -43,6 +45,7 @@ struct Cluster {
     manager: Host,
     standby: Host,
     lbs: [Host; 2],
+    _worker: Host,
     scratch: ScratchDir,
     config: PathBuf,
     token_file: PathBuf,
@@ -55,13 +58,30 @@ impl Cluster {
         let docker_demo = build_docker_demo_binary().unwrap();
         let segment = Segment::create().unwrap();
         let client = segment.add_host("client", 2).unwrap();
-        let manager = segment.add_host("manager", 10).unwrap();
-        let standby = segment.add_host("standby", 11).unwrap();
+        let manager = segment.add_host("manager-0", 10).unwrap();
+        let standby = segment.add_host("manager-1", 11).unwrap();
         let lbs = [
             segment.add_host("lb-00", 20).unwrap(),
             segment.add_host("lb-01", 21).unwrap(),
         ];
-        let swarm = Swarm::init(Dockerd::start(&manager.netns).unwrap(), manager.addr).unwrap();
+        let worker = segment.add_host("worker-0", 30).unwrap();
+        let engine = |host: &Host, name: &str| Dockerd::start_named(&host.netns, name).unwrap();
+        let mut swarm = Swarm::init(engine(&manager, "manager-0"), manager.addr).unwrap();
+        let joins = [
+            (&standby, "manager-1", NodeRole::Manager),
+            (&lbs[0], "lb-00", NodeRole::Worker),
+            (&lbs[1], "lb-01", NodeRole::Worker),
+            (&worker, "worker-0", NodeRole::Worker),
+        ];
+        for (host, name, role) in joins {
+            swarm.join(engine(host, name), host.addr, role).unwrap();
+        }
+        // The seed's own commands.
+        for lb in ["lb-00", "lb-01"] {
+            swarm
+                .docker(&["node", "update", "--label-add", "nodetype=loadbalancer", lb])
+                .unwrap();
+        }
         swarm.build_image(IMAGE, &docker_demo).unwrap();
         swarm.service_create(SERVICE_CREATE_ARGS).unwrap();
         swarm
@@ -78,6 +98,7 @@ impl Cluster {
             manager,
             standby,
             lbs,
+            _worker: worker,
             scratch,
             config,
             token_file,
@@ -108,10 +129,13 @@ impl Cluster {
         Process::spawn(command).unwrap()
     }
 
-    /// `xlb controller` on `host`, reading the manager's engine (its socket is a file, reached
-    /// from any namespace: on a real cluster each manager reads its own engine).
-    fn controller(&self, host: &Host, name: &str) -> Process {
-        let docker_url = self.swarm.dockerd().host_url();
+    /// `xlb controller` on manager-0 (`standby`: on manager-1), reading its own engine.
+    fn controller(&self, standby: bool, name: &str) -> Process {
+        let (host, engine) = match standby {
+            false => (&self.manager, self.swarm.dockerd()),
+            true => (&self.standby, &self.swarm.members()[0]),
+        };
+        let docker_url = engine.host_url();
         self.spawn(host, name, &["controller", "--docker-url", &docker_url])
     }
 
@@ -195,17 +219,20 @@ impl Cluster {
 #[test]
 fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
     let cluster = Cluster::start();
-    let mut controller = cluster.controller(&cluster.manager, "controller");
+    let mut controller = cluster.controller(false, "controller");
     let _proxies = [cluster.proxy(0), cluster.proxy(1)];
     cluster.wait_for_both(1);
 
-    // Neither proxy's node runs an engine, and their DockerURL leads nowhere: what they route
-    // came from the controller.
-    for lb in &cluster.lbs {
-        assert!(lb.netns.pids().unwrap().iter().all(|pid| {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            comm.trim() != "dockerd"
-        }));
+    // lb-00's and lb-01's engines are workers, which cannot list services (why the proxies
+    // read snapshots, not Docker; their DockerURL leads nowhere anyway).
+    for (index, lb) in ["lb-00", "lb-01"].iter().enumerate() {
+        let refused = cluster.swarm.members()[1 + index]
+            .docker(&["service", "ls"])
+            .unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("not a swarm manager"),
+            "{lb}: {refused:#}"
+        );
     }
 
     // The token guards everything but /health.
@@ -257,8 +284,8 @@ fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
         }
     }
 
-    // A second controller, on another node, takes over: the proxies fail over to it.
-    let _standby = cluster.controller(&cluster.standby, "standby");
+    // manager-1's controller takes over: the proxies fail over to it.
+    let _standby = cluster.controller(true, "standby");
     cluster.swarm.service_scale(SERVICE, 3).unwrap();
     cluster.wait_for_both(3);
     let routes = cluster.routes(1).unwrap();
@@ -291,7 +318,7 @@ fn a_proxy_with_a_user_gives_up_root_once_attached_and_bound_and_keeps_working()
         ),
     )
     .unwrap();
-    let _controller = cluster.controller(&cluster.manager, "controller");
+    let _controller = cluster.controller(false, "controller");
     let controller = format!("http://{}:{CONTROLLER_PORT}", cluster.manager.addr);
     let lb = &cluster.lbs[0];
     let mut proxy = cluster.spawn_with_config(

@@ -97,8 +97,12 @@ impl Discovery {
                 },
             };
             if events.is_none() && Instant::now() >= events_retry {
-                // Opened before the read: what changes after it is an event, not lost.
+                // Opened before the read: what changes after it is an event, not lost. What
+                // changed while no stream was open (at start, or after it failed) went by
+                // unseen, so the read is taken for an event's: tasks it finds settling are
+                // followed at once, not at the next resync.
                 events = Some(connected.events());
+                schedule.event(Instant::now());
             }
             match connected.snapshot().await {
                 Ok(swarm_snapshot) => {
