@@ -229,14 +229,21 @@ fn fixed_point_dataplane(client: SocketAddr) -> Dataplane {
         ..L4Settings::default()
     };
     let mut dataplane = Dataplane::load_with(&settings).expect("load the XDP program");
-    let family = IpFamily::of(client.ip());
+    serve_itself(&mut dataplane, IpFamily::of(client.ip()), client.ip());
+    dataplane
+}
+
+/// Gives `dataplane` one L4 service of `family` whose only backend is the service's own
+/// address and port, reached from `snat_addr`: the NAT of a packet to it yields a packet to
+/// it again (see [`fixed_point_dataplane`] and [`new_flow_chain_dataplane`]).
+fn serve_itself(dataplane: &mut Dataplane, family: IpFamily, snat_addr: IpAddr) {
     let service = ServicePlan {
         listener: L4_SERVICE,
         family,
         addresses: vec![lb_addr(family)],
         backends: vec![BackendPlan {
             endpoint: SocketAddr::new(lb_addr(family), L4_SERVICE.port),
-            snat_addr: client.ip(),
+            snat_addr,
             next_hop: NextHop {
                 ifindex: TEST_RUN_IFINDEX,
                 src_mac: LB_MAC,
@@ -245,7 +252,6 @@ fn fixed_point_dataplane(client: SocketAddr) -> Dataplane {
         }],
     };
     dataplane.l4().apply(&[service]).unwrap();
-    dataplane
 }
 
 type TcpFlags = fn(PacketBuilderStep<TcpHeader>) -> PacketBuilderStep<TcpHeader>;
@@ -382,25 +388,11 @@ const CHAIN_REPEAT: u32 = 250;
 /// leaves out the fixed cost of a call, as for the established flow.
 fn new_flow_chain_dataplane(family: IpFamily) -> Dataplane {
     let mut dataplane = Dataplane::load().expect("load the XDP program");
-    let (lb, snat_addr) = match family {
-        IpFamily::V4 => (IpAddr::from(LB_ADDR), IpAddr::from(SNAT_ADDR)),
-        IpFamily::V6 => (IpAddr::from(LB_ADDR6), IpAddr::from(SNAT_ADDR6)),
+    let snat_addr = match family {
+        IpFamily::V4 => IpAddr::from(SNAT_ADDR),
+        IpFamily::V6 => IpAddr::from(SNAT_ADDR6),
     };
-    let service = ServicePlan {
-        listener: L4_SERVICE,
-        family,
-        addresses: vec![lb],
-        backends: vec![BackendPlan {
-            endpoint: SocketAddr::new(lb, L4_SERVICE.port),
-            snat_addr,
-            next_hop: NextHop {
-                ifindex: TEST_RUN_IFINDEX,
-                src_mac: LB_MAC,
-                dst_mac: BACKEND_MAC,
-            },
-        }],
-    };
-    dataplane.l4().apply(&[service]).unwrap();
+    serve_itself(&mut dataplane, family, snat_addr);
     dataplane
 }
 

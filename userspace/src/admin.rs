@@ -9,7 +9,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -18,8 +18,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller_feed::FeedStatus, dataplane::Dataplane, l4::service::L4RouteTable,
-    proxy::WorkerStats, routes::RouteTable,
+    controller_feed::FeedStatus,
+    dataplane::Dataplane,
+    endpoint::{self, json, text},
+    l4::service::L4RouteTable,
+    proxy::WorkerStats,
+    routes::RouteTable,
 };
 
 /// What the admin endpoint reports on.
@@ -67,17 +71,7 @@ impl AdminState {
 
 /// Serves admin requests on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "admin endpoint: accept failed");
-                    continue;
-                }
-            },
-        };
+    while let Some(stream) = endpoint::accept(&listener, &shutdown, "admin endpoint").await {
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
@@ -107,7 +101,7 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
                 fields.insert("l4".to_owned(), l4);
                 fields.insert("snapshot".to_owned(), state.snapshot_report());
             }
-            json_response(&routes)
+            json(&routes, true)
         }
         "/stats" => stats(state),
         _ => text(
@@ -120,7 +114,7 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
 fn stats(state: &AdminState) -> Response<Full<Bytes>> {
     let proxy = json!({ "workers": state.proxy_workers.report() });
     let Some(dataplane) = &state.dataplane else {
-        return json_response(&json!({ "proxy": proxy, "xdp": null }));
+        return json(&json!({ "proxy": proxy, "xdp": null }), true);
     };
     let mut dataplane = dataplane
         .lock()
@@ -157,51 +151,31 @@ fn stats(state: &AdminState) -> Response<Full<Bytes>> {
                     (name.unwrap_or_else(|| format!("backend id {id}")), *count)
                 })
                 .collect();
-            json_response(&json!({
-                "proxy": proxy,
-                "xdp": stats,
-                "l4": {
-                    "services": services,
-                    "backends": backends,
-                    "connections": {
-                        "entries": connections.table.entries,
-                        "capacity": connections.table.capacity,
-                        "flows": connections.table.flows,
-                        "half_pairs": connections.table.half_pairs,
-                        "snat_tuples_per_backend": connections.snat_tuples_per_backend,
-                        "snat_tuples_in_use": snat_tuples_in_use,
-                        "sweeps": connections.sweeps,
-                        "next_sweep_in_ms": connections.next_sweep_in.as_millis() as u64,
+            json(
+                &json!({
+                    "proxy": proxy,
+                    "xdp": stats,
+                    "l4": {
+                        "services": services,
+                        "backends": backends,
+                        "connections": {
+                            "entries": connections.table.entries,
+                            "capacity": connections.table.capacity,
+                            "flows": connections.table.flows,
+                            "half_pairs": connections.table.half_pairs,
+                            "snat_tuples_per_backend": connections.snat_tuples_per_backend,
+                            "snat_tuples_in_use": snat_tuples_in_use,
+                            "sweeps": connections.sweeps,
+                            "next_sweep_in_ms": connections.next_sweep_in.as_millis() as u64,
+                        },
                     },
-                },
-            }))
+                }),
+                true,
+            )
         }
         Err(error) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("reading XDP counters: {error}\n"),
         ),
     }
-}
-
-fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    body.push(b'\n');
-    response(StatusCode::OK, "application/json", body)
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    response(
-        status,
-        "text/plain; charset=utf-8",
-        body.as_bytes().to_vec(),
-    )
-}
-
-fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(value) = content_type.parse() {
-        response.headers_mut().insert(header::CONTENT_TYPE, value);
-    }
-    response
 }

@@ -33,6 +33,7 @@ use crate::{
     config,
     daemon::{self, read_token, route_settings, select_extension, wait_for_termination},
     discovery::Discovery,
+    endpoint::{self, json, text},
     snapshot::{self, SnapshotReceiver},
 };
 
@@ -122,18 +123,7 @@ async fn serve(
     access: Arc<Access>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "controller: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some(stream) = endpoint::accept(&listener, &shutdown, "controller").await {
         let (snapshots, access, shutdown) = (snapshots.clone(), access.clone(), shutdown.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| {
@@ -221,30 +211,6 @@ async fn snapshot_after(
             response
         }
     }
-}
-
-fn json(value: &impl serde::Serialize, pretty: bool) -> Response<Full<Bytes>> {
-    let body = if pretty {
-        serde_json::to_vec_pretty(value)
-    } else {
-        serde_json::to_vec(value)
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body.unwrap_or_default())));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@
 //! - [`l4`]: the L4 fast path's userspace side: Maglev tables, service labels, map writing.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
+//! - [`endpoint`]: what the admin endpoint and the controller's share (accept, answers).
 //! - [`daemon`]: `xlb run` and `xlb proxy`, wiring the above together.
 //! - [`logging`]: xlb's own log, and `ErrorLogPath`.
 //! - [`build_info`]: version strings.
@@ -33,6 +34,7 @@ pub mod controller_feed;
 pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
+pub mod endpoint;
 pub mod l4;
 pub mod logging;
 pub mod node;

@@ -170,8 +170,11 @@ fn main() -> anyhow::Result<()> {
     let mut report = Report::new(&options, &plan, open_files);
     let progress = Progress::new();
 
-    if options.wants(Section::Micro) {
-        report.micro = Some(micro::read(&options.criterion_dir));
+    if options.wants(Section::Micro) || options.wants(Section::Control) {
+        let mut benches = micro::read(&options.criterion_dir);
+        // `bench control` runs criterion's control group alone: the rest would read as missing.
+        benches.retain(|bench| options.wants(Section::Micro) || bench.group == "control");
+        report.micro = Some(benches);
     }
     let needs_bed = [Section::L7, Section::L4, Section::Control]
         .into_iter()
