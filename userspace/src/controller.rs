@@ -31,9 +31,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     cli::ControllerArgs,
     config,
-    daemon::{self, read_token, route_settings, select_extension, wait_for_termination},
+    daemon::{read_token, wait_for_termination},
     discovery::Discovery,
     endpoint::{self, json, text},
+    extension::{l7_ports, route_settings, select_extension},
     snapshot::{self, SnapshotReceiver},
 };
 
@@ -68,7 +69,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         docker_url: args.docker_url.unwrap_or_else(|| config.docker_url.clone()),
         interval: config.poll_interval,
         route_settings: route_settings(&extension),
-        reserved_ports: daemon::l7_ports(&extension),
+        reserved_ports: l7_ports(&extension),
     };
     tracing::info!(extension = %name, config = %args.config.display(), "configuration loaded");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -6,6 +6,7 @@
 //! run`), or from a [`controller`] on a manager to the proxies (`xlb proxy`) over HTTP.
 //!
 //! - [`config`]: Interlock's `config.toml`, accepted as it is.
+//! - [`extension`]: the `[Extensions.<name>]` served, and what its keys become.
 //! - [`swarm`]: the Docker API (bollard), read into a snapshot of Swarm.
 //! - [`discovery`]: polls Swarm and publishes the route tables when they change.
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
@@ -35,6 +36,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod endpoint;
+pub mod extension;
 pub mod l4;
 pub mod logging;
 pub mod node;
