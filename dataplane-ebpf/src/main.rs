@@ -27,26 +27,31 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use xlb_common::{
-    Backend, Backend6, FloodWindow, FlowKey, FlowKey6, FlowValue, FlowValue6, Ipv6Wire, ListenPort,
-    ServiceKey, ServiceKey6, ServiceValue, Settings, Stat, StatsBlock, Timeouts, TrafficCounters,
-    DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_L7_PORTS, MAX_OPEN_PORTS, MAX_SERVICE_KEYS,
-    MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_SLOTS,
+    port_bit, Backend, Backend6, FloodWindow, FlowKey, FlowKey6, FlowValue, FlowValue6, Ipv6Wire,
+    ListenPort, ServiceKey, ServiceKey6, ServiceValue, Settings, Stat, StatsBlock, Timeouts,
+    TrafficCounters, DEFAULT_FLOW_ENTRIES, DEFAULT_RING_SIZE, DEFAULT_SERVICE_SLOTS, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, MAX_BACKENDS, MAX_EGRESS_INTERFACES, MAX_OPEN_PORTS,
+    MAX_SERVICE_KEYS, MAX_SHIELDED_ADDRS, MAX_SNAT_ADDRS, PORT_BITMAP_WORDS, PROGRAM_IPV6,
+    PROGRAM_IPV6_ICMP, PROGRAM_SLOTS,
 };
 
 use crate::{
     family::{Family, ScratchKey, SCRATCH_KEYS, V4, V6},
     parse::{frame_len, parse, Frame, IpHeader, Malformed, NetworkKind, Transport, TransportKind},
-    steer::{is_snat_port, lookup_service, reply_to_client, steer_to_backend, L4Packet, Verdict},
+    steer::{
+        is_snat_port, lookup_service, reply_to_client, serves_port, steer_to_backend, L4Packet,
+        Verdict,
+    },
 };
 
 /// One element: this CPU's counters (see [`Tally`]).
 #[map]
 static STATS: PerCpuArray<StatsBlock> = PerCpuArray::with_max_entries(1, 0);
 
-/// TCP ports (host byte order) the userspace L7 proxy listens on; filled by the daemon.
+/// The TCP ports the userspace L7 proxy listens on, a port bitmap (see
+/// `xlb_common::port_bit`); filled by the daemon.
 #[map]
-static L7_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_L7_PORTS, 0);
+static L7_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
 /// The LB addresses (wire order) the shield guards; empty = no shield.
 #[map]
@@ -60,6 +65,12 @@ static SHIELDED6: HashMap<Ipv6Wire, u32> = HashMap::with_max_entries(MAX_SHIELDE
 /// L7 ports and ephemeral ports.
 #[map]
 static OPEN_PORTS: HashMap<ListenPort, u32> = HashMap::with_max_entries(MAX_OPEN_PORTS, 0);
+
+/// The (port, protocol) pairs some L4 service listens on, on any LB address of either family,
+/// a port bitmap (see `xlb_common::port_bit`): the packets that may belong to a tracked flow,
+/// looked up in the connection table before `SERVICES` (see `steer::steer_to_backend`).
+#[map]
+static SERVICE_PORTS: Array<u64> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
 /// (LB address, port, protocol) → service slot and live ring.
 #[map]
@@ -249,10 +260,22 @@ impl Tally {
     }
 }
 
+/// Is `port` (host byte order) of `proto` set in a port bitmap? One array read, which the
+/// verifier inlines: no call.
 #[inline(always)]
-fn is_l7_port(port: u16) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { L7_PORTS.get(&port).is_some() }
+pub fn port_in(bitmap: &Array<u64>, port: u16, proto: u8) -> bool {
+    let Some((word, bit)) = port_bit(port, proto) else {
+        return false;
+    };
+    bitmap.get(word).is_some_and(|bits| bits & bit != 0)
+}
+
+/// Is this a TCP segment for the L7 proxy? Such frames are passed at once: the shield and
+/// the L4 path have nothing to say about them.
+#[inline(always)]
+fn for_l7_proxy(transport: &Transport) -> bool {
+    transport.kind == TransportKind::Tcp
+        && port_in(&L7_PORTS, u16::from_be(transport.ports.dst), IPPROTO_TCP)
 }
 
 /// The L4 path's verdict and class for a packet of a service or of a tracked reply; `None`
@@ -284,11 +307,10 @@ fn l4_family<F: Family>(
     bytes: usize,
 ) -> Option<(Stat, Verdict)> {
     let packet = L4Packet::new(ip, transport, bytes)?;
-    if let Some(service) = lookup_service::<F>(&packet) {
-        return Some((
-            Stat::ClassL4Service,
-            steer_to_backend::<F>(ctx, &packet, &service),
-        ));
+    if serves_port(&packet) {
+        if let Some(verdict) = steer_to_backend::<F>(ctx, &packet) {
+            return Some((Stat::ClassL4Service, verdict));
+        }
     }
     if is_snat_port(packet.ports.dst) {
         return reply_to_client::<F>(ctx, &packet).map(|verdict| (Stat::ClassL4Reply, verdict));
@@ -298,7 +320,8 @@ fn l4_family<F: Family>(
 
 /// The shield, Cilium's prefilter in spirit: a TCP or UDP packet to a shielded LB address on a
 /// port nothing here serves is dropped, with its reason; `None` lets the frame through. It
-/// runs after the L4 path, so services and tracked replies never reach it.
+/// runs after the L4 path and the L7 ports' check, so services, tracked replies and the
+/// proxy's traffic never reach it.
 #[inline(always)]
 fn shield(frame: &Frame) -> Option<Stat> {
     if frame.network != NetworkKind::Ipv4 {
@@ -318,9 +341,6 @@ fn shielded_port(transport: &Transport, proto: u8) -> Option<Stat> {
         TransportKind::Other => return None,
     };
     let port = u16::from_be(transport.ports.dst);
-    if transport.kind == TransportKind::Tcp && is_l7_port(port) {
-        return None;
-    }
     if setting(&SETTINGS.local_port_first) <= port && port <= setting(&SETTINGS.local_port_last) {
         return None;
     }
@@ -336,14 +356,16 @@ fn shielded_port(transport: &Transport, proto: u8) -> Option<Stat> {
     Some(reason)
 }
 
-/// The class of a frame the L4 path does not handle; all of them are passed.
+/// The class and verdict of a frame the L4 path does not handle: a segment for the L7 proxy
+/// is passed; any other frame is passed unless the shield drops it.
 #[inline(always)]
-fn pass_class(frame: &Frame) -> Stat {
-    let transport = &frame.transport;
-    if transport.kind == TransportKind::Tcp && is_l7_port(u16::from_be(transport.ports.dst)) {
-        Stat::ClassL7
-    } else {
-        Stat::ClassOther
+fn not_l4(frame: &Frame, shield_drop: impl FnOnce() -> Option<Stat>) -> (Stat, Verdict) {
+    if for_l7_proxy(&frame.transport) {
+        return (Stat::ClassL7, Verdict::PASS);
+    }
+    match shield_drop() {
+        Some(reason) => (Stat::ClassOther, Verdict::drop(reason)),
+        None => (Stat::ClassOther, Verdict::PASS),
     }
 }
 
@@ -364,10 +386,7 @@ pub fn xlb(ctx: XdpContext) -> u32 {
                 // then classified here, as no L4 traffic.
                 unsafe { PROGRAMS.tail_call(&ctx, program) };
             }
-            l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| match shield(&frame) {
-                Some(reason) => (Stat::ClassOther, Verdict::drop(reason)),
-                None => (pass_class(&frame), Verdict::PASS),
-            })
+            l4_verdict(&ctx, &frame, bytes).unwrap_or_else(|| not_l4(&frame, || shield(&frame)))
         }
         Err(Malformed) => {
             debug!(&ctx, "xdp: malformed frame of {} bytes passed", bytes);
@@ -385,27 +404,33 @@ pub fn xlb_ipv6(ctx: XdpContext) -> u32 {
     let tally = Tally::new(bytes);
     let (class, verdict) = match parse(&ctx) {
         Ok(frame) => {
-            l4_ipv6(&ctx, &frame, bytes).unwrap_or_else(|| (pass_class(&frame), Verdict::PASS))
+            l4_ipv6(&ctx, &frame, bytes).unwrap_or_else(|| not_l4(&frame, || shield6(&ctx, &frame)))
         }
         Err(Malformed) => (Stat::ClassMalformed, Verdict::PASS),
     };
     tally.finish(class, verdict)
 }
 
-/// The IPv6 L4 path, then the shield; `None` passes the frame.
+/// The IPv6 L4 path; `None` for every frame it does not handle.
 #[inline(always)]
 fn l4_ipv6(ctx: &XdpContext, frame: &Frame, bytes: usize) -> Option<(Stat, Verdict)> {
     if frame.network != NetworkKind::Ipv6 {
         return None;
     }
     let ip = frame.ipv6.with_addresses(ctx).ok()?;
-    if let Some(found) = l4_family::<V6>(ctx, &ip, &frame.transport, bytes) {
-        return Some(found);
+    l4_family::<V6>(ctx, &ip, &frame.transport, bytes)
+}
+
+/// [`shield`] for IPv6.
+#[inline(always)]
+fn shield6(ctx: &XdpContext, frame: &Frame) -> Option<Stat> {
+    if frame.network != NetworkKind::Ipv6 {
+        return None;
     }
+    let ip = frame.ipv6.with_addresses(ctx).ok()?;
     // SAFETY: the value is only tested for presence.
     unsafe { SHIELDED6.get(&ip.dst) }?;
-    let reason = shielded_port(&frame.transport, ip.proto)?;
-    Some((Stat::ClassOther, Verdict::drop(reason)))
+    shielded_port(&frame.transport, ip.proto)
 }
 
 /// Untagged ICMPv6, tail-called from `xlb` as `xlb_ipv6` is: errors about tracked flows are

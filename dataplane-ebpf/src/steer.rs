@@ -16,10 +16,11 @@ use crate::{
     family::{scratch_key, Family, Key, ScratchKey, Value},
     flows::{now, remove_pair, tracked_flow, Tracked},
     parse::{IpHeader, Ports, TcpFlags, Transport, TransportKind},
+    port_in,
     rewrite::{live_backend, rewrite, transmit},
     setting,
     snat::new_flow,
-    BACKEND_STATS, SERVICE_STATS, SETTINGS,
+    BACKEND_STATS, SERVICE_PORTS, SERVICE_STATS, SETTINGS,
 };
 
 /// The XDP action for a frame, the `L4*` outcome it is counted under, and the table event it
@@ -184,31 +185,62 @@ fn count_traffic<A>(flow: &FlowValueOf<A>, direction: u8, bytes: usize, new_flow
     );
 }
 
-/// A packet to an L4 service: its tracked flow, or a new one ([`Family::start_flow`]); then
-/// rewrite and send ([`forward`]).
+/// Does an L4 service listen on this packet's destination port (on any LB address)?
+#[inline(always)]
+pub fn serves_port<A>(packet: &L4Packet<A>) -> bool {
+    port_in(
+        &SERVICE_PORTS,
+        u16::from_be(packet.ports.dst),
+        packet.ip.proto,
+    )
+}
+
+/// A packet to a port an L4 service listens on ([`serves_port`]). Its tracked flow comes
+/// first: a packet of an established flow is forwarded after that one lookup, as in Katran,
+/// without looking up its service. Every other packet needs the service: `None` when the
+/// packet is addressed to none (the frame is not L4 traffic); else a new flow
+/// ([`Family::start_flow`]) or the reason there is none.
+///
+/// A flow whose service was removed goes on while its backend stays live (until its id is
+/// cleared after the drain time, or its timeout), as requests in flight through the L7
+/// proxy do.
 #[inline(always)]
 pub fn steer_to_backend<F: Family>(
     ctx: &XdpContext,
     packet: &L4Packet<F::Addr>,
-    service: &ServiceValue,
-) -> Verdict {
-    if packet.ip.fragment {
-        return Verdict::pass(Stat::L4PassFragment);
-    }
-    if packet.ip.ttl <= 1 {
-        return Verdict::pass(Stat::L4PassTtl);
+) -> Option<Verdict> {
+    if packet.ip.fragment || packet.ip.ttl <= 1 {
+        lookup_service::<F>(packet)?;
+        return Some(Verdict::pass(if packet.ip.fragment {
+            Stat::L4PassFragment
+        } else {
+            Stat::L4PassTtl
+        }));
     }
     let now = now();
     let key: Key<F> = packet.key();
-    let event = match tracked_flow::<F>(&key, packet, now) {
+    let tracked = tracked_flow::<F>(&key, packet, now);
+    if let Some(Tracked::Flow(flow)) = tracked {
+        // SAFETY: the entry stays mapped while the program runs (RCU).
+        let flow = unsafe { &*flow };
+        if let Some(backend) = live_backend::<F>(flow) {
+            return Some(forward::<F>(
+                ctx,
+                packet,
+                flow,
+                backend,
+                Stat::L4Forwarded,
+                None,
+            ));
+        }
+    }
+    let service = lookup_service::<F>(packet)?;
+    let event = match tracked {
         Some(Tracked::Flow(flow)) => {
-            // SAFETY: the entry stays mapped while the program runs (RCU).
-            let flow = unsafe { &*flow };
-            if let Some(backend) = live_backend::<F>(flow) {
-                return forward::<F>(ctx, packet, flow, backend, Stat::L4Forwarded, None);
-            }
             // Its backend left: TCP is passed below (the kernel resets the client), UDP
             // starts over on a live backend.
+            // SAFETY: as above.
+            let flow = unsafe { &*flow };
             if let Some(peer_key) = scratch_key::<F>(ScratchKey::Peer) {
                 flow.write_peer_key(peer_key, key.proto);
                 remove_pair::<F>(&key, peer_key);
@@ -217,7 +249,7 @@ pub fn steer_to_backend<F: Family>(
         }
         Some(Tracked::Reopened) => Some(Stat::L4FlowReopened),
         Some(Tracked::Orphaned) => Some(Stat::L4FlowOrphaned),
-        Some(Tracked::Lost) => return Verdict::drop(Stat::L4DropFlowLost),
+        Some(Tracked::Lost) => return Some(Verdict::drop(Stat::L4DropFlowLost)),
         None => None,
     };
     let starts_flow = match packet.tcp_flags {
@@ -225,9 +257,9 @@ pub fn steer_to_backend<F: Family>(
         None => true,
     };
     if !starts_flow {
-        return Verdict::pass(Stat::L4PassNoFlow).with_event(event);
+        return Some(Verdict::pass(Stat::L4PassNoFlow).with_event(event));
     }
-    F::start_flow(ctx, packet, &key, service, event)
+    Some(F::start_flow(ctx, packet, &key, &service, event))
 }
 
 /// A new flow for a packet (of flow key `key`) that starts one: its entries, then rewrite and

@@ -485,6 +485,37 @@ fn live_flows_follow_their_backends_next_hop_and_end_when_it_has_drained() {
 }
 
 #[test]
+fn a_removed_services_flows_go_on_while_it_drains_and_then_go_to_the_kernel() {
+    // The TCP flow's backend stays, serving UDP: only the service's going can end the flow.
+    let only_udp = [service(
+        UDP_SERVICE,
+        vec![backend(BACKEND_A, INGRESS_IFINDEX)],
+    )];
+    let forwarded = (XDP_TX, vec!["l4_forwarded"]);
+    let not_l4 = (XDP_PASS, vec![]);
+    for (drain, established_after_removal) in [
+        (Duration::from_secs(3600), forwarded),
+        (Duration::ZERO, not_l4.clone()),
+    ] {
+        let mut dataplane = conntrack(|settings| settings.backend_drain = drain);
+        handshake(&mut dataplane, 40000);
+        dataplane.l4().apply(&only_udp).unwrap();
+        let (verdict, l4, _) = step(&mut dataplane, &from_client(40000, ack));
+        assert_eq!(
+            (verdict, l4),
+            established_after_removal,
+            "a segment of an established flow after its service left, drain time {drain:?}"
+        );
+        let (verdict, l4, _) = step(&mut dataplane, &from_client(40001, syn));
+        assert_eq!(
+            (verdict, l4),
+            not_l4,
+            "a new connection to the removed service, drain time {drain:?}"
+        );
+    }
+}
+
+#[test]
 fn a_backend_that_returns_while_draining_keeps_its_id_and_its_flows() {
     let mut dataplane = conntrack(|_| {});
     handshake(&mut dataplane, 40000);

@@ -21,8 +21,7 @@ use tokio::io::unix::AsyncFd;
 
 use xlb_common::{
     wire_ipv4, wire_ipv6, FlowKeyOf, FlowValueOf, Ipv6Wire, ListenPort, Stat, StatsBlock, Timeouts,
-    WireAddr, L7_PORT_ENABLED, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_IPV6_NEW_FLOW,
-    SHIELD_ENTRY,
+    WireAddr, IPPROTO_TCP, PROGRAM_IPV6, PROGRAM_IPV6_ICMP, PROGRAM_IPV6_NEW_FLOW, SHIELD_ENTRY,
 };
 
 use crate::l4::{
@@ -31,6 +30,7 @@ use crate::l4::{
     service::Listener,
     settings::L4Settings,
 };
+use crate::port_bitmap::PortBitmap;
 
 /// The XDP object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
@@ -125,7 +125,7 @@ impl Stats {
 pub struct Dataplane {
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, StatsBlock>,
-    l7_ports: HashMap<MapData, u16, u32>,
+    l7_ports: PortBitmap,
     l4: L4Maps,
     flows: ConnectionTable,
     /// The LB addresses the shield guards (left empty when `[L4] Shield` is off: the map is
@@ -227,7 +227,7 @@ impl Dataplane {
             .load(OBJECT)
             .map_err(|error| DataplaneError::Load(Box::new(error)))?;
         let stats = open(&mut ebpf, "STATS", PerCpuArray::try_from)?;
-        let l7_ports = open(&mut ebpf, "L7_PORTS", HashMap::try_from)?;
+        let l7_ports = PortBitmap::new("L7_PORTS", open(&mut ebpf, "L7_PORTS", Array::try_from)?);
         let mut open_ports = OpenPorts {
             map: open(&mut ebpf, "OPEN_PORTS", HashMap::try_from)?,
             configured: settings.open_ports.iter().map(listen_port).collect(),
@@ -263,6 +263,7 @@ impl Dataplane {
             backends6: open(&mut ebpf, "BACKENDS6", Array::try_from)?,
             service_stats: open(&mut ebpf, "SERVICE_STATS", PerCpuArray::try_from)?,
             backend_stats: open(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
+            service_ports: open(&mut ebpf, "SERVICE_PORTS", Array::try_from)?,
         };
         let flows = ConnectionTable {
             ipv4: open(&mut ebpf, "FLOWS", HashMap::try_from)?,
@@ -399,23 +400,8 @@ impl Dataplane {
 
     /// Makes `ports` exactly the set of TCP ports the program classifies as L7 traffic.
     pub fn set_l7_ports(&mut self, ports: &[u16]) -> Result<(), DataplaneError> {
-        let stale: Vec<u16> = self
-            .l7_ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|port| !ports.contains(port))
-            .collect();
-        for port in stale {
-            self.l7_ports
-                .remove(&port)
-                .map_err(|source| map_error("L7_PORTS", "updated", source))?;
-        }
-        for &port in ports {
-            self.l7_ports
-                .insert(port, L7_PORT_ENABLED, 0)
-                .map_err(|source| map_error("L7_PORTS", "updated", source))?;
-        }
-        Ok(())
+        let ports = ports.iter().map(|&port| (port, IPPROTO_TCP)).collect();
+        self.l7_ports.write(&ports)
     }
 
     /// Puts `addresses` under the shield (see `[L4] Shield`); nothing when it is off.

@@ -20,6 +20,7 @@
 //! - [`tls_policy`]: `SSLProtocols`/`SSLCiphers` mapped to rustls versions and suites.
 //! - [`l4`]: the L4 fast path's userspace side: Maglev tables, service labels, map writing.
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
+//! - [`port_bitmap`]: the program's port bitmaps (L4 service ports, the L7 proxy's ports).
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`endpoint`]: what the admin endpoint and the controller's share (accept, answers).
 //! - [`daemon`]: `xlb run` and `xlb proxy`, wiring the above together.
@@ -40,6 +41,7 @@ pub mod extension;
 pub mod l4;
 pub mod logging;
 pub mod node;
+pub mod port_bitmap;
 pub mod privileges;
 pub mod proxy;
 pub mod routes;

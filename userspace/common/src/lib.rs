@@ -18,9 +18,6 @@ pub use stats::*;
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
-/// Capacity of the `L7_PORTS` map: the TCP ports the userspace proxy listens on.
-pub const MAX_L7_PORTS: u32 = 64;
-
 /// Capacity of the `SHIELDED` map: the LB addresses the shield guards.
 pub const MAX_SHIELDED_ADDRS: u32 = 64;
 
@@ -122,9 +119,6 @@ pub const fn port_from_wire(wire: u16) -> u16 {
     u16::from_be_bytes(wire.to_ne_bytes())
 }
 
-/// Value of the `L7_PORTS` hash map, keyed by a TCP port in host byte order.
-pub const L7_PORT_ENABLED: u32 = 1;
-
 /// Key of the shield's `OPEN_PORTS` map: a port (host byte order) and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -146,6 +140,22 @@ pub struct ServiceKeyOf<A> {
 
 pub type ServiceKey = ServiceKeyOf<u32>;
 pub type ServiceKey6 = ServiceKeyOf<Ipv6Wire>;
+
+/// Words of a port bitmap (`SERVICE_PORTS`, `L7_PORTS`): one bit per TCP port, then one per
+/// UDP port. An array the verifier inlines the lookup of, where a hash map's costs calls (and
+/// with the kernel's return-thunk mitigations each return is dear).
+pub const PORT_BITMAP_WORDS: u32 = 2 * 65_536 / 64;
+
+/// Where the bit of `port` (host byte order) for `proto` is in a port bitmap: the word's index
+/// and the bit's mask. `None` for a protocol other than TCP and UDP.
+pub const fn port_bit(port: u16, proto: u8) -> Option<(u32, u64)> {
+    let base = match proto {
+        IPPROTO_TCP => 0,
+        IPPROTO_UDP => 65_536 / 64,
+        _ => return None,
+    };
+    Some((base + port as u32 / 64, 1 << (port % 64)))
+}
 
 /// Value of the `SERVICES` map.
 ///

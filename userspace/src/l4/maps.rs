@@ -25,7 +25,10 @@ use super::{
     maglev::{maglev_table, RingSize},
     service::Listener,
 };
-use crate::dataplane::{map_error, DataplaneError};
+use crate::{
+    dataplane::{map_error, DataplaneError},
+    port_bitmap::{PortBitmap, PortProto},
+};
 
 /// An address family of the L4 path: each has maps of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -161,6 +164,7 @@ pub struct L4Maps {
     backends6: Array<MapData, Backend6>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    service_ports: PortBitmap,
     ring_size: RingSize,
     service_slots: u32,
     /// Contents of both rings of every slot ever used (empty = all `NO_BACKEND`).
@@ -172,6 +176,11 @@ pub struct L4Maps {
     /// it, a TCP flow's next segment is reset by the kernel and a UDP flow moves to a live
     /// backend. No new flow reaches them: the rings no longer hold their id.
     draining: BTreeMap<SocketAddr, (u32, BackendValue, Instant)>,
+    /// Ports no service listens on any more, with the moment they are unmarked in
+    /// `SERVICE_PORTS`: until then the flows of a removed service go on (while their backend
+    /// is live), after it their packets go to the kernel. New flows never reach them: the
+    /// service's `SERVICES` keys are gone.
+    draining_ports: BTreeMap<PortProto, Instant>,
     drain: Duration,
     next_backend_id: u32,
     /// The generation the next endpoint given an id gets (never 0: a free id's).
@@ -187,6 +196,7 @@ pub struct L4MapHandles {
     pub backends6: Array<MapData, Backend6>,
     pub service_stats: PerCpuArray<MapData, TrafficCounters>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    pub service_ports: Array<MapData, u64>,
 }
 
 impl L4Maps {
@@ -204,12 +214,14 @@ impl L4Maps {
             backends6: handles.backends6,
             service_stats: handles.service_stats,
             backend_stats: handles.backend_stats,
+            service_ports: PortBitmap::new("SERVICE_PORTS", handles.service_ports),
             ring_size,
             service_slots,
             ring_contents: Vec::new(),
             listeners: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             draining: BTreeMap::new(),
+            draining_ports: BTreeMap::new(),
             drain,
             next_backend_id: 1,
             next_generation: 1,
@@ -219,6 +231,14 @@ impl L4Maps {
     /// Makes the maps steer exactly `plan`.
     pub fn apply(&mut self, plan: &[ServicePlan]) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
+        // The ports of new services are marked before their `SERVICES` keys exist, and those
+        // of removed ones unmarked after their drain time: a packet to a listed service
+        // always finds its port marked, and a removed service's flows go on while it drains.
+        let planned_ports: BTreeSet<PortProto> = plan
+            .iter()
+            .map(|service| service.listener.port_proto())
+            .collect();
+        self.service_ports.mark(&planned_ports)?;
         self.write_backends(plan, &mut report)?;
         for service in plan {
             self.write_service(service, &mut report)?;
@@ -233,13 +253,21 @@ impl L4Maps {
             .filter(|slot| !planned.contains(slot))
             .copied()
             .collect();
+        let now = Instant::now();
         for slot in removed {
             if let Some(state) = self.listeners.remove(&slot) {
                 for addr in &state.addresses {
                     self.remove_service_key(*addr, &slot.0)?;
                 }
+                self.draining_ports
+                    .insert(slot.0.port_proto(), now + self.drain);
             }
         }
+        self.draining_ports
+            .retain(|port, deadline| *deadline > now && !planned_ports.contains(port));
+        let mut marked_ports = planned_ports;
+        marked_ports.extend(self.draining_ports.keys());
+        self.service_ports.write(&marked_ports)?;
         self.forget_unused_backends(plan)?;
         Ok(report)
     }

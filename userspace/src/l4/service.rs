@@ -58,6 +58,13 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Its port and IP protocol number.
+    pub fn port_proto(&self) -> (u16, u8) {
+        (self.port, self.protocol.number())
+    }
+}
+
+impl Listener {
     /// `PORT[/tcp|/udp]`, TCP by default: how the config writes a port the shield leaves open.
     pub fn parse(text: &str) -> Option<Listener> {
         let (port, protocol) = match text.split_once('/') {
