@@ -169,8 +169,12 @@ impl Dockerd {
 
     fn clean_up(&mut self) -> Result<()> {
         self.process.stop()?;
-        kill_processes_mentioning(self.scratch.path())?;
-        unmount_everything_under(self.scratch.path())
+        release_engine_dirs(self.scratch.path())
+    }
+
+    /// Its private directory (socket, data-root, exec-root, log).
+    pub fn scratch_path(&self) -> &Path {
+        self.scratch.path()
     }
 }
 
@@ -180,6 +184,31 @@ impl Drop for Dockerd {
             eprintln!("xlb-testbed: cleaning up dockerd: {error:#}");
         }
     }
+}
+
+/// Stops an engine this crate started and left running (`cargo xtask cluster up`), known only
+/// by its PID and private directory: SIGTERM, SIGKILL after the grace period, then what
+/// [`Dockerd`]'s Drop does, and the directory removed. A PID whose command line does not name
+/// `scratch` is not that engine any more, and is left alone.
+pub fn stop_left_engine(pid: u32, scratch: &Path) -> Result<()> {
+    if command_line_names(pid, scratch) {
+        crate::process::terminate_pid(pid, STOP_GRACE)?;
+    }
+    release_engine_dirs(scratch)?;
+    std::fs::remove_dir_all(scratch).with_context(|| format!("cannot remove {}", scratch.display()))
+}
+
+/// Kills what still uses an engine's private directory and unmounts what is left in it.
+fn release_engine_dirs(scratch: &Path) -> Result<()> {
+    kill_processes_mentioning(scratch)?;
+    unmount_everything_under(scratch)
+}
+
+/// Does `/proc/<pid>/cmdline` name `dir`?
+pub(crate) fn command_line_names(pid: u32, dir: &Path) -> bool {
+    let needle = format!("{}/", dir.display());
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
 }
 
 /// containerd and its shims outlive a dockerd that had to be killed; their

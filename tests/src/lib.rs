@@ -21,6 +21,7 @@
 //! ```
 
 mod cgroup_mounts;
+pub mod cluster;
 mod command;
 mod dockerd;
 mod image;

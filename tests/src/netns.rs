@@ -98,24 +98,21 @@ pub fn list_netns() -> Result<Vec<String>> {
 
 impl Drop for OwnedNetns {
     fn drop(&mut self) {
-        // `ip netns del` only removes the name; a process still inside would
-        // keep the namespace, its veths and their addresses alive.
-        match pids_in(&self.name) {
-            Ok(pids) => {
-                for pid in pids {
-                    eprintln!(
-                        "xlb-testbed: killing pid {pid} left in namespace {}",
-                        self.name
-                    );
-                    if let Err(error) = run_program("kill", &["-KILL", &pid.to_string()]) {
-                        eprintln!("xlb-testbed: {error:#}");
-                    }
-                }
-            }
-            Err(error) => eprintln!("xlb-testbed: {error:#}"),
-        }
-        if let Err(error) = run_program("ip", &["netns", "del", &self.name]) {
+        if let Err(error) = delete_netns(&self.name) {
             eprintln!("xlb-testbed: {error:#}");
         }
     }
+}
+
+/// Deletes namespace `name` after killing whatever still runs inside: `ip netns del` only
+/// removes the name, and a process still inside would keep the namespace, its veths and
+/// their addresses alive. For namespaces this crate created (a dropped [`Netns`], or one of a
+/// cluster left running by `cargo xtask cluster up`).
+pub fn delete_netns(name: &str) -> Result<()> {
+    for pid in pids_in(name)? {
+        eprintln!("xlb-testbed: killing pid {pid} left in namespace {name}");
+        run_program("kill", &["-KILL", &pid.to_string()])?;
+    }
+    run_program("ip", &["netns", "del", name])?;
+    Ok(())
 }

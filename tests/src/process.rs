@@ -93,6 +93,22 @@ impl Process {
     }
 }
 
+/// SIGTERM to a process that is not our child (one left running by an earlier command), then
+/// SIGKILL if it is still there after `grace`.
+pub(crate) fn terminate_pid(pid: u32, grace: Duration) -> Result<()> {
+    let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+    run_program("kill", &["-TERM", &pid.to_string()])?;
+    let deadline = Instant::now() + grace;
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(EXIT_POLL_INTERVAL);
+    }
+    if alive() {
+        eprintln!("xlb-testbed: pid {pid} ignored SIGTERM for {grace:?}; killing it");
+        run_program("kill", &["-KILL", &pid.to_string()])?;
+    }
+    Ok(())
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         if let Err(error) = self.stop() {
