@@ -145,12 +145,22 @@ impl SeedCluster {
         self.scratch.path().join(format!("{name}.log"))
     }
 
-    /// Runs `xlb ARGS --config CONFIG --token-file TOKEN` on `host`, logging to
-    /// [`SeedCluster::log_path`]`(name)`.
+    /// Runs `xlb ARGS --config CONFIG --token-file TOKEN` on node `name` (its `host`), logging
+    /// to [`SeedCluster::log_path`]`(name)`. It runs in a UTS namespace whose host name is the
+    /// node's, as on a node of its own: a proxy's `x-proxy-id` is its host name.
     pub fn spawn(&self, host: &Host, name: &str, args: &[&str], config: &Path) -> Result<Process> {
         let log = File::create(self.log_path(name))?;
-        let mut command = host.netns.command(crate::seed::xlb_binary());
+        // `unshare` and `sh` exec: the PID held is xlb's.
+        let mut command = host.netns.command("unshare");
         command
+            .args([
+                "--uts",
+                "sh",
+                "-c",
+                &format!("hostname {name} && exec \"$@\""),
+                "sh",
+            ])
+            .arg(crate::seed::xlb_binary())
             .args(args)
             .arg("--config")
             .arg(config)

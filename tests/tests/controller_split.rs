@@ -50,6 +50,10 @@ fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
     let mut controller = cluster.controller(0).unwrap();
     let _proxies: [Process; 2] = [0, 1].map(|lb| cluster.proxy(lb, false).unwrap());
     wait_for_both(&cluster, 1);
+    for (lb, name) in LOAD_BALANCERS.iter().enumerate() {
+        let response = cluster.get(lb).unwrap();
+        assert_eq!(response.header("x-proxy-id"), Some(*name), "{response:?}");
+    }
 
     // lb-00's and lb-01's engines are workers, which cannot list services (why the proxies
     // read snapshots, not Docker; their DockerURL leads nowhere anyway).

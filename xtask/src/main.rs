@@ -3,6 +3,7 @@
 
 mod bench;
 mod build_ebpf;
+mod cluster;
 mod demo;
 mod exec;
 mod fuzz_xdp;
@@ -24,6 +25,8 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Reproduce the Interlock host-mode scenario on this machine, XDP attached.
     Demo(demo::Options),
+    /// The seed's 8-node cluster on this machine: `up` (left running), `status`, `down`.
+    Cluster(cluster::Options),
     /// Run every test: unit, packet-level (BPF_PROG_TEST_RUN) and end to end (dockerd + Swarm).
     Test(test::Options),
     /// Measure xlb against nginx, HAProxy, kernel NAT and direct, side by side (as root).
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(options) => build_ebpf::run(&options).map(|_| ()),
         Command::Demo(options) => demo::run(&options),
+        Command::Cluster(options) => cluster::run(&options),
         Command::Test(options) => test::run(&options),
         Command::FuzzXdp(options) => fuzz_xdp::run(&options),
         Command::Bench(options) => bench::run(&options).map(|_| ()),
