@@ -28,7 +28,7 @@ use crate::{
     netns::delete_netns,
     process::terminate_pid,
     require_root,
-    seed::{HttpResponse, HOST, IMAGE, SERVICE, SERVICE_CREATE_ARGS, TARGET_PORT},
+    seed::{HttpResponse, HOST, IMAGE, SERVICE, TARGET_PORT},
     wait_until, Dockerd, Host, NodeRole, Process, ScratchDir, Segment, Swarm,
 };
 
@@ -43,19 +43,10 @@ const CONVERGE: Duration = Duration::from_secs(30);
 /// How long an xlb process left running gets to drain before SIGKILL.
 const XLB_STOP_GRACE: Duration = Duration::from_secs(15);
 
-/// The cluster's config: the seed's extension, in host mode. The proxies never read Docker
-/// (their DockerURL leads nowhere); the controllers are given their engine on the command line.
-pub const CONFIG: &str = r#"ListenAddr = "0.0.0.0:2376"
-DockerURL = "unix:///nonexistent/docker.sock"
-PollInterval = "3s"
-
-[Extensions.default]
-PublishMode = "host"
-PublishedPort = 80
-
-[Extensions.default.Config]
-AccessLogPath = "off"
-"#;
+/// The cluster's config (`deploy/cluster/config.toml`, which the Vagrantfile's VMs install
+/// too): the seed's extension, in host mode. The controllers here are given their engine on
+/// the command line; the proxies never read Docker.
+pub const CONFIG: &str = include_str!("../../deploy/cluster/config.toml");
 
 /// Fields drop in declaration order: the Swarm (and its engines) first, the switch last.
 pub struct SeedCluster {
@@ -105,12 +96,12 @@ impl SeedCluster {
                 .join(engine(host, name)?, host.addr, role)
                 .with_context(|| format!("joining {name}"))?;
         }
-        // The seed's own commands.
-        for lb in LOAD_BALANCERS {
-            swarm.docker(&["node", "update", "--label-add", "nodetype=loadbalancer", lb])?;
-        }
+        // The seed's own commands, through the Vagrantfile's provisioning scripts.
+        swarm.dockerd().run_script("label-load-balancers.sh", &[])?;
         swarm.build_image(IMAGE, &docker_demo)?;
-        swarm.service_create(SERVICE_CREATE_ARGS)?;
+        swarm
+            .dockerd()
+            .run_script("demo-service.sh", &["--detach", "--no-resolve-image"])?;
         swarm.wait_for_task_endpoints(SERVICE, TARGET_PORT, 1, CONVERGE)?;
         let scratch = ScratchDir::create("cluster")?;
         let config_path = scratch.path().join("config.toml");

@@ -145,13 +145,32 @@ impl Dockerd {
             "docker"
         };
         let mut command = Command::new(program);
+        self.docker_environment(&mut command);
+        command
+    }
+
+    /// What a `docker` client run by `command` needs to use this engine.
+    fn docker_environment<'a>(&self, command: &'a mut Command) -> &'a mut Command {
         command
             .env("DOCKER_HOST", self.host_url())
             .env("DOCKER_CONFIG", self.scratch.path().join("cli"))
             // No BuildKit/buildx here: `FROM scratch` images use the classic builder.
             .env("DOCKER_BUILDKIT", "0")
-            .stdin(Stdio::null());
-        command
+            .stdin(Stdio::null())
+    }
+
+    /// Runs provisioning script `deploy/provision/NAME ARGS` (the Vagrantfile's) against this
+    /// engine: its `docker` is the packaged client, reaching this engine through DOCKER_HOST.
+    pub fn run_script(&self, name: &str, args: &[&str]) -> Result<String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/provision")
+            .join(name);
+        let mut command = Command::new("sh");
+        self.docker_environment(&mut command)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg(&script)
+            .args(args);
+        run(&mut command).with_context(|| format!("provisioning script {name}"))
     }
 
     /// Runs `docker ARGS` against this engine and returns stdout.

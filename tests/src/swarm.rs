@@ -38,15 +38,11 @@ pub struct RunningTask {
 }
 
 impl Swarm {
-    /// `docker swarm init --advertise-addr ADDR`; takes the engine so that it
-    /// outlives the swarm (leaving needs it running).
+    /// `docker swarm init --advertise-addr ADDR` (provisioning script `swarm-init.sh`, as the
+    /// Vagrantfile's VMs run it); takes the engine so that it outlives the swarm (leaving
+    /// needs it running).
     pub fn init(dockerd: Dockerd, advertise_addr: Ipv4Addr) -> Result<Swarm> {
-        dockerd.docker(&[
-            "swarm",
-            "init",
-            "--advertise-addr",
-            &advertise_addr.to_string(),
-        ])?;
+        dockerd.run_script("swarm-init.sh", &[&advertise_addr.to_string()])?;
         Ok(Swarm {
             dockerd,
             advertise_addr,
@@ -67,15 +63,14 @@ impl Swarm {
             NodeRole::Worker => "worker",
         };
         let token = self.docker(&["swarm", "join-token", "--quiet", role_name])?;
-        dockerd.docker(&[
-            "swarm",
-            "join",
-            "--token",
-            token.trim(),
-            "--advertise-addr",
-            &advertise_addr.to_string(),
-            &format!("{}:2377", self.advertise_addr),
-        ])?;
+        dockerd.run_script(
+            "swarm-join.sh",
+            &[
+                token.trim(),
+                &advertise_addr.to_string(),
+                &self.advertise_addr.to_string(),
+            ],
+        )?;
         self.members.push(dockerd);
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! managers, lb-00 and lb-01 joined as workers and labelled `nodetype=loadbalancer` with the
 //! seed's own command, and three more workers; each node its own namespace and engine.
 //! `xlb controller` on manager-0 reads Docker and serves snapshots; `xlb proxy` on lb-00 and
-//! lb-01, whose worker engines cannot list services and whose DockerURL leads nowhere, route
-//! the seed's service from the snapshots alone. Requests without the token are refused;
+//! lb-01, whose worker engines cannot list services and which have no Docker client at all,
+//! route the seed's service from the snapshots alone. Requests without the token are refused;
 //! scaling reaches both proxies; with the controller killed the proxies keep serving, and
 //! manager-1's controller takes over.
 
@@ -56,7 +56,7 @@ fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
     }
 
     // lb-00's and lb-01's engines are workers, which cannot list services (why the proxies
-    // read snapshots, not Docker; their DockerURL leads nowhere anyway).
+    // read snapshots, not Docker).
     for lb in LOAD_BALANCERS {
         let refused = cluster.engine(lb).docker(&["service", "ls"]).unwrap_err();
         assert!(

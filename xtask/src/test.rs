@@ -21,6 +21,7 @@ pub struct Options {
 pub fn run(options: &Options) -> anyhow::Result<()> {
     toolchain::require_root("`cargo xtask test`")?;
     toolchain::ensure_packages(toolchain::RUNTIME_PACKAGES)?;
+    toolchain::ensure_packages(toolchain::TEST_PACKAGES)?;
     build_ebpf::run(&build_ebpf::Options { release: true })?;
     // The end-to-end tests run the real `xlb` binary, found next to their own directory.
     exec(
