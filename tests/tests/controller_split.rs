@@ -18,6 +18,9 @@ use xlb_testbed::{
 
 const TOKEN: &str = "a-test-token-of-the-controllers";
 const CONVERGE: Duration = Duration::from_secs(20);
+/// A manager's loss: Swarm's Raft elects a leader within seconds, and finds the dead node down
+/// (and moves its tasks) within its heartbeat grace.
+const LEADER_ELECTION: Duration = Duration::from_secs(90);
 
 /// The cluster's config with a minute between resyncs: every change the tests wait for must
 /// come from the engine's events (and the reads while tasks settle), as their deadlines are
@@ -126,6 +129,27 @@ fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
         controllers[2]["state"], "down",
         "manager-2 runs none: {routes}"
     );
+
+    // The leading manager's engine dies (manager-0, where the Swarm began): the Raft of three
+    // elects another leader; both proxies keep serving, and follow a change made through it.
+    let leader = cluster.engine(MANAGERS[0]).pid();
+    xlb_testbed::run_program("kill", &["-KILL", &leader.to_string()]).unwrap();
+    for lb in 0..2 {
+        for _ in 0..5 {
+            let response = cluster.get(lb).unwrap();
+            assert_eq!(response.status, 200, "lb-0{lb} without the leader");
+        }
+    }
+    let manager_1 = cluster.engine(MANAGERS[1]);
+    wait_until("a new leader to scale the service", LEADER_ELECTION, || {
+        let scaled = manager_1.docker(&["service", "scale", "--detach", &format!("{SERVICE}=4")]);
+        Ok(scaled.ok().map(|_| ()))
+    })
+    .unwrap();
+    // The tasks manager-0 ran are started again elsewhere once Swarm finds it down.
+    cluster
+        .wait_for_both(4, LEADER_ELECTION)
+        .unwrap_or_else(|error| panic!("{error:#}\n{}", logs(&cluster)));
 }
 
 /// `/proc/<pid>/status`'s value for `key` (`Uid`, `CapEff`, ...), whitespace collapsed.
