@@ -198,8 +198,9 @@ pub fn serves_port<A>(packet: &L4Packet<A>) -> bool {
 /// A packet to a port an L4 service listens on ([`serves_port`]). Its tracked flow comes
 /// first: a packet of an established flow is forwarded after that one lookup, as in Katran,
 /// without looking up its service. Every other packet needs the service: `None` when the
-/// packet is addressed to none (the frame is not L4 traffic); else a new flow
-/// ([`Family::start_flow`]) or the reason there is none.
+/// packet is addressed to none, or is a backend's reply (to a SNAT port a service listens on
+/// too): not a service's traffic; else a new flow ([`Family::start_flow`]) or the reason
+/// there is none.
 ///
 /// A flow whose service was removed goes on while its backend stays live (until its id is
 /// cleared after the drain time, or its timeout), as requests in flight through the L7
@@ -223,6 +224,10 @@ pub fn steer_to_backend<F: Family>(
     if let Some(Tracked::Flow(flow)) = tracked {
         // SAFETY: the entry stays mapped while the program runs (RCU).
         let flow = unsafe { &*flow };
+        if flow.direction != DIRECTION_FORWARD {
+            // A backend's reply to a SNAT port some service listens on too: the reply path's.
+            return None;
+        }
         if let Some(backend) = live_backend::<F>(flow) {
             return Some(forward::<F>(
                 ctx,

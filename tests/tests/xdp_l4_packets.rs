@@ -7,7 +7,14 @@ mod xdp_support;
 use std::net::SocketAddrV4;
 
 use xdp_support::*;
-use xlb::{dataplane::Dataplane, l4::settings::SnatPorts};
+use xlb::{
+    dataplane::Dataplane,
+    l4::{
+        maps::ServicePlan,
+        service::{Listener, Protocol},
+        settings::SnatPorts,
+    },
+};
 
 fn one_backend_dataplane(ifindex: u32) -> Dataplane {
     dataplane(
@@ -89,6 +96,42 @@ fn a_tcp_flow_is_steered_both_ways() {
     assert_eq!(
         traffic.backends[&BACKEND_A.into()].reply_bytes,
         syn_ack_in.len() as u64
+    );
+}
+
+#[test]
+fn a_backends_reply_to_a_snat_port_that_a_service_also_listens_on_goes_to_the_client() {
+    // A second service on the SNAT address, on the SNAT port: the backend's reply below is
+    // addressed to a service port, and must still be taken for the reply it is.
+    let on_the_snat_port = ServicePlan {
+        addresses: vec![SNAT_ADDR.into()],
+        ..service(
+            Listener {
+                port: SNAT_PORT,
+                protocol: Protocol::Tcp,
+            },
+            vec![backend(BACKEND_B, INGRESS_IFINDEX)],
+        )
+    };
+    let mut dataplane = dataplane(
+        &settings(one_snat_port()),
+        &[
+            service(TCP_SERVICE, vec![backend(BACKEND_A, INGRESS_IFINDEX)]),
+            on_the_snat_port,
+        ],
+    );
+    let syn_in = tcp(TO_LB, client(), lb(5432), 64, syn as Flags, &[]);
+    let (verdict, _) = run(&mut dataplane, &syn_in);
+    assert_eq!(verdict, XDP_TX);
+    let syn_ack_in = tcp(FROM_BACKEND, BACKEND_A, snat(), 64, syn_ack as Flags, &[]);
+    let syn_ack_out = tcp(TO_CLIENT, lb(5432), client(), 63, syn_ack as Flags, &[]);
+    expect(
+        &mut dataplane,
+        "the backend's reply to the SNAT port",
+        &syn_ack_in,
+        XDP_TX,
+        Some(&syn_ack_out),
+        &["class_l4_reply", "l4_replied", "verdict_tx"],
     );
 }
 
