@@ -31,8 +31,10 @@ pub enum NodeRole {
 }
 
 /// A running task as a load balancer sees it: where it answers, and since when.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunningTask {
+    /// The task's ID (`docker inspect --type task`).
+    pub id: String,
     pub endpoint: SocketAddr,
     pub running_since: SystemTime,
 }
@@ -91,6 +93,11 @@ impl Swarm {
     /// Runs `docker ARGS` against the swarm's engine and returns stdout.
     pub fn docker(&self, args: &[&str]) -> Result<String> {
         self.dockerd.docker(args)
+    }
+
+    /// The engine socket of the node the swarm's commands go to (a manager).
+    pub fn manager_socket(&self) -> &Path {
+        self.dockerd.socket_path()
     }
 
     /// See [`build_scratch_image`]; on every node, since no registry serves the image to
@@ -187,7 +194,9 @@ impl Swarm {
                     }
                 }
             }
+            let id = task["ID"].as_str().unwrap_or_default();
             running.extend(published_ports.into_iter().map(|port| RunningTask {
+                id: id.to_owned(),
                 endpoint: SocketAddr::new(node_addr, port),
                 running_since,
             }));

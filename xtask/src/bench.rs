@@ -76,6 +76,10 @@ pub struct Options {
     /// Only these L7 programs (nginx, haproxy, xlb; repeatable), beside the direct row.
     #[arg(long)]
     pub only: Vec<String>,
+    /// Rounds of the L4 table, its rows interleaved; each row reports its median round, and
+    /// its cost over direct paired with the same round's direct row.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
     /// Record a perf profile of each proxy's closed loop into <out>/profiles/.
     #[arg(long)]
     pub profile: bool,
@@ -125,6 +129,7 @@ pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
         .arg("--criterion-dir")
         .arg(&criterion_dir)
         .args(["--duration", &options.duration.to_string()])
+        .args(["--rounds", &options.rounds.to_string()])
         .arg("--command")
         .arg(command_line(options));
     if !options.rates.is_empty() {
@@ -166,6 +171,9 @@ fn command_line(options: &Options) -> String {
     }
     for only in &options.only {
         line.push_str(&format!(" --only {only}"));
+    }
+    if options.rounds != 1 {
+        line.push_str(&format!(" --rounds {}", options.rounds));
     }
     if options.profile {
         line.push_str(" --profile");
@@ -246,14 +254,14 @@ pub fn check_instructions(dir: &Path) -> anyhow::Result<()> {
 
 /// What `cargo xtask test` checks of a `--quick` run: every row produced numbers and every
 /// file exists. Nothing about speed.
-pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
+pub fn check_report(dir: &Path, rates: &[u32], l4_rounds: usize) -> anyhow::Result<()> {
     let path = dir.join("report.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let report: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut problems = Vec::new();
-    for (table, expected_rows) in [("l7", 7), ("l4", 12)] {
+    for (table, expected_rows) in [("l7", 7), ("l4", 14)] {
         let rows = report[table].as_array().cloned().unwrap_or_default();
         if rows.len() != expected_rows {
             problems.push(format!(
@@ -275,6 +283,12 @@ pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
             {
                 problems.push(format!("{name}: no cost"));
             }
+            let paired = row["over_direct_us_rounds"].as_array().map_or(0, Vec::len);
+            if table == "l4" && l4_rounds > 1 && paired != l4_rounds {
+                problems.push(format!(
+                    "{name}: {paired} rounds paired with direct, expected {l4_rounds}"
+                ));
+            }
             let keep_alive = row["connections"] == "keep-alive";
             let open = row["open"].as_array().map_or(0, Vec::len);
             if keep_alive && open != rates.len() {
@@ -293,10 +307,10 @@ pub fn check_report(dir: &Path, rates: &[u32]) -> anyhow::Result<()> {
         ));
     }
     for control in &controls {
+        let samples = |series: &str| control[series]["samples_ms"].as_array().map_or(0, Vec::len);
         if !control["error"].is_null()
-            || control["routable_after_ms"]
-                .as_array()
-                .is_none_or(Vec::is_empty)
+            || samples("routable") == 0
+            || samples("listed") != samples("routable")
         {
             problems.push(format!("control: {control}"));
         }
@@ -348,17 +362,20 @@ mod tests {
                 "closed": {"requests": 100},
                 "open": if connections == "keep-alive" { vec![serde_json::json!({"rate": QUICK_RATE})] } else { vec![] },
                 "cost": {"machine_busy_us_per_request": 10.0},
+                "over_direct_us_rounds": [1.0, 2.0],
                 "error": null,
             })
         };
         let report = serde_json::json!({
             "l7": (0..7).map(|index| row(&format!("l7-{index}"), "keep-alive")).collect::<Vec<_>>(),
-            "l4": (0..12)
+            "l4": (0..14)
                 .map(|index| row(&format!("l4-{index}"), if index % 2 == 0 { "keep-alive" } else { "new-per-request" }))
                 .collect::<Vec<_>>(),
             "control": [
-                {"path": "xlb run", "routable_after_ms": [120.0, 80.0], "error": null},
-                {"path": "xlb controller → xlb proxy", "routable_after_ms": [90.0], "error": null},
+                {"path": "xlb run", "routable": {"samples_ms": [120.0, 80.0]},
+                 "listed": {"samples_ms": [60.0, 50.0]}, "error": null},
+                {"path": "xlb controller → xlb proxy", "routable": {"samples_ms": [90.0]},
+                 "listed": {"samples_ms": [70.0]}, "error": null},
             ],
             "micro": [{"group": "maglev", "id": "build_ring_10_backends", "mean_ns": 2.0e6}],
         });
@@ -379,7 +396,7 @@ mod tests {
 
     fn check(report: &serde_json::Value, dir: &Path) -> anyhow::Result<()> {
         std::fs::write(dir.join("report.json"), report.to_string()).unwrap();
-        check_report(dir, &[QUICK_RATE])
+        check_report(dir, &[QUICK_RATE], 2)
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -407,8 +424,20 @@ mod tests {
         assert!(error.contains("build_ring_10_backends"), "{error}");
 
         let mut no_control = report.clone();
-        no_control["control"][1]["routable_after_ms"] = serde_json::json!([]);
+        no_control["control"][1]["routable"]["samples_ms"] = serde_json::json!([]);
         assert!(check(&no_control, &dir).is_err());
+
+        let mut unlisted = report.clone();
+        unlisted["control"][0]["listed"]["samples_ms"] = serde_json::json!([50.0]);
+        assert!(check(&unlisted, &dir).is_err());
+
+        let mut one_round = report.clone();
+        one_round["l4"][3]["over_direct_us_rounds"] = serde_json::json!([1.0]);
+        let error = check(&one_round, &dir).unwrap_err().to_string();
+        assert!(
+            error.contains("1 rounds paired with direct, expected 2"),
+            "{error}"
+        );
 
         std::fs::remove_file(dir.join("l7-cpu.svg")).unwrap();
         let error = check(&report, &dir).unwrap_err().to_string();

@@ -49,11 +49,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             quick: true,
             out: Some(quick_dir),
             only: Vec::new(),
+            // Two, so that the paired rounds are checked too.
+            rounds: 2,
             profile: true,
             callgrind: true,
         };
         let out = bench::run(&quick)?;
-        bench::check_report(&out, &[bench::QUICK_RATE])?;
+        bench::check_report(&out, &[bench::QUICK_RATE], quick.rounds as usize)?;
         bench::check_profiles(&out)?;
         bench::check_instructions(&out)?;
         eprintln!(

@@ -7,13 +7,26 @@
 //! left alone for a random part of the poll interval: events that always followed the
 //! previous one's detection would fall at the same phase of a resync and all measure alike.
 //!
+//! Swarm's own share is measured beside it: when the manager's API first lists the task
+//! running ([`ApiWatch`]). The worker stamps `Status.Timestamp` as the task starts, but
+//! swarmkit's dispatcher commits the workers' status reports to the managers' store in
+//! batches, at most every 100 ms; until then no client of the API can see the task. What
+//! follows is xlb's share: its read of the API, the route table, the proxies' long poll.
+//!
 //! The route-table build and BPF map update for a large synthetic snapshot are criterion
 //! benches (`userspace/benches/control.rs`), reported by [`crate::micro`].
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -29,7 +42,8 @@ use crate::{
     Options, Plan,
 };
 
-const POLL: Duration = Duration::from_millis(20);
+/// How often `/routes` is read while a new task is awaited: the resolution of the latencies.
+const POLL: Duration = Duration::from_millis(5);
 /// The bench config's `PollInterval` (see [`crate::proxies::xlb_config`]).
 const XLB_POLL_INTERVAL: Duration = Duration::from_secs(3);
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,12 +54,44 @@ pub struct Control {
     pub path: String,
     /// The config's `PollInterval` (a resync: changes are read on the engine's events).
     pub poll_interval: String,
-    /// Task running → routable, one per scale event, in milliseconds.
-    pub routable_after_ms: Vec<f64>,
+    /// Task running (its `Status.Timestamp`) → routable: what a user waits.
+    pub routable: Latencies,
+    /// Task running → the manager's API first lists it running: Swarm's own share, which no
+    /// client of the API can beat. A worker stamps the time when its task starts, but the
+    /// status reaches the managers' store in batches (swarmkit's dispatcher commits them at
+    /// most every 100 ms).
+    pub listed: Latencies,
+    /// The manager's API lists the task running → routable: xlb's share.
+    pub routable_after_listed: Latencies,
+    pub error: Option<String>,
+}
+
+/// One latency per scale event, in milliseconds, and their percentiles.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latencies {
+    pub samples_ms: Vec<f64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    pub error: Option<String>,
+}
+
+impl Latencies {
+    fn of(samples_ms: Vec<f64>) -> Latencies {
+        let mut sorted = samples_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        Latencies {
+            p50_ms: percentile(&sorted, 50.0),
+            p99_ms: percentile(&sorted, 99.0),
+            max_ms: sorted.last().copied().unwrap_or(0.0),
+            samples_ms,
+        }
+    }
+}
+
+/// What one scale event measured, in milliseconds.
+struct ScaleEvent {
+    routable: f64,
+    listed: f64,
 }
 
 pub fn measure(
@@ -81,37 +127,38 @@ fn series(
     plan: &Plan,
     progress: &Progress,
 ) -> Control {
-    let mut samples = Vec::new();
+    let mut events = Vec::new();
     let outcome = started.and_then(|_running| {
+        let api = ApiWatch::start(bed.swarm.manager_socket());
         for event in 0..plan.scale_events {
             progress.step(&format!(
                 "control ({path}): scale event {} of {}",
                 event + 1,
                 plan.scale_events
             ));
-            let ms = one_scale_event(bed)?;
+            let measured = one_scale_event(bed, &api)?;
             progress.done(&format!(
-                "control ({path}): task running → routable in {ms:.0} ms"
+                "control ({path}): task running → routable in {:.0} ms (listed by the \
+                 manager's API after {:.0} ms)",
+                measured.routable, measured.listed
             ));
-            samples.push(ms);
+            events.push(measured);
         }
         Ok(())
     });
-    let mut sorted = samples.clone();
-    sorted.sort_by(f64::total_cmp);
+    let series = |of: fn(&ScaleEvent) -> f64| Latencies::of(events.iter().map(of).collect());
     Control {
         path: path.to_owned(),
         poll_interval: format!("{XLB_POLL_INTERVAL:?}"),
-        p50_ms: percentile(&sorted, 50.0),
-        p99_ms: percentile(&sorted, 99.0),
-        max_ms: sorted.last().copied().unwrap_or(0.0),
-        routable_after_ms: samples,
+        routable: series(|event| event.routable),
+        listed: series(|event| event.listed),
+        routable_after_listed: series(|event| event.routable - event.listed),
         error: outcome.err().map(|error| format!("{error:#}")),
     }
 }
 
 /// Scales 1 → 2, measures the new task, scales back and waits for the routes to follow.
-fn one_scale_event(bed: &Bed) -> Result<f64> {
+fn one_scale_event(bed: &Bed, api: &ApiWatch) -> Result<ScaleEvent> {
     std::thread::sleep(XLB_POLL_INTERVAL.mul_f64(fastrand::f64()));
     let before: BTreeSet<SocketAddr> = routed_endpoints(bed)?.into_iter().collect();
     bed.swarm.service_scale(SERVICE, 2)?;
@@ -132,15 +179,102 @@ fn one_scale_event(bed: &Bed) -> Result<f64> {
         .into_iter()
         .find(|task| task.endpoint == new_endpoint)
         .with_context(|| format!("xlb routes {new_endpoint}, which Swarm does not run"))?;
-    let latency = routable_at
-        .duration_since(task.running_since)
-        .unwrap_or(Duration::ZERO);
+    let since_running = |at: SystemTime| {
+        let latency = at.duration_since(task.running_since).unwrap_or_default();
+        latency.as_secs_f64() * 1e3
+    };
+    let listed_at = api
+        .first_listed(&task.id)
+        .with_context(|| format!("the manager's API never listed task {} running", task.id))?;
+    let measured = ScaleEvent {
+        routable: since_running(routable_at),
+        listed: since_running(listed_at),
+    };
 
     bed.swarm.service_scale(SERVICE, 1)?;
     wait_until("xlb to route one endpoint again", EVENT_TIMEOUT, || {
         Ok((routed_endpoints(bed)?.len() == 1).then_some(()))
     })?;
-    Ok(latency.as_secs_f64() * 1e3)
+    Ok(measured)
+}
+
+/// How often [`ApiWatch`] asks the manager for the service's tasks.
+const API_POLL: Duration = Duration::from_millis(5);
+
+/// When the manager's API first listed each task of the bench service running, read by a
+/// thread of its own every [`API_POLL`] (`GET /tasks` over the engine's socket, as any client
+/// of the API reads it) while the bench runs.
+struct ApiWatch {
+    first_listed: Arc<Mutex<HashMap<String, SystemTime>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiWatch {
+    fn start(socket: &Path) -> ApiWatch {
+        let first_listed = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (first_listed, stop, socket) =
+                (first_listed.clone(), stop.clone(), socket.to_owned());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // A failed read is one sample less; the event that needs it says so.
+                    if let Ok(running) = running_task_ids(&socket) {
+                        let now = SystemTime::now();
+                        let mut first_listed = first_listed.lock().unwrap();
+                        for id in running {
+                            first_listed.entry(id).or_insert(now);
+                        }
+                    }
+                    std::thread::sleep(API_POLL);
+                }
+            })
+        };
+        ApiWatch {
+            first_listed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn first_listed(&self, task_id: &str) -> Option<SystemTime> {
+        self.first_listed.lock().unwrap().get(task_id).copied()
+    }
+}
+
+impl Drop for ApiWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The IDs of the bench service's tasks the engine at `socket` lists as running.
+fn running_task_ids(socket: &Path) -> Result<Vec<String>> {
+    // `{"service":["SERVICE"],"desired-state":["running"]}`, percent-encoded.
+    let filters = format!(
+        "%7B%22service%22%3A%5B%22{SERVICE}%22%5D%2C%22desired-state%22%3A%5B%22running%22%5D%7D"
+    );
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET /tasks?filters={filters} HTTP/1.0\r\nHost: docker\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (_, body) = response
+        .split_once("\r\n\r\n")
+        .context("a response without a head")?;
+    let tasks: Vec<Value> = serde_json::from_str(body).context("GET /tasks is not JSON")?;
+    Ok(tasks
+        .iter()
+        .filter(|task| task["Status"]["State"] == "running")
+        .filter_map(|task| Some(task["ID"].as_str()?.to_owned()))
+        .collect())
 }
 
 /// The endpoints xlb's `/routes` lists for the bench host.

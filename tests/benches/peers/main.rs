@@ -62,6 +62,9 @@ pub struct Options {
     /// Seconds of load per closed-loop and open-loop measurement.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Rounds of the L4 table (see [`l4`]).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
     /// Open-loop rates (requests per second), each measured for `--duration`.
     #[arg(long = "rate", num_args = 1.., default_values_t = [10_000])]
     pub rates: Vec<u32>,
@@ -116,6 +119,8 @@ pub struct Plan {
     pub rates: Vec<u32>,
     pub scale_events: usize,
     pub idle_connections: usize,
+    /// Rounds of the L4 table.
+    pub l4_rounds: u32,
     /// Where `--profile` puts its profiles.
     pub profile_dir: Option<PathBuf>,
     /// Keep-alive GETs per program under `--callgrind`.
@@ -131,6 +136,7 @@ impl Options {
                 rates: vec![1_000],
                 scale_events: 2,
                 idle_connections: 200,
+                l4_rounds: self.rounds.max(1),
                 profile_dir: self.profile_dir(),
                 callgrind_requests: 2_000,
             }
@@ -141,6 +147,7 @@ impl Options {
                 rates: self.rates.clone(),
                 scale_events: self.scale_events,
                 idle_connections: self.idle_connections,
+                l4_rounds: self.rounds.max(1),
                 profile_dir: self.profile_dir(),
                 callgrind_requests: callgrind::REQUESTS,
             }

@@ -384,7 +384,12 @@ fn l4_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
             .iter()
             .find(|other| other.name == "direct" && other.connections == row.connections)
             .and_then(machine);
-        let marginal = direct.map(|direct| cost.machine_busy_us_per_request - direct);
+        let over_direct = if row.over_direct_us_rounds.len() > 1 {
+            paired_over_direct(&row.over_direct_us_rounds)
+        } else {
+            let marginal = direct.map(|direct| cost.machine_busy_us_per_request - direct);
+            optional(marginal, 1)
+        };
         let _ = writeln!(
             out,
             "| {} | {} | {:.0} | {} | {} | {:.1} | {} | {} |",
@@ -397,7 +402,7 @@ fn l4_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
             if row.name == "direct" {
                 "–".to_owned()
             } else {
-                optional(marginal, 1)
+                over_direct
             },
             optional(cost.process_cpu_us_per_request, 1),
         );
@@ -411,22 +416,47 @@ fn l4_tables(out: &mut String, rows: &[Row], rates: &[u32]) {
     }
 }
 
+/// The median of a row's per-round costs over direct, with their range.
+fn paired_over_direct(rounds: &[f64]) -> String {
+    let mut sorted = rounds.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[(sorted.len() - 1) / 2];
+    format!(
+        "{median:.1} ({:.1} to {:.1}, {} rounds)",
+        sorted[0],
+        sorted[sorted.len() - 1],
+        sorted.len()
+    )
+}
+
 fn control_table(out: &mut String, controls: &[Control], micro: Option<&[Micro]>) {
     let _ = writeln!(out, "\n## Control plane\n");
     let _ = writeln!(out, "| measure | p50 | p99 | max | samples |");
     let _ = writeln!(out, "|---|---|---|---|---|");
     for control in controls {
-        let _ = writeln!(
-            out,
-            "| Swarm task running → routable, {} (PollInterval {}) | {:.0} ms | {:.0} ms | \
-             {:.0} ms | {} |",
-            control.path,
-            control.poll_interval,
-            control.p50_ms,
-            control.p99_ms,
-            control.max_ms,
-            control.routable_after_ms.len()
-        );
+        let rows = [
+            ("Swarm task running → routable", &control.routable),
+            (
+                "of which Swarm's: task running → listed running by the manager's API",
+                &control.listed,
+            ),
+            (
+                "of which xlb's: listed running by the manager's API → routable",
+                &control.routable_after_listed,
+            ),
+        ];
+        for (what, latencies) in rows {
+            let _ = writeln!(
+                out,
+                "| {what}, {} (PollInterval {}) | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
+                control.path,
+                control.poll_interval,
+                latencies.p50_ms,
+                latencies.p99_ms,
+                latencies.max_ms,
+                latencies.samples_ms.len()
+            );
+        }
         if let Some(error) = &control.error {
             let _ = writeln!(out, "| FAILED: {} | | | | |", table_cell(error));
         }

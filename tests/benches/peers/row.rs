@@ -24,6 +24,9 @@ pub struct Row {
     pub open: Vec<OpenLoop>,
     pub cost: Option<Cost>,
     pub memory: Option<Memory>,
+    /// Machine µs per request over the direct row of the same round, one per round (L4's
+    /// `--rounds`; empty where the table does not pair rounds).
+    pub over_direct_us_rounds: Vec<f64>,
     /// Why the row has no numbers (the program did not start, the load failed).
     pub error: Option<String>,
 }
@@ -76,6 +79,7 @@ impl Row {
             open: Vec::new(),
             cost: None,
             memory: None,
+            over_direct_us_rounds: Vec::new(),
             error: Some(format!("{error:#}")),
         }
     }
@@ -166,6 +170,7 @@ fn try_measure(spec: &RowSpec, plan: &Plan, oha: &Path, scratch: &Path) -> Resul
                 / idle.held.max(1) as f64,
             refused: idle.refused,
         }),
+        over_direct_us_rounds: Vec::new(),
         error: None,
     })
 }
