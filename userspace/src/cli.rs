@@ -44,6 +44,10 @@ pub struct NodeArgs {
     /// Which `[Extensions.<name>]` of the config to serve (default: the only one, or `default`).
     #[arg(long)]
     pub extension: Option<String>,
+    /// Where the connection tables and XDP links are pinned for a hitless restart (a
+    /// directory per instance; on a BPF filesystem, mounted at /sys/fs/bpf if none is).
+    #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+    pub bpf_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

@@ -21,9 +21,10 @@ use crate::{
     cli::{NodeArgs, ProxyArgs, RunArgs},
     config::{self, Config, Extension, ProxyConfig, WorkerProcesses},
     controller_feed::{ControllerFeed, ControllerUrl},
-    dataplane::Dataplane,
+    dataplane::{Attachment, Dataplane},
     discovery::Discovery,
     extension::{l7_ports, proxy_settings, route_settings, select_extension},
+    handover::{self, Instance},
     l4::{
         conntrack::MIN_SWEEP_INTERVAL,
         service::{Listener, Protocol},
@@ -32,6 +33,7 @@ use crate::{
     },
     logging,
     node::Node,
+    pins::Pins,
     privileges,
     proxy::{self, BoundWorkers, CertificateStore, ProxyPorts, Router, TlsTermination},
     snapshot,
@@ -43,6 +45,9 @@ const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// `WorkerProcesses` when the config has none: Interlock's nginx template writes 1.
 const DEFAULT_WORKER_PROCESSES: WorkerProcesses = WorkerProcesses::Count(NonZeroUsize::MIN);
+/// How long a process taking over waits for its first route snapshot before giving up (and
+/// leaving the running one in place).
+const TAKEOVER_ROUTES_WAIT: Duration = Duration::from_secs(60);
 /// How often certificate secrets are checked for changes.
 const CERTIFICATE_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -104,7 +109,7 @@ fn run_node(args: &NodeArgs, source: SnapshotSource) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, &config, &extension, source))
+    runtime.block_on(serve(args, &config, (&name, &extension), source))
 }
 
 fn apply_process_limits(proxy: &ProxyConfig) -> anyhow::Result<()> {
@@ -139,40 +144,57 @@ fn raise_open_file_limit(limit: u64) -> anyhow::Result<()> {
 async fn serve(
     args: &NodeArgs,
     config: &Config,
-    extension: &Extension,
+    (extension_name, extension): (&str, &Extension),
     source: SnapshotSource,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
+    let instance = Instance::new(&args.config, &args.interface, extension_name)?;
+    let predecessor = instance.running_owner();
+    if let Some(pid) = predecessor {
+        tracing::info!(
+            pid,
+            "taking over from the running xlb once routes are applied"
+        );
+    }
+    if let Err(error) = handover::migrate_queued_connections() {
+        tracing::warn!(
+            error = format!("{error:#}"),
+            "connections queued on this process's listeners when it hands over will be reset"
+        );
+    }
+
     let l7_ports = l7_ports(extension);
-    let (dataplane, steering) = match (args.interface.as_slice(), args.no_xdp) {
+    let (dataplane, steering, pins) = match (args.interface.as_slice(), args.no_xdp) {
         (interfaces, false) if !interfaces.is_empty() => {
+            let pins = Pins::open(&args.bpf_dir, instance.name())?;
             let admin_port = config.listen_addr.map(|addr| addr.port());
             let dataplane = start_dataplane(
-                interfaces, &l7_ports, admin_port, &config.l4, &tasks, &shutdown,
+                interfaces, &pins, &l7_ports, admin_port, &config.l4, &tasks, &shutdown,
             )?;
             let steering = Steering::start(dataplane.clone(), interfaces, &config.l4.addresses)
                 .await
                 .context("starting the L4 fast path")?;
             let shielded = steering.addresses();
-            dataplane
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .shield(shielded)?;
+            lock(&dataplane).shield(shielded)?;
             if config.l4.shield && !shielded.is_empty() {
                 tracing::info!(
                     addresses = ?shielded,
                     "shield: TCP and UDP to these addresses on ports nothing serves are dropped"
                 );
             }
-            (Some(dataplane), Some(steering))
+            (Some(dataplane), Some(steering), Some(pins))
         }
         _ => {
             tracing::info!("running proxy-only: no XDP program attached (--no-xdp)");
-            (None, None)
+            (None, None, None)
         }
     };
+    let taking_over = predecessor.is_some()
+        || dataplane
+            .as_ref()
+            .is_some_and(|dataplane| lock(dataplane).is_taking_over());
 
     let proxy_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, extension.published_port));
     let (https, certificates) = match extension.published_ssl_port {
@@ -185,31 +207,10 @@ async fn serve(
         }
         None => (None, None),
     };
-    let workers = extension
-        .proxy
-        .worker_processes
-        .unwrap_or(DEFAULT_WORKER_PROCESSES)
-        .resolve();
-    let ports = ProxyPorts {
-        http: proxy_addr,
-        https,
-    };
-    let proxy_workers = BoundWorkers::bind(&ports, workers)?;
-    let worker_stats = proxy_workers.stats();
     let router = match extension.published_ssl_port {
         Some(port) => Router::with_https_port(port),
         None => Router::new(),
     };
-    let settings = proxy_settings(&extension.proxy, proxy_id())?;
-    tracing::info!(
-        addr = %proxy_addr,
-        ssl_addr = ?ports.https.as_ref().map(|(addr, _)| addr),
-        workers,
-        proxy_id = %settings.proxy_id,
-        "L7 proxy listening"
-    );
-    let proxy_running = proxy_workers.start(router.clone(), settings, shutdown.clone())?;
-    tasks.spawn(log_failure("proxy", proxy_running.wait()));
 
     let (publish, snapshots) = snapshot::channel();
     let takes_user = matches!(source, SnapshotSource::Controllers { .. });
@@ -240,22 +241,83 @@ async fn serve(
         }
     };
 
+    let workers = extension
+        .proxy
+        .worker_processes
+        .unwrap_or(DEFAULT_WORKER_PROCESSES)
+        .resolve();
+    let ports = ProxyPorts {
+        http: proxy_addr,
+        https,
+    };
+    // Bound before routes are read, so that a port in use fails the start at once. During a
+    // handover the listeners join the running process's (SO_REUSEPORT) here: the connections
+    // the kernel gives them wait in their queues until the workers start, and move to the
+    // running process's listeners if this one gives up (tcp_migrate_req).
+    let proxy_workers = BoundWorkers::bind(&ports, workers)?;
     let state = Arc::new(AdminState {
         routes: ArcSwap::default(),
         l4_routes: ArcSwap::default(),
-        dataplane,
-        proxy_workers: worker_stats,
+        dataplane: dataplane.clone(),
+        proxy_workers: proxy_workers.stats(),
         snapshot: Mutex::default(),
         controllers,
     });
-    if let Some(addr) = config.listen_addr {
-        let listener = bind(addr, "the admin endpoint (ListenAddr)").await?;
-        tracing::info!(%addr, "admin endpoint listening: /health /routes /stats");
-        tasks.spawn(admin::serve(listener, state.clone(), shutdown.clone()));
+    tasks.spawn(feed);
+    let (applied, mut applied_version) = tokio::sync::watch::channel(0);
+    let node = Node {
+        router: router.clone(),
+        certificates,
+        state: state.clone(),
+        steering,
+        refresh: config.poll_interval,
+        applied,
+    };
+    tasks.spawn(node.run(snapshots, shutdown.clone()));
+
+    if taking_over {
+        // The running process serves until this one has routes: a newcomer without them
+        // would answer its share of requests with 503 and drop its share of new flows.
+        tokio::time::timeout(
+            TAKEOVER_ROUTES_WAIT,
+            applied_version.wait_for(|version| *version > 0),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no route snapshot within {TAKEOVER_ROUTES_WAIT:?}: not taking over, the \
+                     running xlb goes on serving"
+            )
+        })?
+        .context("the node stopped before applying routes")?;
+        if let (Some(dataplane), Some(pins)) = (&dataplane, &pins) {
+            lock(dataplane).take_over(pins)?;
+            tracing::info!("XDP program replaced on every interface; connection tables kept");
+        }
     }
+
+    let settings = proxy_settings(&extension.proxy, proxy_id())?;
+    tracing::info!(
+        addr = %proxy_addr,
+        ssl_addr = ?ports.https.as_ref().map(|(addr, _)| addr),
+        workers,
+        proxy_id = %settings.proxy_id,
+        "L7 proxy listening"
+    );
+    let proxy_running = proxy_workers.start(router, settings, shutdown.clone())?;
+    tasks.spawn(log_failure("proxy", proxy_running.wait()));
+    if let Some(addr) = config.listen_addr {
+        let listener = bind_admin(addr)?;
+        tracing::info!(%addr, "admin endpoint listening: /health /routes /stats");
+        tasks.spawn(admin::serve(listener, state, shutdown.clone()));
+    }
+    instance.claim()?;
     // Everything that needs root is done: XDP attached, ports bound, files open.
     match &extension.proxy.user {
         Some(user) if takes_user => {
+            let mut owned = vec![instance.owner_file()];
+            owned.extend(pins.as_ref().map(Pins::dir));
+            privileges::give_to(user, &owned)?;
             let dropped = privileges::drop_to(user)?;
             tracing::info!(
                 user = %dropped.user,
@@ -270,29 +332,44 @@ async fn serve(
         ),
         None => {}
     }
-    tasks.spawn(feed);
-    let node = Node {
-        router,
-        certificates,
-        state,
-        steering,
-        refresh: config.poll_interval,
-    };
-    tasks.spawn(node.run(snapshots, shutdown.clone()));
 
-    wait_for_termination().await?;
-    tracing::info!("shutting down: draining connections");
+    let successor = tokio::select! {
+        terminated = wait_for_termination() => {
+            terminated?;
+            None
+        }
+        successor = instance.superseded() => Some(successor),
+    };
+    match successor {
+        Some(pid) => tracing::info!(pid, "replaced by a new xlb: draining connections"),
+        None => tracing::info!("shutting down: draining connections"),
+    }
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
-    tracing::info!("stopped; XDP program detached");
+    if successor.is_none() {
+        if let Some(pins) = &pins {
+            pins.remove();
+        }
+        instance.release();
+        tracing::info!("stopped; XDP program detached");
+    } else {
+        tracing::info!("stopped; the XDP program and connection tables are the new xlb's");
+    }
     Ok(())
+}
+
+fn lock(dataplane: &Mutex<Dataplane>) -> std::sync::MutexGuard<'_, Dataplane> {
+    dataplane
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Loads and attaches the XDP program. The shield leaves the admin port (`admin_port`) and
 /// the node's ephemeral ports open besides the configured ones.
 fn start_dataplane(
     interfaces: &[String],
+    pins: &Pins,
     l7_ports: &[u16],
     admin_port: Option<u16>,
     l4: &L4Settings,
@@ -308,7 +385,7 @@ fn start_dataplane(
         port,
         protocol: Protocol::Tcp,
     }));
-    let mut dataplane = Dataplane::load_with(&l4)?;
+    let mut dataplane = Dataplane::load_pinned(&l4, Some(pins))?;
     let forwarder = dataplane.forward_logs(log::logger())?;
     tasks.spawn(
         shutdown
@@ -316,10 +393,16 @@ fn start_dataplane(
             .run_until_cancelled_owned(log_failure("XDP log forwarding", forwarder.run())),
     );
     for interface in interfaces {
-        let mode = dataplane
-            .attach(interface)
-            .with_context(|| format!("attaching the XDP program to {interface}"))?;
-        tracing::info!(interface, ?mode, "XDP program attached");
+        match dataplane
+            .attach_pinned(interface, pins)
+            .with_context(|| format!("attaching the XDP program to {interface}"))?
+        {
+            Attachment::Attached(mode) => tracing::info!(interface, ?mode, "XDP program attached"),
+            Attachment::TakingOver => tracing::info!(
+                interface,
+                "the previous xlb's XDP program runs here: replaced once routes are applied"
+            ),
+        }
     }
     dataplane.set_l7_ports(l7_ports)?;
     tracing::info!(?l7_ports, "L7 ports passed to the proxy");
@@ -422,10 +505,12 @@ fn log_unavailable_tls_names(proxy_config: &ProxyConfig) {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {what} on {addr}"))
+/// The admin endpoint's listener, beside a running process's during a handover
+/// (`SO_REUSEPORT`, as the proxy's).
+fn bind_admin(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = proxy::bind_reuseport(addr)
+        .with_context(|| format!("binding the admin endpoint (ListenAddr) on {addr}"))?;
+    Ok(TcpListener::from_std(listener)?)
 }
 
 async fn log_failure(

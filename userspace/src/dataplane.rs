@@ -2,7 +2,12 @@
 //! and reads its counters. The L4 maps are written through [`L4Maps`].
 //!
 //! The object is built by `cargo xtask build-ebpf` and embedded at compile time, so the `xlb`
-//! binary runs without the source tree. Dropping a [`Dataplane`] detaches the program.
+//! binary runs without the source tree. Dropping a [`Dataplane`] detaches the program, unless
+//! it is attached through links pinned for the next process (see [`crate::handover`]).
+
+mod links;
+
+pub use links::Attachment;
 
 use std::collections::BTreeMap;
 
@@ -30,7 +35,7 @@ use crate::l4::{
     service::Listener,
     settings::L4Settings,
 };
-use crate::port_bitmap::PortBitmap;
+use crate::{pins::Pins, port_bitmap::PortBitmap};
 
 /// The XDP object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
@@ -94,6 +99,14 @@ pub enum DataplaneError {
     },
     #[error("running the sweep's removals (BPF_PROG_TEST_RUN of {SWEEP_PROGRAM}/{SWEEP6_PROGRAM}) failed")]
     SweepRun(#[source] Box<aya::programs::ProgramError>),
+    #[error("the XDP link on {interface} could not be {action} ({path})")]
+    Link {
+        interface: String,
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// How the program ended up attached.
@@ -134,8 +147,12 @@ pub struct Dataplane {
     shielded6: HashMap<MapData, Ipv6Wire, u32>,
     shield: bool,
     open_ports: OpenPorts,
-    /// The interfaces the program is attached to, by ifindex.
+    /// The interfaces the program is attached to, by ifindex (those it is taking over from
+    /// the previous process included).
     attached: BTreeMap<u32, String>,
+    /// Interfaces whose pinned link still runs the previous process's program, until
+    /// [`Dataplane::take_over`].
+    taking_over: Vec<String>,
     /// `EGRESS`: those of them frames may be redirected to, as last written.
     egress: DevMapHash<MapData>,
     egress_written: BTreeSet<u32>,
@@ -212,12 +229,24 @@ impl Dataplane {
     /// Loads the embedded program into the kernel, its L4 maps sized and configured by
     /// `settings`, not attached anywhere yet.
     pub fn load_with(settings: &L4Settings) -> Result<Self, DataplaneError> {
+        Self::load_pinned(settings, None)
+    }
+
+    /// As [`Dataplane::load_with`], its connection tables and backends pinned in `pins`: those
+    /// a previous process left there are adopted, with its backends' ids.
+    pub fn load_pinned(settings: &L4Settings, pins: Option<&Pins>) -> Result<Self, DataplaneError> {
         let ring_entries = u32::try_from(settings.ring_entries())
             .map_err(|_| DataplaneError::RingsTooLarge(settings.ring_entries()))?;
         // Online, not possible, CPUs: only those receive packets to share the limit over.
         let cpus = aya::util::online_cpus().map_err(|(_, error)| DataplaneError::Cpus(error))?;
         let program_settings = settings.to_program_settings(cpus.len() as u32);
-        let mut ebpf = EbpfLoader::new()
+        let adopts_backends = pins.is_some_and(Pins::has_backends);
+        let pinned_maps = pins.map(|pins| pins.maps(settings)).unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pinned_maps {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries("RINGS", ring_entries)
             .map_max_entries("FLOWS", settings.flow_entries)
             .map_max_entries("FLOWS6", settings.flow_entries)
@@ -295,6 +324,7 @@ impl Dataplane {
             shield: settings.shield,
             open_ports,
             attached: BTreeMap::new(),
+            taking_over: Vec::new(),
             egress,
             egress_written: BTreeSet::new(),
             _tail_calls: tail_calls,
@@ -304,6 +334,13 @@ impl Dataplane {
             xdp_program(&mut dataplane.ebpf, name)?
                 .load()
                 .map_err(|error| DataplaneError::Program(Box::new(error)))?;
+        }
+        if adopts_backends {
+            let adopted = dataplane.l4.adopt_backends()?;
+            tracing::info!(
+                backends = adopted,
+                "adopted the pinned connection tables and backend ids"
+            );
         }
         Ok(dataplane)
     }
@@ -344,19 +381,21 @@ impl Dataplane {
     /// Attaches in native mode, falling back to generic mode (with a warning) when the
     /// interface's driver has no native XDP.
     pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
-        let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|errno| {
-            DataplaneError::NoInterface {
-                interface: interface.to_owned(),
-                source: std::io::Error::from(errno),
-            }
-        })?;
+        self.attach_link(interface).map(|(mode, _)| mode)
+    }
+
+    fn attach_link(
+        &mut self,
+        interface: &str,
+    ) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId), DataplaneError> {
+        let ifindex = ifindex(interface)?;
         let program = self.program()?;
-        let mode = match program.attach(interface, XdpMode::Driver) {
-            Ok(_) => AttachMode::Native,
+        let (mode, link) = match program.attach(interface, XdpMode::Driver) {
+            Ok(link) => (AttachMode::Native, link),
             Err(native) => {
                 tracing::warn!(interface, error = %native, "native XDP unavailable, falling back to generic mode");
                 match program.attach(interface, XdpMode::Skb) {
-                    Ok(_) => AttachMode::Generic,
+                    Ok(link) => (AttachMode::Generic, link),
                     Err(generic) => {
                         return Err(DataplaneError::Attach {
                             interface: interface.to_owned(),
@@ -368,7 +407,7 @@ impl Dataplane {
             }
         };
         self.attached.insert(ifindex, interface.to_owned());
-        Ok(mode)
+        Ok((mode, link))
     }
 
     /// The interfaces the program is attached to, by ifindex.
@@ -592,6 +631,13 @@ fn open<T>(
         .take_map(name)
         .ok_or(DataplaneError::Missing { kind: "map", name })?;
     convert(map).map_err(|source| map_error(name, "opened", source))
+}
+
+fn ifindex(interface: &str) -> Result<u32, DataplaneError> {
+    nix::net::if_::if_nametoindex(interface).map_err(|errno| DataplaneError::NoInterface {
+        interface: interface.to_owned(),
+        source: std::io::Error::from(errno),
+    })
 }
 
 /// The loaded object's XDP program `name`.

@@ -24,6 +24,8 @@
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`endpoint`]: what the admin endpoint and the controller's share (accept, answers).
 //! - [`daemon`]: `xlb run` and `xlb proxy`, wiring the above together.
+//! - [`handover`]: hitless restart, a second process of the same instance taking over.
+//! - [`pins`]: what a restart keeps on the BPF filesystem (connection tables, XDP links).
 //! - [`logging`]: xlb's own log, and `ErrorLogPath`.
 //! - [`build_info`]: version strings.
 
@@ -38,9 +40,11 @@ pub mod dataplane;
 pub mod discovery;
 pub mod endpoint;
 pub mod extension;
+pub mod handover;
 pub mod l4;
 pub mod logging;
 pub mod node;
+pub mod pins;
 pub mod port_bitmap;
 pub mod privileges;
 pub mod proxy;

@@ -22,6 +22,8 @@ pub struct Node {
     /// How often the L4 path is refreshed without a new snapshot: backends' next hops resolve
     /// and change on their own (the config's `PollInterval`).
     pub refresh: Duration,
+    /// The version of the last snapshot applied (0: none yet).
+    pub applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Node {
@@ -46,6 +48,7 @@ impl Node {
             // Version 0: nothing read from Swarm yet; the empty tables would only unroute.
             if snapshot.version > 0 {
                 self.apply(&snapshot).await;
+                self.applied.send_replace(snapshot.version);
             }
         }
     }

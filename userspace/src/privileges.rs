@@ -4,7 +4,7 @@
 //! through the file descriptors it already holds (map updates, the sweep's test runs), next
 //! hops are read over rtnetlink, and XDP is detached by closing its link.
 
-use std::ffi::CString;
+use std::{ffi::CString, path::Path};
 
 use anyhow::{bail, Context as _};
 use nix::unistd::{getuid, initgroups, setgid, setuid, User};
@@ -40,6 +40,19 @@ pub fn drop_to(user: &str) -> anyhow::Result<Dropped> {
         bail!("setuid({}) left the process as {}", account.uid, getuid());
     }
     Ok(dropped(user, &account))
+}
+
+/// Makes `user` the owner of `paths`: what the process must still change once it runs as
+/// that user (at a stop: its pins and its owner file, see [`crate::handover`]).
+pub fn give_to(user: &str, paths: &[&Path]) -> anyhow::Result<()> {
+    let account = User::from_name(user)
+        .with_context(|| format!("looking up User = {user:?}"))?
+        .with_context(|| format!("User = {user:?}: no such user on this node"))?;
+    for path in paths {
+        std::os::unix::fs::chown(path, Some(account.uid.as_raw()), Some(account.gid.as_raw()))
+            .with_context(|| format!("giving {} to {user}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn dropped(user: &str, account: &User) -> Dropped {

@@ -17,8 +17,9 @@ use std::{
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use xlb_common::{
-    ring_index, wire_ipv4, wire_ipv6, wire_port, Backend, Backend6, NextHop, ServiceKey,
-    ServiceKey6, ServiceKeyOf, ServiceValue, TrafficCounters, MAX_BACKENDS, NO_BACKEND,
+    ipv4_from_wire, ipv6_from_wire, port_from_wire, ring_index, wire_ipv4, wire_ipv6, wire_port,
+    Backend, Backend6, NextHop, ServiceKey, ServiceKey6, ServiceKeyOf, ServiceValue,
+    TrafficCounters, MAX_BACKENDS, NO_BACKEND,
 };
 
 use super::{
@@ -226,6 +227,41 @@ impl L4Maps {
             next_backend_id: 1,
             next_generation: 1,
         }
+    }
+
+    /// Takes the backend ids a previous process left in the (pinned, adopted) `BACKENDS`
+    /// maps as this writer's own: an endpoint it plans keeps its id and generation, so the
+    /// flows that name them go on; one it does not plan drains as if it had just left.
+    /// Returns how many were adopted.
+    pub fn adopt_backends(&mut self) -> Result<usize, DataplaneError> {
+        for id in 1..MAX_BACKENDS {
+            let v4 = self
+                .backends
+                .get(&id, 0)
+                .map_err(|source| map_error("BACKENDS", "read", source))?;
+            let v6 = self
+                .backends6
+                .get(&id, 0)
+                .map_err(|source| map_error("BACKENDS6", "read", source))?;
+            let adopted = if v4.generation != 0 {
+                let endpoint =
+                    SocketAddr::new(ipv4_from_wire(v4.addr).into(), port_from_wire(v4.port));
+                (endpoint, BackendValue::V4(v4))
+            } else if v6.generation != 0 {
+                let endpoint =
+                    SocketAddr::new(ipv6_from_wire(v6.addr).into(), port_from_wire(v6.port));
+                (endpoint, BackendValue::V6(v6))
+            } else {
+                continue;
+            };
+            let (endpoint, value) = adopted;
+            self.next_backend_id = self.next_backend_id.max(id + 1);
+            self.next_generation = self
+                .next_generation
+                .max(value.generation().checked_add(1).unwrap_or(1));
+            self.backend_ids.insert(endpoint, (id, value));
+        }
+        Ok(self.backend_ids.len())
     }
 
     /// Makes the maps steer exactly `plan`.

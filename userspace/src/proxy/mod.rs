@@ -77,7 +77,9 @@ pub use limits::ClientLimits;
 pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
-pub use workers::{BoundWorkers, ProxyPorts, RunningWorkers, WorkerReport, WorkerStats};
+pub use workers::{
+    bind_reuseport, BoundWorkers, ProxyPorts, RunningWorkers, WorkerReport, WorkerStats,
+};
 
 use access_log::AccessLog;
 use backend_tls::BackendTlsPools;

@@ -280,7 +280,7 @@ fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpLis
 
 /// A non-blocking listening socket on `addr` that other sockets may share (`SO_REUSEPORT`).
 /// socket2, because std and tokio bind without that option or only inside a runtime.
-fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
