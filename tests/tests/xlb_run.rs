@@ -143,3 +143,47 @@ fn a_bad_config_is_refused_with_file_line_and_column() {
     let position = format!("{}:2:16: PollInterval", config.display());
     assert!(stderr.contains(&position), "{stderr}");
 }
+
+/// Under a systemd unit of `Type=notify`: once it serves, xlb says so and names itself the
+/// main process (what lets `systemctl reload`'s newcomer take the service over, see
+/// `deploy/systemd/xlb-proxy.service`). The service manager's socket here is the test's own.
+#[test]
+fn tells_the_service_manager_it_is_ready_and_its_main_process() {
+    let scratch = ScratchDir::create("xlb-notify").unwrap();
+    let config = scratch.path().join("config.toml");
+    std::fs::write(&config, CONFIG_WITHOUT_DOCKER).unwrap();
+    let notify_path = scratch.path().join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let netns = Netns::create(&format!("xlb-{}-notify", xlb_testbed::run_id())).unwrap();
+
+    let mut command = netns.command(xlb_binary());
+    command
+        .args(["run", "--no-xdp", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut xlb = Process::spawn(command).unwrap();
+
+    let mut message = [0; 256];
+    let length = manager
+        .recv(&mut message)
+        .expect("a notification from xlb within 10 s");
+    let message = String::from_utf8_lossy(&message[..length]).into_owned();
+    let lines: Vec<&str> = message.lines().collect();
+    assert!(lines.contains(&"READY=1"), "{message:?}");
+    assert!(
+        lines.contains(&format!("MAINPID={}", xlb.pid()).as_str()),
+        "{message:?}"
+    );
+    // It serves when it says so.
+    let health = netns
+        .run("curl", &["-sf", "http://127.0.0.1:9000/health"])
+        .unwrap();
+    assert_eq!(health.trim(), "ok");
+    assert!(xlb.stop().unwrap().success());
+}

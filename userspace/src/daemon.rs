@@ -312,6 +312,7 @@ async fn serve(
         tasks.spawn(admin::serve(listener, state, shutdown.clone()));
     }
     instance.claim()?;
+    handover::notify_service_manager();
     // Everything that needs root is done: XDP attached, ports bound, files open.
     match &extension.proxy.user {
         Some(user) if takes_user => {

@@ -120,6 +120,20 @@ impl Instance {
     }
 }
 
+/// Tells the service manager, if one started this process (`NOTIFY_SOCKET`, a systemd unit of
+/// `Type=notify`), that it serves now and is the service's main process: after a handover,
+/// systemd then follows the newcomer rather than the process that leaves (the unit needs
+/// `NotifyAccess=all`, since the newcomer was started by `ExecReload`).
+pub fn notify_service_manager() {
+    let states = [
+        sd_notify::NotifyState::MainPid(std::process::id()),
+        sd_notify::NotifyState::Ready,
+    ];
+    if let Err(error) = sd_notify::notify(false, &states) {
+        tracing::warn!(%error, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
 /// Sets `tcp_migrate_req` in this network namespace (see the module's step 4).
 pub fn migrate_queued_connections() -> anyhow::Result<()> {
     std::fs::write(TCP_MIGRATE_REQ, "1").with_context(|| format!("writing 1 to {TCP_MIGRATE_REQ}"))

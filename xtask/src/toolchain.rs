@@ -28,8 +28,9 @@ pub const RUNTIME_PACKAGES: &[&str] = &[
     "nghttp2-client",
 ];
 /// Debian packages only the test suite needs: `vagrant`, whose `vagrant validate` checks the
-/// Vagrantfile (no VM can boot on these machines).
-pub const TEST_PACKAGES: &[&str] = &["vagrant"];
+/// Vagrantfile (no VM can boot on these machines), and `systemd`, whose `systemd-analyze
+/// verify` checks the units.
+pub const TEST_PACKAGES: &[&str] = &["systemd", "vagrant"];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -33,7 +33,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use serde_json::Value;
-use xlb_testbed::{in_netns, wait_until};
+use xlb_testbed::in_netns;
 
 use crate::{
     bed::{Bed, HOST, SERVICE, TARGET_PORT},
@@ -63,6 +63,9 @@ pub struct Control {
     pub listed: Latencies,
     /// The manager's API lists the task running → routable: xlb's share.
     pub routable_after_listed: Latencies,
+    /// Scaling back: the manager's API no longer lists a task running → xlb no longer routes
+    /// it (xlb's share; until then the proxy's failover covers requests to it).
+    pub unrouted_after_unlisted: Latencies,
     pub error: Option<String>,
 }
 
@@ -92,6 +95,8 @@ impl Latencies {
 struct ScaleEvent {
     routable: f64,
     listed: f64,
+    /// The task scaled away: the manager's API no longer lists it running → not routed.
+    unrouted_after_unlisted: f64,
 }
 
 pub fn measure(
@@ -153,6 +158,7 @@ fn series(
         routable: series(|event| event.routable),
         listed: series(|event| event.listed),
         routable_after_listed: series(|event| event.routable - event.listed),
+        unrouted_after_unlisted: series(|event| event.unrouted_after_unlisted),
         error: outcome.err().map(|error| format!("{error:#}")),
     }
 }
@@ -189,57 +195,113 @@ fn one_scale_event(bed: &Bed, api: &ApiWatch) -> Result<ScaleEvent> {
     let measured = ScaleEvent {
         routable: since_running(routable_at),
         listed: since_running(listed_at),
+        unrouted_after_unlisted: 0.0,
     };
 
+    let running = bed.swarm.running_tasks(SERVICE, TARGET_PORT)?;
     bed.swarm.service_scale(SERVICE, 1)?;
-    wait_until("xlb to route one endpoint again", EVENT_TIMEOUT, || {
-        Ok((routed_endpoints(bed)?.len() == 1).then_some(()))
-    })?;
-    Ok(measured)
+    let started = Instant::now();
+    let (kept, unrouted_at) = loop {
+        let routed = routed_endpoints(bed)?;
+        if let [kept] = routed[..] {
+            break (kept, SystemTime::now());
+        }
+        if started.elapsed() > EVENT_TIMEOUT {
+            bail!(
+                "still {} endpoints routed {EVENT_TIMEOUT:?} after scaling to 1",
+                routed.len()
+            );
+        }
+        std::thread::sleep(POLL);
+    };
+    let removed = running
+        .iter()
+        .find(|task| task.endpoint != kept)
+        .context("Swarm ran one task only before scaling to 1")?;
+    let unlisted_at = api
+        .first_unlisted(&removed.id)
+        .with_context(|| format!("the manager's API still lists task {} running", removed.id))?;
+    let unrouted_after_unlisted = unrouted_at
+        .duration_since(unlisted_at)
+        .unwrap_or_default()
+        .as_secs_f64()
+        * 1e3;
+    Ok(ScaleEvent {
+        unrouted_after_unlisted,
+        ..measured
+    })
 }
 
 /// How often [`ApiWatch`] asks the manager for the service's tasks.
 const API_POLL: Duration = Duration::from_millis(5);
 
-/// When the manager's API first listed each task of the bench service running, read by a
-/// thread of its own every [`API_POLL`] (`GET /tasks` over the engine's socket, as any client
-/// of the API reads it) while the bench runs.
+/// When the manager's API first listed each task of the bench service running, and first
+/// left it out again, read by a thread of its own every [`API_POLL`] (`GET /tasks` over the
+/// engine's socket, as any client of the API reads it) while the bench runs.
 struct ApiWatch {
-    first_listed: Arc<Mutex<HashMap<String, SystemTime>>>,
+    listing: Arc<Mutex<Listing>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+#[derive(Default)]
+struct Listing {
+    running: BTreeSet<String>,
+    first_listed: HashMap<String, SystemTime>,
+    first_unlisted: HashMap<String, SystemTime>,
+}
+
+impl Listing {
+    fn update(&mut self, running: BTreeSet<String>, now: SystemTime) {
+        for gone in self.running.difference(&running) {
+            self.first_unlisted.entry(gone.clone()).or_insert(now);
+        }
+        for id in &running {
+            self.first_listed.entry(id.clone()).or_insert(now);
+        }
+        self.running = running;
+    }
+}
+
 impl ApiWatch {
     fn start(socket: &Path) -> ApiWatch {
-        let first_listed = Arc::new(Mutex::new(HashMap::new()));
+        let listing = Arc::new(Mutex::new(Listing::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (first_listed, stop, socket) =
-                (first_listed.clone(), stop.clone(), socket.to_owned());
+            let (listing, stop, socket) = (listing.clone(), stop.clone(), socket.to_owned());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     // A failed read is one sample less; the event that needs it says so.
                     if let Ok(running) = running_task_ids(&socket) {
-                        let now = SystemTime::now();
-                        let mut first_listed = first_listed.lock().unwrap();
-                        for id in running {
-                            first_listed.entry(id).or_insert(now);
-                        }
+                        listing.lock().unwrap().update(running, SystemTime::now());
                     }
                     std::thread::sleep(API_POLL);
                 }
             })
         };
         ApiWatch {
-            first_listed,
+            listing,
             stop,
             thread: Some(thread),
         }
     }
 
     fn first_listed(&self, task_id: &str) -> Option<SystemTime> {
-        self.first_listed.lock().unwrap().get(task_id).copied()
+        self.listing
+            .lock()
+            .unwrap()
+            .first_listed
+            .get(task_id)
+            .copied()
+    }
+
+    fn first_unlisted(&self, task_id: &str) -> Option<SystemTime> {
+        self.listing
+            .lock()
+            .unwrap()
+            .first_unlisted
+            .get(task_id)
+            .copied()
     }
 }
 
@@ -253,7 +315,7 @@ impl Drop for ApiWatch {
 }
 
 /// The IDs of the bench service's tasks the engine at `socket` lists as running.
-fn running_task_ids(socket: &Path) -> Result<Vec<String>> {
+fn running_task_ids(socket: &Path) -> Result<BTreeSet<String>> {
     // `{"service":["SERVICE"],"desired-state":["running"]}`, percent-encoded.
     let filters = format!(
         "%7B%22service%22%3A%5B%22{SERVICE}%22%5D%2C%22desired-state%22%3A%5B%22running%22%5D%7D"

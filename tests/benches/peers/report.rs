@@ -444,6 +444,10 @@ fn control_table(out: &mut String, controls: &[Control], micro: Option<&[Micro]>
                 "of which xlb's: listed running by the manager's API → routable",
                 &control.routable_after_listed,
             ),
+            (
+                "scaled away: no longer listed running by the manager's API → not routed",
+                &control.unrouted_after_unlisted,
+            ),
         ];
         for (what, latencies) in rows {
             let _ = writeln!(
