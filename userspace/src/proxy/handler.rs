@@ -69,8 +69,10 @@ pub enum ProxyError {
     UpstreamTimeout { addr: SocketAddr, stall: Stall },
     #[error(transparent)]
     ClientBody(#[from] ClientBodyError),
-    #[error("method CONNECT is not supported")]
-    ConnectMethod,
+    /// CONNECT (xlb is no forward proxy) and TRACE (it would echo to a script the cookies and
+    /// credentials the proxy and the upstream saw), answered 405 as nginx answers them.
+    #[error("method {0} is not allowed")]
+    MethodNotAllowed(Method),
     #[error("redirect location {0:?} is not a valid header value")]
     UnencodableLocation(String),
     #[error("service {service:?} cannot use TLS to its tasks: {problem}")]
@@ -96,7 +98,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NoContextRoot { .. } => StatusCode::NOT_FOUND,
             Self::ClientBody(error) => error.status(),
-            Self::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnencodableLocation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -297,8 +299,8 @@ impl RequestHandler {
         request: &Request<Incoming>,
         scheme: Scheme,
     ) -> Result<Routed, ProxyError> {
-        if request.method() == Method::CONNECT {
-            return Err(ProxyError::ConnectMethod);
+        if [Method::CONNECT, Method::TRACE].contains(request.method()) {
+            return Err(ProxyError::MethodNotAllowed(request.method().clone()));
         }
         let host = request_host(request).ok_or(ProxyError::MissingHost)?;
         let target = request
@@ -338,6 +340,9 @@ impl RequestHandler {
     ) -> Request<Incoming> {
         let (mut parts, body) = request.into_parts();
         http2::adapt_for_http1(&mut parts);
+        if let Some(host) = routed_host(&parts.uri) {
+            parts.headers.insert(header::HOST, host);
+        }
         parts.uri = Uri::from(target);
         parts.version = Version::HTTP_11;
         parts.extensions.clear();
@@ -595,6 +600,18 @@ fn forwarded_proto(scheme: Scheme) -> &'static str {
         Scheme::Http => "http",
         Scheme::Https => "https",
     }
+}
+
+/// The `Host` an upstream gets when the request was routed by its target's authority (an
+/// absolute-form target, or HTTP/2's `:authority`): that authority, as RFC 9112 §3.2.2 asks of
+/// a proxy, so that the router and the upstream never see two different hosts.
+fn routed_host(uri: &Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?;
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    };
+    HeaderValue::from_str(&host).ok()
 }
 
 /// The host a request is for: the authority of an absolute-form target, which RFC 9112 §3.2.2

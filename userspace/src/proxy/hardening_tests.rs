@@ -415,6 +415,12 @@ async fn expect_100_continue_and_unanswered_upgrades_keep_working() {
         "{}",
         response.text()
     );
+    // The expectation was the proxy's to meet, not the upstream's.
+    assert!(
+        !response.text().contains("\"expect\""),
+        "{}",
+        response.text()
+    );
 
     connection
         .send(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
@@ -509,5 +515,41 @@ async fn underscored_headers_are_dropped_unless_allowed() {
     assert!(
         names.as_array().unwrap().contains(&"x_custom_key".into()),
         "{names}"
+    );
+}
+
+#[tokio::test]
+async fn the_upstream_gets_the_host_the_request_was_routed_by() {
+    let backend = EchoBackend::start().await;
+    let proxy = proxy_for(&backend).await;
+    let mut connection = RawConnection::connect(proxy.addr).await;
+    // Routed by the absolute-form target's authority (RFC 9112 §3.2.2), not by Host.
+    connection
+        .send(b"GET http://app/ping HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        .await;
+    let response = connection.read_response().await;
+    assert_eq!(response.status, 200);
+    let echoed: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(echoed["host"], "app", "{echoed}");
+    assert_eq!(echoed["path"], "/ping", "{echoed}");
+}
+
+#[tokio::test]
+async fn trace_and_connect_are_refused_with_405() {
+    let backend = EchoBackend::start().await;
+    let proxy = proxy_for(&backend).await;
+    for request in [
+        &b"TRACE / HTTP/1.1\r\nHost: app\r\nCookie: session=secret\r\n\r\n"[..],
+        &b"CONNECT app:443 HTTP/1.1\r\nHost: app:443\r\n\r\n"[..],
+    ] {
+        let mut connection = RawConnection::connect(proxy.addr).await;
+        connection.send(request).await;
+        let response = connection.read_response().await;
+        assert_eq!(response.status, 405, "{}", String::from_utf8_lossy(request));
+    }
+    assert_eq!(
+        backend.connections_accepted(),
+        0,
+        "nothing reached the upstream"
     );
 }
