@@ -386,7 +386,7 @@ impl ServiceRoute {
                 order.sort_by_key(|(outstanding, _)| *outstanding);
                 order.into_iter().map(|(_, endpoint)| endpoint).collect()
             }
-            Balance::IpHash => self.rendezvous_order(&ip_bytes(client)),
+            Balance::IpHash => self.rendezvous_order(&ip_hash_key(client)),
             Balance::StickyCookie { cookie } => match cookie_value(headers, cookie) {
                 Some(value) => self.rendezvous_order(value.as_bytes()),
                 None => self.round_robin_order(),
@@ -475,6 +475,16 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(Result::ok)
         .find(|cookie| cookie.name() == name && !cookie.value().is_empty())
         .map(|cookie| cookie.value().to_owned())
+}
+
+/// What `ip_hash` keys a client by, as nginx's `ip_hash` does: an IPv4 client's first three
+/// octets (its /24: the clients behind one carrier-grade NAT or proxy farm stay together) and
+/// an IPv6 client's whole address.
+fn ip_hash_key(ip: IpAddr) -> Vec<u8> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.octets()[..3].to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
 }
 
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
@@ -919,8 +929,16 @@ mod tests {
             first,
             "IPv4-mapped is the same client"
         );
-        let firsts: BTreeSet<u16> = (0..30u8)
+        let same_24: BTreeSet<u16> = (0..30u8)
             .map(|n| order(&route, &none, IpAddr::from([192, 0, 2, n]))[0])
+            .collect();
+        assert_eq!(
+            same_24.len(),
+            1,
+            "a /24 is one client, as in nginx's ip_hash"
+        );
+        let firsts: BTreeSet<u16> = (0..30u8)
+            .map(|n| order(&route, &none, IpAddr::from([192, 0, n, 7]))[0])
             .collect();
         assert_eq!(firsts.len(), 3, "clients spread over every endpoint");
     }

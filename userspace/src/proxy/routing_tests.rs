@@ -258,7 +258,7 @@ async fn sticky_sessions_stay_put_and_move_only_to_an_added_endpoint() {
 }
 
 #[tokio::test]
-async fn ip_hash_keeps_each_client_address_on_one_endpoint() {
+async fn ip_hash_keeps_each_client_network_on_one_endpoint() {
     let started = backends(3).await;
     let proxy = RunningProxy::start_with_table(&table_of(
         vec![(
@@ -269,8 +269,9 @@ async fn ip_hash_keeps_each_client_address_on_one_endpoint() {
     ))
     .await;
     let mut used = BTreeSet::new();
-    for last_octet in 2..=25u8 {
-        let client_ip = IpAddr::from([127, 0, 0, last_octet]);
+    // One client per /24 (nginx's ip_hash keys IPv4 clients by their first three octets).
+    for third_octet in 2..=25u8 {
+        let client_ip = IpAddr::from([127, 0, third_octet, 2]);
         let mut endpoint = None;
         for _ in 0..3 {
             // A new connection each time: the address, not the connection, decides.
@@ -286,10 +287,7 @@ async fn ip_hash_keeps_each_client_address_on_one_endpoint() {
         }
         used.insert(endpoint.unwrap());
     }
-    assert!(
-        used.len() >= 2,
-        "24 client addresses all hashed to {used:?}"
-    );
+    assert!(used.len() >= 2, "24 client networks all hashed to {used:?}");
 }
 
 #[tokio::test]
