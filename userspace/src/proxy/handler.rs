@@ -32,12 +32,17 @@ use super::{
     health::PassiveHealth,
     http2,
     limits::{self, ClientBody, ClientBodyError, ClientLimits, HostError},
+    log_budget::LogBudget,
     observed::ObservedBody,
     retry::{self, OutgoingRequest},
     router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, Stall, UpstreamError, UpstreamPool, UpstreamResponse},
     websocket, Scheme,
 };
+
+/// The warnings of failed upstream tries, at most [`super::log_budget::PER_SECOND`] a second: an
+/// outage must not become a log storm (`suppressed` says how many were held back).
+static UPSTREAM_WARNINGS: LogBudget = LogBudget::new();
 
 /// The body of every response the proxy gives its clients.
 pub type ProxyBody = BoxBody<Bytes, BodyError>;
@@ -221,7 +226,14 @@ impl RequestHandler {
             Ok((response, answer)) => (response, answer.map(|answer| answer.addr)),
             Err(error) => {
                 if let ProxyError::UpstreamFailed { source, .. } = &error {
-                    warn!(request_id = request_id.as_str(), error = %source, "upstream failed");
+                    if let Some(suppressed) = UPSTREAM_WARNINGS.admit() {
+                        warn!(
+                            request_id = request_id.as_str(),
+                            error = %source,
+                            suppressed,
+                            "upstream failed"
+                        );
+                    }
                 }
                 (self.local_answer(&error, &request_id), None)
             }
@@ -414,12 +426,15 @@ impl RequestHandler {
                     };
                     attempts.push(attempt(addr, status, upstream.response_time));
                     if retry::is_retried_status(status) && may_retry(received) {
-                        warn!(
-                            service = route.service(),
-                            %addr,
-                            %status,
-                            "upstream answered with a gateway error; trying the next endpoint"
-                        );
+                        if let Some(suppressed) = UPSTREAM_WARNINGS.admit() {
+                            warn!(
+                                service = route.service(),
+                                %addr,
+                                %status,
+                                suppressed,
+                                "upstream answered with a gateway error; trying the next endpoint"
+                            );
+                        }
                         held_answer = Some((upstream, answer, in_flight));
                         continue;
                     }
@@ -429,11 +444,14 @@ impl RequestHandler {
                     if error.is_unreachable() {
                         self.health.record_failure(addr, Instant::now());
                     }
-                    warn!(
-                        service = route.service(),
-                        %error,
-                        "upstream unavailable; trying the next endpoint"
-                    );
+                    if let Some(suppressed) = UPSTREAM_WARNINGS.admit() {
+                        warn!(
+                            service = route.service(),
+                            %error,
+                            suppressed,
+                            "upstream unavailable; trying the next endpoint"
+                        );
+                    }
                     attempts.push(attempt(addr, StatusCode::BAD_GATEWAY, started.elapsed()));
                     outgoing.give_back(*request);
                 }
@@ -457,11 +475,14 @@ impl RequestHandler {
                     if !may_retry(received) {
                         return Err(failure);
                     }
-                    warn!(
-                        service = route.service(),
-                        error = %failure,
-                        "upstream exchange failed; trying the next endpoint"
-                    );
+                    if let Some(suppressed) = UPSTREAM_WARNINGS.admit() {
+                        warn!(
+                            service = route.service(),
+                            error = %failure,
+                            suppressed,
+                            "upstream exchange failed; trying the next endpoint"
+                        );
+                    }
                     last_failure = Some(failure);
                 }
             }

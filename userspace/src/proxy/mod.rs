@@ -36,6 +36,7 @@ pub mod headers;
 mod health;
 mod http2;
 mod limits;
+mod log_budget;
 mod observed;
 mod parking;
 mod passthrough;
