@@ -276,6 +276,7 @@ async fn serve_worker(
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     debug!(addr = ?http.local_addr().ok(), "proxy worker listening");
 
+    let mut tls_first = false;
     loop {
         // Waiting for a slot before accepting leaves excess clients in the kernel's backlog.
         let permit = tokio::select! {
@@ -286,11 +287,11 @@ async fn serve_worker(
                 Err(_closed) => break,
             },
         };
+        tls_first = !tls_first;
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            accepted = http.accept() => accepted.map(|(stream, client)| (stream, client, None)),
-            accepted = accept_tls(https.as_ref()) => accepted,
+            accepted = accept_next(&http, https.as_ref(), tls_first) => accepted,
         };
         let (stream, client, termination) = match accepted {
             Ok(accepted) => accepted,
@@ -337,6 +338,25 @@ async fn serve_worker(
 }
 
 /// The next connection on the SSL port, with how to terminate it; never, without one.
+/// The next client of either port, `tls_first` saying which one wins when both have clients
+/// waiting: the caller alternates it, so that a flood on one port cannot starve the other.
+async fn accept_next(
+    http: &TcpListener,
+    https: Option<&HttpsListener>,
+    tls_first: bool,
+) -> io::Result<(TcpStream, SocketAddr, Option<TlsTermination>)> {
+    let plain = async {
+        let (stream, client) = http.accept().await?;
+        Ok((stream, client, None))
+    };
+    let tls = accept_tls(https);
+    if tls_first {
+        tokio::select! { biased; accepted = tls => accepted, accepted = plain => accepted }
+    } else {
+        tokio::select! { biased; accepted = plain => accepted, accepted = tls => accepted }
+    }
+}
+
 async fn accept_tls(
     https: Option<&HttpsListener>,
 ) -> io::Result<(TcpStream, SocketAddr, Option<TlsTermination>)> {

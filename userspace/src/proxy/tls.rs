@@ -98,7 +98,17 @@ pub(super) async fn serve_connection<Slot: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, io};
+    use std::{
+        collections::BTreeMap,
+        io,
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
 
     use super::*;
     use crate::{
@@ -162,6 +172,60 @@ mod tests {
             unknown.is_err(),
             "a host without certificate got a handshake"
         );
+    }
+
+    #[tokio::test]
+    async fn a_flood_on_the_plain_port_does_not_starve_tls_clients() {
+        let ca = TestCa::new();
+        let secrets = TempDir::create("secrets");
+        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
+        let backend = EchoBackend::start().await;
+        let routes = BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )]);
+        // One client at a time: the others wait in their port's backlog, ten on the plain
+        // port and one on the TLS port, until the one holding the slot leaves.
+        let proxy = TlsProxy::start_with_max_connections(routes, secrets.path(), 1).await;
+        let holder = TcpStream::connect(proxy.http).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let served = Arc::new(AtomicUsize::new(0));
+        let mut plain = Vec::new();
+        for _ in 0..10 {
+            let served = Arc::clone(&served);
+            let mut client = TcpStream::connect(proxy.http).await.unwrap();
+            plain.push(tokio::spawn(async move {
+                client
+                    .write_all(
+                        b"GET / HTTP/1.1\r\nHost: app.example.org\r\nConnection: close\r\n\r\n",
+                    )
+                    .await
+                    .unwrap();
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                served.fetch_add(1, Ordering::SeqCst)
+            }));
+        }
+        let tls = {
+            let (served, roots, https) = (Arc::clone(&served), ca.roots(), proxy.https);
+            tokio::spawn(async move {
+                let tls = tls_connect(https, "app.example.org", roots, &[])
+                    .await
+                    .unwrap();
+                assert_eq!(https_get(tls, "app.example.org", "/").await.status, 200);
+                served.fetch_add(1, Ordering::SeqCst)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(holder);
+        let place = tls.await.unwrap();
+        assert!(
+            place <= 1,
+            "the TLS client was served after {place} plain ones"
+        );
+        for client in plain {
+            client.await.unwrap();
+        }
     }
 
     #[tokio::test]

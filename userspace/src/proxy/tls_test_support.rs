@@ -242,6 +242,32 @@ impl TlsProxy {
         policy: &TlsPolicy,
         backend_ca_file: Option<PathBuf>,
     ) -> Self {
+        Self::launch(routes, secrets, policy, backend_ca_file, 64).await
+    }
+
+    /// With room for `max_connections` clients at once (`MaxConnections`).
+    pub async fn start_with_max_connections(
+        routes: BTreeMap<String, Route>,
+        secrets: &Path,
+        max_connections: usize,
+    ) -> Self {
+        Self::launch(
+            routes,
+            secrets,
+            &TlsPolicy::default(),
+            None,
+            max_connections,
+        )
+        .await
+    }
+
+    async fn launch(
+        routes: BTreeMap<String, Route>,
+        secrets: &Path,
+        policy: &TlsPolicy,
+        backend_ca_file: Option<PathBuf>,
+        max_connections: usize,
+    ) -> Self {
         let table = RouteTable {
             routes: routes
                 .into_iter()
@@ -267,7 +293,7 @@ impl TlsProxy {
         };
         let settings = ProxySettings {
             proxy_id: "lb-tls-1".into(),
-            max_connections: 64,
+            max_connections,
             backend_tls: BackendTlsClients::new(backend_ca_file.as_deref()).unwrap(),
             ..ProxySettings::default()
         };
