@@ -3,7 +3,7 @@
 //! until SIGINT or SIGTERM, and detach XDP on the way out.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     num::NonZeroUsize,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -196,7 +196,7 @@ async fn serve(
             .as_ref()
             .is_some_and(|dataplane| lock(dataplane).is_taking_over());
 
-    let proxy_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, extension.published_port));
+    let proxy_addr = proxy::any_address(extension.published_port);
     let (https, certificates) = match extension.published_ssl_port {
         Some(port) => {
             let (https, certificates) = tls_termination(port, &extension.proxy)?;
@@ -486,7 +486,7 @@ fn tls_termination(
     let certificates = CertificateStore::new(&secrets_dir, policy.crypto_provider());
     let termination = TlsTermination::new(&policy, Arc::clone(&certificates))
         .context("SSLProtocols and SSLCiphers leave no usable TLS configuration")?;
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let addr = proxy::any_address(port);
     tracing::info!(%addr, secrets_dir = %secrets_dir.display(), "TLS termination configured");
     Ok(((addr, termination), certificates))
 }

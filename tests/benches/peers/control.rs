@@ -234,6 +234,8 @@ fn one_scale_event(bed: &Bed, api: &ApiWatch) -> Result<ScaleEvent> {
 
 /// How often [`ApiWatch`] asks the manager for the service's tasks.
 const API_POLL: Duration = Duration::from_millis(5);
+/// How long a measurement waits for [`ApiWatch`] to record a change xlb has already acted on.
+const API_RECORD_WAIT: Duration = Duration::from_secs(2);
 
 /// When the manager's API first listed each task of the bench service running, and first
 /// left it out again, read by a thread of its own every [`API_POLL`] (`GET /tasks` over the
@@ -287,21 +289,27 @@ impl ApiWatch {
     }
 
     fn first_listed(&self, task_id: &str) -> Option<SystemTime> {
-        self.listing
-            .lock()
-            .unwrap()
-            .first_listed
-            .get(task_id)
-            .copied()
+        self.recorded(|listing| listing.first_listed.get(task_id).copied())
     }
 
     fn first_unlisted(&self, task_id: &str) -> Option<SystemTime> {
-        self.listing
-            .lock()
-            .unwrap()
-            .first_unlisted
-            .get(task_id)
-            .copied()
+        self.recorded(|listing| listing.first_unlisted.get(task_id).copied())
+    }
+
+    /// What `read` finds in the listing, waiting a moment for the watcher's next reads: xlb
+    /// may act on a change (its own read of the API) before the watcher's read sees it, and
+    /// that change then measures zero.
+    fn recorded(&self, read: impl Fn(&Listing) -> Option<SystemTime>) -> Option<SystemTime> {
+        let deadline = Instant::now() + API_RECORD_WAIT;
+        loop {
+            if let Some(at) = read(&self.listing.lock().unwrap()) {
+                return Some(at);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(API_POLL);
+        }
     }
 }
 

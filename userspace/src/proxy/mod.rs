@@ -79,7 +79,8 @@ pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
 pub use workers::{
-    bind_reuseport, BoundWorkers, ProxyPorts, RunningWorkers, WorkerReport, WorkerStats,
+    any_address, bind_reuseport, BoundWorkers, ProxyPorts, RunningWorkers, WorkerReport,
+    WorkerStats,
 };
 
 use access_log::AccessLog;
@@ -405,7 +406,9 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-    use test_support::{refused_addr, table, EchoBackend, RunningProxy};
+    use std::net::IpAddr;
+
+    use test_support::{refused_addr, table, EchoBackend, RunningProxy, TestClient};
 
     fn is_lower_hex_id(id: &str) -> bool {
         id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -699,6 +702,25 @@ mod tests {
             assert!(!response.headers.contains_key(hop), "{hop} in response");
         }
         assert!(response.headers.contains_key("x-backend-private"));
+    }
+
+    #[tokio::test]
+    async fn ipv4_and_ipv6_clients_are_served_and_forwarded_as_themselves() {
+        let backend = EchoBackend::start().await;
+        let proxy = RunningProxy::start_on_any_address(&[("app", &[backend.addr])]).await;
+        let mut clients = vec![IpAddr::from([127, 0, 0, 1])];
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert!(proxy.addr.is_ipv6(), "IPv4 only on a host with IPv6");
+            clients.push(IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
+        }
+        for client in clients {
+            let to = SocketAddr::new(client, proxy.addr.port());
+            let response = TestClient::connect(to).await.get("app", "/").await;
+            assert_eq!(response.status, 200, "{client}");
+            // An IPv4 client reaches a dual-stack listener IPv4-mapped, and is named plainly.
+            assert_eq!(response.echo()["real_ip"], client.to_string());
+            assert_eq!(response.echo()["forwarded_for"], client.to_string());
+        }
     }
 
     #[tokio::test]

@@ -76,6 +76,13 @@ impl RunningProxy {
         Self::serve_on(listener, &table(routes), ProxySettings::default())
     }
 
+    /// Listening on every address of both families, as `xlb run` does ([`super::any_address`]).
+    pub async fn start_on_any_address(routes: &[(&str, &[SocketAddr])]) -> Self {
+        let listener = super::bind_reuseport(super::any_address(0)).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        Self::serve_on(listener, &table(routes), ProxySettings::default())
+    }
+
     async fn serve(table: &RouteTable, settings: ProxySettings) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         Self::serve_on(listener, table, settings)
@@ -416,12 +423,20 @@ pub struct TestClient {
 
 impl TestClient {
     pub async fn connect(addr: SocketAddr) -> Self {
-        Self::connect_from(addr, IpAddr::from([127, 0, 0, 1])).await
+        let local = match addr {
+            SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        };
+        Self::connect_from(addr, local).await
     }
 
     /// A connection from `local` (any address of 127.0.0.0/8 works on Linux' loopback).
     pub async fn connect_from(addr: SocketAddr, local: IpAddr) -> Self {
-        let socket = TcpSocket::new_v4().unwrap();
+        let socket = match local {
+            IpAddr::V4(_) => TcpSocket::new_v4(),
+            IpAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .unwrap();
         socket.bind(SocketAddr::new(local, 0)).unwrap();
         let stream = socket.connect(addr).await.unwrap();
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -278,10 +278,24 @@ fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpLis
     Ok(group)
 }
 
+/// Every address of this node, both families where the kernel has IPv6 (`[::]`, dual-stack,
+/// as nginx's `listen [::]:80` beside `listen 80` in Interlock's template), else `0.0.0.0`.
+pub fn any_address(port: u16) -> SocketAddr {
+    let ipv6 = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).is_ok();
+    match ipv6 {
+        true => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        false => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+    }
+}
+
 /// A non-blocking listening socket on `addr` that other sockets may share (`SO_REUSEPORT`).
 /// socket2, because std and tokio bind without that option or only inside a runtime.
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]` takes IPv4 clients too, whatever `net.ipv6.bindv6only` says.
+        socket.set_only_v6(false)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
