@@ -338,7 +338,6 @@ async fn serve_worker(
     Ok(())
 }
 
-/// The next connection on the SSL port, with how to terminate it; never, without one.
 /// The next client of either port, `tls_first` saying which one wins when both have clients
 /// waiting: the caller alternates it, so that a flood on one port cannot starve the other.
 async fn accept_next(
@@ -358,6 +357,7 @@ async fn accept_next(
     }
 }
 
+/// The next connection on the SSL port, with how to terminate it; never, without one.
 async fn accept_tls(
     https: Option<&HttpsListener>,
 ) -> io::Result<(TcpStream, SocketAddr, Option<TlsTermination>)> {
