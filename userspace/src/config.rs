@@ -116,6 +116,9 @@ pub struct ProxyConfig {
     /// `KeepaliveTimeout` (nginx `keepalive_timeout`): idle client connections are closed after
     /// this; zero disables client keep-alive.
     pub keepalive_timeout: Option<Duration>,
+    /// `ClientSendTimeout` (xlb's own key; nginx `send_timeout`): longest stall writing to a
+    /// client.
+    pub client_send_timeout: Option<Duration>,
     /// `ClientMaxBodySize` (nginx `client_max_body_size`) in bytes; `Some(0)` means unlimited,
     /// as in nginx.
     pub client_max_body_size: Option<u64>,
@@ -310,6 +313,9 @@ impl Reader<'_> {
                 "sendtimeout" => proxy.send_timeout = Some(self.positive_timeout(&entry)?),
                 "readtimeout" => proxy.read_timeout = Some(self.positive_timeout(&entry)?),
                 "keepalivetimeout" => proxy.keepalive_timeout = Some(self.timeout(&entry)?),
+                "clientsendtimeout" => {
+                    proxy.client_send_timeout = Some(self.positive_timeout(&entry)?)
+                }
                 "clientmaxbodysize" => proxy.client_max_body_size = Some(self.size(&entry)?),
                 "underscoresinheaders" => {
                     proxy.underscores_in_headers = Some(self.boolean(&entry)?)
@@ -1027,8 +1033,10 @@ mod tests {
         assert_eq!(proxy.keepalive_timeout, Some(Duration::from_secs(75)));
 
         let proxy = proxy_config(
-            "ConnectTimeout = \"500ms\"\nKeepaliveTimeout = 0\nDrainTimeout = \"45s\"",
+            "ConnectTimeout = \"500ms\"\nKeepaliveTimeout = 0\nDrainTimeout = \"45s\"\n\
+             ClientSendTimeout = \"20s\"",
         );
+        assert_eq!(proxy.client_send_timeout, Some(Duration::from_secs(20)));
         assert_eq!(proxy.connect_timeout, Some(Duration::from_millis(500)));
         assert_eq!(proxy.keepalive_timeout, Some(Duration::ZERO));
         assert_eq!(proxy.drain_timeout, Some(Duration::from_secs(45)));

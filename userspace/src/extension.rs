@@ -79,6 +79,8 @@ pub fn proxy_settings(config: &ProxyConfig, proxy_id: String) -> anyhow::Result<
     };
     settings.handler.limits.keepalive_timeout =
         config.keepalive_timeout.unwrap_or(limits.keepalive_timeout);
+    settings.handler.limits.send_timeout =
+        config.client_send_timeout.unwrap_or(limits.send_timeout);
     settings.handler.underscores_in_headers = config
         .underscores_in_headers
         .unwrap_or(defaults.handler.underscores_in_headers);
@@ -137,6 +139,7 @@ mod tests {
             send_timeout: Some(Duration::from_secs(2)),
             read_timeout: Some(Duration::from_secs(3)),
             keepalive_timeout: Some(Duration::from_secs(4)),
+            client_send_timeout: Some(Duration::from_secs(6)),
             client_max_body_size: Some(512 << 10),
             underscores_in_headers: Some(true),
             access_log_path: Some("/var/log/xlb/access.log".into()),
@@ -150,6 +153,7 @@ mod tests {
         assert_eq!(settings.upstream.read_timeout, Duration::from_secs(3));
         let limits = &settings.handler.limits;
         assert_eq!(limits.keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(limits.send_timeout, Duration::from_secs(6));
         assert_eq!(limits.max_body_size, Some(512 << 10));
         assert!(settings.handler.underscores_in_headers);
         assert_eq!(

@@ -20,7 +20,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{header, Response, StatusCode};
+use http::{header, Response, StatusCode, Version};
 use hyper::{
     body::Incoming,
     server::conn::{http1, http1::Parts, http2},
@@ -28,7 +28,10 @@ use hyper::{
     Request,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _},
+    time::{Duration, Instant},
+};
 use tokio_util::{
     sync::{CancellationToken, WaitForCancellationFuture},
     task::TaskTracker,
@@ -36,12 +39,13 @@ use tokio_util::{
 use tracing::debug;
 
 use super::{
+    deadline::LazyDeadline,
     handler::{ProxyBody, RequestHandler},
     head_guard::{ConnectionState, HeadGuard, NextRequest},
     observed::ObservedBody,
     parking::{self, Parked, Parking},
     upgrade::upgraded_client,
-    ConnectionContext, Scheme,
+    websocket, ConnectionContext, Scheme,
 };
 
 /// Serves HTTP/1.1 or HTTP/2 on one client connection, holding `slot` (its place under
@@ -63,40 +67,39 @@ where
     // and the task does not reserve room for each place it passes through.
     let guard = Box::new(HeadGuard::new(io, context.guard, state));
     let service = request_service(context.handler, guard.state());
-    serve(guard, service, context.shutdown, slot, parking)
+    serve(
+        guard,
+        service,
+        context.shutdown,
+        context.stop_now,
+        slot,
+        parking,
+    )
 }
 
-/// A lot for the parked connections of one worker's listener, run on `tasks` until
-/// `shutdown`; connections leave it on tasks of their own, as [`serve_http`] serves them.
-pub fn open_lot<IO, Slot>(
-    handler: &Arc<RequestHandler>,
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-) -> Parking<IO, Slot>
+/// A lot for the parked connections of one worker's listener, run on `tasks` until the
+/// shutdown; connections leave it on tasks of their own, as [`serve_http`] serves them.
+pub fn open_lot<IO, Slot>(context: &ConnectionContext, tasks: &TaskTracker) -> Parking<IO, Slot>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Slot: Unpin + Send + 'static,
 {
     let (parking, lot) = parking::lot();
     let resume = {
-        let (handler, shutdown, tasks, parking) = (
-            Arc::clone(handler),
-            shutdown.clone(),
-            tasks.clone(),
-            parking.clone(),
-        );
+        let (context, tasks, parking) = (context.clone(), tasks.clone(), parking.clone());
         move |Parked { guard, slot }: Parked<IO, Slot>| {
-            let service = request_service(Arc::clone(&handler), guard.state());
+            let service = request_service(Arc::clone(&context.handler), guard.state());
             tasks.spawn(serve(
                 guard,
                 service,
-                shutdown.clone(),
+                context.shutdown.clone(),
+                context.stop_now.clone(),
                 slot,
                 parking.clone(),
             ));
         }
     };
-    tasks.spawn(lot.run(shutdown.clone(), resume));
+    tasks.spawn(lot.run(context.shutdown.clone(), resume));
     parking
 }
 
@@ -110,8 +113,12 @@ fn request_service(
        + 'static {
     let state = Arc::clone(state);
     service_fn(move |mut request: Request<Incoming>| {
-        // Only HTTP/1 requests can switch protocols: HTTP/2 forbids `Upgrade`.
-        if request.headers().contains_key(header::UPGRADE) {
+        if request.version() == Version::HTTP_2 {
+            // An HTTP/1 request is counted by the guard, which sees its head; an HTTP/2
+            // stream here, for the connection's idle timeout.
+            state.stream_opened();
+        } else if request.headers().contains_key(header::UPGRADE) {
+            // Only HTTP/1 requests can switch protocols: HTTP/2 forbids `Upgrade`.
             state.upgrade.offer(&mut request);
         }
         let handler = Arc::clone(&handler);
@@ -126,7 +133,8 @@ fn request_service(
 }
 
 /// A connection's task: wait for the next request, then serve it, and whatever follows it, on
-/// a new hyper connection until the guard parks; then leave the connection in the lot.
+/// a new hyper connection until the guard parks; then leave the connection in the lot. After
+/// `101` it relays the switched connection instead, holding the connection's slot.
 ///
 /// Its steps are awaited one by one and its arguments are exactly what it keeps: whatever it
 /// holds across an `.await` takes room in the task. One wait for the shutdown serves all the
@@ -144,6 +152,7 @@ fn serve<IO, S, Slot>(
     mut guard: Box<HeadGuard<IO>>,
     service: S,
     shutdown_token: CancellationToken,
+    stop_now: CancellationToken,
     slot: Slot,
     parking: Parking<IO, Slot>,
 ) -> impl Future<Output = ()> + Send
@@ -161,7 +170,8 @@ where
                 let client = guard.client();
                 // Boxed: hyper's h2 connection is several KiB, which every HTTP/1 connection's
                 // task would otherwise reserve.
-                if let Err(error) = Box::pin(serve_http2(guard, service, shutdown)).await {
+                let served = serve_http2(guard, service, shutdown, &stop_now);
+                if let Err(error) = Box::pin(served).await {
                     debug!(%client, %error, "HTTP/2 client connection ended with an error");
                 }
                 return;
@@ -171,16 +181,32 @@ where
                 return debug!(client = %guard.client(), %error, "reading from the client failed")
             }
         }
-        let (connection, served) =
-            until_idle(http1_connection(guard, service), shutdown.as_mut()).await;
+        let (connection, served) = until_idle(
+            http1_connection(guard, service),
+            shutdown.as_mut(),
+            &stop_now,
+        )
+        .await;
         let Parts { io, read_buf, .. } = connection.into_parts();
         guard = io.into_inner();
-        if let Err(error) = served {
-            return debug!(client = %guard.client(), %error, "client connection ended with an error");
+        match served {
+            Some(Ok(())) => {}
+            Some(Err(error)) => {
+                return debug!(client = %guard.client(), %error, "client connection ended with an error")
+            }
+            None => {
+                return debug!(client = %guard.client(), "client connection cut: DrainTimeout ran out after the shutdown began")
+            }
         }
         if guard.state().is_upgraded() {
-            let state = Arc::clone(guard.state());
-            return state.upgrade.hand_over(upgraded_client(guard, read_buf));
+            let Some(upstream) = guard.state().upgrade.take() else {
+                return close(&mut guard).await;
+            };
+            let relayed = websocket::relay(upgraded_client(guard, read_buf), upstream);
+            if stop_now.run_until_cancelled(relayed).await.is_none() {
+                debug!("WebSocket cut: DrainTimeout ran out after the shutdown began");
+            }
+            return;
         }
         // Bytes hyper read but did not use are a body it did not read to its end: never a
         // next request's head.
@@ -231,52 +257,192 @@ where
 }
 
 /// Serves `connection` until hyper is done with it (the guard parked it, or it closes), or,
-/// on shutdown, until its request in flight has been answered.
+/// on shutdown, until its request in flight has been answered; `None` if the hard stop came
+/// first.
 async fn until_idle<IO, S>(
     mut connection: Box<Http1Connection<IO, S>>,
     mut shutdown: Pin<&mut Shutdown<'_>>,
-) -> (Box<Http1Connection<IO, S>>, Result<(), hyper::Error>)
+    stop_now: &CancellationToken,
+) -> (
+    Box<Http1Connection<IO, S>>,
+    Option<Result<(), hyper::Error>>,
+)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Unpin,
     S::Future: Unpin,
 {
-    let mut shutting_down = false;
+    let mut stop = HardStop::new(stop_now);
     let served = poll_fn(|cx| {
-        if !shutting_down && shutdown_begun(shutdown.as_mut(), cx) {
-            shutting_down = true;
-            Pin::new(&mut *connection).graceful_shutdown();
+        match stop.poll(shutdown.as_mut(), cx) {
+            Stop::Now => return Poll::Ready(None),
+            Stop::Begun => Pin::new(&mut *connection).graceful_shutdown(),
+            Stop::Draining | Stop::Not => {}
         }
-        connection.poll_without_shutdown(cx)
+        connection.poll_without_shutdown(cx).map(Some)
     })
     .await;
     (connection, served)
 }
 
-/// HTTP/2 for the rest of the connection.
+/// HTTP/2 for the rest of the connection: at most [`HTTP2_MAX_STREAMS`] streams at once, closed
+/// (`GOAWAY`) once it has had none for `KeepaliveTimeout` (the head timeout when keep-alive is
+/// off), as nginx closes idle HTTP/2 connections, and cut if the client then does not let it
+/// close within [`GOAWAY_GRACE`].
 async fn serve_http2<IO, S>(
     guard: Box<HeadGuard<IO>>,
     service: S,
     mut shutdown: Pin<&mut Shutdown<'_>>,
+    stop_now: &CancellationToken,
 ) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = ObservedBody<ProxyBody>> + Send + 'static,
     S::Future: Send + 'static,
 {
+    let state = Arc::clone(guard.state());
+    let limits = guard.limits();
+    let idle_timeout = match limits.keepalive_timeout {
+        keepalive if keepalive.is_zero() => limits.header_timeout,
+        keepalive => keepalive,
+    };
     let connection = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .max_concurrent_streams(HTTP2_MAX_STREAMS)
         .serve_connection(TokioIo::new(guard), service);
     let mut connection = std::pin::pin!(connection);
-    let mut shutting_down = false;
+    let mut stop = HardStop::new(stop_now);
+    let mut idle = IdleTimer::new(idle_timeout);
     poll_fn(|cx| {
-        if !shutting_down && shutdown_begun(shutdown.as_mut(), cx) {
-            shutting_down = true;
-            connection.as_mut().graceful_shutdown();
+        match stop.poll(shutdown.as_mut(), cx) {
+            Stop::Now => return Poll::Ready(Ok(())),
+            Stop::Begun => connection.as_mut().graceful_shutdown(),
+            Stop::Draining | Stop::Not => {}
+        }
+        match idle.poll(&state, cx) {
+            Idle::Expired => {
+                debug!(client = %state.client, "closing idle HTTP/2 client connection");
+                connection.as_mut().graceful_shutdown();
+            }
+            Idle::GraceOver => return Poll::Ready(Ok(())),
+            Idle::Busy | Idle::Waiting => {}
         }
         connection.as_mut().poll(cx)
     })
     .await
+}
+
+/// Streams an HTTP/2 client may have open at once: nginx's `http2_max_concurrent_streams`.
+/// Each may hold a request body for replay (see [`super::retry`]), so this bounds what one
+/// connection can make the proxy hold.
+const HTTP2_MAX_STREAMS: u32 = 128;
+
+/// How long an HTTP/2 connection told to go away (idle) may take to close before it is cut:
+/// hyper waits for the client to acknowledge the `GOAWAY`, which an idle client that does not
+/// read never does.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// An HTTP/2 connection's idle timeout: it runs while the connection has no stream open.
+struct IdleTimer {
+    timeout: Duration,
+    idle_since: Option<Instant>,
+    /// When the connection was told to go away for idling.
+    expired_at: Option<Instant>,
+    timer: LazyDeadline,
+}
+
+enum Idle {
+    /// Streams are open.
+    Busy,
+    /// No stream open, the timeout not yet reached.
+    Waiting,
+    /// Idle for the whole timeout, just now: tell the client to go away.
+    Expired,
+    /// Told to go away, and still open after [`GOAWAY_GRACE`] without a stream.
+    GraceOver,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            timeout,
+            idle_since: Some(now),
+            expired_at: None,
+            timer: LazyDeadline::new(now + timeout),
+        }
+    }
+
+    /// Where the timeout is; `cx` is woken when it runs out, or when a stream ends.
+    fn poll(&mut self, state: &ConnectionState, cx: &mut Context<'_>) -> Idle {
+        // Registered before the count is read: a stream ending in between still wakes us.
+        state.wait_for_response(cx.waker());
+        if state.in_flight() > 0 {
+            self.idle_since = None;
+            return Idle::Busy;
+        }
+        let deadline = match self.expired_at {
+            Some(expired_at) => expired_at + GOAWAY_GRACE,
+            None => *self.idle_since.get_or_insert_with(Instant::now) + self.timeout,
+        };
+        if self.timer.poll_reached(deadline, cx).is_pending() {
+            return Idle::Waiting;
+        }
+        if self.expired_at.is_some() {
+            return Idle::GraceOver;
+        }
+        self.expired_at = Some(Instant::now());
+        // Polled again for the grace deadline, so that the timer wakes the task for it.
+        let _ = self.timer.poll_reached(Instant::now() + GOAWAY_GRACE, cx);
+        Idle::Expired
+    }
+}
+
+/// How far the proxy's shutdown has come, as one connection follows it.
+enum Stop {
+    Not,
+    /// It began just now: answer what is in flight, take nothing new.
+    Begun,
+    /// It began earlier; `DrainTimeout` has not run out yet.
+    Draining,
+    /// `DrainTimeout` ran out: end the connection now.
+    Now,
+}
+
+/// The hard stop as one connection waits for it: only once the shutdown has begun, so that
+/// serving registers with one token, not two.
+struct HardStop<'a> {
+    stop_now: &'a CancellationToken,
+    waiting: Option<Pin<Box<WaitForCancellationFuture<'a>>>>,
+}
+
+impl<'a> HardStop<'a> {
+    fn new(stop_now: &'a CancellationToken) -> Self {
+        Self {
+            stop_now,
+            waiting: None,
+        }
+    }
+
+    fn poll(&mut self, shutdown: Pin<&mut Shutdown<'_>>, cx: &mut Context<'_>) -> Stop {
+        let begun = match &mut self.waiting {
+            Some(_) => false,
+            None if shutdown_begun(shutdown, cx) => {
+                self.waiting = Some(Box::pin(self.stop_now.cancelled()));
+                true
+            }
+            None => return Stop::Not,
+        };
+        match self
+            .waiting
+            .as_mut()
+            .map(|waiting| waiting.as_mut().poll(cx))
+        {
+            Some(Poll::Ready(())) => Stop::Now,
+            _ if begun => Stop::Begun,
+            _ => Stop::Draining,
+        }
+    }
 }
 
 /// The proxy's shutdown as one connection waits for it: registered with the token once, for

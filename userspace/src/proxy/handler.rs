@@ -379,17 +379,7 @@ impl RequestHandler {
         mut outgoing: OutgoingRequest,
         attempts: &mut Vec<UpstreamAttempt>,
     ) -> Result<(UpstreamResponse, UpstreamAnswer, InFlight), ProxyError> {
-        let upstreams = match &route.transport().backend_tls {
-            None => self.upstreams.clone(),
-            Some(backend) => {
-                self.backend_tls
-                    .pool(backend)
-                    .map_err(|problem| ProxyError::BackendTls {
-                        service: route.service().to_owned(),
-                        problem,
-                    })?
-            }
-        };
+        let upstreams = self.pool_for(route)?;
         let forward_started = Instant::now();
         let candidates = self
             .health
@@ -512,25 +502,36 @@ impl RequestHandler {
             Instant::now(),
         );
         let upgrade = websocket::Upgrade::take(&mut request);
-        let tls = match &route.transport().backend_tls {
-            None => None,
-            Some(backend) => Some(self.backend_tls.upstream_tls(backend).map_err(|problem| {
-                ProxyError::BackendTls {
-                    service: route.service().to_owned(),
-                    problem,
-                }
-            })?),
-        };
+        let pool = self.pool_for(route)?;
         let upstream_request = self.upstream_request_phase(request, client, upstream_target);
         let target = websocket::UpgradeTarget {
             route,
             endpoints: &endpoints,
-            tls,
-            connect_timeout: self.upstreams.connect_timeout(),
+            pool,
         };
         upgrade
             .forward(target, upstream_request, client.request_id, &self.identity)
             .await
+    }
+
+    /// `ConnectTimeout`, for connections made outside the pools (TLS passthrough).
+    pub fn connect_timeout(&self) -> Duration {
+        self.upstreams.connect_timeout()
+    }
+
+    /// The upstream pool of the route's tasks: plain, or with its `ssl_backend` TLS.
+    fn pool_for(&self, route: &ServiceRoute) -> Result<UpstreamPool, ProxyError> {
+        match &route.transport().backend_tls {
+            None => Ok(self.upstreams.clone()),
+            Some(backend) => {
+                self.backend_tls
+                    .pool(backend)
+                    .map_err(|problem| ProxyError::BackendTls {
+                        service: route.service().to_owned(),
+                        problem,
+                    })
+            }
+        }
     }
 
     /// Decorate: the upstream's answer, hop-by-hop removed and the proxy headers stamped.

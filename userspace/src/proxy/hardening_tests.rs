@@ -360,7 +360,12 @@ async fn keepalive_timeout_zero_closes_after_each_response() {
 async fn a_large_response_to_a_slow_reader_arrives_whole_and_the_connection_serves_on() {
     const LENGTH: usize = 4 << 20;
     let (backend, _backend) = bulk_backend(LENGTH).await;
-    let proxy = RunningProxy::start_with_send_buffer(&[("app", &[backend])], 4096).await;
+    let proxy = RunningProxy::start_with_send_buffer(
+        &[("app", &[backend])],
+        4096,
+        ProxySettings::default(),
+    )
+    .await;
     let mut slow_reader = RawConnection::with_receive_buffer(proxy.addr, 4096).await;
     for path in ["/first", "/second"] {
         let request = format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n");

@@ -91,7 +91,8 @@ pub struct ConnectionState {
     pub client: SocketAddr,
     /// The port it came on, told to the handler with every request.
     pub scheme: Scheme,
-    /// Requests shown to hyper whose response has not ended yet.
+    /// Requests shown to hyper (HTTP/1) or HTTP/2 streams opened whose response has not ended
+    /// yet.
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
     /// The guard's reader, waiting for a response to end.
@@ -112,6 +113,11 @@ impl ConnectionState {
         }
     }
 
+    /// An HTTP/2 stream was opened: its response has not ended yet.
+    pub fn stream_opened(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// The response to one request has ended, completely or not.
     pub fn response_ended(&self) {
         let _ = self
@@ -128,7 +134,7 @@ impl ConnectionState {
         self.wake_reader();
     }
 
-    fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
 
@@ -136,7 +142,8 @@ impl ConnectionState {
         self.upgraded.load(Ordering::SeqCst)
     }
 
-    fn wait_for_response(&self, waker: &Waker) {
+    /// Has `waker` woken when a response ends (one waiter at a time: the connection's task).
+    pub fn wait_for_response(&self, waker: &Waker) {
         *self.lock_reader() = Some(waker.clone());
     }
 
@@ -202,6 +209,15 @@ pub struct HeadGuard<IO> {
     /// The client sent its last request within [`PARK_AFTER`] of the connection going idle:
     /// the connection keeps hyper attached that long before it parks.
     busy: bool,
+    /// The send timeout, from the first write the client kept waiting. Boxed and made then:
+    /// most connections never wait on a write.
+    send_stall: Option<Box<SendStall>>,
+}
+
+/// Since when the client has accepted no bytes, and the timer of its send timeout.
+struct SendStall {
+    blocked_since: Option<Instant>,
+    timer: LazyDeadline,
 }
 
 /// What comes next on a connection waiting with [`HeadGuard::poll_next_request`].
@@ -260,6 +276,7 @@ impl<IO> HeadGuard<IO> {
             attached: false,
             park_due: false,
             busy: false,
+            send_stall: None,
         }
     }
 
@@ -674,6 +691,45 @@ impl<IO: AsyncRead + Unpin> AsyncRead for HeadGuard<IO> {
     }
 }
 
+impl<IO: AsyncWrite + Unpin> HeadGuard<IO> {
+    /// Runs one write operation on the client connection under the send timeout: an error once
+    /// the client has accepted nothing for `send_timeout`, as nginx's `send_timeout` between
+    /// two successive writes.
+    fn poll_send<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut IO>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let written = write(Pin::new(&mut self.io), cx);
+        let timeout = self.settings.limits.send_timeout;
+        match written {
+            Poll::Ready(result) => {
+                if let Some(stall) = &mut self.send_stall {
+                    stall.blocked_since = None;
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let now = Instant::now();
+                let stall = self.send_stall.get_or_insert_with(|| {
+                    Box::new(SendStall {
+                        blocked_since: None,
+                        timer: LazyDeadline::new(now + timeout),
+                    })
+                });
+                let deadline = *stall.blocked_since.get_or_insert(now) + timeout;
+                match stall.timer.poll_reached(deadline, cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client accepted no bytes for {timeout:?} (ClientSendTimeout)"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
 impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -681,7 +737,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.unflushed = true;
-        Pin::new(&mut self.io).poll_write(cx, data)
+        self.poll_send(cx, |io, cx| io.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -690,7 +746,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
         data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.unflushed = true;
-        Pin::new(&mut self.io).poll_write_vectored(cx, data)
+        self.poll_send(cx, |io, cx| io.poll_write_vectored(cx, data))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -701,7 +757,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
     /// due to park, hyper has to read once more to park it (it would not read again until the
     /// client sends).
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        ready!(self.poll_send(cx, |io, cx| io.poll_flush(cx)))?;
         if std::mem::take(&mut self.unflushed) && self.park_due && self.is_idle() {
             cx.waker().wake_by_ref();
         }
@@ -711,15 +767,23 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadGuard<IO> {
     /// Writes the answer to a refused head, if there is one, then shuts the connection down.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while let Some(answer) = this.answer.as_mut().filter(|answer| !answer.is_empty()) {
-            let written = ready!(Pin::new(&mut this.io).poll_write(cx, &answer[..]))?;
+        while let Some(mut answer) = this.answer.take().filter(|answer| !answer.is_empty()) {
+            let written = this.poll_send(cx, |io, cx| io.poll_write(cx, &answer[..]));
+            let written = match written {
+                Poll::Ready(written) => written?,
+                Poll::Pending => {
+                    this.answer = Some(answer);
+                    return Poll::Pending;
+                }
+            };
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             answer.advance(written);
+            this.answer = Some(answer);
         }
-        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        ready!(this.poll_send(cx, |io, cx| io.poll_flush(cx)))?;
+        this.poll_send(cx, |io, cx| io.poll_shutdown(cx))
     }
 }
 

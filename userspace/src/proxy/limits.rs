@@ -30,6 +30,9 @@ pub struct ClientLimits {
     /// `KeepaliveTimeout`: how long a client connection may sit idle between requests; zero
     /// turns keep-alive off.
     pub keepalive_timeout: Duration,
+    /// `ClientSendTimeout` (nginx's `send_timeout`): a client that accepts no bytes of its
+    /// response for this long is cut off, releasing its connection slot and the upstream's.
+    pub send_timeout: Duration,
     /// A longer request line is refused with 414 (nginx: `large_client_header_buffers` 8k).
     pub max_request_line: usize,
     /// A larger request head is refused with 431 (nginx: 4 buffers of 8k).
@@ -45,6 +48,7 @@ impl Default for ClientLimits {
             body_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
             max_request_line: 8 << 10,
             max_head_size: 32 << 10,
             max_headers: 100,

@@ -58,6 +58,8 @@ mod routing_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
+mod timeout_tests;
+#[cfg(test)]
 mod tls_test_support;
 
 use std::{collections::HashSet, io, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -155,7 +157,10 @@ struct ConnectionContext {
     handler: Arc<RequestHandler>,
     guard: Arc<GuardSettings>,
     router: Arc<Router>,
+    /// The graceful shutdown: stop accepting, finish what is in flight.
     shutdown: CancellationToken,
+    /// `DrainTimeout` after the shutdown began: whatever is still running is cut.
+    stop_now: CancellationToken,
 }
 
 /// Serves HTTP on the plain listener, and HTTPS or TLS passthrough on the SSL listener if
@@ -163,7 +168,9 @@ struct ConnectionContext {
 /// [`BoundWorkers`] for several).
 ///
 /// On shutdown it stops accepting, closes idle keep-alive connections, and returns once the
-/// requests in flight have been answered and the access log written.
+/// requests in flight have been answered and the access log written; whatever still runs
+/// `DrainTimeout` after the shutdown began (a slow client, an endless stream, a WebSocket) is
+/// cut then.
 pub async fn serve(
     listeners: impl Into<Listeners>,
     router: Arc<Router>,
@@ -271,9 +278,10 @@ async fn serve_worker(
         guard,
         router,
         shutdown: shutdown.clone(),
+        stop_now: CancellationToken::new(),
     };
-    let plain_parking = open_lot(&context.handler, &shutdown, &tasks);
-    let tls_parking = open_lot(&context.handler, &shutdown, &tasks);
+    let plain_parking = open_lot(&context, &tasks);
+    let tls_parking = open_lot(&context, &tasks);
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     debug!(addr = ?http.local_addr().ok(), "proxy worker listening");
 
@@ -334,7 +342,19 @@ async fn serve_worker(
         tasks = tasks.len(),
         "proxy worker shutting down; finishing requests in flight"
     );
-    tasks.wait().await;
+    let drain_timeout = settings.drain_timeout;
+    if tokio::time::timeout(drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            connections = tasks.len(),
+            ?drain_timeout,
+            "connections still busy when DrainTimeout ran out after the shutdown began: cutting them"
+        );
+        context.stop_now.cancel();
+        tasks.wait().await;
+    }
     Ok(())
 }
 

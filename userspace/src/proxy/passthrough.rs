@@ -13,18 +13,17 @@ use tracing::{debug, warn};
 
 use super::router::{Endpoint, ServiceRoute};
 
-/// Give up on a task that neither accepts nor refuses within this time, and try the next.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Relays `client` to the first of the route's endpoints (round robin, then failover) that
-/// accepts a connection, replaying `client_hello` first; returns when either side is done.
+/// accepts a connection within `connect_timeout` (`ConnectTimeout`), replaying `client_hello`
+/// first; returns when either side is done.
 pub async fn relay(
     mut client: TcpStream,
     client_addr: SocketAddr,
     client_hello: &[u8],
     route: &ServiceRoute,
+    connect_timeout: Duration,
 ) {
-    let Some(mut upstream) = connect(route, client_addr.ip()).await else {
+    let Some(mut upstream) = connect(route, client_addr.ip(), connect_timeout).await else {
         warn!(
             service = route.service(),
             tried = route.endpoint_count(),
@@ -47,10 +46,14 @@ pub async fn relay(
 
 /// The first endpoint, in the service's balancing order (no HTTP headers here: a sticky
 /// cookie cannot apply), that accepts a connection.
-async fn connect(route: &ServiceRoute, client: IpAddr) -> Option<TcpStream> {
+async fn connect(
+    route: &ServiceRoute,
+    client: IpAddr,
+    connect_timeout: Duration,
+) -> Option<TcpStream> {
     let endpoints = route.endpoint_order(&HeaderMap::new(), client);
     for addr in endpoints.iter().map(Endpoint::addr) {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Some(stream);

@@ -65,15 +65,24 @@ impl RunningProxy {
         Self::serve(&table(routes), settings).await
     }
 
+    /// The proxy with `settings` (but the test proxy id) serving `table`.
+    pub async fn start_with_table_and(table: &RouteTable, settings: ProxySettings) -> Self {
+        Self::serve(table, settings).await
+    }
+
     /// The proxy's client sockets with a send buffer of `bytes` (as the kernel rounds it): its
     /// writes to a client block as soon as that client stops reading.
-    pub async fn start_with_send_buffer(routes: &[(&str, &[SocketAddr])], bytes: u32) -> Self {
+    pub async fn start_with_send_buffer(
+        routes: &[(&str, &[SocketAddr])],
+        bytes: u32,
+        settings: ProxySettings,
+    ) -> Self {
         let socket = TcpSocket::new_v4().unwrap();
         // Accepted sockets inherit the listener's buffer sizes.
         socket.set_send_buffer_size(bytes).unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(64).unwrap();
-        Self::serve_on(listener, &table(routes), ProxySettings::default())
+        Self::serve_on(listener, &table(routes), settings)
     }
 
     /// Listening on every address of both families, as `xlb run` does ([`super::any_address`]).

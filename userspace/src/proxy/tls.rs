@@ -76,7 +76,8 @@ pub(super) async fn serve_connection<Slot: Send + 'static>(
         .and_then(|name| context.router.host_service(name))
         .filter(|route| route.transport().ssl_passthrough);
     if let Some(route) = passthrough_route {
-        let relayed = passthrough::relay(stream, client, &hello.bytes, &route);
+        let connect_timeout = context.handler.connect_timeout();
+        let relayed = passthrough::relay(stream, client, &hello.bytes, &route, connect_timeout);
         tokio::select! {
             () = relayed => {}
             () = context.shutdown.cancelled() => debug!(%client, "passthrough cut by shutdown"),

@@ -1,30 +1,29 @@
 //! `com.docker.lb.websocket_endpoints`: on those paths an HTTP/1.1 `Upgrade: websocket`
 //! request keeps its upgrade headers and goes to the task on a connection of its own (never a
-//! pooled one, which could not be reused afterwards). After the task's `101 Switching
-//! Protocols` both connections are handed over (the task's by hyper, the client's by its
-//! connection task, see [`super::upgrade`]) and spliced until either side closes.
+//! pooled one, which could not be reused afterwards), under the pool's `ReadTimeout`,
+//! `SendTimeout` and drain. After the task's `101 Switching Protocols` the client's
+//! connection task relays both connections (see [`super::upgrade`]) until either side closes,
+//! neither sends anything for `ReadTimeout` (as nginx's `proxy_read_timeout` closes an idle
+//! WebSocket), the task's endpoint is drained, or the proxy's shutdown cuts it.
 //!
 //! Paths match as nginx `location` prefixes do, which is what Interlock generated: `/ws`
 //! covers `/ws`, `/ws/chat` and `/wsx`.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Instant};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::{body::Incoming, client::conn::http1, upgrade::OnUpgrade};
+use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tracing::{debug, warn};
 
 use super::{
-    backend_tls::{connect_task, UpstreamTls},
     handler::{ProxyBody, ProxyError},
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
     router::{Endpoint, ServiceRoute},
-    upgrade::{ClientUpgrade, PendingClient},
-    upstream::UpstreamError,
+    upgrade::{ClientUpgrade, UpgradeSender, UpstreamUpgrade},
+    upstream::{UpstreamError, UpstreamPool},
 };
 use crate::routes::Transport;
 
@@ -54,7 +53,7 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 /// A client's WebSocket upgrade, taken from its request before that is rewritten for the task.
 pub struct Upgrade {
     /// `None` when the request's connection cannot be handed over.
-    client: Option<PendingClient>,
+    client: Option<UpgradeSender>,
     protocol: HeaderValue,
 }
 
@@ -72,7 +71,8 @@ impl Upgrade {
     }
 
     /// Sends the upstream request, with its upgrade headers restored, to the first endpoint
-    /// that accepts a connection; splices both sides once the task switches protocols.
+    /// that accepts a connection; once the task switches protocols, leaves its connection to
+    /// the client's connection task.
     pub async fn forward(
         self,
         target: UpgradeTarget<'_>,
@@ -82,7 +82,9 @@ impl Upgrade {
     ) -> Result<(Response<ProxyBody>, UpstreamAnswer), ProxyError> {
         let Self { client, protocol } = self;
         restore_upgrade_headers(request.headers_mut(), &protocol);
-        let (addr, mut sender) = target.connect_any().await?;
+        let (endpoint, mut sender) = target.connect_any().await?;
+        let addr = endpoint.addr();
+        let in_flight = endpoint.start_request();
         let sent_at = Instant::now();
         let mut response =
             sender
@@ -98,8 +100,19 @@ impl Upgrade {
         };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
-            let upstream = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice(client, upstream, addr));
+            let upstream = UpstreamUpgrade {
+                upgraded: hyper::upgrade::on(&mut response),
+                addr,
+                in_flight,
+            };
+            match client {
+                Some(client) => {
+                    let _ = client.send(upstream);
+                }
+                None => {
+                    debug!(%addr, "WebSocket upgrade not relayed: the client connection cannot be handed over")
+                }
+            }
         }
         let mut response = response.map(|body| body.map_err(Into::into).boxed());
         headers::prepare_client_response(response.headers_mut(), request_id, identity, answer);
@@ -121,18 +134,16 @@ pub struct UpgradeTarget<'a> {
     pub route: &'a ServiceRoute,
     /// The route's endpoints in the order to try them.
     pub endpoints: &'a [Endpoint],
-    /// TLS to the tasks (`ssl_backend`), if the service asks for it.
-    pub tls: Option<UpstreamTls>,
-    /// `ConnectTimeout`.
-    pub connect_timeout: Duration,
+    /// The pool whose settings (TLS, timeouts) and drains the connection follows.
+    pub pool: UpstreamPool,
 }
 
 impl UpgradeTarget<'_> {
     /// A fresh connection to the first endpoint that accepts one.
-    async fn connect_any(&self) -> Result<(SocketAddr, http1::SendRequest<Incoming>), ProxyError> {
-        for addr in self.endpoints.iter().map(Endpoint::addr) {
-            match connect(addr, self.tls.as_ref(), self.connect_timeout).await {
-                Ok(sender) => return Ok((addr, sender)),
+    async fn connect_any(&self) -> Result<(&Endpoint, http1::SendRequest<Incoming>), ProxyError> {
+        for endpoint in self.endpoints {
+            match self.connect(endpoint.addr()).await {
+                Ok(sender) => return Ok((endpoint, sender)),
                 Err(error) => {
                     warn!(service = self.route.service(), %error, "WebSocket upstream unavailable; trying the next endpoint");
                 }
@@ -143,50 +154,58 @@ impl UpgradeTarget<'_> {
             tried: self.endpoints.len(),
         })
     }
-}
 
-/// A connection of its own to the task, which hyper hands over after `101`.
-async fn connect(
-    addr: SocketAddr,
-    tls: Option<&UpstreamTls>,
-    connect_timeout: Duration,
-) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-    let stream = connect_task(addr, tls, connect_timeout).await?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| UpstreamError::Handshake { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            debug!(%addr, %error, "WebSocket upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
-}
-
-/// Relays bytes both ways between the upgraded client and task connections.
-async fn splice(client: Option<PendingClient>, upstream: OnUpgrade, addr: SocketAddr) {
-    let client = async {
-        match client {
-            Some(client) => client.await.ok(),
-            None => None,
-        }
-    };
-    let (mut client, upstream) = match tokio::join!(client, upstream) {
-        (Some(client), Ok(upstream)) => (client, upstream),
-        (None, _) => {
-            debug!(%addr, "WebSocket upgrade not completed: the client connection was not handed over");
-            return;
-        }
-        (_, Err(error)) => {
-            debug!(%addr, %error, "WebSocket upgrade not completed");
-            return;
-        }
-    };
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => debug!(%addr, sent, received, "WebSocket closed"),
-        Err(error) => debug!(%addr, %error, "WebSocket ended with an error"),
+    /// A connection of its own to the task, which hyper hands over after `101`.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let stream = self.pool.connect_dedicated(addr).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%addr, %error, "WebSocket upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
+}
+
+/// Relays bytes both ways between the upgraded client and task connections, until either
+/// side closes or fails (the task's connection fails after `ReadTimeout` without traffic).
+/// Either side's end ends both, as nginx ends an upgraded connection: a WebSocket peer that has
+/// closed its side is done, and waiting for the other could hold the connection forever.
+pub async fn relay(client: impl AsyncRead + AsyncWrite + Unpin, upstream: UpstreamUpgrade) {
+    let UpstreamUpgrade {
+        upgraded,
+        addr,
+        in_flight,
+    } = upstream;
+    let upstream = match upgraded.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(error) => return debug!(%addr, %error, "WebSocket upgrade not completed"),
+    };
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let (mut from_upstream, mut to_upstream) = tokio::io::split(upstream);
+    let sent = async {
+        let sent = tokio::io::copy(&mut from_client, &mut to_upstream).await;
+        let _ = to_upstream.shutdown().await;
+        ("client", sent)
+    };
+    let received = async {
+        let received = tokio::io::copy(&mut from_upstream, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+        ("task", received)
+    };
+    let (closed_by, copied) =
+        tokio::select! { sent = sent => sent, received = received => received };
+    match copied {
+        Ok(bytes) => debug!(%addr, closed_by, bytes, "WebSocket closed"),
+        Err(error) => debug!(%addr, closed_by, %error, "WebSocket ended with an error"),
+    }
+    drop(in_flight);
 }
 
 #[cfg(test)]

@@ -43,7 +43,8 @@ use self::{
     response_body::BodyPlan,
     timed_stream::{DrainAbort, TimedStream},
 };
-use super::backend_tls::{connect_task, UpstreamTls};
+use super::backend_tls::{connect_task, TaskStream, UpstreamTls};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -286,13 +287,13 @@ impl UpstreamPool {
         }
     }
 
-    /// Drains every endpoint not in `current`: its idle connections are closed now, its busy
-    /// ones after their exchange, and any still busy after `drain_timeout` are aborted.
-    /// `ConnectTimeout`, for connections made outside the pool (WebSocket upgrades).
+    /// `ConnectTimeout`.
     pub fn connect_timeout(&self) -> Duration {
         self.shared.settings.connect_timeout
     }
 
+    /// Drains every endpoint not in `current`: its idle connections are closed now, its busy
+    /// ones after their exchange, and any still busy after `drain_timeout` are aborted.
     pub fn retain_endpoints(&self, current: &HashSet<SocketAddr>, drain_timeout: Duration) {
         let drained: Vec<(SocketAddr, Endpoint)> = {
             let mut endpoints = self.shared.lock_endpoints();
@@ -343,6 +344,25 @@ impl UpstreamPool {
         &self,
         addr: SocketAddr,
     ) -> Result<(Box<Connection>, Membership), UpstreamError> {
+        let (stream, membership) = self.connect_timed(addr).await?;
+        debug!(%addr, "connected to upstream");
+        Ok((Box::new(Connection::new(stream)), membership))
+    }
+
+    /// A connection to `addr` of its own, never pooled (a WebSocket's), with the pool's TLS
+    /// and timeouts, aborted as the pool's are when its endpoint's drain runs out.
+    pub async fn connect_dedicated(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<impl AsyncRead + AsyncWrite + Send + Unpin + 'static, UpstreamError> {
+        let (stream, _membership) = self.connect_timed(addr).await?;
+        Ok(stream)
+    }
+
+    async fn connect_timed(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(TimedStream<TaskStream>, Membership), UpstreamError> {
         let settings = &self.shared.settings;
         let stream = connect_task(addr, self.shared.tls.as_ref(), settings.connect_timeout).await?;
         let (membership, abort) = self.shared.join(addr);
@@ -352,8 +372,7 @@ impl UpstreamPool {
             settings.read_timeout,
             settings.send_timeout,
         );
-        debug!(%addr, "connected to upstream");
-        Ok((Box::new(Connection::new(stream)), membership))
+        Ok((stream, membership))
     }
 }
 
