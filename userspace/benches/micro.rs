@@ -40,7 +40,7 @@ use xlb::{
     },
     proxy::{
         headers::{prepare_client_response, ProxyIdentity, RequestId, UpstreamAnswer},
-        Routed, Router, Scheme,
+        NormalPath, Routed, Router, Scheme,
     },
     routes::{route_table, RouteSettings},
 };
@@ -72,9 +72,17 @@ fn route_lookup(c: &mut Criterion) {
         ("wildcard_host_context_root", wildcard),
     ] {
         let target = PathAndQuery::from_static(target);
-        assert_eq!(routed_service(&router, &host, &target), service);
+        let path = NormalPath::parse(target.path()).unwrap();
+        assert_eq!(routed_service(&router, &host, &target, &path), service);
         group.bench_function(id, |b| {
-            b.iter(|| router.route(Scheme::Http, black_box(&host), black_box(&target)))
+            b.iter(|| {
+                router.route(
+                    Scheme::Http,
+                    black_box(&host),
+                    black_box(&target),
+                    black_box(&path),
+                )
+            })
         });
     }
     group.finish();
@@ -82,8 +90,13 @@ fn route_lookup(c: &mut Criterion) {
 
 /// The service a request is forwarded to, checked before measuring so that a typo in a host
 /// cannot turn the benchmark into one of a miss.
-fn routed_service(router: &Router, host: &str, target: &PathAndQuery) -> String {
-    match router.route(Scheme::Http, host, target) {
+fn routed_service(
+    router: &Router,
+    host: &str,
+    target: &PathAndQuery,
+    path: &NormalPath<'_>,
+) -> String {
+    match router.route(Scheme::Http, host, target, path) {
         Ok(Routed::Forward { route, .. }) => route.service().to_owned(),
         other => panic!("{host}{target} is not forwarded: {other:?}"),
     }

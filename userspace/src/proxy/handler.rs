@@ -34,6 +34,7 @@ use super::{
     limits::{self, ClientBody, ClientBodyError, ClientLimits, HostError},
     log_budget::LogBudget,
     observed::ObservedBody,
+    path::{NormalPath, PathError},
     retry::{self, OutgoingRequest},
     router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, Stall, UpstreamError, UpstreamPool, UpstreamResponse},
@@ -57,6 +58,9 @@ pub enum ProxyError {
     InvalidHost(HostError),
     #[error("no Host header")]
     MissingHost,
+    /// A path nginx refuses to normalise (see [`super::path`]), answered 400 as nginx does.
+    #[error("invalid request path {path:?}: {problem}")]
+    InvalidPath { path: String, problem: PathError },
     #[error("no service for host {0:?}")]
     UnknownHost(String),
     #[error("no service for path {path:?} on host {host:?}")]
@@ -88,12 +92,15 @@ impl ProxyError {
     /// Whether the connection is closed after this answer, as nginx does after refusing a
     /// request as malformed or too large: what follows on the connection cannot be trusted.
     fn closes_connection(&self) -> bool {
-        matches!(self, Self::InvalidHost(_) | Self::ClientBody(_))
+        matches!(
+            self,
+            Self::InvalidHost(_) | Self::InvalidPath { .. } | Self::ClientBody(_)
+        )
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidHost(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidHost(_) | Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
             Self::MissingHost | Self::UnknownHost(_) | Self::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -268,7 +275,8 @@ impl RequestHandler {
         attempts: &mut Vec<UpstreamAttempt>,
     ) -> Result<(Response<ProxyBody>, Option<UpstreamAnswer>), ProxyError> {
         self.check_phase(&request)?;
-        let (route, upstream_target) = match self.route_phase(&request, client.scheme)? {
+        let (routed, path) = self.route_phase(&request, client.scheme)?;
+        let (route, upstream_target) = match routed {
             Routed::Forward {
                 route,
                 upstream_target,
@@ -278,7 +286,7 @@ impl RequestHandler {
                 return Ok((answer, None));
             }
         };
-        if websocket::is_upgrade(&request, route.transport()) {
+        if websocket::is_upgrade(&request, &path, route.transport()) {
             // Boxed: connecting on its own makes it KiBs larger than the rest, and every
             // request's future would carry that room, moved into its box.
             let upgrade = self.websocket_phase(&route, request, client, upstream_target);
@@ -305,31 +313,42 @@ impl RequestHandler {
         Ok(())
     }
 
-    /// Route: by Host and path to a service with at least one endpoint, or to a redirect.
-    fn route_phase(
+    /// Route: by Host and normalised path to a service with at least one endpoint, or to a
+    /// redirect; the normalised path is returned for the WebSocket endpoints to hold.
+    fn route_phase<'r>(
         &self,
-        request: &Request<Incoming>,
+        request: &'r Request<Incoming>,
         scheme: Scheme,
-    ) -> Result<Routed, ProxyError> {
+    ) -> Result<(Routed, NormalPath<'r>), ProxyError> {
         if [Method::CONNECT, Method::TRACE].contains(request.method()) {
             return Err(ProxyError::MethodNotAllowed(request.method().clone()));
         }
+        // Before the host and any route, as nginx refuses such a request line before it
+        // reads the headers, whatever the server's locations and redirects.
+        let sent_path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", PathAndQuery::path);
+        let path = NormalPath::parse(sent_path).map_err(|problem| ProxyError::InvalidPath {
+            path: sent_path.to_owned(),
+            problem,
+        })?;
         let host = request_host(request).ok_or(ProxyError::MissingHost)?;
         let target = request
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let routed = self
-            .router
-            .route(scheme, host, &target)
-            .map_err(|miss| match miss {
-                RouteMiss::UnknownHost => ProxyError::UnknownHost(host.to_owned()),
-                RouteMiss::NoContextRoot => ProxyError::NoContextRoot {
-                    host: host.to_owned(),
-                    path: target.path().to_owned(),
-                },
-            })?;
+        let routed =
+            self.router
+                .route(scheme, host, &target, &path)
+                .map_err(|miss| match miss {
+                    RouteMiss::UnknownHost => ProxyError::UnknownHost(host.to_owned()),
+                    RouteMiss::NoContextRoot => ProxyError::NoContextRoot {
+                        host: host.to_owned(),
+                        path: target.path().to_owned(),
+                    },
+                })?;
         if let Routed::Forward { route, .. } = &routed {
             if route.endpoint_count() == 0 {
                 return Err(ProxyError::NoEndpoints {
@@ -338,7 +357,7 @@ impl RequestHandler {
                 });
             }
         }
-        Ok(routed)
+        Ok((routed, path))
     }
 
     /// Build the upstream request: same method, headers and streaming body, the routed

@@ -5,7 +5,8 @@
 //! - `client_connection`: one client connection, HTTP/1 parked while idle, or HTTP/2;
 //!   `upgrade`: its hand-over after `101`; `replayed`: a stream with bytes read ahead.
 //! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
-//!   method, atomically swapped tables.
+//!   method, atomically swapped tables; `path`: request paths normalised as nginx does, and the
+//!   prefix rule of context roots and WebSocket endpoints.
 //! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
 //! - `retry`: which requests may go to another endpoint, and their replayable bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
@@ -40,6 +41,7 @@ mod log_budget;
 mod observed;
 mod parking;
 mod passthrough;
+mod path;
 mod replayed;
 mod retry;
 mod router;
@@ -77,6 +79,7 @@ pub use certificates::{CertificateStore, DEFAULT_SECRETS_DIR};
 pub use handler::HandlerSettings;
 pub use health::EjectionPeriods;
 pub use limits::ClientLimits;
+pub use path::NormalPath;
 pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;

@@ -1,7 +1,7 @@
 //! Where a request goes: the compiled route table (exact hosts, `*.suffix` wildcards, the
-//! default backend), swapped atomically on every update; the longest context root matching the
-//! path; the service's redirects and `ssl_only`; and the order in which the service's endpoints
-//! are tried, by its balancing method.
+//! default backend), swapped atomically on every update; the longest context root holding the
+//! normalised path (see [`super::path`]); the service's redirects and `ssl_only`; and the order
+//! in which the service's endpoints are tried, by its balancing method.
 
 use foldhash::HashMap as FastMap;
 use std::{
@@ -20,6 +20,7 @@ use http::{header::COOKIE, uri::PathAndQuery, HeaderMap, StatusCode};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use super::path::NormalPath;
 use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme, Transport, ROOT_CONTEXT};
 
 /// The proxy's current view of the route table, swapped atomically on every update.
@@ -155,25 +156,27 @@ impl Router {
         self.endpoints.subscribe()
     }
 
-    /// Routes a request by its scheme, `Host` value (or request authority) and target.
+    /// Routes a request by its scheme, `Host` value (or request authority), target as the
+    /// client sent it, and that target's path normalised.
     ///
     /// The host is matched case-insensitively, with any port and a trailing dot ignored: an
     /// exact name first, then the most specific wildcard, then the default backend. Among the
-    /// host's services, the one with the longest context root holding the path wins.
+    /// host's services, the one with the longest context root holding the normalised path wins.
     pub fn route(
         &self,
         scheme: Scheme,
         host: &str,
         target: &PathAndQuery,
+        path: &NormalPath<'_>,
     ) -> Result<Routed, RouteMiss> {
         let key = route_key(host).ok_or(RouteMiss::UnknownHost)?;
         let table = self.table.load();
         let routes = table.host_routes(&key).ok_or(RouteMiss::UnknownHost)?;
         let route = routes
             .iter()
-            .find(|route| route.serves_path(target.path()))
+            .find(|route| route.serves_path(path))
             .ok_or(RouteMiss::NoContextRoot)?;
-        Ok(route.decide(scheme, &key, target, self.https_port))
+        Ok(route.decide(scheme, &key, target, path, self.https_port))
     }
 
     /// The service serving `host` at its root path: where a TLS connection is relayed when that
@@ -182,7 +185,10 @@ impl Router {
         let key = route_key(host)?;
         let table = self.table.load();
         let routes = table.host_routes(&key)?;
-        routes.iter().find(|route| route.serves_path("/")).cloned()
+        routes
+            .iter()
+            .find(|route| route.serves_path(&NormalPath::ROOT))
+            .cloned()
     }
 }
 
@@ -302,22 +308,21 @@ impl ServiceRoute {
         &self.route.transport
     }
 
-    /// Whether the context root holds `path`: equal to it, or followed by `/`, so that `/app`
-    /// serves `/app` and `/app/x` but not `/apple`.
-    fn serves_path(&self, path: &str) -> bool {
+    /// Whether the context root holds `path` ([`NormalPath::is_under`]): `/app` serves `/app`
+    /// and `/app/x` but not `/apple`.
+    fn serves_path(&self, path: &NormalPath<'_>) -> bool {
         let root = self.route.context_root.as_str();
-        root == ROOT_CONTEXT
-            || path
-                .strip_prefix(root)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        root == ROOT_CONTEXT || path.is_under(root)
     }
 
-    /// The service's redirects first, then `ssl_only`, else forwarding.
+    /// The service's redirects first, then `ssl_only`, else forwarding. Redirects keep the
+    /// client's target, as nginx's `$request_uri` does.
     fn decide(
         self: &Arc<Self>,
         scheme: Scheme,
         host: &str,
         target: &PathAndQuery,
+        path: &NormalPath<'_>,
         https_port: Option<u16>,
     ) -> Routed {
         let redirect = self.route.redirects.iter().find(
@@ -344,25 +349,31 @@ impl ServiceRoute {
         }
         Routed::Forward {
             route: Arc::clone(self),
-            upstream_target: self.upstream_target(target),
+            upstream_target: self.upstream_target(target, path),
         }
     }
 
-    /// The request target upstream: without the context root when `context_root_rewrite` is
-    /// set (`/app/x?q` → `/x?q`, `/app` → `/`).
-    fn upstream_target(&self, target: &PathAndQuery) -> PathAndQuery {
+    /// The request target upstream, as nginx's `proxy_pass` sends it: the client's own target
+    /// (a `proxy_pass` without a URI), or, when `context_root_rewrite` is set, the normalised
+    /// path below the context root, re-encoded, and the client's query (a `proxy_pass` with a
+    /// URI replacing the `location`'s part): `/app/x?q` → `/x?q`, `/app` → `/`,
+    /// `/app/a/../b` → `/b`. Never a `..` that would climb out of the root upstream.
+    fn upstream_target(&self, target: &PathAndQuery, path: &NormalPath<'_>) -> PathAndQuery {
         let root = self.route.context_root.as_str();
         if !self.route.context_root_rewrite || root == ROOT_CONTEXT {
             return target.clone();
         }
-        let rest = target.path().strip_prefix(root).unwrap_or(target.path());
-        let path = if rest.is_empty() { "/" } else { rest };
+        let below = path
+            .below(root)
+            .expect("a route is chosen for a path its context root holds");
         let rewritten = match target.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.to_owned(),
+            Some(query) => format!("{below}?{query}"),
+            None => below,
         };
-        // A suffix of a valid target is valid; keep the original should that ever not hold.
-        rewritten.parse().unwrap_or_else(|_| target.clone())
+        // Path bytes and escapes, and a query that was valid: always a valid target.
+        rewritten
+            .parse()
+            .expect("an encoded path and a valid query are a valid target")
     }
 
     /// Every endpoint once, in the order to try them: the balancing method's choice first,
@@ -514,8 +525,16 @@ mod tests {
         SocketAddr::from(([10, 0, 0, 1], port))
     }
 
-    fn target(text: &str) -> PathAndQuery {
-        text.parse().unwrap()
+    /// Routes `text` as the handler does: by the target as sent and its normalised path.
+    fn route_target(
+        router: &Router,
+        scheme: Scheme,
+        host: &str,
+        text: &str,
+    ) -> Result<Routed, RouteMiss> {
+        let target: PathAndQuery = text.parse().unwrap();
+        let path = NormalPath::parse(target.path()).unwrap();
+        router.route(scheme, host, &target, &path)
     }
 
     fn ports(endpoints: &[Endpoint]) -> Vec<u16> {
@@ -535,7 +554,7 @@ mod tests {
 
     /// The service a plain HTTP request is forwarded to, and the target it is sent with.
     fn forwarded(router: &Router, host: &str, path: &str) -> Result<(String, String), RouteMiss> {
-        match router.route(Scheme::Http, host, &target(path))? {
+        match route_target(router, Scheme::Http, host, path)? {
             Routed::Forward {
                 route,
                 upstream_target,
@@ -552,7 +571,7 @@ mod tests {
         host: &str,
         path: &str,
     ) -> Option<(u16, String)> {
-        match router.route(scheme, host, &target(path)).unwrap() {
+        match route_target(router, scheme, host, path).unwrap() {
             Routed::Redirect { status, location } => Some((status.as_u16(), location)),
             Routed::Forward { .. } => None,
         }
@@ -567,7 +586,7 @@ mod tests {
     }
 
     fn forward_route(router: &Router, host: &str) -> Arc<ServiceRoute> {
-        match router.route(Scheme::Http, host, &target("/")).unwrap() {
+        match route_target(router, Scheme::Http, host, "/").unwrap() {
             Routed::Forward { route, .. } => route,
             Routed::Redirect { .. } => panic!("redirected"),
         }

@@ -1,6 +1,7 @@
 //! Interlock's routing labels through a running proxy, over real sockets on 127.0.0.0/8:
-//! context roots and their rewrite, wildcards, redirects, `ssl_only`, the default backend, and
-//! each balancing method's choice of endpoint, including fallbacks when one refuses.
+//! context roots and their rewrite, by the normalised path (dot segments, escapes, repeated
+//! slashes), wildcards, redirects, `ssl_only`, the default backend, and each balancing method's
+//! choice of endpoint, including fallbacks when one refuses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -85,6 +86,126 @@ async fn the_longest_context_root_wins_and_rewrite_strips_it() {
         let response = client.get("app", path).await;
         assert_eq!(port_of(&response), backend.port(), "{path}");
         assert_eq!(response.echo()["path"], upstream_path, "{path}");
+    }
+}
+
+/// `api` at `/api` (rewritten when `rewrite`) and `web` at `/`, on host `app`.
+async fn api_and_web(rewrite: bool) -> (RunningProxy, EchoBackend, EchoBackend) {
+    let [api, web] = [EchoBackend::start().await, EchoBackend::start().await];
+    let mut api_route = route("api", &[api.addr]);
+    api_route.context_root = "/api".into();
+    api_route.context_root_rewrite = rewrite;
+    let proxy = RunningProxy::start_with_table(&table_of(
+        vec![("app", vec![api_route, route("web", &[web.addr])])],
+        None,
+    ))
+    .await;
+    (proxy, api, web)
+}
+
+/// Context roots hold the path nginx would match `location`s against; without the rewrite the
+/// upstream gets the target as the client sent it, as from nginx's `proxy_pass` without a URI.
+#[tokio::test]
+async fn context_roots_hold_the_normalised_path_and_the_target_goes_upstream_as_sent() {
+    let (proxy, api, web) = api_and_web(false).await;
+    let mut client = proxy.client().await;
+    let cases = [
+        ("//api/x", &api),
+        ("/api//x", &api),
+        ("/%61pi/x", &api),
+        ("/%61%70%69", &api),
+        ("/api%2Fx", &api),
+        ("/web/../api/x?q=1", &api),
+        ("/./api/x", &api),
+        ("/api/../web", &web),
+        ("/api/%2e%2e/web", &web),
+        ("/apix/../apiary", &web),
+        ("/%2561pi/x", &web),
+    ];
+    for (target, backend) in cases {
+        let response = client.get("app", target).await;
+        assert_eq!(port_of(&response), backend.addr.port(), "{target}");
+        assert_eq!(response.echo()["path"], target, "{target}");
+    }
+}
+
+/// With the rewrite, the upstream gets the normalised path below the context root, re-encoded,
+/// as from nginx's `proxy_pass` with a URI: never the client's `..` after the root is cut.
+#[tokio::test]
+async fn context_root_rewrite_sends_the_normalised_path_below_the_root() {
+    let (proxy, api, web) = api_and_web(true).await;
+    let mut client = proxy.client().await;
+    let cases = [
+        ("/api/../admin", &web, "/api/../admin"),
+        ("/api/x/../../admin?q=1", &web, "/api/x/../../admin?q=1"),
+        ("/api/x/../y?q=1", &api, "/y?q=1"),
+        ("/api/./x/.", &api, "/x/"),
+        ("/api/..", &web, "/api/.."),
+        ("//api//x", &api, "/x"),
+        ("/%61pi/%78?q=%2e%2e", &api, "/x?q=%2e%2e"),
+        ("/api/a%2Fb", &api, "/a/b"),
+        ("/api/a%20b%3Fc%25d", &api, "/a%20b%3Fc%25d"),
+        ("/api/caf%c3%a9", &api, "/caf%C3%A9"),
+    ];
+    for (target, backend, upstream) in cases {
+        let response = client.get("app", target).await;
+        assert_eq!(port_of(&response), backend.addr.port(), "{target}");
+        assert_eq!(response.echo()["path"], upstream, "{target}");
+    }
+
+    // With no service at `/`, a `..` out of the rewritten root finds no service at all.
+    let only_api = EchoBackend::start().await;
+    let mut api_route = route("api", &[only_api.addr]);
+    api_route.context_root = "/api".into();
+    api_route.context_root_rewrite = true;
+    let proxy =
+        RunningProxy::start_with_table(&table_of(vec![("app", vec![api_route])], None)).await;
+    let response = proxy.get("app", "/api/../admin").await;
+    assert_eq!(response.status, 404);
+    assert_eq!(
+        response.text(),
+        "no service for path \"/api/../admin\" on host \"app\"\n"
+    );
+    assert_eq!(only_api.connections_accepted(), 0);
+}
+
+/// What nginx refuses to normalise it answers 400 and closes: a `..` above the root, a bad or
+/// NUL escape, a target that is no path. Nothing reaches a service, rewritten or not.
+#[tokio::test]
+async fn paths_without_a_normal_form_are_400_and_close_the_connection() {
+    for rewrite in [false, true] {
+        let (proxy, api, web) = api_and_web(rewrite).await;
+        let cases = [
+            ("GET /../api/x", "a .. segment climbs above the root"),
+            ("GET /api/../../x", "a .. segment climbs above the root"),
+            (
+                "GET /api/%2e%2e/%2E%2E/x",
+                "a .. segment climbs above the root",
+            ),
+            (
+                "GET /api%2F..%2F..%2Fx",
+                "a .. segment climbs above the root",
+            ),
+            ("GET /api/%zz", "a % is not followed by two hex digits"),
+            ("GET /api/x%4", "a % is not followed by two hex digits"),
+            ("GET /api/a%00b", "it encodes a NUL byte (%00)"),
+            ("OPTIONS *", "it does not start with /"),
+        ];
+        for (line, problem) in cases {
+            let request = format!("{line} HTTP/1.1\r\nHost: app\r\n\r\n");
+            let exchange = proxy.raw(request.as_bytes()).await;
+            assert_eq!(exchange.status(), 400, "{line}");
+            assert!(exchange.closed, "{line}: connection left open");
+            let response = &exchange.responses()[0];
+            assert_eq!(response.header("connection"), Some("close"), "{line}");
+            let path = line.split_once(' ').unwrap().1;
+            assert_eq!(
+                response.text(),
+                format!("invalid request path {path:?}: {problem}\n"),
+                "{line}"
+            );
+        }
+        assert_eq!(api.connections_accepted() + web.connections_accepted(), 0);
     }
 }
 

@@ -6,8 +6,10 @@
 //! neither sends anything for `ReadTimeout` (as nginx's `proxy_read_timeout` closes an idle
 //! WebSocket), the task's endpoint is drained, or the proxy's shutdown cuts it.
 //!
-//! Paths match as nginx `location` prefixes do, which is what Interlock generated: `/ws`
-//! covers `/ws`, `/ws/chat` and `/wsx`.
+//! Endpoints hold paths as context roots do, by the one prefix rule of [`super::path`], against
+//! the normalised path: `/ws` covers `/ws`, `/ws/chat`, `//ws/chat` and `/%77s`, never `/wsx`
+//! (which a bare nginx `location /ws` prefix would also take: an endpoint names a path, not
+//! the start of one).
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -21,20 +23,21 @@ use tracing::{debug, warn};
 use super::{
     handler::{ProxyBody, ProxyError},
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
+    path::NormalPath,
     router::{Endpoint, ServiceRoute},
     upgrade::{ClientUpgrade, UpgradeSender, UpstreamUpgrade},
     upstream::{UpstreamError, UpstreamPool},
 };
 use crate::routes::Transport;
 
-/// Whether `request` asks for a WebSocket on one of the route's WebSocket endpoints.
-pub fn is_upgrade<B>(request: &Request<B>, transport: &Transport) -> bool {
-    let path = request.uri().path();
+/// Whether `request`, whose normalised path is `path`, asks for a WebSocket on one of the
+/// route's WebSocket endpoints.
+pub fn is_upgrade<B>(request: &Request<B>, path: &NormalPath<'_>, transport: &Transport) -> bool {
     // The endpoints first: most services have none, and the header checks hash two names.
     transport
         .websocket_endpoints
         .iter()
-        .any(|endpoint| path.starts_with(endpoint.as_str()))
+        .any(|endpoint| path.is_under(endpoint))
         && request.method() == Method::GET
         && request.version() == Version::HTTP_11
         && has_token(request.headers(), header::UPGRADE, "websocket")
@@ -330,19 +333,38 @@ mod tests {
         socket.close(None).await.unwrap();
     }
 
+    /// `/wsx` only starts with the endpoint `/ws`'s text: it is not on it.
     #[tokio::test]
     async fn upgrades_outside_the_websocket_endpoints_are_not_relayed() {
         let secrets = TempDir::create("secrets");
         let proxy = proxy_to(echo_server().await, &secrets).await;
-        let stream = TcpStream::connect(proxy.http).await.unwrap();
-        let request = format!("ws://{HOST}/elsewhere")
-            .into_client_request()
-            .unwrap();
-        let refused = tokio_tungstenite::client_async(request, stream).await;
-        assert!(
-            refused.is_err(),
-            "upgrade relayed outside websocket_endpoints"
-        );
+        for path in ["/elsewhere", "/wsx", "/wsx/room-1", "/ws/../elsewhere"] {
+            let stream = TcpStream::connect(proxy.http).await.unwrap();
+            let request = format!("ws://{HOST}{path}").into_client_request().unwrap();
+            let refused = tokio_tungstenite::client_async(request, stream).await;
+            assert!(
+                refused.is_err(),
+                "{path}: upgrade relayed outside websocket_endpoints"
+            );
+        }
+    }
+
+    /// The endpoint holds the normalised path, as the context roots do.
+    #[tokio::test]
+    async fn upgrades_on_an_endpoint_written_otherwise_are_relayed() {
+        let secrets = TempDir::create("secrets");
+        let proxy = proxy_to(echo_server().await, &secrets).await;
+        for path in ["//ws/room-1", "/%77s/room-1", "/chat/../ws"] {
+            let stream = TcpStream::connect(proxy.http).await.unwrap();
+            let request = format!("ws://{HOST}{path}").into_client_request().unwrap();
+            let (mut socket, response) = tokio_tungstenite::client_async(request, stream)
+                .await
+                .unwrap_or_else(|error| panic!("{path}: upgrade not relayed: {error}"));
+            assert_eq!(response.status(), 101, "{path}");
+            socket.send(Message::text(path)).await.unwrap();
+            assert_eq!(socket.next().await.unwrap().unwrap(), Message::text(path));
+            socket.close(None).await.unwrap();
+        }
     }
 
     #[test]
@@ -351,38 +373,72 @@ mod tests {
             websocket_endpoints: vec!["/ws".to_owned()],
             ..Transport::default()
         };
-        let upgrade = |method: Method, path: &str, connection: &str| {
-            Request::builder()
+        let upgrades = |method: Method, target: &str, connection: &str, transport: &Transport| {
+            let request = Request::builder()
                 .method(method)
-                .uri(path)
+                .uri(target)
                 .header("upgrade", "WebSocket")
                 .header("connection", connection)
                 .body(())
-                .unwrap()
+                .unwrap();
+            let path = NormalPath::parse(request.uri().path()).unwrap();
+            is_upgrade(&request, &path, transport)
         };
-        assert!(is_upgrade(
-            &upgrade(Method::GET, "/ws", "keep-alive, Upgrade"),
+        assert!(upgrades(
+            Method::GET,
+            "/ws",
+            "keep-alive, Upgrade",
             &transport
         ));
-        assert!(is_upgrade(
-            &upgrade(Method::GET, "/ws/x?y", "upgrade"),
-            &transport
-        ));
-        assert!(!is_upgrade(
-            &upgrade(Method::POST, "/ws", "upgrade"),
-            &transport
-        ));
-        assert!(!is_upgrade(
-            &upgrade(Method::GET, "/api", "upgrade"),
-            &transport
-        ));
-        assert!(!is_upgrade(
-            &upgrade(Method::GET, "/ws", "keep-alive"),
-            &transport
-        ));
-        assert!(!is_upgrade(
-            &upgrade(Method::GET, "/ws", "upgrade"),
+        assert!(upgrades(Method::GET, "/ws/x?y", "upgrade", &transport));
+        assert!(!upgrades(Method::POST, "/ws", "upgrade", &transport));
+        assert!(!upgrades(Method::GET, "/api", "upgrade", &transport));
+        assert!(!upgrades(Method::GET, "/ws", "keep-alive", &transport));
+        assert!(!upgrades(
+            Method::GET,
+            "/ws",
+            "upgrade",
             &Transport::default()
         ));
+    }
+
+    /// The endpoint holds the normalised path by the context roots' prefix rule: a path that
+    /// only starts with the endpoint's text is not on it.
+    #[test]
+    fn websocket_endpoints_hold_normalised_paths_at_segment_boundaries() {
+        let transport = Transport {
+            websocket_endpoints: vec!["/ws".to_owned(), "/live/".to_owned()],
+            ..Transport::default()
+        };
+        let on_endpoint = |target: &str| {
+            let request = Request::get(target)
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .body(())
+                .unwrap();
+            let path = NormalPath::parse(request.uri().path()).unwrap();
+            is_upgrade(&request, &path, &transport)
+        };
+        for target in [
+            "/ws",
+            "/ws/",
+            "/ws/chat",
+            "//ws/chat",
+            "/%77s",
+            "/api/../ws",
+            "/live/x",
+        ] {
+            assert!(on_endpoint(target), "{target} is on an endpoint");
+        }
+        for target in [
+            "/wsx",
+            "/ws-chat",
+            "/ws%78",
+            "/ws/../api",
+            "/live",
+            "/liver/x",
+        ] {
+            assert!(!on_endpoint(target), "{target} is on no endpoint");
+        }
     }
 }
