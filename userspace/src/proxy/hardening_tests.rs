@@ -82,8 +82,24 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, u16)> {
             400,
         ),
         (
-            "request head over the limit",
-            request_with_header("x-big", &"a".repeat(40 << 10)),
+            "request head over the limit, in lines within theirs",
+            format!(
+                "GET / HTTP/1.1\r\nHost: app\r\n{}\r\n",
+                (0..6)
+                    .map(|i| format!("x-big-{i}: {}\r\n", "a".repeat(7 << 10)))
+                    .collect::<String>()
+            )
+            .into_bytes(),
+            431,
+        ),
+        (
+            "a 16 KiB header line",
+            request_with_header("x-long", &"a".repeat(16 << 10)),
+            431,
+        ),
+        (
+            "a 16 KiB header line, never ending",
+            format!("GET / HTTP/1.1\r\nHost: app\r\nx-long: {}", "a".repeat(16 << 10)).into_bytes(),
             431,
         ),
         (

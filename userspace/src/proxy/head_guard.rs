@@ -510,6 +510,23 @@ impl<IO> HeadGuard<IO> {
                 ),
             )
         };
+        let line_too_long = || {
+            HeadCheck::Refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("header line longer than {} bytes", limits.max_header_line),
+            )
+        };
+        // The line still arriving, as nginx's 8 KiB line buffer would overflow with it.
+        let last_line = self
+            .head
+            .iter()
+            .rev()
+            .take(limits.max_header_line + 1)
+            .take_while(|&&byte| byte != b'\n')
+            .count();
+        if request_line < self.head.len() && last_line > limits.max_header_line {
+            return line_too_long();
+        }
         if !may_be_complete {
             return if self.head.len() > limits.max_head_size {
                 too_large()
@@ -526,6 +543,13 @@ impl<IO> HeadGuard<IO> {
             Ok(httparse::Status::Partial) if self.head.len() > limits.max_head_size => too_large(),
             Ok(httparse::Status::Partial) => HeadCheck::Incomplete,
             Ok(httparse::Status::Complete(length)) if length > limits.max_head_size => too_large(),
+            Ok(httparse::Status::Complete(_))
+                if request.headers.iter().any(|header| {
+                    header.name.len() + 2 + header.value.len() > limits.max_header_line
+                }) =>
+            {
+                line_too_long()
+            }
             Ok(httparse::Status::Complete(length)) => match body_framing(&request) {
                 Ok(body) => HeadCheck::Complete {
                     length,

@@ -35,6 +35,9 @@ pub struct ClientLimits {
     pub send_timeout: Duration,
     /// A longer request line is refused with 414 (nginx: `large_client_header_buffers` 8k).
     pub max_request_line: usize,
+    /// A longer header line is refused with 431 (nginx: `large_client_header_buffers` 8k, one
+    /// line per buffer).
+    pub max_header_line: usize,
     /// A larger request head is refused with 431 (nginx: 4 buffers of 8k).
     pub max_head_size: usize,
     /// Header lines in a request head; more are refused with 431 (hyper's own limit).
@@ -50,6 +53,7 @@ impl Default for ClientLimits {
             keepalive_timeout: Duration::from_secs(75),
             send_timeout: Duration::from_secs(60),
             max_request_line: 8 << 10,
+            max_header_line: 8 << 10,
             max_head_size: 32 << 10,
             max_headers: 100,
         }
