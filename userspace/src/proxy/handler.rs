@@ -30,6 +30,7 @@ use super::{
     backend_tls::BackendTlsPools,
     headers::{self, ClientFacts, ProxyIdentity, RequestId, UpstreamAnswer},
     health::PassiveHealth,
+    held_bodies::HeldBodies,
     http2,
     limits::{self, ClientBody, ClientBodyError, ClientLimits, HostError},
     log_budget::LogBudget,
@@ -125,6 +126,8 @@ pub struct HandlerSettings {
     /// How many upstreams may receive one request; endpoints that could not be connected to do
     /// not count.
     pub upstream_tries: usize,
+    /// Bytes of request bodies a worker may hold for replay at once (see [`HeldBodies`]).
+    pub held_body_budget: usize,
 }
 
 impl Default for HandlerSettings {
@@ -133,6 +136,8 @@ impl Default for HandlerSettings {
             limits: ClientLimits::default(),
             underscores_in_headers: false,
             upstream_tries: 3,
+            // A thousand bodies of the largest size held.
+            held_body_budget: 64 << 20,
         }
     }
 }
@@ -147,6 +152,7 @@ pub struct RequestHandler {
     identity: ProxyIdentity,
     settings: HandlerSettings,
     access_log: Option<AccessLog>,
+    held_bodies: Arc<HeldBodies>,
 }
 
 /// The client side of one request, as the upstream request is built from it.
@@ -172,6 +178,7 @@ impl RequestHandler {
             backend_tls,
             health,
             identity,
+            held_bodies: HeldBodies::new(settings.held_body_budget),
             settings,
             access_log,
         }
@@ -297,7 +304,7 @@ impl RequestHandler {
         let upstream_request = self
             .upstream_request_phase(request, client, upstream_target)
             .map(|body| ClientBody::new(body, &self.settings.limits));
-        let outgoing = OutgoingRequest::prepare(upstream_request).await?;
+        let outgoing = OutgoingRequest::prepare(upstream_request, &self.held_bodies).await?;
         let (upstream, answer, in_flight) = self
             .forward_phase(&route, endpoints, outgoing, attempts)
             .await?;
@@ -531,6 +538,11 @@ impl RequestHandler {
         upgrade
             .forward(target, upstream_request, client.request_id, &self.identity)
             .await
+    }
+
+    /// The budget of request bodies held for replay.
+    pub fn held_bodies(&self) -> Arc<HeldBodies> {
+        Arc::clone(&self.held_bodies)
     }
 
     /// `ConnectTimeout`, for connections made outside the pools (TLS passthrough).

@@ -8,7 +8,8 @@
 //!   method, atomically swapped tables; `path`: request paths normalised as nginx does, and the
 //!   prefix rule of context roots and WebSocket endpoints.
 //! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
-//! - `retry`: which requests may go to another endpoint, and their replayable bodies.
+//! - `retry`: which requests may go to another endpoint, and their replayable bodies;
+//!   `held_bodies`: the worker's budget for those bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
 //! - `upstream`: keep-alive connection pool per upstream endpoint, timeouts, drain.
 //! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling).
@@ -35,6 +36,7 @@ mod handler;
 mod head_guard;
 pub mod headers;
 mod health;
+mod held_bodies;
 mod http2;
 mod limits;
 mod log_budget;
@@ -259,6 +261,7 @@ async fn serve_worker(
         settings.handler.clone(),
         shared.access_log.clone(),
     ));
+    counters.report_held_bodies(handler.held_bodies());
     let tasks = TaskTracker::new();
     tasks.spawn(evict_idle_upstreams(
         Arc::clone(&handler),

@@ -4,11 +4,13 @@
 //!
 //! A request that never reached an upstream (the connection could not be made) goes to the next
 //! endpoint whatever its method. One that did is sent again only if its method is idempotent and
-//! its body was held in memory: bodies up to [`HELD_BODY_LIMIT`] are read before the first try,
-//! larger ones stream and are never replayed.
+//! its body was held in memory: bodies up to [`HELD_BODY_LIMIT`] are read before the first try
+//! while the worker's [`HeldBodies`] budget lasts; larger ones, and any once the budget is
+//! spent, stream and are never replayed.
 
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -17,7 +19,10 @@ use http::{request::Parts, HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::limits::{ClientBody, ClientBodyError};
+use super::{
+    held_bodies::{HeldBodies, Reservation},
+    limits::{ClientBody, ClientBodyError},
+};
 
 /// Request bodies up to this size are held in memory so that they can be replayed.
 pub const HELD_BODY_LIMIT: usize = 64 << 10;
@@ -48,6 +53,8 @@ pub struct OutgoingRequest {
     /// `None` once the last try took it.
     parts: Option<Parts>,
     body: Outgoing,
+    /// The budget the held body takes, until the request is done with.
+    _held: Reservation,
 }
 
 enum Outgoing {
@@ -62,8 +69,12 @@ enum Outgoing {
 
 impl OutgoingRequest {
     /// Prepares `request` for its tries: an idempotent request's body is read into memory first
-    /// if it is small enough, so that the request can be replayed.
-    pub async fn prepare(request: Request<ClientBody>) -> Result<Self, ClientBodyError> {
+    /// if it is small enough and `budget` has room, so that the request can be replayed.
+    pub async fn prepare(
+        request: Request<ClientBody>,
+        budget: &Arc<HeldBodies>,
+    ) -> Result<Self, ClientBodyError> {
+        let mut held = budget.reserve();
         let (parts, body) = request.into_parts();
         let declared_small = body
             .size_hint()
@@ -72,13 +83,14 @@ impl OutgoingRequest {
         let may_hold = is_idempotent(&parts.method)
             && (body.is_end_stream() || declared_small || body.size_hint().upper().is_none());
         let body = if may_hold {
-            hold(body).await?
+            hold(body, &mut held).await?
         } else {
             Outgoing::Streaming(Some(ForwardBody::streaming(Bytes::new(), body)))
         };
         Ok(Self {
             parts: Some(parts),
             body,
+            _held: held,
         })
     }
 
@@ -117,9 +129,10 @@ impl OutgoingRequest {
     }
 }
 
-/// Reads the body up to [`HELD_BODY_LIMIT`]: the whole body if it fits, else what was read so far
-/// followed by the rest, streaming.
-async fn hold(mut body: ClientBody) -> Result<Outgoing, ClientBodyError> {
+/// Reads the body up to [`HELD_BODY_LIMIT`], taking what it reads from `held`: the whole body
+/// if it fits, else (too large, or the budget spent) what was read so far followed by the rest,
+/// streaming.
+async fn hold(mut body: ClientBody, held: &mut Reservation) -> Result<Outgoing, ClientBodyError> {
     let mut data = BytesMut::new();
     loop {
         if body.is_end_stream() {
@@ -133,6 +146,11 @@ async fn hold(mut body: ClientBody) -> Result<Outgoing, ClientBodyError> {
             break;
         };
         match frame.into_data() {
+            Ok(chunk) if !held.grow(chunk.len()) => {
+                data.extend_from_slice(&chunk);
+                let streaming = ForwardBody::streaming(data.freeze(), body);
+                return Ok(Outgoing::Streaming(Some(streaming)));
+            }
             Ok(chunk) => data.extend_from_slice(&chunk),
             Err(frame) => {
                 let trailers = frame.into_trailers().ok();

@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
 };
 
@@ -25,8 +25,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    serve_worker, AccessLogWriter, HttpsListener, Listeners, ProxySettings, ProxyShared, Router,
-    TlsTermination,
+    held_bodies::HeldBodies, serve_worker, AccessLogWriter, HttpsListener, Listeners,
+    ProxySettings, ProxyShared, Router, TlsTermination,
 };
 
 /// Pending connections the kernel queues per worker socket (tokio's own `bind` default).
@@ -63,6 +63,8 @@ pub struct WorkerStats {
 pub struct WorkerCounters {
     accepted: AtomicU64,
     closed: AtomicU64,
+    /// The worker's budget of request bodies held for replay, once it serves.
+    held_bodies: OnceLock<Arc<HeldBodies>>,
 }
 
 /// One worker's counters as reported.
@@ -70,6 +72,8 @@ pub struct WorkerCounters {
 pub struct WorkerReport {
     pub connections_accepted: u64,
     pub connections_open: u64,
+    /// Bytes of request bodies held for replay now.
+    pub held_body_bytes: u64,
 }
 
 impl WorkerStats {
@@ -88,6 +92,10 @@ impl WorkerStats {
                 WorkerReport {
                     connections_accepted: accepted,
                     connections_open: accepted.saturating_sub(closed),
+                    held_body_bytes: counters
+                        .held_bodies
+                        .get()
+                        .map_or(0, |held| held.held() as u64),
                 }
             })
             .collect()
@@ -95,6 +103,11 @@ impl WorkerStats {
 }
 
 impl WorkerCounters {
+    /// Reports the bytes `held_bodies` holds from now on.
+    pub(super) fn report_held_bodies(&self, held_bodies: Arc<HeldBodies>) {
+        let _ = self.held_bodies.set(held_bodies);
+    }
+
     /// Counts a connection accepted; the guard counts it closed when dropped.
     pub(super) fn connection_opened(self: &Arc<Self>) -> OpenConnection {
         self.accepted.fetch_add(1, Ordering::Relaxed);
@@ -324,6 +337,14 @@ mod tests {
 
     impl RunningWorkers {
         fn start(workers: usize, routes: &[(&str, &[SocketAddr])]) -> Self {
+            Self::start_with(workers, routes, ProxySettings::default())
+        }
+
+        fn start_with(
+            workers: usize,
+            routes: &[(&str, &[SocketAddr])],
+            settings: ProxySettings,
+        ) -> Self {
             let ports = ProxyPorts {
                 http: "127.0.0.1:0".parse().unwrap(),
                 https: None,
@@ -334,11 +355,7 @@ mod tests {
             let router = Router::new();
             router.update(&table(routes));
             let shutdown = CancellationToken::new();
-            let served = tokio::spawn(bound.serve(
-                Arc::clone(&router),
-                ProxySettings::default(),
-                shutdown.clone(),
-            ));
+            let served = tokio::spawn(bound.serve(Arc::clone(&router), settings, shutdown.clone()));
             Self {
                 addr,
                 router,
@@ -457,6 +474,58 @@ mod tests {
             .report()
             .iter()
             .all(|worker| worker.connections_open == 0));
+    }
+
+    /// HTTP/2 clients can make a worker hold many request bodies for replay at once (up to 128
+    /// streams per connection): what it holds stays within its budget, and every request is
+    /// served all the same.
+    #[tokio::test]
+    async fn bodies_held_for_replay_stay_within_the_budget_under_many_http2_streams() {
+        use http_body_util::{BodyExt as _, Full};
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        const STREAMS: usize = 256;
+        const BODY: usize = 60 << 10;
+        const BUDGET: usize = 1 << 20;
+        let backend = EchoBackend::start().await;
+        let mut settings = ProxySettings::default();
+        settings.handler.held_body_budget = BUDGET;
+        settings.handler.limits.max_body_size = None;
+        let workers = RunningWorkers::start_with(1, &[("app", &[backend.addr])], settings);
+        let stream = tokio::net::TcpStream::connect(workers.addr).await.unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let requests: Vec<_> = (0..STREAMS)
+            .map(|_| {
+                let mut sender = sender.clone();
+                tokio::spawn(async move {
+                    let request = http::Request::put("http://app/slow?delay_ms=300")
+                        .body(Full::new(bytes::Bytes::from(vec![b'b'; BODY])))
+                        .unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    let status = response.status();
+                    response.into_body().collect().await.unwrap();
+                    status
+                })
+            })
+            .collect();
+        let mut most_held = 0;
+        while !requests.iter().all(JoinHandle::is_finished) {
+            most_held = most_held.max(workers.stats.report()[0].held_body_bytes);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for request in requests {
+            assert_eq!(request.await.unwrap(), 200);
+        }
+        assert!(most_held > 0, "no body was held");
+        assert!(
+            most_held <= BUDGET as u64,
+            "{most_held} bytes held, over the budget of {BUDGET}"
+        );
+        assert_eq!(workers.stats.report()[0].held_body_bytes, 0);
     }
 
     #[test]
