@@ -2,7 +2,6 @@
 
 use std::{
     collections::BTreeMap,
-    convert::Infallible,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -11,8 +10,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     controller_feed::FeedStatus,
     dataplane::Dataplane,
-    endpoint::{self, json, text},
+    endpoint::{self, json, text, EndpointLimits},
     l4::service::L4RouteTable,
     proxy::WorkerStats,
     routes::RouteTable,
@@ -71,21 +69,20 @@ impl AdminState {
 
 /// Serves admin requests on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    while let Some(stream) = endpoint::accept(&listener, &shutdown, "admin endpoint").await {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = respond(&state, &request);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, "admin connection ended with an error");
-            }
-        });
-    }
+    serve_within(listener, state, EndpointLimits::default(), shutdown).await;
+}
+
+async fn serve_within(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    limits: EndpointLimits,
+    shutdown: CancellationToken,
+) {
+    let answer = move |request: Request<Incoming>| {
+        let response = respond(&state, &request);
+        async move { response }
+    };
+    endpoint::serve(listener, limits, shutdown, "admin endpoint", answer).await;
 }
 
 fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -13,7 +13,6 @@
 //! listens on loopback only, whatever `ListenAddr` says.
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -23,8 +22,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -33,7 +31,7 @@ use crate::{
     config,
     daemon::{read_token, wait_for_termination},
     discovery::Discovery,
-    endpoint::{self, json, text},
+    endpoint::{self, json, text, EndpointLimits},
     extension::{l7_ports, route_settings, select_extension},
     snapshot::{self, SnapshotReceiver},
 };
@@ -124,23 +122,12 @@ async fn serve(
     access: Arc<Access>,
     shutdown: CancellationToken,
 ) {
-    while let Some(stream) = endpoint::accept(&listener, &shutdown, "controller").await {
-        let (snapshots, access, shutdown) = (snapshots.clone(), access.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let (snapshots, access) = (snapshots.clone(), access.clone());
-                async move { Ok::<_, Infallible>(respond(&access, snapshots, &request).await) }
-            });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                result = connection => if let Err(error) = result {
-                    tracing::debug!(%error, "controller connection ended with an error");
-                },
-                // A waiting long poll must not hold shutdown up.
-                () = shutdown.cancelled() => {}
-            }
-        });
-    }
+    let answer = move |request: Request<Incoming>| {
+        let (snapshots, access) = (snapshots.clone(), Arc::clone(&access));
+        async move { respond(&access, snapshots, &request).await }
+    };
+    let limits = EndpointLimits::default();
+    endpoint::serve(listener, limits, shutdown, "controller", answer).await;
 }
 
 async fn respond(
