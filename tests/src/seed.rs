@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{ExitStatus, Output, Stdio},
     time::Duration,
@@ -148,11 +148,17 @@ impl SeedScenario {
 
     /// `GET path` with `Host: host` on the proxy port, from the client namespace.
     pub fn get(&self, host: &str, path: &str) -> Result<HttpResponse> {
-        let url = format!("http://{}:{PROXY_PORT}{path}", self.lb_addr());
+        self.get_at(self.lb_addr().into(), host, path)
+    }
+
+    /// `GET path` with `Host: host` on the proxy port of lb-00's address `lb`, from the client
+    /// namespace.
+    pub fn get_at(&self, lb: IpAddr, host: &str, path: &str) -> Result<HttpResponse> {
+        let url = format!("http://{}{path}", SocketAddr::new(lb, PROXY_PORT));
         let output = self.topology.client.run(
             "curl",
             &[
-                "-si",
+                "-gsi",
                 "--max-time",
                 "10",
                 "-H",

@@ -11,7 +11,7 @@
 //! The caller attaches the XDP program to [`Topology::LB_CLIENT_INTERFACE`]
 //! inside [`Topology::lb`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 
@@ -114,6 +114,30 @@ impl Topology {
     /// The Swarm node's address, which it advertises and publishes ports on.
     pub fn node_addr(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 78, self.subnet_octet, 2)
+    }
+
+    /// Gives the client and lb-00 IPv6 addresses on their link as well
+    /// ([`Topology::client_addr6`], [`Topology::lb_client_addr6`]), usable at once (no
+    /// duplicate address detection: the link is the test's own).
+    pub fn add_client_ipv6(&self) -> Result<()> {
+        for (netns, interface, addr) in [
+            (&self.client, Self::CLIENT_INTERFACE, self.client_addr6()),
+            (&self.lb, Self::LB_CLIENT_INTERFACE, self.lb_client_addr6()),
+        ] {
+            let cidr = format!("{addr}/64");
+            netns.ip(&["-6", "addr", "add", &cidr, "dev", interface, "nodad"])?;
+        }
+        Ok(())
+    }
+
+    /// The client's IPv6 address, once added: fd77:X::2.
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, self.subnet_octet.into(), 0, 0, 0, 0, 0, 2)
+    }
+
+    /// lb-00's IPv6 address on the client side, once added: fd77:X::1.
+    pub fn lb_client_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd77, self.subnet_octet.into(), 0, 0, 0, 0, 0, 1)
     }
 
     /// Names of the three namespaces, e.g. to check they are gone after Drop.

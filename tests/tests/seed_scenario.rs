@@ -171,6 +171,26 @@ fn seed_scenario_end_to_end() {
     let unknown = scenario.get("nobody.local", "/ping").unwrap();
     assert_eq!(unknown.status, 503, "{unknown:?}");
 
+    // An IPv6 client, as Interlock's nginx also listens on [::]:80: served, and logged as
+    // itself.
+    scenario.topology.add_client_ipv6().unwrap();
+    let lb6 = scenario.topology.lb_client_addr6();
+    let over_ipv6 = scenario.get_at(lb6.into(), HOST, "/ping").unwrap();
+    assert_seed_response(&scenario, &over_ipv6);
+    let client6 = scenario.topology.client_addr6();
+    xlb_testbed::wait_until(
+        "the IPv6 client's access log line",
+        Duration::from_secs(5),
+        || {
+            Ok(scenario
+                .xlb_log()
+                .lines()
+                .any(|line| line.starts_with(&format!("{client6} ")))
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}", scenario.xlb_log()));
+
     // Scale out: within one poll (plus slack) the proxy spreads over three tasks.
     scenario.swarm.service_scale(SERVICE, 3).unwrap();
     let tasks: BTreeSet<SocketAddr> = scenario
