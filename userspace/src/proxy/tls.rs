@@ -295,6 +295,37 @@ mod tests {
         assert_eq!(response.echo()["request_id"], serde_json::Value::Null);
     }
 
+    /// A passthrough task that never answers is given up on after `ConnectTimeout` (it was a
+    /// fixed 3 s): the client's connection is closed, not held.
+    #[tokio::test]
+    async fn passthrough_gives_up_on_an_unanswering_task_after_connect_timeout() {
+        let (unanswering, _listener, _queued) =
+            crate::proxy::test_support::unanswering_addr().await;
+        let passthrough = Transport {
+            ssl_passthrough: true,
+            ..Transport::default()
+        };
+        let routes = BTreeMap::from([(
+            "pt.example.org".to_owned(),
+            route("pt", &[unanswering], passthrough),
+        )]);
+        let secrets = TempDir::create("secrets");
+        let mut settings = crate::proxy::ProxySettings::default();
+        settings.upstream.connect_timeout = Duration::from_millis(100);
+        let proxy = TlsProxy::start_with_settings(routes, secrets.path(), settings).await;
+
+        let ca = TestCa::new();
+        let started = std::time::Instant::now();
+        let handshake = tls_connect(proxy.https, "pt.example.org", ca.roots(), &[]);
+        let failed = tokio::time::timeout(Duration::from_secs(10), handshake).await;
+        assert!(failed.expect("the connection is held").is_err());
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "closed after {:?}, not ConnectTimeout's 100 ms",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn ssl_protocols_and_ciphers_restrict_the_handshake() {
         let ca = TestCa::new();

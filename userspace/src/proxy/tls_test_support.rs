@@ -242,7 +242,20 @@ impl TlsProxy {
         policy: &TlsPolicy,
         backend_ca_file: Option<PathBuf>,
     ) -> Self {
-        Self::launch(routes, secrets, policy, backend_ca_file, 64).await
+        let settings = ProxySettings {
+            max_connections: 64,
+            ..ProxySettings::default()
+        };
+        Self::launch(routes, secrets, policy, backend_ca_file, settings).await
+    }
+
+    /// With `settings`, but the test proxy id.
+    pub async fn start_with_settings(
+        routes: BTreeMap<String, Route>,
+        secrets: &Path,
+        settings: ProxySettings,
+    ) -> Self {
+        Self::launch(routes, secrets, &TlsPolicy::default(), None, settings).await
     }
 
     /// With room for `max_connections` clients at once (`MaxConnections`).
@@ -251,14 +264,11 @@ impl TlsProxy {
         secrets: &Path,
         max_connections: usize,
     ) -> Self {
-        Self::launch(
-            routes,
-            secrets,
-            &TlsPolicy::default(),
-            None,
+        let settings = ProxySettings {
             max_connections,
-        )
-        .await
+            ..ProxySettings::default()
+        };
+        Self::launch(routes, secrets, &TlsPolicy::default(), None, settings).await
     }
 
     async fn launch(
@@ -266,7 +276,7 @@ impl TlsProxy {
         secrets: &Path,
         policy: &TlsPolicy,
         backend_ca_file: Option<PathBuf>,
-        max_connections: usize,
+        settings: ProxySettings,
     ) -> Self {
         let table = RouteTable {
             routes: routes
@@ -293,9 +303,8 @@ impl TlsProxy {
         };
         let settings = ProxySettings {
             proxy_id: "lb-tls-1".into(),
-            max_connections,
             backend_tls: BackendTlsClients::new(backend_ca_file.as_deref()).unwrap(),
-            ..ProxySettings::default()
+            ..settings
         };
         tokio::spawn(serve(listeners, router, settings, shutdown.clone()));
         Self {
