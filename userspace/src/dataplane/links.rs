@@ -64,13 +64,7 @@ impl Dataplane {
     }
 
     fn update_link(&mut self, interface: &str, path: &Path) -> Result<(), DataplaneError> {
-        let link_error =
-            |action, source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
-                interface: interface.to_owned(),
-                action,
-                path: path.to_owned(),
-                source,
-            };
+        let link_error = |action, source| link_error(interface, path, action, source);
         let pinned =
             PinnedLink::from_pin(path).map_err(|error| link_error("opened", error.into()))?;
         let link = XdpLink::try_from(FdLink::from(pinned))
@@ -88,13 +82,7 @@ impl Dataplane {
     ) -> Result<AttachMode, DataplaneError> {
         let (mode, link_id) = self.attach_link(interface)?;
         let path = pins.link(interface);
-        let link_error =
-            |action, source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
-                interface: interface.to_owned(),
-                action,
-                path: path.clone(),
-                source,
-            };
+        let link_error = |action, source| link_error(interface, &path, action, source);
         let link = self
             .program()?
             .take_link(link_id)
@@ -106,5 +94,20 @@ impl Dataplane {
             .pin(&path)
             .map_err(|error| link_error("pinned", error.into()))?;
         Ok(mode)
+    }
+}
+
+/// What failed with the pinned link of `interface` at `path`.
+fn link_error(
+    interface: &str,
+    path: &Path,
+    action: &'static str,
+    source: Box<dyn std::error::Error + Send + Sync>,
+) -> DataplaneError {
+    DataplaneError::Link {
+        interface: interface.to_owned(),
+        action,
+        path: path.to_owned(),
+        source,
     }
 }

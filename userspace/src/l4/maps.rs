@@ -394,16 +394,29 @@ impl L4Maps {
     }
 
     /// The next unused id after the last one given: ids are reused as late as possible, so a
-    /// late packet of a removed backend's flow is not counted for a new one.
+    /// late packet of a removed backend's flow is not counted for a new one. An id whose slot
+    /// in `BACKENDS` is written is in use too, though this writer does not know it: during a
+    /// hitless restart the process being replaced may still add backends to the maps both
+    /// share, after this one adopted them.
     fn free_backend_id(&mut self) -> Option<u32> {
         let held = self.backend_ids.values().map(|(id, _)| *id);
         let used: BTreeSet<u32> = held
             .chain(self.draining.values().map(|(id, _, _)| *id))
             .collect();
         let candidates = (self.next_backend_id..MAX_BACKENDS).chain(1..self.next_backend_id);
-        let id = candidates.into_iter().find(|id| !used.contains(id))?;
+        let id = candidates
+            .into_iter()
+            .find(|&id| !used.contains(&id) && self.slot_is_empty(id))?;
         self.next_backend_id = id + 1;
         Some(id)
+    }
+
+    /// Whether neither `BACKENDS` map holds a backend at `id`; a slot that cannot be read
+    /// counts as taken.
+    fn slot_is_empty(&self, id: u32) -> bool {
+        let v4 = self.backends.get(&id, 0).map(|value| value.generation == 0);
+        let v6 = self.backends6.get(&id, 0).map(|value| value.generation == 0);
+        matches!((v4, v6), (Ok(true), Ok(true)))
     }
 
     fn forget_unused_backends(&mut self, plan: &[ServicePlan]) -> Result<(), DataplaneError> {
