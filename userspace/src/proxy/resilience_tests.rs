@@ -18,8 +18,9 @@ use http_body_util::Full;
 
 use super::{
     test_support::{
-        eventually, hanging_up_backend, refused_addr, silent_backend, table, unanswering_addr,
-        unread_backend, EchoBackend, RawConnection, RunningProxy, TestResponse,
+        eventually, hanging_up_backend, keep_alive_ending_backend, refused_addr, silent_backend,
+        table, unanswering_addr, unread_backend, EchoBackend, Hangup, RawConnection, RunningProxy,
+        TestResponse,
     },
     HandlerSettings, PoolSettings, ProxySettings,
 };
@@ -352,6 +353,35 @@ async fn access_log_has_a_line_per_request() {
         "{}",
         lines[3]
     );
+}
+
+/// The keep-alive race on a single-endpoint service: the upstream closes the pooled connection
+/// as the next GET arrives on it. As nginx does, the GET goes out again on a new connection to
+/// the same endpoint, and that is one try, not a second upstream; a POST is not sent twice.
+#[tokio::test]
+async fn a_get_on_a_pooled_connection_the_upstream_closed_gets_200() {
+    let (closing, accepted, _task) = keep_alive_ending_backend(Hangup::Close).await;
+    let logging = LoggingProxy::start(&[closing]).await;
+    assert_eq!(
+        send(&logging.proxy, Method::GET, "/", b"").await.status,
+        200
+    );
+    let raced = send(&logging.proxy, Method::GET, "/", b"").await;
+    assert_eq!(raced.status, 200, "{}", raced.text());
+    assert_eq!(raced.text(), "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection");
+
+    let post = send(&logging.proxy, Method::POST, "/", b"once").await;
+    assert_eq!(post.status, 502);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the POST was sent again"
+    );
+
+    let lines = logging.lines().await;
+    let one_try = format!("\"{closing}\" \"200\" ");
+    assert!(lines[1].contains(&one_try), "{}\n{one_try}", lines[1]);
 }
 
 #[tokio::test]

@@ -5,7 +5,10 @@
 //! A request that never reached an upstream (the connection could not be made) goes to the next
 //! endpoint whatever its method. One that did is sent again only if its method is idempotent and
 //! its body was held in memory: bodies up to [`HELD_BODY_LIMIT`] are read before the first try,
-//! larger ones stream and are never replayed.
+//! larger ones stream and are never replayed. A held body also lets the upstream pool replay the
+//! request on a new connection when the upstream closed the pooled one unanswered (see
+//! [`super::upstream`]): that is no try of its own, as nginx does not count a failed cached
+//! connection as one.
 
 use std::{
     pin::Pin,
@@ -17,7 +20,10 @@ use http::{request::Parts, HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::limits::{ClientBody, ClientBodyError};
+use super::{
+    limits::{ClientBody, ClientBodyError},
+    upstream::ReplayBody,
+};
 
 /// Request bodies up to this size are held in memory so that they can be replayed.
 pub const HELD_BODY_LIMIT: usize = 64 << 10;
@@ -172,6 +178,16 @@ impl ForwardBody {
             held,
             trailers: None,
             rest: Some(rest),
+        }
+    }
+}
+
+impl ReplayBody for ForwardBody {
+    /// A held body, from its start; one streaming from the client cannot be read twice.
+    fn replay(&self) -> Option<Self> {
+        match self.rest {
+            None => Some(Self::held(self.held.clone(), self.trailers.clone())),
+            Some(_) => None,
         }
     }
 }

@@ -363,6 +363,68 @@ pub async fn hanging_up_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<(
     (addr, accepted, accept_loop)
 }
 
+/// How [`keep_alive_ending_backend`] hangs up on a request it does not answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Hangup {
+    /// A FIN, as a server whose keep-alive timeout ended.
+    Close,
+    /// A RST, as a server that closes with SO_LINGER 0 or has crashed.
+    Reset,
+    /// A FIN after the start of a status line: the upstream did answer something.
+    AfterPartialHead,
+}
+
+/// A backend whose keep-alive ends just as the next request arrives: on each connection it
+/// answers the first request (200, body `ok`, kept alive), then reads the next request's head
+/// and hangs up without answering it. A proxy pools the connection, picks it for its next
+/// request as a live one, and meets the close only once that request is sent. Counts the
+/// connections it accepted.
+pub async fn keep_alive_ending_backend(
+    hangup: Hangup,
+) -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    async fn read_head(stream: &mut TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let accept_loop = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            connections.spawn(async move {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if !read_head(&mut stream).await || stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                if !read_head(&mut stream).await {
+                    return;
+                }
+                match hangup {
+                    Hangup::Close => {}
+                    Hangup::Reset => socket2::SockRef::from(&stream)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap(),
+                    Hangup::AfterPartialHead => {
+                        let _ = stream.write_all(b"HTTP/1.1 200").await;
+                    }
+                }
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    });
+    (addr, accepted, accept_loop)
+}
+
 /// A backend that accepts connections and reads requests but never answers.
 pub async fn silent_backend() -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,6 +9,13 @@
 //! same, still unread, request body. A connection goes back to the pool only once its response
 //! body has been read to the end, and is checked for a close by the upstream when taken out.
 //!
+//! An upstream may still close a pooled connection as a request goes out on it: its keep-alive
+//! timeout ends while the request is on the wire. As nginx does with a cached connection, an
+//! idempotent request whose body can be sent again ([`ReplayBody`]) is then sent once more on a
+//! new connection to the same endpoint, provided the upstream answered nothing before closing;
+//! the caller sees one try. Idle connections are closed by the pool before the common 5 s
+//! server keep-alive runs out (see [`PoolSettings::idle_timeout`]), so that race stays rare.
+//!
 //! Endpoints that leave the route table are drained ([`UpstreamPool::retain_endpoints`]): their
 //! idle connections are closed at once, busy ones finish their exchange and are closed after it,
 //! and whatever is still busy when the drain timeout ends is aborted.
@@ -43,7 +50,10 @@ use self::{
     response_body::BodyPlan,
     timed_stream::{DrainAbort, TimedStream},
 };
-use super::backend_tls::{connect_task, TaskStream, UpstreamTls};
+use super::{
+    backend_tls::{connect_task, TaskStream, UpstreamTls},
+    retry::is_idempotent,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 #[derive(Debug, Clone)]
@@ -55,7 +65,8 @@ pub struct PoolSettings {
     /// `ReadTimeout`: fail an exchange when the upstream sends nothing for this long after the
     /// proxy last wrote to or read from it.
     pub read_timeout: Duration,
-    /// Close pooled connections unused for this long.
+    /// Close pooled connections unused for this long: shorter than the upstream's own
+    /// keep-alive timeout, so that the pool, not the upstream, closes idle connections.
     pub idle_timeout: Duration,
     /// Idle connections kept per endpoint; the least recently used beyond this are closed.
     pub max_idle_per_upstream: usize,
@@ -68,7 +79,12 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(600),
             send_timeout: Duration::from_secs(600),
             read_timeout: Duration::from_secs(600),
-            idle_timeout: Duration::from_secs(60),
+            // Below the 5 s for which Apache httpd, Node.js and uvicorn keep an idle
+            // connection by default: a connection the upstream is about to close is closed
+            // here first rather than picked for a request that the close would fail. (nginx's
+            // upstream `keepalive_timeout` is 60 s.) The replay on a new connection covers
+            // servers that close sooner.
+            idle_timeout: Duration::from_secs(4),
             // Enough for a busy worker's concurrency to one endpoint: with fewer, every burst
             // closes connections it will open again a moment later (nginx's `keepalive 32`
             // did that for 6% of requests in the bench), while idle ones still go after
@@ -155,6 +171,14 @@ pub enum SendError<B> {
     Failed(UpstreamError),
 }
 
+/// A request body that can be sent again from its start.
+pub trait ReplayBody: Body + Sized {
+    /// A copy to send in its place if the upstream closes the pooled connection that this one
+    /// went out on; `None` for a body that can be sent only once (one streaming from the
+    /// client). Asked before any of this one is read.
+    fn replay(&self) -> Option<Self>;
+}
+
 /// An upstream's response head, and its body still streaming from the upstream.
 #[derive(Debug)]
 pub struct UpstreamResponse {
@@ -228,17 +252,24 @@ impl UpstreamPool {
     }
 
     /// Sends `request` to `addr` on a pooled connection, or on a new one when none is usable.
+    /// An idempotent request whose pooled connection the upstream closes unanswered is sent
+    /// once more on a new connection (see the module's documentation).
     pub async fn send<B>(
         &self,
         addr: SocketAddr,
         mut request: Request<B>,
     ) -> Result<UpstreamResponse, SendError<B>>
     where
-        B: Body<Data = Bytes> + Unpin,
+        B: ReplayBody<Data = Bytes> + Unpin,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
+        let mut pool_allowed = true;
         loop {
-            let (mut connection, membership, pooled) = match self.shared.take_idle(addr) {
+            let idle = match pool_allowed {
+                true => self.shared.take_idle(addr),
+                false => None,
+            };
+            let (mut connection, membership, pooled) = match idle {
                 Some((connection, membership)) => (connection, membership, true),
                 // Boxed: connecting (TLS included) takes KiBs of future that every request
                 // would carry, and move into its box, though a pooled connection is the rule.
@@ -249,6 +280,12 @@ impl UpstreamPool {
                         return Err(SendError::NotSent { request, error });
                     }
                 },
+            };
+            // Taken before the exchange reads the body. Only for a pooled connection: a new one
+            // that fails so is an upstream that fails, and nginx would not replay on it either.
+            let replay = match pooled && is_idempotent(request.method()) {
+                true => request.body().replay(),
+                false => None,
             };
             let sent_at = Instant::now();
             let failure = match connection.exchange(request).await {
@@ -269,18 +306,25 @@ impl UpstreamPool {
                 }
                 Err(failure) => failure,
             };
-            match failure {
+            match (failure, replay) {
                 // The upstream closed an idle connection just as it was picked: routine for
                 // keep-alive, so try the next pooled one or a fresh connection.
-                Failure::NotSent(unsent, error) if pooled => {
+                (Failure::NotSent(unsent, error), _) if pooled => {
                     debug!(%addr, %error, "pooled upstream connection closed; retrying");
                     request = *unsent;
                 }
-                Failure::NotSent(request, source) => {
+                (Failure::NotSent(request, source), _) => {
                     let error = UpstreamError::Exchange { addr, source };
                     return Err(SendError::NotSent { request, error });
                 }
-                Failure::Failed(source) => {
+                // The keep-alive race: the upstream closed the connection as the request went
+                // out on it. Once, and on a new connection: the other idle ones are as old.
+                (Failure::Unanswered(head, error), Some(body)) => {
+                    debug!(%addr, %error, "pooled upstream connection closed unanswered; replaying");
+                    request = Request::from_parts(*head, body);
+                    pool_allowed = false;
+                }
+                (Failure::Unanswered(_, source) | Failure::Failed(source), _) => {
                     return Err(SendError::Failed(UpstreamError::Exchange { addr, source }))
                 }
             }
@@ -462,21 +506,37 @@ impl Checkin {
 mod tests {
     use std::{
         pin::Pin,
-        sync::atomic::{AtomicUsize, Ordering},
+        sync::atomic::Ordering,
         task::{Context, Poll},
     };
 
     use http_body_util::{BodyExt, Empty};
     use hyper::body::Frame;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
 
     use super::*;
     use crate::proxy::test_support::{
-        eventually, refused_addr, silent_backend, unanswering_addr, unread_backend, EchoBackend,
+        eventually, keep_alive_ending_backend, refused_addr, silent_backend, unanswering_addr,
+        unread_backend, EchoBackend, Hangup,
     };
+
+    // The test bodies: the ones at hand can be sent again; a streaming one cannot.
+    impl ReplayBody for Empty<Bytes> {
+        fn replay(&self) -> Option<Self> {
+            Some(Self::new())
+        }
+    }
+
+    impl ReplayBody for http_body_util::Full<Bytes> {
+        fn replay(&self) -> Option<Self> {
+            Some(self.clone())
+        }
+    }
+
+    impl ReplayBody for ZeroBody {
+        fn replay(&self) -> Option<Self> {
+            None
+        }
+    }
 
     fn get(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
         Request::get(path)
@@ -550,42 +610,62 @@ mod tests {
         }
     }
 
-    /// Answers one request per connection, then closes without saying so (no
-    /// `Connection: close`), like a backend whose keep-alive timeout just expired.
-    async fn silently_closing_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            }
-        });
-        (addr, accepted)
+    /// The keep-alive race: the pooled connection is picked as a live one and the upstream
+    /// closes it only once the GET is on it. The GET goes out again on a new connection, which
+    /// the backend's second accepted connection shows; without the replay it fails.
+    #[tokio::test]
+    async fn a_get_on_a_pooled_connection_closed_unanswered_is_replayed_on_a_new_one() {
+        for hangup in [Hangup::Close, Hangup::Reset] {
+            let (addr, accepted, _backend) = keep_alive_ending_backend(hangup).await;
+            let pool = UpstreamPool::new(PoolSettings::default());
+            let first = pool.send(addr, get(addr, "/")).await.unwrap();
+            assert_eq!(read_to_end(first).await, "ok");
+            assert_eq!(pool.idle_count(addr), 1, "{hangup:?}");
+
+            let replayed = match pool.send(addr, get(addr, "/")).await {
+                Ok(replayed) => replayed,
+                Err(error) => panic!("{hangup:?}: {error:?}"),
+            };
+            assert_eq!(replayed.response.status(), 200, "{hangup:?}");
+            assert_eq!(read_to_end(replayed).await, "ok");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2, "{hangup:?}");
+        }
     }
 
     #[tokio::test]
-    async fn pooled_connection_closed_by_upstream_is_replaced() {
-        let (addr, accepted) = silently_closing_backend().await;
+    async fn a_request_on_a_closed_pooled_connection_is_not_replayed_when_it_cannot_be() {
+        let (addr, accepted, _backend) = keep_alive_ending_backend(Hangup::Close).await;
         let pool = UpstreamPool::new(PoolSettings::default());
-        for _ in 0..2 {
-            let response = pool.send(addr, get(addr, "/")).await.unwrap();
-            assert_eq!(read_to_end(response).await, "ok");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        read_to_end(pool.send(addr, get(addr, "/")).await.unwrap()).await;
+        // Not idempotent: sending it again could do twice what the upstream did once.
+        let post = Request::post("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let outcome = pool.send(addr, post).await;
+        assert!(matches!(outcome, Err(SendError::Failed(_))), "{outcome:?}");
+
+        // Idempotent, but streaming: nothing to send again.
+        read_to_end(pool.send(addr, get(addr, "/")).await.unwrap()).await;
+        let streamed = Request::put("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(ZeroBody { remaining: 1 })
+            .unwrap();
+        let outcome = pool.send(addr, streamed).await;
+        assert!(matches!(outcome, Err(SendError::Failed(_))), "{outcome:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// The upstream answered something before closing: it saw the request, and whatever it
+    /// did with it, it is not the keep-alive race.
+    #[tokio::test]
+    async fn a_pooled_connection_closed_after_part_of_an_answer_is_not_replayed() {
+        let (addr, accepted, _backend) = keep_alive_ending_backend(Hangup::AfterPartialHead).await;
+        let pool = UpstreamPool::new(PoolSettings::default());
+        read_to_end(pool.send(addr, get(addr, "/")).await.unwrap()).await;
+        let outcome = pool.send(addr, get(addr, "/")).await;
+        assert!(matches!(outcome, Err(SendError::Failed(_))), "{outcome:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
