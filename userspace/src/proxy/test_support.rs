@@ -1,4 +1,5 @@
-//! Test fixtures on real sockets: the proxy serving on 127.0.0.1, an echo backend that reports
+//! Test fixtures on real sockets: the proxy serving on 127.0.0.1 (also with its access log to
+//! read back), an echo backend that reports
 //! what it received as JSON, misbehaving backends, a keep-alive test client (from any
 //! 127.0.0.0/8 address), a raw TCP client, and addresses that refuse or never answer
 //! connections.
@@ -7,6 +8,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -120,6 +122,23 @@ impl RunningProxy {
         }
     }
 
+    /// With `MaxConnections` `max_connections`, and a watch on its accept queue. The watch
+    /// holds the listening socket open after the proxy has closed its own.
+    pub async fn start_watching_accepts(
+        routes: &[(&str, &[SocketAddr])],
+        max_connections: usize,
+    ) -> (Self, AcceptQueue) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let watch = AcceptQueue(listener.try_clone().unwrap());
+        let listener = TcpListener::from_std(listener).unwrap();
+        let settings = ProxySettings {
+            max_connections,
+            ..ProxySettings::default()
+        };
+        (Self::serve_on(listener, &table(routes), settings), watch)
+    }
+
     pub async fn client(&self) -> TestClient {
         TestClient::connect(self.addr).await
     }
@@ -138,6 +157,61 @@ impl RunningProxy {
 impl Drop for RunningProxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// The proxy's listening socket, seen from the test.
+pub struct AcceptQueue(std::net::TcpListener);
+
+impl AcceptQueue {
+    /// Connections the kernel has established and the proxy has not accepted: what a listening
+    /// socket reports as `tcpi_unacked` in its TCP_INFO.
+    pub fn waiting(&self) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: all zeroes is a valid `tcp_info` (plain integers).
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` and `length` are valid for writes of `length` bytes, and the
+        // descriptor is open for as long as `self`.
+        let result = unsafe {
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut length,
+            )
+        };
+        assert_eq!(result, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_unacked
+    }
+}
+
+/// A proxy writing its access log to a fresh file: what each request tried, in order.
+pub struct LoggingProxy {
+    pub proxy: RunningProxy,
+    path: PathBuf,
+}
+
+impl LoggingProxy {
+    /// The proxy with `settings` and an access log, serving `table`.
+    pub async fn start(table: &RouteTable, settings: ProxySettings) -> Self {
+        let path = std::env::temp_dir().join(format!("xlb-access-{}.log", uuid::Uuid::new_v4()));
+        let settings = ProxySettings {
+            access_log_path: Some(path.clone()),
+            ..settings
+        };
+        let proxy = RunningProxy::start_with_table_and(table, settings).await;
+        Self { proxy, path }
+    }
+
+    /// Shuts the proxy down, which flushes the log, and returns its lines.
+    pub async fn lines(mut self) -> Vec<String> {
+        self.proxy.shutdown.cancel();
+        (&mut self.proxy.served).await.unwrap().unwrap();
+        let text = std::fs::read_to_string(&self.path).unwrap();
+        std::fs::remove_file(&self.path).unwrap();
+        text.lines().map(str::to_owned).collect()
     }
 }
 
