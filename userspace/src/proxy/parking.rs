@@ -133,24 +133,29 @@ mod tests {
 
     const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n";
 
+    /// The second client is seen still waiting in the accept queue once the parked client has
+    /// been served again: had parking released the slot, the proxy would have accepted the
+    /// second client as it connected, before that request came.
     #[tokio::test]
     async fn a_parked_connection_keeps_its_slot_and_is_served_again() {
         let backend = EchoBackend::start().await;
-        let proxy = RunningProxy::start_with_max_connections(&[("app", &[backend.addr])], 1).await;
+        let (proxy, accept_queue) =
+            RunningProxy::start_watching_accepts(&[("app", &[backend.addr])], 1).await;
         let mut parked = proxy.client().await;
         assert_eq!(parked.get("app", "/first").await.status, 200);
         tokio::time::sleep(PARKED).await;
 
         let mut second = proxy.client().await;
         let waiting = tokio::spawn(async move { second.get("app", "/").await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            !waiting.is_finished(),
-            "a second client was served beyond MaxConnections 1 while the first was parked"
-        );
         let again = parked.get("app", "/again").await;
         assert_eq!(again.status, 200);
         assert_eq!(again.echo()["path"], "/again");
+        assert_eq!(
+            accept_queue.waiting(),
+            1,
+            "a second client was accepted beyond MaxConnections 1 while the first was parked"
+        );
+        assert!(!waiting.is_finished());
 
         drop(parked);
         let answered = tokio::time::timeout(Duration::from_secs(5), waiting)

@@ -4,7 +4,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -18,8 +17,9 @@ use http_body_util::Full;
 
 use super::{
     test_support::{
-        eventually, hanging_up_backend, refused_addr, silent_backend, table, unanswering_addr,
-        unread_backend, EchoBackend, RawConnection, RunningProxy, TestResponse,
+        eventually, hanging_up_backend, keep_alive_ending_backend, refused_addr, silent_backend,
+        table, unanswering_addr, unread_backend, EchoBackend, Hangup, LoggingProxy, RawConnection,
+        RunningProxy, TestResponse,
     },
     HandlerSettings, PoolSettings, ProxySettings,
 };
@@ -283,38 +283,16 @@ async fn send_timeout_answers_504_when_the_upstream_stops_reading() {
     );
 }
 
-/// A proxy that writes its access log to a fresh file.
-struct LoggingProxy {
-    proxy: RunningProxy,
-    path: PathBuf,
-}
-
-impl LoggingProxy {
-    async fn start(endpoints: &[SocketAddr]) -> Self {
-        let path = std::env::temp_dir().join(format!("xlb-access-{}.log", uuid::Uuid::new_v4()));
-        let settings = ProxySettings {
-            access_log_path: Some(path.clone()),
-            ..settings()
-        };
-        let proxy = RunningProxy::start_with(&[("app", endpoints)], settings).await;
-        Self { proxy, path }
-    }
-
-    /// Shuts the proxy down, which flushes the log, and returns its lines.
-    async fn lines(mut self) -> Vec<String> {
-        self.proxy.shutdown.cancel();
-        (&mut self.proxy.served).await.unwrap().unwrap();
-        let text = std::fs::read_to_string(&self.path).unwrap();
-        std::fs::remove_file(&self.path).unwrap();
-        text.lines().map(str::to_owned).collect()
-    }
+/// A proxy for `app` on `endpoints` with [`settings`], writing its access log.
+async fn logging_proxy(endpoints: &[SocketAddr]) -> LoggingProxy {
+    LoggingProxy::start(&table(&[("app", endpoints)]), settings()).await
 }
 
 #[tokio::test]
 async fn access_log_has_a_line_per_request() {
     let unavailable = EchoBackend::start_answering(StatusCode::SERVICE_UNAVAILABLE).await;
     let live = EchoBackend::start().await;
-    let logging = LoggingProxy::start(&[unavailable.addr, live.addr]).await;
+    let logging = logging_proxy(&[unavailable.addr, live.addr]).await;
     let proxied = logging.proxy.get("app", "/ping?x=1").await;
     let request_id = proxied.header("x-request-id").to_owned();
     assert_eq!(
@@ -354,11 +332,40 @@ async fn access_log_has_a_line_per_request() {
     );
 }
 
+/// The keep-alive race on a single-endpoint service: the upstream closes the pooled connection
+/// as the next GET arrives on it. As nginx does, the GET goes out again on a new connection to
+/// the same endpoint, and that is one try, not a second upstream; a POST is not sent twice.
+#[tokio::test]
+async fn a_get_on_a_pooled_connection_the_upstream_closed_gets_200() {
+    let (closing, accepted, _task) = keep_alive_ending_backend(Hangup::Close).await;
+    let logging = logging_proxy(&[closing]).await;
+    assert_eq!(
+        send(&logging.proxy, Method::GET, "/", b"").await.status,
+        200
+    );
+    let raced = send(&logging.proxy, Method::GET, "/", b"").await;
+    assert_eq!(raced.status, 200, "{}", raced.text());
+    assert_eq!(raced.text(), "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "no new connection");
+
+    let post = send(&logging.proxy, Method::POST, "/", b"once").await;
+    assert_eq!(post.status, 502);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the POST was sent again"
+    );
+
+    let lines = logging.lines().await;
+    let one_try = format!("\"{closing}\" \"200\" ");
+    assert!(lines[1].contains(&one_try), "{}\n{one_try}", lines[1]);
+}
+
 #[tokio::test]
 async fn an_endpoint_that_failed_to_connect_is_skipped_while_ejected() {
     let (unanswering, _listener, _queued) = unanswering_addr().await;
     let live = EchoBackend::start().await;
-    let logging = LoggingProxy::start(&[unanswering, live.addr]).await;
+    let logging = logging_proxy(&[unanswering, live.addr]).await;
     for _ in 0..6 {
         let response = send(&logging.proxy, Method::GET, "/", b"").await;
         assert_eq!(response.status, 200);

@@ -6,7 +6,10 @@
 //! endpoint whatever its method. One that did is sent again only if its method is idempotent and
 //! its body was held in memory: bodies up to [`HELD_BODY_LIMIT`] are read before the first try
 //! while the worker's [`HeldBodies`] budget lasts; larger ones, and any once the budget is
-//! spent, stream and are never replayed.
+//! spent, stream and are never replayed. A held body also lets the upstream pool replay the
+//! request on a new connection when the upstream closed the pooled one unanswered (see
+//! [`super::upstream`]): that is no try of its own, as nginx does not count a failed cached
+//! connection as one.
 
 use std::{
     pin::Pin,
@@ -22,6 +25,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::{
     held_bodies::{HeldBodies, Reservation},
     limits::{ClientBody, ClientBodyError},
+    upstream::ReplayBody,
 };
 
 /// Request bodies up to this size are held in memory so that they can be replayed.
@@ -190,6 +194,16 @@ impl ForwardBody {
             held,
             trailers: None,
             rest: Some(rest),
+        }
+    }
+}
+
+impl ReplayBody for ForwardBody {
+    /// A held body, from its start; one streaming from the client cannot be read twice.
+    fn replay(&self) -> Option<Self> {
+        match self.rest {
+            None => Some(Self::held(self.held.clone(), self.trailers.clone())),
+            Some(_) => None,
         }
     }
 }

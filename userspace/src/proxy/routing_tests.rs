@@ -10,11 +10,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::Request;
+use http::{uri::PathAndQuery, HeaderMap, Request};
 use http_body_util::Full;
 
-use super::test_support::{
-    refused_addr, route, table_of, EchoBackend, RunningProxy, TestClient, TestResponse,
+use super::{
+    test_support::{
+        eventually, refused_addr, route, table_of, EchoBackend, LoggingProxy, RunningProxy,
+        TestClient, TestResponse,
+    },
+    EjectionPeriods, NormalPath, ProxySettings, Routed,
 };
 use crate::routes::{Balance, Redirect, Route, Scheme};
 
@@ -424,7 +428,13 @@ async fn least_outstanding_avoids_the_endpoint_busy_with_a_slow_request() {
     .await;
     let mut slow_client = proxy.client().await;
     let slow = tokio::spawn(async move { slow_client.get("app", "/slow?delay_ms=1500").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Counted in flight before its connection was made.
+    eventually("the slow request reached an endpoint", || {
+        started
+            .iter()
+            .any(|backend| backend.connections_open() == 1)
+    })
+    .await;
 
     let mut client = proxy.client().await;
     let mut quick = BTreeSet::new();
@@ -446,30 +456,90 @@ async fn least_outstanding_avoids_the_endpoint_busy_with_a_slow_request() {
     assert_eq!(after.len(), 2, "{after:?}");
 }
 
+/// Each balancing method's order, not passive health, sends a request on past an endpoint that
+/// refuses: ejection is off, so every request whose method picks the refusing endpoint first
+/// must fall back by itself. Every request of the hashing methods is keyed to pick it first;
+/// round robin (and least outstanding, all idle) picks it for every other request. The access
+/// log shows each fallback: the refused try, then the live endpoint's answer.
 #[tokio::test]
 async fn every_balancing_method_falls_back_to_the_next_endpoint_on_refusal() {
+    const REQUESTS: usize = 6;
     let live = EchoBackend::start().await;
     let refused = refused_addr().await;
     let endpoints = [refused, live.addr];
-    let methods = [
-        Balance::RoundRobin,
-        Balance::LeastConn,
-        Balance::IpHash,
-        Balance::StickyCookie {
-            cookie: "session".into(),
+    let settings = ProxySettings {
+        ejection: EjectionPeriods {
+            first: Duration::ZERO,
+            max: Duration::ZERO,
         },
+        ..ProxySettings::default()
+    };
+    let sticky_cookie = Balance::StickyCookie {
+        cookie: "session".into(),
+    };
+    let methods = [
+        (Balance::RoundRobin, REQUESTS / 2),
+        (Balance::LeastConn, REQUESTS / 2),
+        (Balance::IpHash, REQUESTS),
+        (sticky_cookie, REQUESTS),
     ];
-    for balance in methods {
-        let proxy = RunningProxy::start_with_table(&table_of(
+    for (balance, fallbacks) in methods {
+        let table = table_of(
             vec![("app", vec![balanced("app", &endpoints, balance.clone())])],
             None,
-        ))
-        .await;
+        );
+        let logging = LoggingProxy::start(&table, settings.clone()).await;
+        let proxy = &logging.proxy;
+        // The endpoint the method tries first for a request: how the hashing methods' keys
+        // are picked. (Asking round robin would move it on.)
+        let first_choice = |headers: &HeaderMap, client: IpAddr| {
+            let path = NormalPath::parse("/").unwrap();
+            let target = PathAndQuery::from_static("/");
+            match proxy.router.route(Scheme::Http, "app", &target, &path) {
+                Ok(Routed::Forward { route, .. }) => {
+                    route.endpoint_order(headers, client)[0].addr()
+                }
+                _ => panic!("app is not forwarded"),
+            }
+        };
         let mut client = proxy.client().await;
-        for n in 0..6 {
-            let cookie = format!("session=s{n}");
-            let response = get_with_cookie(&mut client, &cookie).await;
+        let (mut cookies, mut networks) = (0.., 0..=u8::MAX);
+        for _ in 0..REQUESTS {
+            let response = match balance {
+                Balance::RoundRobin | Balance::LeastConn => client.get("app", "/").await,
+                Balance::IpHash => {
+                    let client_ip = networks
+                        .by_ref()
+                        .map(|third_octet| IpAddr::from([127, 0, third_octet, 2]))
+                        .find(|&ip| first_choice(&HeaderMap::new(), ip) == refused)
+                        .expect("a client network that picks the refusing endpoint");
+                    let mut from_network = TestClient::connect_from(proxy.addr, client_ip).await;
+                    from_network.get("app", "/").await
+                }
+                Balance::StickyCookie { .. } => {
+                    let cookie = cookies
+                        .by_ref()
+                        .map(|session: u32| format!("session=s{session}"))
+                        .find(|cookie| {
+                            let headers = HeaderMap::from_iter([(
+                                http::header::COOKIE,
+                                cookie.parse().unwrap(),
+                            )]);
+                            first_choice(&headers, IpAddr::from([127, 0, 0, 1])) == refused
+                        })
+                        .expect("a session that picks the refusing endpoint");
+                    get_with_cookie(&mut client, &cookie).await
+                }
+            };
             assert_eq!(port_of(&response), live.addr.port(), "{balance:?}");
         }
+        let lines = logging.lines().await;
+        assert_eq!(lines.len(), REQUESTS, "{balance:?}: {lines:#?}");
+        let fell_back = format!("\"{refused}, {}\" \"502, 200\"", live.addr);
+        let fallbacks_logged = lines
+            .iter()
+            .filter(|line| line.contains(&fell_back))
+            .count();
+        assert_eq!(fallbacks_logged, fallbacks, "{balance:?}: {lines:#?}");
     }
 }

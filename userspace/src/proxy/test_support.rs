@@ -1,4 +1,5 @@
-//! Test fixtures on real sockets: the proxy serving on 127.0.0.1, an echo backend that reports
+//! Test fixtures on real sockets: the proxy serving on 127.0.0.1 (also with its access log to
+//! read back), an echo backend that reports
 //! what it received as JSON, misbehaving backends, a keep-alive test client (from any
 //! 127.0.0.0/8 address), a raw TCP client, and addresses that refuse or never answer
 //! connections.
@@ -7,6 +8,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -120,6 +122,23 @@ impl RunningProxy {
         }
     }
 
+    /// With `MaxConnections` `max_connections`, and a watch on its accept queue. The watch
+    /// holds the listening socket open after the proxy has closed its own.
+    pub async fn start_watching_accepts(
+        routes: &[(&str, &[SocketAddr])],
+        max_connections: usize,
+    ) -> (Self, AcceptQueue) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let watch = AcceptQueue(listener.try_clone().unwrap());
+        let listener = TcpListener::from_std(listener).unwrap();
+        let settings = ProxySettings {
+            max_connections,
+            ..ProxySettings::default()
+        };
+        (Self::serve_on(listener, &table(routes), settings), watch)
+    }
+
     pub async fn client(&self) -> TestClient {
         TestClient::connect(self.addr).await
     }
@@ -138,6 +157,61 @@ impl RunningProxy {
 impl Drop for RunningProxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// The proxy's listening socket, seen from the test.
+pub struct AcceptQueue(std::net::TcpListener);
+
+impl AcceptQueue {
+    /// Connections the kernel has established and the proxy has not accepted: what a listening
+    /// socket reports as `tcpi_unacked` in its TCP_INFO.
+    pub fn waiting(&self) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: all zeroes is a valid `tcp_info` (plain integers).
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` and `length` are valid for writes of `length` bytes, and the
+        // descriptor is open for as long as `self`.
+        let result = unsafe {
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut length,
+            )
+        };
+        assert_eq!(result, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_unacked
+    }
+}
+
+/// A proxy writing its access log to a fresh file: what each request tried, in order.
+pub struct LoggingProxy {
+    pub proxy: RunningProxy,
+    path: PathBuf,
+}
+
+impl LoggingProxy {
+    /// The proxy with `settings` and an access log, serving `table`.
+    pub async fn start(table: &RouteTable, settings: ProxySettings) -> Self {
+        let path = std::env::temp_dir().join(format!("xlb-access-{}.log", uuid::Uuid::new_v4()));
+        let settings = ProxySettings {
+            access_log_path: Some(path.clone()),
+            ..settings
+        };
+        let proxy = RunningProxy::start_with_table_and(table, settings).await;
+        Self { proxy, path }
+    }
+
+    /// Shuts the proxy down, which flushes the log, and returns its lines.
+    pub async fn lines(mut self) -> Vec<String> {
+        self.proxy.shutdown.cancel();
+        (&mut self.proxy.served).await.unwrap().unwrap();
+        let text = std::fs::read_to_string(&self.path).unwrap();
+        std::fs::remove_file(&self.path).unwrap();
+        text.lines().map(str::to_owned).collect()
     }
 }
 
@@ -358,6 +432,68 @@ pub async fn hanging_up_backend() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<(
                     }
                 }
             });
+        }
+    });
+    (addr, accepted, accept_loop)
+}
+
+/// How [`keep_alive_ending_backend`] hangs up on a request it does not answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Hangup {
+    /// A FIN, as a server whose keep-alive timeout ended.
+    Close,
+    /// A RST, as a server that closes with SO_LINGER 0 or has crashed.
+    Reset,
+    /// A FIN after the start of a status line: the upstream did answer something.
+    AfterPartialHead,
+}
+
+/// A backend whose keep-alive ends just as the next request arrives: on each connection it
+/// answers the first request (200, body `ok`, kept alive), then reads the next request's head
+/// and hangs up without answering it. A proxy pools the connection, picks it for its next
+/// request as a live one, and meets the close only once that request is sent. Counts the
+/// connections it accepted.
+pub async fn keep_alive_ending_backend(
+    hangup: Hangup,
+) -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    async fn read_head(stream: &mut TcpStream) -> bool {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let accept_loop = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            connections.spawn(async move {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if !read_head(&mut stream).await || stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                if !read_head(&mut stream).await {
+                    return;
+                }
+                match hangup {
+                    Hangup::Close => {}
+                    Hangup::Reset => socket2::SockRef::from(&stream)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap(),
+                    Hangup::AfterPartialHead => {
+                        let _ = stream.write_all(b"HTTP/1.1 200").await;
+                    }
+                }
+            });
+            while connections.try_join_next().is_some() {}
         }
     });
     (addr, accepted, accept_loop)

@@ -106,6 +106,7 @@ mod tests {
         time::Duration,
     };
 
+    use rustls::pki_types::CertificateDer;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpStream,
@@ -235,36 +236,62 @@ mod tests {
         let secrets = TempDir::create("secrets");
         let first = ca.issue(&["app.example.org"]);
         secrets.write_pair("app", &first);
+        secrets.write_pair("marker", &ca.issue(&["marker.example.org"]));
         let backend = EchoBackend::start().await;
-        let routes = BTreeMap::from([(
-            "app.example.org".to_owned(),
-            route("app", &[backend.addr], terminated("app")),
-        )]);
+        let routes = BTreeMap::from([
+            (
+                "app.example.org".to_owned(),
+                route("app", &[backend.addr], terminated("app")),
+            ),
+            (
+                "marker.example.org".to_owned(),
+                route("marker", &[backend.addr], terminated("marker")),
+            ),
+        ]);
         let proxy = TlsProxy::start(routes, secrets.path()).await;
-        let served = || async {
-            let tls = tls_connect(proxy.https, "app.example.org", ca.roots(), &[])
-                .await
-                .unwrap();
-            peer_certificate(&tls)
-        };
-        assert_eq!(served().await, first.der);
+        assert_eq!(served(&proxy, &ca, "app.example.org").await, first.der);
 
         let second = ca.issue(&["app.example.org"]);
         secrets.write_pair("app", &second);
+        served_eventually(&proxy, &ca, "app.example.org", &second.der).await;
+
+        // A broken replacement keeps the last good certificate in service. That a refresh has
+        // read it shows in another host's certificate, replaced twice after it: the second
+        // replacement is served by a refresh begun after the first was served, so after the
+        // broken file was written.
+        secrets.write("app.crt", "not a certificate");
+        for _ in 0..2 {
+            let marker = ca.issue(&["marker.example.org"]);
+            secrets.write_pair("marker", &marker);
+            served_eventually(&proxy, &ca, "marker.example.org", &marker.der).await;
+        }
+        assert_eq!(served(&proxy, &ca, "app.example.org").await, second.der);
+    }
+
+    /// The certificate the proxy serves for `host`.
+    async fn served(proxy: &TlsProxy, ca: &TestCa, host: &str) -> CertificateDer<'static> {
+        let tls = tls_connect(proxy.https, host, ca.roots(), &[])
+            .await
+            .unwrap();
+        peer_certificate(&tls)
+    }
+
+    /// Waits (at most 5 s) until the proxy serves `expected` for `host`.
+    async fn served_eventually(
+        proxy: &TlsProxy,
+        ca: &TestCa,
+        host: &str,
+        expected: &CertificateDer<'static>,
+    ) {
         let mut waited = Duration::ZERO;
-        while served().await != second.der {
+        while served(proxy, ca, host).await != *expected {
             assert!(
                 waited < Duration::from_secs(5),
-                "the new certificate was never served"
+                "the new certificate of {host} was never served"
             );
             tokio::time::sleep(CERTIFICATE_POLL).await;
             waited += CERTIFICATE_POLL;
         }
-
-        // A broken replacement keeps the last good certificate in service.
-        secrets.write("app.crt", "not a certificate");
-        tokio::time::sleep(CERTIFICATE_POLL * 4).await;
-        assert_eq!(served().await, second.der);
     }
 
     #[tokio::test]

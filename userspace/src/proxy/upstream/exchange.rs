@@ -20,8 +20,8 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{
-    header, response, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
-    Version,
+    header, request, response, HeaderMap, HeaderName, HeaderValue, Method, Request, Response,
+    StatusCode, Version,
 };
 use hyper::body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -69,6 +69,25 @@ pub enum ExchangeError {
     InvalidChunk,
 }
 
+impl ExchangeError {
+    /// Whether the upstream ended the connection (a close, a reset), as opposed to a timeout,
+    /// the drain abort, the request body failing, or an answer the proxy could not take.
+    fn is_closed_by_upstream(&self) -> bool {
+        match self {
+            Self::ClosedBeforeHead => true,
+            Self::Write(error) | Self::Read(error) => matches!(
+                error.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    // TLS: the upstream closed without close_notify.
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// A connection to an upstream, between exchanges or in one.
 pub struct Connection {
     pub stream: TimedStream<TaskStream>,
@@ -97,6 +116,11 @@ enum RequestFraming {
 pub enum Failure<B> {
     /// Nothing was written and the body is untouched.
     NotSent(Box<Request<B>>, ExchangeError),
+    /// The request went out, at least in part, and the upstream closed or reset the connection
+    /// before a byte of its answer: what a pooled connection does when the upstream's keep-alive
+    /// timeout ends as the request is sent. Its head comes back, for a caller that still holds
+    /// the body to send it again.
+    Unanswered(Box<request::Parts>, ExchangeError),
     Failed(ExchangeError),
 }
 
@@ -118,6 +142,7 @@ impl Connection {
         let answers_head = request.method() == Method::HEAD;
         let mut writer = RequestWriter::new(request);
         let mut write_error = None;
+        let mut interim_answers = false;
         let head = poll_fn(|cx| loop {
             if write_error.is_none() && !writer.is_done() {
                 if let Poll::Ready(Err(error)) = writer.poll_write(&mut self.stream, cx) {
@@ -132,6 +157,7 @@ impl Connection {
             };
             // An interim answer (`100 Continue`, `103 Early Hints`) is not the response.
             if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                interim_answers = true;
                 continue;
             }
             return Poll::Ready(Ok(head));
@@ -148,9 +174,13 @@ impl Connection {
                     Some(write_error) => write_error,
                     None => read_error.unwrap_or(ExchangeError::ClosedBeforeHead),
                 };
+                let unanswered = !interim_answers && self.read_buf.is_empty();
                 Err(match writer.into_unsent() {
-                    Some(request) => Failure::NotSent(Box::new(request), error),
-                    None => Failure::Failed(error),
+                    Ok(request) => Failure::NotSent(Box::new(request), error),
+                    Err(head) if unanswered && error.is_closed_by_upstream() => {
+                        Failure::Unanswered(head, error)
+                    }
+                    Err(_) => Failure::Failed(error),
                 })
             }
         }
@@ -245,9 +275,11 @@ fn parse_head(read_buf: &mut BytesMut) -> Result<Option<response::Parts>, Exchan
 
 /// Writes one request: its head, then its body framed by Content-Length or chunked.
 struct RequestWriter<B> {
-    /// The request's head, until the first byte is written: while nothing is written and the
-    /// body is untouched, the request can be handed back whole.
-    parts: Option<http::request::Parts>,
+    /// Kept to hand back: the whole request while nothing is written and the body is
+    /// untouched, else the head alone.
+    parts: request::Parts,
+    /// Whether any of the request was written.
+    started: bool,
     body: Option<B>,
     body_polled: bool,
     framing: RequestFraming,
@@ -270,7 +302,8 @@ where
         let mut head = Vec::with_capacity(512);
         encode_head(&parts, framing, &mut head);
         Self {
-            parts: Some(parts),
+            parts,
+            started: false,
             body: Some(body),
             body_polled: false,
             framing,
@@ -288,13 +321,13 @@ where
         self.flushed
     }
 
-    /// The request back, if none of it was written nor its body touched.
-    fn into_unsent(self) -> Option<Request<B>> {
-        match (self.parts, self.body) {
-            (Some(parts), Some(body)) if !self.body_polled => {
-                Some(Request::from_parts(parts, body))
+    /// The request back if none of it was written nor its body touched; else its head.
+    fn into_unsent(self) -> Result<Request<B>, Box<request::Parts>> {
+        match self.body {
+            Some(body) if !self.started && !self.body_polled => {
+                Ok(Request::from_parts(self.parts, body))
             }
-            _ => None,
+            _ => Err(Box::new(self.parts)),
         }
     }
 
@@ -327,7 +360,7 @@ where
             if written == 0 {
                 return Poll::Ready(Err(ExchangeError::Write(io::ErrorKind::WriteZero.into())));
             }
-            self.parts = None;
+            self.started = true;
             self.advance(written);
         }
     }
@@ -426,7 +459,7 @@ fn request_framing<B: Body>(headers: &HeaderMap, body: &B) -> RequestFraming {
 }
 
 /// The request line and headers, and the framing header the body needs.
-fn encode_head(parts: &http::request::Parts, framing: RequestFraming, out: &mut Vec<u8>) {
+fn encode_head(parts: &request::Parts, framing: RequestFraming, out: &mut Vec<u8>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts

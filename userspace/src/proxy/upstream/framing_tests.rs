@@ -123,7 +123,7 @@ async fn exchange<B>(
     request: Request<B>,
 ) -> (u16, Result<Bytes, ExchangeError>, bool)
 where
-    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B: ReplayBody<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let Ok(upstream) = pool.send(addr, request).await else {
@@ -313,6 +313,12 @@ impl Body for StreamedBody {
             true => Poll::Ready(None),
             false => Poll::Ready(Some(Ok(self.frames.remove(0)))),
         }
+    }
+}
+
+impl ReplayBody for StreamedBody {
+    fn replay(&self) -> Option<Self> {
+        None
     }
 }
 
