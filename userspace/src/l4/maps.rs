@@ -415,7 +415,10 @@ impl L4Maps {
     /// counts as taken.
     fn slot_is_empty(&self, id: u32) -> bool {
         let v4 = self.backends.get(&id, 0).map(|value| value.generation == 0);
-        let v6 = self.backends6.get(&id, 0).map(|value| value.generation == 0);
+        let v6 = self
+            .backends6
+            .get(&id, 0)
+            .map(|value| value.generation == 0);
         matches!((v4, v6), (Ok(true), Ok(true)))
     }
 

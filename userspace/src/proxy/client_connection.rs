@@ -39,9 +39,10 @@ use tokio_util::{
 use tracing::debug;
 
 use super::{
+    connection_state::ConnectionState,
     deadline::LazyDeadline,
     handler::{ProxyBody, RequestHandler},
-    head_guard::{ConnectionState, HeadGuard, NextRequest},
+    head_guard::{HeadGuard, NextRequest},
     observed::ObservedBody,
     parking::{self, Parked, Parking},
     upgrade::upgraded_client,
@@ -116,7 +117,7 @@ fn request_service(
         if request.version() == Version::HTTP_2 {
             // An HTTP/1 request is counted by the guard, which sees its head; an HTTP/2
             // stream here, for the connection's idle timeout.
-            state.stream_opened();
+            state.request_started();
         } else if request.headers().contains_key(header::UPGRADE) {
             // Only HTTP/1 requests can switch protocols: HTTP/2 forbids `Upgrade`.
             state.upgrade.offer(&mut request);

@@ -12,7 +12,9 @@
 //!   `held_bodies`: the worker's budget for those bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
 //! - `upstream`: keep-alive connection pool per upstream endpoint, timeouts, drain.
-//! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling).
+//! - `head_guard`: the byte-level guard of client connections (smuggling, slow heads, idling);
+//!   `request_framing`: where a request's body ends; `connection_state`: what the guard and the
+//!   handler share about a connection.
 //! - `deadline`: the timer behind the guard's and the upstream connections' timeouts.
 //! - `limits`: what the proxy accepts from clients (sizes, timeouts, Host).
 //! - `headers`: hop-by-hop stripping and the proxy's request/response headers.
@@ -31,6 +33,7 @@ mod backend_tls;
 mod certificates;
 mod client_connection;
 mod client_hello;
+mod connection_state;
 mod deadline;
 mod handler;
 mod head_guard;
@@ -45,6 +48,7 @@ mod parking;
 mod passthrough;
 mod path;
 mod replayed;
+mod request_framing;
 mod retry;
 mod router;
 mod tls;
@@ -59,6 +63,10 @@ mod hardening_tests;
 mod resilience_tests;
 #[cfg(test)]
 mod routing_tests;
+#[cfg(test)]
+mod test_backends;
+#[cfg(test)]
+mod test_clients;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
