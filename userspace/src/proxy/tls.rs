@@ -125,6 +125,20 @@ mod tests {
         tls_policy,
     };
 
+    /// `app.example.org`, terminated with a certificate of `ca` written into `secrets`, served
+    /// by `backend`.
+    fn app_routes(
+        ca: &TestCa,
+        secrets: &TempDir,
+        backend: &EchoBackend,
+    ) -> BTreeMap<String, crate::routes::Route> {
+        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
+        BTreeMap::from([(
+            "app.example.org".to_owned(),
+            route("app", &[backend.addr], terminated("app")),
+        )])
+    }
+
     fn terminated(name: &str) -> Transport {
         Transport {
             certificate: Some(CertificateSecrets {
@@ -180,12 +194,8 @@ mod tests {
     async fn a_flood_on_the_plain_port_does_not_starve_tls_clients() {
         let ca = TestCa::new();
         let secrets = TempDir::create("secrets");
-        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
         let backend = EchoBackend::start().await;
-        let routes = BTreeMap::from([(
-            "app.example.org".to_owned(),
-            route("app", &[backend.addr], terminated("app")),
-        )]);
+        let routes = app_routes(&ca, &secrets, &backend);
         // One client at a time: the others wait in their port's backlog, ten on the plain
         // port and one on the TLS port, until the one holding the slot leaves.
         let proxy = TlsProxy::start_with_max_connections(routes, secrets.path(), 1).await;
@@ -357,12 +367,8 @@ mod tests {
     async fn ssl_protocols_and_ciphers_restrict_the_handshake() {
         let ca = TestCa::new();
         let secrets = TempDir::create("secrets");
-        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
         let backend = EchoBackend::start().await;
-        let routes = BTreeMap::from([(
-            "app.example.org".to_owned(),
-            route("app", &[backend.addr], terminated("app")),
-        )]);
+        let routes = app_routes(&ca, &secrets, &backend);
         let protocols = tls_policy::parse_protocols("TLSv1.2").unwrap();
         let ciphers = tls_policy::parse_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305").unwrap();
         let policy = TlsPolicy::new(Some(&protocols), Some(&ciphers));
@@ -413,12 +419,8 @@ mod tests {
 
         let ca = TestCa::new();
         let secrets = TempDir::create("secrets");
-        secrets.write_pair("app", &ca.issue(&["app.example.org"]));
         let backend = EchoBackend::start().await;
-        let routes = BTreeMap::from([(
-            "app.example.org".to_owned(),
-            route("app", &[backend.addr], terminated("app")),
-        )]);
+        let routes = app_routes(&ca, &secrets, &backend);
         let proxy = TlsProxy::start(routes, secrets.path()).await;
         for garbage in [
             &b"GET / HTTP/1.1\r\nHost: app.example.org\r\n\r\n"[..],
