@@ -16,14 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb::{
-    dataplane::{AttachMode, Dataplane},
-    l4::{maglev::RingSize, settings::L4Settings},
-};
 use xlb_testbed::{
-    build_docker_demo_binary, in_netns, require_root, seed::xlb_binary, wait_until, Dockerd,
-    Process, ScratchDir, Segment, Swarm,
+    in_netns, require_root, seed::xlb_binary, wait_until, Process, ScratchDir, Segment,
 };
+
+mod l4_support;
+
+use l4_support::swarm_lb::SwarmLb;
 
 const SERVICE: &str = "restartdemo";
 const IMAGE: &str = "xlb-restart-demo:test";
@@ -181,34 +180,11 @@ fn a_second_xlb_takes_over_under_load_without_failing_a_request_or_an_l4_connect
         "no xlb binary at {}: build it first",
         xlb.display()
     );
-    let docker_demo = build_docker_demo_binary().unwrap();
-
-    let segment = Segment::create().unwrap();
-    let client = segment.add_host("client", 2).unwrap();
-    let lb = segment.add_host("lb-00", 10).unwrap();
-    let node = segment.add_host("node", 30).unwrap();
-    let _peer_program = in_netns(&segment.switch, || {
-        let mut program = Dataplane::load_with(&L4Settings {
-            ring_size: RingSize::new(3).unwrap(),
-            flow_entries: 16,
-            service_slots: 1,
-            ..L4Settings::default()
-        })
-        .unwrap();
-        assert_eq!(program.attach(&lb.switch_port).unwrap(), AttachMode::Native);
-        program
-    })
-    .unwrap();
     // The L4 connection can only go through XDP: the LB's kernel forwards nothing.
-    lb.netns
-        .run("sh", &["-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"])
-        .unwrap();
-    lb.netns
-        .run("iptables", &["-P", "FORWARD", "DROP"])
-        .unwrap();
-
-    let swarm = Swarm::init(Dockerd::start(&node.netns).unwrap(), node.addr).unwrap();
-    swarm.build_image(IMAGE, &docker_demo).unwrap();
+    let bed = SwarmLb::start(IMAGE);
+    let SwarmLb {
+        swarm, client, lb, ..
+    } = &bed;
     swarm
         .service_create(&[
             "--name",

@@ -7,14 +7,11 @@
 use std::{fs::File, process::Stdio, time::Duration};
 
 use serde_json::Value;
-use xlb::{
-    dataplane::{AttachMode, Dataplane},
-    l4::{maglev::RingSize, settings::L4Settings},
-};
-use xlb_testbed::{
-    build_docker_demo_binary, in_netns, require_root, seed::xlb_binary, wait_until, Dockerd,
-    Process, ScratchDir, Segment, Swarm,
-};
+use xlb_testbed::{require_root, seed::xlb_binary, wait_until, Process, ScratchDir, Segment};
+
+mod l4_support;
+
+use l4_support::swarm_lb::SwarmLb;
 
 const SERVICE: &str = "l4demo";
 const IMAGE: &str = "xlb-l4-demo:test";
@@ -44,30 +41,10 @@ fn a_swarm_service_labelled_xlb_l4_ports_is_reached_through_xdp() {
         "no xlb binary at {}: build it first",
         xlb.display()
     );
-    let docker_demo = build_docker_demo_binary().unwrap();
-
-    let segment = Segment::create().unwrap();
-    let client = segment.add_host("client", 2).unwrap();
-    let lb = segment.add_host("lb-00", 10).unwrap();
-    let node = segment.add_host("node", 30).unwrap();
-    let _peer_program = in_netns(&segment.switch, || {
-        let mut program = Dataplane::load_with(&L4Settings {
-            ring_size: RingSize::new(3).unwrap(),
-            flow_entries: 16,
-            service_slots: 1,
-            ..L4Settings::default()
-        })
-        .unwrap();
-        assert_eq!(program.attach(&lb.switch_port).unwrap(), AttachMode::Native);
-        program
-    })
-    .unwrap();
-    lb.netns
-        .run("iptables", &["-P", "FORWARD", "DROP"])
-        .unwrap();
-
-    let swarm = Swarm::init(Dockerd::start(&node.netns).unwrap(), node.addr).unwrap();
-    swarm.build_image(IMAGE, &docker_demo).unwrap();
+    let bed = SwarmLb::start(IMAGE);
+    let SwarmLb {
+        swarm, client, lb, ..
+    } = &bed;
     let label = format!("xlb.l4.ports={LISTEN_PORT}:{TARGET_PORT}");
     let publish = format!("mode=host,target={TARGET_PORT}");
     swarm

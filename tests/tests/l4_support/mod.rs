@@ -1,11 +1,13 @@
 //! Shared by the L4 end-to-end tests (`l4_namespaces`, `l4_edges`, `l4_volume`): a load
 //! balancer in a segment host's namespace, run by the daemon's own parts (the XDP program, the
 //! map writer, the next-hop resolver), a kernel that cannot carry anything itself, and the
-//! XDP_PASS program its switch port needs; [`one_backend`], the lab of `l4_edges` and `l4_floods`.
+//! XDP_PASS program its switch port needs; [`one_backend`], the lab of `l4_edges` and `l4_floods`;
+//! [`swarm_lb`], the Swarm behind an `xlb run` of `l4_swarm` and `hitless_restart`.
 
 #![allow(dead_code)] // each test crate uses a different part
 
 pub mod one_backend;
+pub mod swarm_lb;
 
 use std::{
     io::{Read, Write},
