@@ -37,6 +37,9 @@ use crate::l4::{
 };
 use crate::{pins::Pins, port_bitmap::PortBitmap};
 
+pub use crate::dataplane_error::DataplaneError;
+use crate::dataplane_error::map_error;
+
 /// The XDP object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));
 
@@ -51,63 +54,6 @@ const IPV6_PROGRAMS: [(u32, &str); 3] = [
 /// The connection tables' sweep removals (`conntrack::remove_judged`), run, never attached.
 const SWEEP_PROGRAM: &str = "xlb_sweep";
 const SWEEP6_PROGRAM: &str = "xlb_sweep6";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error("loading the XDP object into the kernel failed (is this root on Linux ≥ 5.15?)")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("the XDP object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
-    #[error("the XDP program was rejected by the kernel")]
-    Program(#[source] Box<aya::programs::ProgramError>),
-    #[error("attaching XDP to {interface} failed in native mode ({native}) and in generic mode")]
-    Attach {
-        interface: String,
-        native: Box<aya::programs::ProgramError>,
-        #[source]
-        generic: Box<aya::programs::ProgramError>,
-    },
-    #[error("XDP map {map} could not be {action}")]
-    Map {
-        map: &'static str,
-        action: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
-    },
-    #[error("interface {interface} not found")]
-    NoInterface {
-        interface: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("forwarding the XDP program's log failed")]
-    Log(#[source] std::io::Error),
-    #[error("XDP map {map} is full ({capacity} entries)")]
-    Full { map: &'static str, capacity: u32 },
-    #[error("the L4 settings need {0} Maglev ring entries, more than a BPF array holds")]
-    RingsTooLarge(u64),
-    #[error("counting this machine's CPUs failed")]
-    Cpus(#[source] std::io::Error),
-    #[error("the connection table could not be {action}")]
-    Sweep {
-        action: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("running the sweep's removals (BPF_PROG_TEST_RUN of {SWEEP_PROGRAM}/{SWEEP6_PROGRAM}) failed")]
-    SweepRun(#[source] Box<aya::programs::ProgramError>),
-    #[error("the XDP link on {interface} could not be {action} ({path})")]
-    Link {
-        interface: String,
-        action: &'static str,
-        path: std::path::PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
 
 /// How the program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -650,16 +596,4 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
     program
         .try_into()
         .map_err(|error| DataplaneError::Program(Box::new(error)))
-}
-
-pub(crate) fn map_error(
-    map: &'static str,
-    action: &'static str,
-    source: aya::maps::MapError,
-) -> DataplaneError {
-    DataplaneError::Map {
-        map,
-        action,
-        source: Box::new(source),
-    }
 }

@@ -19,7 +19,8 @@
 //!   HTTP/2, WebSockets and Interlock's response headers.
 //! - [`tls_policy`]: `SSLProtocols`/`SSLCiphers` mapped to rustls versions and suites.
 //! - [`l4`]: the L4 fast path's userspace side: Maglev tables, service labels, map writing.
-//! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters.
+//! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters;
+//!   [`dataplane_error`]: what can go wrong with it and its maps.
 //! - [`port_bitmap`]: the program's port bitmaps (L4 service ports, the L7 proxy's ports).
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
 //! - [`endpoint`]: what the admin endpoint and the controller's share (accept, answers).
@@ -37,6 +38,7 @@ pub mod controller;
 pub mod controller_feed;
 pub mod daemon;
 pub mod dataplane;
+pub mod dataplane_error;
 pub mod discovery;
 pub mod endpoint;
 pub mod extension;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{Array, MapData};
 use xlb_common::port_bit;
 
-use crate::dataplane::{map_error, DataplaneError};
+use crate::dataplane_error::{map_error, DataplaneError};
 
 /// A port and IP protocol number (TCP or UDP; others have no bit and are left out).
 pub type PortProto = (u16, u8);

@@ -28,7 +28,7 @@ use xlb_common::{
 };
 
 use super::batch;
-use crate::dataplane::DataplaneError;
+use crate::dataplane_error::DataplaneError;
 
 /// The shortest time between two of the daemon's sweeps.
 pub const MIN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);

@@ -27,7 +27,7 @@ use super::{
     service::Listener,
 };
 use crate::{
-    dataplane::{map_error, DataplaneError},
+    dataplane_error::{map_error, DataplaneError},
     port_bitmap::{PortBitmap, PortProto},
 };
 
