@@ -37,8 +37,8 @@ use crate::l4::{
 };
 use crate::{pins::Pins, port_bitmap::PortBitmap};
 
-pub use crate::dataplane_error::DataplaneError;
 use crate::dataplane_error::map_error;
+pub use crate::dataplane_error::DataplaneError;
 
 /// The XDP object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("XLB_EBPF_OBJECT"));

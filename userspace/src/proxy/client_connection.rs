@@ -39,9 +39,10 @@ use tokio_util::{
 use tracing::debug;
 
 use super::{
+    answer::ProxyBody,
     connection_state::ConnectionState,
     deadline::LazyDeadline,
-    handler::{ProxyBody, RequestHandler},
+    handler::RequestHandler,
     head_guard::{HeadGuard, NextRequest},
     observed::ObservedBody,
     parking::{self, Parked, Parking},

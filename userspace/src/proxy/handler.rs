@@ -21,101 +21,31 @@ use bytes::Bytes;
 use http::{
     header, uri::PathAndQuery, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use super::{
     access_log::{AccessEntry, AccessLog, RequestLine, UpstreamAttempt},
+    answer::{BodyError, ProxyBody, ProxyError},
     backend_tls::BackendTlsPools,
     headers::{self, ClientFacts, ProxyIdentity, RequestId, UpstreamAnswer},
     health::PassiveHealth,
     held_bodies::HeldBodies,
     http2,
-    limits::{self, ClientBody, ClientBodyError, ClientLimits, HostError},
+    limits::{self, ClientBody, ClientBodyError, ClientLimits},
     log_budget::LogBudget,
     observed::ObservedBody,
-    path::{NormalPath, PathError},
+    path::NormalPath,
     retry::{self, OutgoingRequest},
     router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
-    upstream::{SendError, Stall, UpstreamError, UpstreamPool, UpstreamResponse},
+    upstream::{SendError, UpstreamPool, UpstreamResponse},
     websocket, Scheme,
 };
 
 /// The warnings of failed upstream tries, at most [`super::log_budget::PER_SECOND`] a second: an
 /// outage must not become a log storm (`suppressed` says how many were held back).
 static UPSTREAM_WARNINGS: LogBudget = LogBudget::new();
-
-/// The body of every response the proxy gives its clients.
-pub type ProxyBody = BoxBody<Bytes, BodyError>;
-
-/// Why a response body failed: the upstream's exchange, or hyper's for a WebSocket answer.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why the proxy answers a request itself instead of relaying an upstream's answer.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error(transparent)]
-    InvalidHost(HostError),
-    #[error("no Host header")]
-    MissingHost,
-    /// A path nginx refuses to normalise (see [`super::path`]), answered 400 as nginx does.
-    #[error("invalid request path {path:?}: {problem}")]
-    InvalidPath { path: String, problem: PathError },
-    #[error("no service for host {0:?}")]
-    UnknownHost(String),
-    #[error("no service for path {path:?} on host {host:?}")]
-    NoContextRoot { host: String, path: String },
-    #[error("service {service:?} for host {host:?} has no running tasks")]
-    NoEndpoints { host: String, service: String },
-    #[error("no endpoint of service {service:?} accepted a connection ({tried} tried)")]
-    NoEndpointReachable { service: String, tried: usize },
-    #[error("upstream {addr} failed before completing its response head")]
-    UpstreamFailed {
-        addr: SocketAddr,
-        source: UpstreamError,
-    },
-    #[error("upstream {addr} timed out: {stall}")]
-    UpstreamTimeout { addr: SocketAddr, stall: Stall },
-    #[error(transparent)]
-    ClientBody(#[from] ClientBodyError),
-    /// CONNECT (xlb is no forward proxy) and TRACE (it would echo to a script the cookies and
-    /// credentials the proxy and the upstream saw), answered 405 as nginx answers them.
-    #[error("method {0} is not allowed")]
-    MethodNotAllowed(Method),
-    #[error("redirect location {0:?} is not a valid header value")]
-    UnencodableLocation(String),
-    #[error("service {service:?} cannot use TLS to its tasks: {problem}")]
-    BackendTls { service: String, problem: String },
-}
-
-impl ProxyError {
-    /// Whether the connection is closed after this answer, as nginx does after refusing a
-    /// request as malformed or too large: what follows on the connection cannot be trusted.
-    fn closes_connection(&self) -> bool {
-        matches!(
-            self,
-            Self::InvalidHost(_) | Self::InvalidPath { .. } | Self::ClientBody(_)
-        )
-    }
-
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::InvalidHost(_) | Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
-            Self::MissingHost | Self::UnknownHost(_) | Self::NoEndpoints { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::NoEndpointReachable { .. }
-            | Self::UpstreamFailed { .. }
-            | Self::BackendTls { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::NoContextRoot { .. } => StatusCode::NOT_FOUND,
-            Self::ClientBody(error) => error.status(),
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::UnencodableLocation(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
 
 /// How requests are checked and forwarded.
 #[derive(Debug, Clone)]

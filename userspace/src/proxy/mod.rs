@@ -7,7 +7,8 @@
 //! - `router`: Host and path → service route (or redirect), the endpoint order by balancing
 //!   method, atomically swapped tables; `path`: request paths normalised as nginx does, and the
 //!   prefix rule of context roots and WebSocket endpoints.
-//! - `handler`: a request's phases: check → route → upstream request → forward → decorate.
+//! - `handler`: a request's phases: check → route → upstream request → forward → decorate;
+//!   `answer`: the response body type and the errors the proxy answers itself.
 //! - `retry`: which requests may go to another endpoint, and their replayable bodies;
 //!   `held_bodies`: the worker's budget for those bodies.
 //! - `health`: passive health, ejecting endpoints that cannot be reached.
@@ -28,6 +29,7 @@
 //!   `passthrough`).
 
 mod access_log;
+mod answer;
 mod ascii;
 mod backend_tls;
 mod certificates;

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tracing::{debug, warn};
 
 use super::{
-    handler::{ProxyBody, ProxyError},
+    answer::{ProxyBody, ProxyError},
     headers::{self, ProxyIdentity, RequestId, UpstreamAnswer},
     path::NormalPath,
     router::{Endpoint, ServiceRoute},
