@@ -144,6 +144,35 @@ fn a_bad_config_is_refused_with_file_line_and_column() {
     assert!(stderr.contains(&position), "{stderr}");
 }
 
+#[test]
+fn check_config_reports_a_good_config_and_fails_a_bad_one_at_its_line() {
+    let scratch = ScratchDir::create("check-config").unwrap();
+    let check = |text: &str| {
+        let config = scratch.path().join("config.toml");
+        std::fs::write(&config, text).unwrap();
+        let output = std::process::Command::new(xlb_binary())
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stdout, stderr, config)
+    };
+    let (ok, stdout, _, config) = check("ListenAddr = \":8080\"\n[Extensions.default]\n");
+    assert!(ok);
+    assert!(
+        stdout.starts_with(&format!("{}: ok\n", config.display())),
+        "{stdout}"
+    );
+    let (ok, _, stderr, config) = check("ListenAddr = \":8080\"\nPollInterval = 3\n");
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{}:2:16", config.display())),
+        "{stderr}"
+    );
+}
+
 /// Under a systemd unit of `Type=notify`: once it serves, xlb says so and names itself the
 /// main process (what lets `systemctl reload`'s newcomer take the service over, see
 /// `deploy/systemd/xlb-proxy.service`). The service manager's socket here is the test's own.

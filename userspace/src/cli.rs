@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::{controller, daemon, logging};
+use crate::{check_config, controller, daemon, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -13,6 +13,9 @@ use crate::{controller, daemon, logging};
     about = "eBPF/XDP-accelerated load balancer for Docker Swarm host-mode services"
 )]
 pub struct Cli {
+    /// Debug logging, as Interlock's `-D` (`XLB_LOG`, when set, still decides).
+    #[arg(short = 'D', long, global = true)]
+    debug: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +28,14 @@ enum Command {
     Controller(ControllerArgs),
     /// On a load-balancer node: the L7 proxy and XDP dataplane, fed by the controllers.
     Proxy(ProxyArgs),
+    /// Read a config.toml as `xlb run` would and report it; exits non-zero, naming the line
+    /// and column, if it is not valid.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Print a completion script for SHELL to standard output.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// What a node serving traffic is told: `xlb run` and `xlb proxy` alike.
@@ -91,11 +102,52 @@ pub struct ProxyArgs {
 
 impl Cli {
     pub fn exec(self) -> anyhow::Result<()> {
-        logging::init();
+        logging::init(if self.debug { "debug" } else { "info" });
         match self.command {
             Command::Run(args) => daemon::run(args),
             Command::Controller(args) => controller::run(args),
             Command::Proxy(args) => daemon::run_proxy(args),
+            Command::CheckConfig { file } => {
+                print!("{}", check_config::check(&file)?);
+                Ok(())
+            }
+            Command::Completions { shell } => {
+                let mut command = Cli::command();
+                clap_complete::generate(shell, &mut command, "xlb", &mut std::io::stdout());
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interlocks_debug_flag_is_accepted_before_the_subcommand_as_the_seed_runs_it() {
+        // The seed: `interlock -D run -c /config.toml`.
+        let cli =
+            Cli::try_parse_from(["xlb", "-D", "run", "-c", "/config.toml", "--no-xdp"]).unwrap();
+        assert!(cli.debug);
+        assert!(matches!(cli.command, Command::Run(_)));
+        let cli = Cli::try_parse_from(["xlb", "run", "-c", "/config.toml", "--no-xdp"]).unwrap();
+        assert!(!cli.debug);
+    }
+
+    #[test]
+    fn the_cli_is_consistent_and_completions_name_every_subcommand() {
+        Cli::command().debug_assert();
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "xlb",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        for subcommand in ["run", "controller", "proxy", "check-config", "completions"] {
+            assert!(script.contains(subcommand), "{subcommand} missing");
         }
     }
 }

@@ -29,9 +29,11 @@
 //! - [`pins`]: what a restart keeps on the BPF filesystem (connection tables, XDP links).
 //! - [`logging`]: xlb's own log, and `ErrorLogPath`.
 //! - [`build_info`]: version strings.
+//! - [`check_config`]: `xlb check-config`, a config read and reported without running.
 
 pub mod admin;
 pub mod build_info;
+pub mod check_config;
 pub mod cli;
 pub mod config;
 pub mod controller;

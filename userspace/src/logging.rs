@@ -22,9 +22,11 @@ type ErrorLog = Option<Box<dyn Layer<Filtered> + Send + Sync>>;
 /// Where [`log_errors_to`] installs the `ErrorLogPath` writer.
 static ERROR_LOG: OnceLock<reload::Handle<ErrorLog, Filtered>> = OnceLock::new();
 
-/// Starts logging to stderr. Called once, before anything else logs.
-pub fn init() {
-    let filter = EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// Starts logging to stderr at `default_level` unless `XLB_LOG` says otherwise. Called once,
+/// before anything else logs.
+pub fn init(default_level: &str) {
+    let filter =
+        EnvFilter::try_from_env("XLB_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let (error_log, handle) = reload::Layer::new(ErrorLog::None);
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
