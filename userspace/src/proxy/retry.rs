@@ -8,8 +8,8 @@
 //! while the worker's [`HeldBodies`] budget lasts; larger ones, and any once the budget is
 //! spent, stream and are never replayed. A held body also lets the upstream pool replay the
 //! request on a new connection when the upstream closed the pooled one unanswered (see
-//! [`super::upstream`]): that is no try of its own, as nginx does not count a failed cached
-//! connection as one.
+//! [`super::upstream`], which asks the body through [`ReplayBody`]): that is no try of its
+//! own, as nginx does not count a failed cached connection as one.
 
 use std::{
     pin::Pin,
@@ -25,7 +25,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::{
     held_bodies::{HeldBodies, Reservation},
     limits::{ClientBody, ClientBodyError},
-    upstream::ReplayBody,
 };
 
 /// Request bodies up to this size are held in memory so that they can be replayed.
@@ -50,6 +49,14 @@ pub fn is_retried_status(status: StatusCode) -> bool {
         status,
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
     )
+}
+
+/// A request body that can be sent again from its start.
+pub trait ReplayBody: Body + Sized {
+    /// A copy to send in its place if the upstream closes the pooled connection that this one
+    /// went out on; `None` for a body that can be sent only once (one streaming from the
+    /// client). Asked before any of this one is read.
+    fn replay(&self) -> Option<Self>;
 }
 
 /// A request on its way to one or more endpoints.

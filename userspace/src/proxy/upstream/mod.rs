@@ -54,7 +54,7 @@ use self::{
 };
 use super::{
     backend_tls::{connect_task, TaskStream, UpstreamTls},
-    retry::is_idempotent,
+    retry::{is_idempotent, ReplayBody},
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -171,14 +171,6 @@ pub enum SendError<B> {
     },
     /// The request was at least partly written, so it cannot be replayed.
     Failed(UpstreamError),
-}
-
-/// A request body that can be sent again from its start.
-pub trait ReplayBody: Body + Sized {
-    /// A copy to send in its place if the upstream closes the pooled connection that this one
-    /// went out on; `None` for a body that can be sent only once (one streaming from the
-    /// client). Asked before any of this one is read.
-    fn replay(&self) -> Option<Self>;
 }
 
 /// An upstream's response head, and its body still streaming from the upstream.
