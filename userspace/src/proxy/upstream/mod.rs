@@ -43,7 +43,6 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Body;
 use tracing::{debug, info};
 
 pub use self::{exchange::ExchangeError, response_body::UpstreamBody};

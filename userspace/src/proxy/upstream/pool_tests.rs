@@ -9,7 +9,7 @@ use std::{
 };
 
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Frame;
+use hyper::body::{Body, Frame};
 
 use super::*;
 use crate::proxy::test_support::{
