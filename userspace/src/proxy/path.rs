@@ -173,6 +173,12 @@ fn resolve_segments(path: &[u8]) -> Result<Vec<u8>, PathError> {
 
 /// RFC 3986 `pchar` (unreserved, sub-delims, `:`, `@`) and `/`: what a path holds unencoded.
 fn is_path_byte(byte: u8) -> bool {
+    is_unreserved_or_sub_delim(byte) || matches!(byte, b':' | b'@' | b'/')
+}
+
+/// RFC 3986's unreserved characters and sub-delimiters: what both a path and a host name
+/// (`reg-name`) hold unencoded.
+pub fn is_unreserved_or_sub_delim(byte: u8) -> bool {
     byte.is_ascii_alphanumeric()
         || matches!(
             byte,
@@ -190,9 +196,6 @@ fn is_path_byte(byte: u8) -> bool {
                 | b','
                 | b';'
                 | b'='
-                | b':'
-                | b'@'
-                | b'/'
         )
 }
 

@@ -20,7 +20,7 @@ use http::{header::COOKIE, uri::PathAndQuery, HeaderMap, StatusCode};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::path::NormalPath;
+use super::path::{self, NormalPath};
 use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme, Transport, ROOT_CONTEXT};
 
 /// The proxy's current view of the route table, swapped atomically on every update.
@@ -264,25 +264,7 @@ pub fn split_host(text: &str) -> Option<(&str, Option<u16>)> {
 
 /// RFC 3986's `reg-name`: unreserved characters, percent-encodings and sub-delimiters.
 fn is_reg_name_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric()
-        || matches!(
-            byte,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'%'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-        )
+    byte == b'%' || path::is_unreserved_or_sub_delim(byte)
 }
 
 /// One service's route, as of the route update the request was routed with.

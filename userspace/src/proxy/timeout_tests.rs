@@ -25,7 +25,9 @@ use tokio::{
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest as _, Message};
 
 use super::{
-    test_support::{eventually, route, table_of, EchoBackend, RawConnection, RunningProxy},
+    test_support::{
+        eventually, route, table_of, websocket_echo, EchoBackend, RawConnection, RunningProxy,
+    },
     ClientLimits, HandlerSettings, PoolSettings, ProxySettings,
 };
 use crate::routes::{RouteTable, Transport};
@@ -180,27 +182,6 @@ async fn an_http2_stream_longer_than_the_idle_timeout_is_not_cut() {
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(!body.is_empty());
-}
-
-/// A WebSocket server echoing every message.
-async fn websocket_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = socket.next().await {
-                    if message.is_close() || socket.send(message).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// `chat` relays WebSockets on `/ws` to `websocket`; `app` is served by `app`.

@@ -218,38 +218,20 @@ mod tests {
     use futures_util::{SinkExt as _, StreamExt as _};
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
-        net::{TcpListener, TcpStream},
+        net::TcpStream,
     };
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest as _, Message};
 
     use super::*;
     use crate::{
-        proxy::tls_test_support::{route, TempDir, TlsProxy},
+        proxy::{
+            test_backends::websocket_echo,
+            tls_test_support::{route, TempDir, TlsProxy},
+        },
         routes::Transport,
     };
 
     const HOST: &str = "chat.example.org";
-
-    /// A WebSocket server echoing every message, and answering plain HTTP requests with 426.
-    async fn echo_server() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
-                        return;
-                    };
-                    while let Some(Ok(message)) = socket.next().await {
-                        if message.is_close() || socket.send(message).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        addr
-    }
 
     async fn proxy_to(backend: SocketAddr, secrets: &TempDir) -> TlsProxy {
         let transport = Transport {
@@ -263,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn websocket_echo_through_the_proxy() {
         let secrets = TempDir::create("secrets");
-        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let proxy = proxy_to(websocket_echo().await, &secrets).await;
         let stream = TcpStream::connect(proxy.http).await.unwrap();
         let request = format!("ws://{HOST}/ws/room-1")
             .into_client_request()
@@ -296,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn a_websocket_after_a_plain_request_on_the_same_connection() {
         let secrets = TempDir::create("secrets");
-        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let proxy = proxy_to(websocket_echo().await, &secrets).await;
         let mut stream = TcpStream::connect(proxy.http).await.unwrap();
         stream
             .write_all(b"GET / HTTP/1.1\r\nHost: unknown.example.org\r\n\r\n")
@@ -337,7 +319,7 @@ mod tests {
     #[tokio::test]
     async fn upgrades_outside_the_websocket_endpoints_are_not_relayed() {
         let secrets = TempDir::create("secrets");
-        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let proxy = proxy_to(websocket_echo().await, &secrets).await;
         for path in ["/elsewhere", "/wsx", "/wsx/room-1", "/ws/../elsewhere"] {
             let stream = TcpStream::connect(proxy.http).await.unwrap();
             let request = format!("ws://{HOST}{path}").into_client_request().unwrap();
@@ -353,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn upgrades_on_an_endpoint_written_otherwise_are_relayed() {
         let secrets = TempDir::create("secrets");
-        let proxy = proxy_to(echo_server().await, &secrets).await;
+        let proxy = proxy_to(websocket_echo().await, &secrets).await;
         for path in ["//ws/room-1", "/%77s/room-1", "/chat/../ws"] {
             let stream = TcpStream::connect(proxy.http).await.unwrap();
             let request = format!("ws://{HOST}{path}").into_client_request().unwrap();
