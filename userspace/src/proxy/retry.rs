@@ -64,8 +64,9 @@ pub struct OutgoingRequest {
     /// `None` once the last try took it.
     parts: Option<Parts>,
     body: Outgoing,
-    /// The budget the held body takes, until the request is done with.
-    _held: Reservation,
+    /// The budget the held body takes, until the request is done with; none for a request
+    /// without a body (most), which takes none.
+    _held: Option<Reservation>,
 }
 
 enum Outgoing {
@@ -85,7 +86,6 @@ impl OutgoingRequest {
         request: Request<ClientBody>,
         budget: &Arc<HeldBodies>,
     ) -> Result<Self, ClientBodyError> {
-        let mut held = budget.reserve();
         let (parts, body) = request.into_parts();
         let declared_small = body
             .size_hint()
@@ -93,10 +93,18 @@ impl OutgoingRequest {
             .is_some_and(|upper| upper <= HELD_BODY_LIMIT as u64);
         let may_hold = is_idempotent(&parts.method)
             && (body.is_end_stream() || declared_small || body.size_hint().upper().is_none());
-        let body = if may_hold {
-            hold(body, &mut held).await?
+        let (body, held) = if !may_hold {
+            let streaming = ForwardBody::streaming(Bytes::new(), body);
+            (Outgoing::Streaming(Some(streaming)), None)
+        } else if body.is_end_stream() {
+            let empty = Outgoing::Held {
+                data: Bytes::new(),
+                trailers: None,
+            };
+            (empty, None)
         } else {
-            Outgoing::Streaming(Some(ForwardBody::streaming(Bytes::new(), body)))
+            let mut held = budget.reserve();
+            (hold(body, &mut held).await?, Some(held))
         };
         Ok(Self {
             parts: Some(parts),
