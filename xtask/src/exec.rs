@@ -25,7 +25,8 @@ pub fn exec(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(command: &Command) -> String {
+/// `command` as a shell line, for messages.
+pub fn describe(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(|part| part.to_string_lossy().into_owned())

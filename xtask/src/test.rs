@@ -1,13 +1,16 @@
 //! `cargo xtask test`: every test of the project, the command CI runs: cargo's tests, then a
 //! `--quick` bench run checked for a complete report (never for speed).
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 
 use crate::{
     bench, build_ebpf,
-    exec::{exec, workspace_root},
+    exec::{describe, exec, workspace_root},
     toolchain,
 };
 
@@ -29,7 +32,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             .current_dir(workspace_root())
             .args(["build", "-p", "xlb", "--bins"]),
     )?;
-    exec(
+    run_tests(
         Command::new(env!("CARGO"))
             .current_dir(workspace_root())
             .args(["test", "--workspace", "--no-fail-fast"])
@@ -64,4 +67,87 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and when tests fail, prints their failure
+/// reports once more at the very end: with `--no-fail-fast` they are otherwise buried under
+/// every later test binary's output, and a CI log that keeps only its tail loses them.
+fn run_tests(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {}", describe(command));
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not start `cargo test`")?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut reports = FailureReports::default();
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading `cargo test`'s output")?;
+        writeln!(out, "{line}")?;
+        reports.feed(line);
+    }
+    drop(out);
+    let status = child.wait().context("waiting for `cargo test`")?;
+    if !status.success() {
+        if !reports.blocks.is_empty() {
+            eprintln!("\nxtask: the failure reports again:\n");
+            for block in &reports.blocks {
+                eprintln!("{block}");
+            }
+        }
+        bail!("`cargo test` failed with {status}");
+    }
+    Ok(())
+}
+
+/// libtest's failure reports, collected from its output: from a binary's first `failures:`
+/// line to its `test result:` line.
+#[derive(Default)]
+struct FailureReports {
+    current: Option<String>,
+    blocks: Vec<String>,
+}
+
+impl FailureReports {
+    fn feed(&mut self, line: String) {
+        if line.starts_with("test result:") {
+            if let Some(mut block) = self.current.take() {
+                block.push_str(&line);
+                self.blocks.push(block);
+            }
+            return;
+        }
+        let block = match &mut self.current {
+            Some(block) => block,
+            None if line == "failures:" => self.current.insert(String::new()),
+            None => return,
+        };
+        block.push_str(&line);
+        block.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailureReports;
+
+    #[test]
+    fn failure_reports_are_collected_from_failures_to_the_result_line() {
+        let output = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n\
+                      ---- b stdout ----\nthread 'b' panicked at x.rs:1:1:\nboom\n\nfailures:\n    b\n\n\
+                      test result: FAILED. 1 passed; 1 failed\n\nrunning 1 test\ntest c ... ok\n\n\
+                      test result: ok. 1 passed; 0 failed\n";
+        let mut reports = FailureReports::default();
+        for line in output.lines() {
+            reports.feed(line.to_owned());
+        }
+        assert_eq!(reports.blocks.len(), 1);
+        let block = &reports.blocks[0];
+        assert!(
+            block.starts_with("failures:\n\n---- b stdout ----\n"),
+            "{block}"
+        );
+        assert!(block.contains("boom\n"));
+        assert!(block.ends_with("test result: FAILED. 1 passed; 1 failed"));
+    }
 }

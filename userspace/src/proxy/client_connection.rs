@@ -183,8 +183,10 @@ where
                 return debug!(client = %guard.client(), %error, "reading from the client failed")
             }
         }
+        let state = Arc::clone(guard.state());
         let (connection, served) = until_idle(
             http1_connection(guard, service),
+            state,
             shutdown.as_mut(),
             &stop_now,
         )
@@ -223,16 +225,32 @@ where
     }
 }
 
-/// What the client sends next, waiting for it (parked); nothing once the proxy shuts down.
+/// What the client sends next, waiting for it (parked). Once the proxy shuts down, a request
+/// that has begun to arrive is still served (hyper then closes the connection after it), and
+/// a new connection still gets [`FIRST_REQUEST_GRACE`] to send its first one: its client
+/// connected while the proxy was accepting and waits for an answer. An idle keep-alive
+/// connection is closed, as nginx closes it; its client sends its next request again on a new
+/// connection.
 async fn next_request<IO: AsyncRead + Unpin>(
     guard: &mut HeadGuard<IO>,
     mut shutdown: Pin<&mut Shutdown<'_>>,
 ) -> std::io::Result<NextRequest> {
+    // Boxed and made only on shutdown: a connection's task does not carry a timer for it.
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
-        if shutdown_begun(shutdown.as_mut(), cx) {
-            return Poll::Ready(Ok(NextRequest::None));
+        let next = guard.poll_next_request(cx);
+        if next.is_pending() && shutdown_begun(shutdown.as_mut(), cx) {
+            let waits_for_first_request = !guard.has_had_requests()
+                && grace
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)))
+                    .as_mut()
+                    .poll(cx)
+                    .is_pending();
+            if !waits_for_first_request {
+                return Poll::Ready(Ok(NextRequest::None));
+            }
         }
-        guard.poll_next_request(cx)
+        next
     })
     .await
 }
@@ -261,8 +279,14 @@ where
 /// Serves `connection` until hyper is done with it (the guard parked it, or it closes), or,
 /// on shutdown, until its request in flight has been answered; `None` if the hard stop came
 /// first.
+///
+/// hyper closes a connection on which it has read nothing yet at once when asked to shut down
+/// gracefully, though the client's request may be on its way: so it is asked only once the
+/// guard has shown it a request (`state`'s count in flight). Until then the guard's own limits
+/// bound the wait: its head timeout, and parking once idle.
 async fn until_idle<IO, S>(
     mut connection: Box<Http1Connection<IO, S>>,
+    state: Arc<ConnectionState>,
     mut shutdown: Pin<&mut Shutdown<'_>>,
     stop_now: &CancellationToken,
 ) -> (
@@ -275,11 +299,15 @@ where
     S::Future: Unpin,
 {
     let mut stop = HardStop::new(stop_now);
+    let mut keep_alive_ended = false;
     let served = poll_fn(|cx| {
         match stop.poll(shutdown.as_mut(), cx) {
             Stop::Now => return Poll::Ready(None),
-            Stop::Begun => Pin::new(&mut *connection).graceful_shutdown(),
-            Stop::Draining | Stop::Not => {}
+            Stop::Begun | Stop::Draining if !keep_alive_ended && state.in_flight() > 0 => {
+                Pin::new(&mut *connection).graceful_shutdown();
+                keep_alive_ended = true;
+            }
+            _ => {}
         }
         connection.poll_without_shutdown(cx).map(Some)
     })
@@ -399,6 +427,11 @@ impl IdleTimer {
         Idle::Expired
     }
 }
+
+/// How long a connection accepted before the shutdown began may take to send its first
+/// request after it: a client's request is a round trip behind its connect at most, and a
+/// connection opened ahead of need (a browser's preconnect) is not kept for long.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// How far the proxy's shutdown has come, as one connection follows it.
 enum Stop {

@@ -256,6 +256,11 @@ impl<IO> HeadGuard<IO> {
         self.state.client
     }
 
+    /// Whether the client has sent a request head on this connection yet.
+    pub fn has_had_requests(&self) -> bool {
+        self.requests > 0
+    }
+
     /// Whether the guard parked the connection: hyper's connection ended because it was idle.
     pub fn is_parked(&self) -> bool {
         !self.attached

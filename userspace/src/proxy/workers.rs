@@ -476,6 +476,46 @@ mod tests {
             .all(|worker| worker.connections_open == 0));
     }
 
+    /// The shutdown takes no new connections, but those already accepted are not dropped
+    /// unanswered: a new one still gets its first request served (a hitless restart moves
+    /// the listeners' queues to the new process, but a connection just accepted stays here),
+    /// while an idle keep-alive connection and a new one that sends nothing are closed.
+    #[tokio::test]
+    async fn shutdown_serves_the_first_request_of_a_connection_it_had_accepted() {
+        use crate::proxy::test_support::{eventually, RawConnection};
+
+        let backend = EchoBackend::start().await;
+        let workers = RunningWorkers::start(1, &[("app", &[backend.addr])]);
+        const GET: &[u8] = b"GET /first HTTP/1.1\r\nHost: app\r\n\r\n";
+        let mut kept_alive = RawConnection::connect(workers.addr).await;
+        kept_alive.send(GET).await;
+        assert_eq!(kept_alive.read_response().await.status, 200);
+        let mut late = RawConnection::connect(workers.addr).await;
+        let silent = RawConnection::connect(workers.addr).await;
+        eventually("both new connections accepted", || {
+            workers.stats.report()[0].connections_accepted == 3
+        })
+        .await;
+
+        workers.shutdown.cancel();
+        let idle_closed = kept_alive.read_until_closed().await;
+        assert!(idle_closed.closed && idle_closed.received.is_empty());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        late.send(GET).await;
+        let answered = late.read_until_closed().await;
+        assert!(answered.closed, "the connection closes after its request");
+        let response = &answered.responses()[0];
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.header("connection"), Some("close"));
+        let silent = silent.read_until_closed().await;
+        assert!(silent.closed && silent.received.is_empty());
+        tokio::time::timeout(Duration::from_secs(5), workers.served)
+            .await
+            .expect("the workers stop after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+
     /// HTTP/2 clients can make a worker hold many request bodies for replay at once (up to 128
     /// streams per connection): what it holds stays within its budget, and every request is
     /// served all the same.
