@@ -171,12 +171,16 @@ impl SeedScenario {
 
     /// `GET path` on the admin endpoint (`ListenAddr`), as JSON.
     pub fn admin(&self, path: &str) -> Result<Value> {
+        let body = self.admin_text(path)?;
+        serde_json::from_str(&body).with_context(|| format!("{path} answered non-JSON: {body:?}"))
+    }
+
+    /// `GET path` on the admin endpoint, as text.
+    pub fn admin_text(&self, path: &str) -> Result<String> {
         let url = format!("http://{}:{ADMIN_PORT}{path}", self.lb_addr());
-        let body = self
-            .topology
+        self.topology
             .client
-            .run("curl", &["-sf", "--max-time", "5", &url])?;
-        serde_json::from_str(&body).with_context(|| format!("{url} answered non-JSON: {body:?}"))
+            .run("curl", &["-sf", "--max-time", "5", &url])
     }
 
     /// The endpoints xlb's `/routes` lists for `demo.local` (its route on every path, `/`).

@@ -142,6 +142,32 @@ fn send_truncated_frame(scenario: &SeedScenario) {
         .expect("send a raw frame");
 }
 
+/// `/metrics`, parsed as Prometheus parses it.
+fn scrape_metrics(scenario: &SeedScenario) -> prometheus_parse::Scrape {
+    let text = scenario.admin_text("/metrics").unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).unwrap()
+}
+
+/// The sum of `metric`'s counter or gauge samples whose labels include `wanted`.
+fn metric_sum(scrape: &prometheus_parse::Scrape, metric: &str, wanted: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|sample| sample.metric == metric)
+        .filter(|sample| {
+            wanted
+                .iter()
+                .all(|(name, value)| sample.labels.get(name) == Some(*value))
+        })
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) => {
+                value
+            }
+            ref other => panic!("{metric} is neither a counter nor a gauge: {other:?}"),
+        })
+        .sum()
+}
+
 #[test]
 fn seed_scenario_end_to_end() {
     let mut scenario =
@@ -190,6 +216,29 @@ fn seed_scenario_end_to_end() {
         },
     )
     .unwrap_or_else(|error| panic!("{error}\n{}", scenario.xlb_log()));
+
+    // Prometheus' view: a parser reads /metrics, and the requests sent between two scrapes
+    // are counted for the seed's route and answered by its one task.
+    let before = scrape_metrics(&scenario);
+    for _ in 0..5 {
+        assert_eq!(scenario.get(HOST, "/ping").unwrap().status, 200);
+    }
+    let after = scrape_metrics(&scenario);
+    let answered = [("host", HOST), ("service", SERVICE), ("code", "2xx")];
+    let sent = metric_sum(&after, "xlb_http_requests_total", &answered)
+        - metric_sum(&before, "xlb_http_requests_total", &answered);
+    assert_eq!(sent, 5.0, "requests counted between the scrapes");
+    for (metric, labels) in [
+        ("xlb_xdp_received_packets_total", &[][..]),
+        ("xlb_xdp_class_packets_total", &[("class", "l7")][..]),
+        ("xlb_route_table_version", &[][..]),
+        ("xlb_proxy_connections_accepted_total", &[][..]),
+    ] {
+        assert!(
+            metric_sum(&after, metric, labels) > 0.0,
+            "{metric} {labels:?} is not counted"
+        );
+    }
 
     // Scale out: within one poll (plus slack) the proxy spreads over three tasks.
     scenario.swarm.service_scale(SERVICE, 3).unwrap();

@@ -1,4 +1,5 @@
-//! The admin endpoint on Interlock's `ListenAddr`: `GET /health`, `GET /routes`, `GET /stats`.
+//! The admin endpoint on Interlock's `ListenAddr`: `GET /health`, `GET /routes`, `GET /stats`,
+//! and `GET /metrics` (Prometheus, see [`crate::metrics`]).
 
 use std::{
     collections::BTreeMap,
@@ -20,7 +21,8 @@ use crate::{
     dataplane::Dataplane,
     endpoint::{self, json, text, EndpointLimits},
     l4::service::L4RouteTable,
-    proxy::WorkerStats,
+    metrics,
+    proxy::{Router, WorkerStats},
     routes::RouteTable,
 };
 
@@ -32,6 +34,8 @@ pub struct AdminState {
     pub l4_routes: ArcSwap<L4RouteTable>,
     /// The XDP program, unless running proxy-only.
     pub dataplane: Option<Arc<Mutex<Dataplane>>>,
+    /// The L7 proxy's routes, whose request metrics `/metrics` shows.
+    pub router: Arc<Router>,
     /// The L7 proxy's workers, shown under `"proxy"`.
     pub proxy_workers: Arc<WorkerStats>,
     /// The version of the snapshot served, and when it was first applied.
@@ -101,9 +105,29 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
             json(&routes, true)
         }
         "/stats" => stats(state),
+        "/metrics" => prometheus_metrics(state),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health, /routes or /stats\n",
+            "not found: try /health, /routes, /stats or /metrics\n",
+        ),
+    }
+}
+
+fn prometheus_metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    let sources = metrics::Sources {
+        router: &state.router,
+        workers: &state.proxy_workers.report(),
+        snapshot: *state.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
+        dataplane: state.dataplane.as_deref(),
+    };
+    match metrics::render(&sources) {
+        Ok(body) => Response::builder()
+            .header(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a static header is valid"),
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding the metrics failed: {error}\n"),
         ),
     }
 }

@@ -259,6 +259,7 @@ async fn serve(
         routes: ArcSwap::default(),
         l4_routes: ArcSwap::default(),
         dataplane: dataplane.clone(),
+        router: router.clone(),
         proxy_workers: proxy_workers.stats(),
         snapshot: Mutex::default(),
         controllers,

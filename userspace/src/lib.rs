@@ -22,7 +22,9 @@
 //! - [`dataplane`]: loads and attaches the XDP program, fills its maps, reads its counters;
 //!   [`dataplane_error`]: what can go wrong with it and its maps.
 //! - [`port_bitmap`]: the program's port bitmaps (L4 service ports, the L7 proxy's ports).
-//! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`).
+//! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`,
+//!   `/metrics`).
+//! - [`metrics`]: `/metrics` in the Prometheus text format, read at scrape time.
 //! - [`endpoint`]: what the admin endpoint and the controller's share (accept, answers).
 //! - [`daemon`]: `xlb run` and `xlb proxy`, wiring the above together.
 //! - [`handover`]: hitless restart, a second process of the same instance taking over.
@@ -47,6 +49,7 @@ pub mod extension;
 pub mod handover;
 pub mod l4;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod pins;
 pub mod port_bitmap;

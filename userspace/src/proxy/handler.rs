@@ -37,6 +37,7 @@ use super::{
     log_budget::LogBudget,
     observed::ObservedBody,
     path::NormalPath,
+    request_metrics::RouteMetrics,
     retry::{self, OutgoingRequest},
     router::{Endpoint, InFlight, RouteMiss, Routed, Router, ServiceRoute},
     upstream::{SendError, UpstreamPool, UpstreamResponse},
@@ -136,8 +137,7 @@ impl RequestHandler {
         client: SocketAddr,
         scheme: Scheme,
     ) -> Response<ProxyBody> {
-        // Only the debug line below reads it; a clock read per request is not free.
-        let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+        let started = Instant::now();
         let request_id = RequestId::fresh();
         // IPv4 clients of a dual-stack listener appear as `::ffff:a.b.c.d`; report them as IPv4.
         let client_side = ClientSide {
@@ -163,8 +163,14 @@ impl RequestHandler {
             .then(|| request_host(&request).map(str::to_owned))
             .flatten();
 
+        let mut route_metrics = None;
         let outcome = self
-            .proxy(request, &client_side, &mut entry.upstreams)
+            .proxy(
+                request,
+                &client_side,
+                &mut entry.upstreams,
+                &mut route_metrics,
+            )
             .await;
         let (response, upstream) = match outcome {
             Ok((response, answer)) => (response, answer.map(|answer| answer.addr)),
@@ -183,6 +189,11 @@ impl RequestHandler {
             }
         };
         entry.status = response.status();
+        let elapsed = started.elapsed();
+        match &route_metrics {
+            Some(metrics) => metrics.record(&entry.upstreams, upstream, entry.status, elapsed),
+            None => self.router.count_unrouted(entry.status),
+        }
         debug!(
             request_id = request_id.as_str(),
             %client,
@@ -191,7 +202,7 @@ impl RequestHandler {
             host = host.as_deref().unwrap_or("-"),
             status = entry.status.as_u16(),
             upstream = ?upstream,
-            elapsed_ms = started.map_or(0, |started| started.elapsed().as_millis() as u64),
+            elapsed_ms = elapsed.as_millis() as u64,
             "request"
         );
         match &self.access_log {
@@ -210,6 +221,7 @@ impl RequestHandler {
         request: Request<Incoming>,
         client: &ClientSide<'_>,
         attempts: &mut Vec<UpstreamAttempt>,
+        route_metrics: &mut Option<Arc<RouteMetrics>>,
     ) -> Result<(Response<ProxyBody>, Option<UpstreamAnswer>), ProxyError> {
         self.check_phase(&request)?;
         let (routed, path) = self.route_phase(&request, client.scheme)?;
@@ -217,7 +229,11 @@ impl RequestHandler {
             Routed::Forward {
                 route,
                 upstream_target,
-            } => (route, upstream_target),
+                metrics,
+            } => {
+                *route_metrics = Some(metrics);
+                (route, upstream_target)
+            }
             Routed::Redirect { status, location } => {
                 let answer = self.redirect_answer(status, location, client.request_id)?;
                 return Ok((answer, None));

@@ -51,6 +51,7 @@ mod passthrough;
 mod path;
 mod replayed;
 mod request_framing;
+pub mod request_metrics;
 mod retry;
 mod router;
 mod tls;

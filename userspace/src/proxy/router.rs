@@ -20,7 +20,10 @@ use http::{header::COOKIE, uri::PathAndQuery, HeaderMap, StatusCode};
 use tokio::sync::watch;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::path::{self, NormalPath};
+use super::{
+    path::{self, NormalPath},
+    request_metrics::{RouteMetrics, StatusClasses},
+};
 use crate::routes::{Balance, Redirect, Route, RouteTable, Scheme, Transport, ROOT_CONTEXT};
 
 /// The proxy's current view of the route table, swapped atomically on every update.
@@ -32,6 +35,8 @@ pub struct Router {
     endpoints: watch::Sender<Arc<HashSet<SocketAddr>>>,
     /// The SSL port `ssl_only` redirects to, when it is not HTTPS's own 443.
     https_port: Option<u16>,
+    /// Requests answered without forwarding (no route, a redirect, a refused request).
+    unrouted: StatusClasses,
 }
 
 /// The route table arranged for lookups; hosts share their service's [`ServiceRoute`]. Its maps
@@ -41,16 +46,27 @@ pub struct Router {
 #[derive(Debug, Default)]
 struct CompiledTable {
     /// Host name → its service routes, longest context root first.
-    exact: FastMap<String, Vec<Arc<ServiceRoute>>>,
+    exact: FastMap<String, HostRoutes>,
     /// `*.example.org` keyed by its suffix `.example.org`.
-    wildcard: FastMap<String, Vec<Arc<ServiceRoute>>>,
-    default_backend: Option<Arc<ServiceRoute>>,
+    wildcard: FastMap<String, HostRoutes>,
+    default_backend: Option<HostRoutes>,
     /// By service name, to carry round-robin positions across updates.
     services: FastMap<String, Arc<ServiceRoute>>,
     /// Requests in flight per endpoint, carried across updates so that requests that started
     /// before one are still counted after it.
     outstanding: FastMap<SocketAddr, Arc<AtomicUsize>>,
 }
+
+/// One host's service routes, longest context root first, and each one's metrics (the same
+/// position in both).
+#[derive(Debug, Default)]
+struct HostRoutes {
+    routes: Vec<Arc<ServiceRoute>>,
+    metrics: Vec<Arc<RouteMetrics>>,
+}
+
+/// The host label of the default backend's metrics: it answers any host.
+pub const DEFAULT_BACKEND_HOST: &str = "*";
 
 /// Why a request matched no route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +84,8 @@ pub enum Routed {
     Forward {
         route: Arc<ServiceRoute>,
         upstream_target: PathAndQuery,
+        /// Where the request is counted.
+        metrics: Arc<RouteMetrics>,
     },
     /// Answer it with a redirect.
     Redirect {
@@ -127,16 +145,31 @@ impl Router {
                 .insert(route.service.clone(), Arc::clone(&service_route));
             service_route
         };
+        let mut host_routes = |host: &str, routes: &[Route]| HostRoutes {
+            metrics: routes
+                .iter()
+                .map(|route| {
+                    let previous = previous.metrics_of(host, &route.service);
+                    let metrics =
+                        RouteMetrics::new(host, &route.service, &route.endpoints, previous);
+                    Arc::new(metrics)
+                })
+                .collect(),
+            routes: routes.iter().map(&mut compile).collect(),
+        };
         let mut exact = FastMap::default();
         let mut wildcard = FastMap::default();
         for (host, routes) in &table.routes {
-            let routes: Vec<_> = routes.iter().map(&mut compile).collect();
+            let routes = host_routes(host, routes);
             match host.strip_prefix('*') {
                 Some(suffix) => wildcard.insert(suffix.to_owned(), routes),
                 None => exact.insert(host.clone(), routes),
             };
         }
-        let default_backend = table.default_backend.as_ref().map(&mut compile);
+        let default_backend = table
+            .default_backend
+            .as_ref()
+            .map(|route| host_routes(DEFAULT_BACKEND_HOST, std::slice::from_ref(route)));
         compiled.exact = exact;
         compiled.wildcard = wildcard;
         compiled.default_backend = default_backend;
@@ -171,12 +204,34 @@ impl Router {
     ) -> Result<Routed, RouteMiss> {
         let key = route_key(host).ok_or(RouteMiss::UnknownHost)?;
         let table = self.table.load();
-        let routes = table.host_routes(&key).ok_or(RouteMiss::UnknownHost)?;
-        let route = routes
+        let host_routes = table.host_routes(&key).ok_or(RouteMiss::UnknownHost)?;
+        let index = host_routes
+            .routes
             .iter()
-            .find(|route| route.serves_path(path))
+            .position(|route| route.serves_path(path))
             .ok_or(RouteMiss::NoContextRoot)?;
-        Ok(route.decide(scheme, &key, target, path, self.https_port))
+        let (route, metrics) = (&host_routes.routes[index], &host_routes.metrics[index]);
+        Ok(route.decide(scheme, &key, target, path, self.https_port, metrics))
+    }
+
+    /// Counts a request answered without forwarding.
+    pub fn count_unrouted(&self, status: StatusCode) {
+        self.unrouted.count(status);
+    }
+
+    /// Requests answered without forwarding, by status class.
+    pub fn unrouted(&self) -> &StatusClasses {
+        &self.unrouted
+    }
+
+    /// The metrics of every route now in the table: each host's, and the default backend's.
+    pub fn route_metrics(&self) -> Vec<Arc<RouteMetrics>> {
+        let table = self.table.load();
+        let hosts = table.exact.values().chain(table.wildcard.values());
+        hosts
+            .chain(&table.default_backend)
+            .flat_map(|host| host.metrics.iter().cloned())
+            .collect()
     }
 
     /// The service serving `host` at its root path: where a TLS connection is relayed when that
@@ -184,8 +239,9 @@ impl Router {
     pub fn host_service(&self, host: &str) -> Option<Arc<ServiceRoute>> {
         let key = route_key(host)?;
         let table = self.table.load();
-        let routes = table.host_routes(&key)?;
-        routes
+        let host_routes = table.host_routes(&key)?;
+        host_routes
+            .routes
             .iter()
             .find(|route| route.serves_path(&NormalPath::ROOT))
             .cloned()
@@ -193,7 +249,7 @@ impl Router {
 }
 
 impl CompiledTable {
-    fn host_routes(&self, key: &str) -> Option<&[Arc<ServiceRoute>]> {
+    fn host_routes(&self, key: &str) -> Option<&HostRoutes> {
         if let Some(routes) = self.exact.get(key) {
             return Some(routes);
         }
@@ -201,10 +257,21 @@ impl CompiledTable {
         let wildcard = key
             .match_indices('.')
             .find_map(|(dot, _)| self.wildcard.get(&key[dot..]));
-        match wildcard {
-            Some(routes) => Some(routes),
-            None => self.default_backend.as_ref().map(std::slice::from_ref),
-        }
+        wildcard.or(self.default_backend.as_ref())
+    }
+
+    /// The metrics of `service`'s route on `host` (as the table names the host).
+    fn metrics_of(&self, host: &str, service: &str) -> Option<&RouteMetrics> {
+        let host_routes = match host.strip_prefix('*') {
+            Some("") => self.default_backend.as_ref(),
+            Some(suffix) => self.wildcard.get(suffix),
+            None => self.exact.get(host),
+        }?;
+        let index = host_routes
+            .routes
+            .iter()
+            .position(|route| route.service() == service)?;
+        Some(&host_routes.metrics[index])
     }
 }
 
@@ -306,6 +373,7 @@ impl ServiceRoute {
         target: &PathAndQuery,
         path: &NormalPath<'_>,
         https_port: Option<u16>,
+        metrics: &Arc<RouteMetrics>,
     ) -> Routed {
         let redirect = self.route.redirects.iter().find(
             |Redirect {
@@ -332,6 +400,7 @@ impl ServiceRoute {
         Routed::Forward {
             route: Arc::clone(self),
             upstream_target: self.upstream_target(target, path),
+            metrics: Arc::clone(metrics),
         }
     }
 
@@ -540,6 +609,7 @@ mod tests {
             Routed::Forward {
                 route,
                 upstream_target,
+                ..
             } => Ok((route.service().to_owned(), upstream_target.to_string())),
             Routed::Redirect { status, location } => {
                 panic!("{host}{path} redirected ({status}) to {location}")

@@ -1,0 +1,479 @@
+//! `GET /metrics` on the admin address: what xlb counts, in the Prometheus text format
+//! (prometheus-client's encoder), read at scrape time from where it is counted: the proxy's
+//! route metrics ([`crate::proxy::request_metrics`]) and workers, the XDP program's per-CPU
+//! counters and L4 maps, and the route snapshot. Nothing is registered on the request path.
+//!
+//! Names follow Prometheus' conventions (`xlb_` prefix, base units, `_total` on counters), and
+//! every label value comes from the route table or a fixed set: hosts and services as
+//! configured, endpoints as discovered, never a client's address or a request's path or Host.
+
+use std::{fmt, net::SocketAddr, sync::Mutex, time::Instant};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    dataplane::{Dataplane, Stats},
+    l4::maps::{L4Traffic, Traffic},
+    proxy::{request_metrics::HistogramSample, Router, WorkerReport},
+};
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Label names and values of one sample.
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family as gathered for a scrape.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    samples: Samples,
+}
+
+enum Samples {
+    Counter(Vec<(Labels, u64)>),
+    Gauge(Vec<(Labels, f64)>),
+    Histogram(Vec<(Labels, HistogramSample)>),
+}
+
+/// Everything one scrape shows, gathered first (under each source's own lock, briefly) and
+/// encoded after.
+#[derive(Default)]
+struct Scrape {
+    families: Vec<Family>,
+}
+
+impl fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scrape({} families)", self.families.len())
+    }
+}
+
+impl Scrape {
+    fn counter(&mut self, name: &'static str, help: &'static str, samples: Vec<(Labels, u64)>) {
+        self.families.push(Family {
+            name,
+            help,
+            unit: None,
+            samples: Samples::Counter(samples),
+        });
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &'static str, samples: Vec<(Labels, f64)>) {
+        self.families.push(Family {
+            name,
+            help,
+            unit: None,
+            samples: Samples::Gauge(samples),
+        });
+    }
+
+    fn seconds_histogram(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        samples: Vec<(Labels, HistogramSample)>,
+    ) {
+        self.families.push(Family {
+            name,
+            help,
+            unit: Some(Unit::Seconds),
+            samples: Samples::Histogram(samples),
+        });
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        for family in &self.families {
+            let metric_type = match family.samples {
+                Samples::Counter(_) => MetricType::Counter,
+                Samples::Gauge(_) => MetricType::Gauge,
+                Samples::Histogram(_) => MetricType::Histogram,
+            };
+            let mut metric = encoder.encode_descriptor(
+                family.name,
+                family.help,
+                family.unit.as_ref(),
+                metric_type,
+            )?;
+            match &family.samples {
+                Samples::Counter(samples) => {
+                    for (labels, value) in samples {
+                        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+                    }
+                }
+                Samples::Gauge(samples) => {
+                    for (labels, value) in samples {
+                        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
+                    }
+                }
+                Samples::Histogram(samples) => {
+                    for (labels, sample) in samples {
+                        metric
+                            .encode_family(labels)?
+                            .encode_histogram::<NoLabelSet>(
+                                sample.sum_seconds,
+                                sample.count,
+                                &sample.buckets,
+                                None,
+                            )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a scrape reads from.
+pub struct Sources<'a> {
+    pub router: &'a Router,
+    pub workers: &'a [WorkerReport],
+    /// The version of the route snapshot served, and when it was first applied.
+    pub snapshot: Option<(u64, Instant)>,
+    /// The XDP program, unless running proxy-only.
+    pub dataplane: Option<&'a Mutex<Dataplane>>,
+}
+
+/// The text `/metrics` answers with.
+pub fn render(sources: &Sources<'_>) -> Result<String, fmt::Error> {
+    let mut scrape = Scrape::default();
+    gather_requests(sources.router, &mut scrape);
+    gather_workers(sources.workers, &mut scrape);
+    gather_snapshot(sources.snapshot, &mut scrape);
+    if let Some(dataplane) = sources.dataplane {
+        gather_dataplane(dataplane, &mut scrape);
+    }
+    let mut registry = Registry::with_prefix("xlb");
+    registry.register_collector(Box::new(scrape));
+    let mut text = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs
+        .into_iter()
+        .map(|(name, value)| (name, value.to_owned()))
+        .collect()
+}
+
+fn upstream_label(addr: Option<SocketAddr>) -> String {
+    addr.map(|addr| addr.to_string()).unwrap_or_default()
+}
+
+/// The proxy's requests, per route, upstream and status class.
+fn gather_requests(router: &Router, scrape: &mut Scrape) {
+    let routes = router.route_metrics();
+    let mut requests = Vec::new();
+    let mut tries = Vec::new();
+    let mut retries = Vec::new();
+    let mut durations = Vec::new();
+    let mut response_times = Vec::new();
+    for route in &routes {
+        let (host, service) = (route.host.as_str(), route.service.as_str());
+        let mut upstreams: Vec<_> = route.upstreams.iter().collect();
+        upstreams.sort_by_key(|(addr, _)| **addr);
+        for (addr, cells) in upstreams {
+            let upstream = upstream_label(Some(*addr));
+            for (class, count) in cells.responses.read() {
+                let labels = labels([
+                    ("host", host),
+                    ("service", service),
+                    ("upstream", &upstream),
+                    ("code", class),
+                ]);
+                requests.push((labels, count));
+            }
+            let route_upstream = labels([
+                ("host", host),
+                ("service", service),
+                ("upstream", &upstream),
+            ]);
+            tries.push((route_upstream.clone(), cells.tries.load(RELAXED)));
+            response_times.push((route_upstream, cells.response_time.sample()));
+        }
+        for (class, count) in route.cells.answered_locally.read() {
+            let labels = labels([
+                ("host", host),
+                ("service", service),
+                ("upstream", ""),
+                ("code", class),
+            ]);
+            requests.push((labels, count));
+        }
+        let route_labels = labels([("host", host), ("service", service)]);
+        retries.push((route_labels.clone(), route.cells.retries.load(RELAXED)));
+        durations.push((route_labels, route.cells.duration.sample()));
+    }
+    for (class, count) in router.unrouted().read() {
+        let labels = labels([
+            ("host", ""),
+            ("service", ""),
+            ("upstream", ""),
+            ("code", class),
+        ]);
+        requests.push((labels, count));
+    }
+    scrape.counter(
+        "http_requests",
+        "HTTP requests answered, by route (host as configured, service), the upstream that \
+         answered (empty: the proxy did) and status class",
+        requests,
+    );
+    scrape.seconds_histogram(
+        "http_request_duration",
+        "From a request's arrival to its response head, by route",
+        durations,
+    );
+    scrape.counter(
+        "upstream_tries",
+        "Requests sent to an upstream, retries included, by route and upstream",
+        tries,
+    );
+    scrape.counter(
+        "upstream_retries",
+        "Tries after a request's first, by route",
+        retries,
+    );
+    scrape.seconds_histogram(
+        "upstream_response_time",
+        "From sending a try to its response head or its failure, by route and upstream",
+        response_times,
+    );
+}
+
+const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
+
+/// The proxy's workers: connections and held request bodies.
+fn gather_workers(workers: &[WorkerReport], scrape: &mut Scrape) {
+    let by_worker = |value: fn(&WorkerReport) -> u64| -> Vec<(Labels, u64)> {
+        workers
+            .iter()
+            .enumerate()
+            .map(|(index, report)| (labels([("worker", &index.to_string())]), value(report)))
+            .collect()
+    };
+    let as_gauge = |samples: Vec<(Labels, u64)>| -> Vec<(Labels, f64)> {
+        samples
+            .into_iter()
+            .map(|(labels, value)| (labels, value as f64))
+            .collect()
+    };
+    scrape.counter(
+        "proxy_connections_accepted",
+        "Client connections accepted, by proxy worker",
+        by_worker(|report| report.connections_accepted),
+    );
+    scrape.gauge(
+        "proxy_connections_open",
+        "Client connections open, by proxy worker",
+        as_gauge(by_worker(|report| report.connections_open)),
+    );
+    scrape.gauge(
+        "proxy_held_body_bytes",
+        "Bytes of request bodies held for a retry, by proxy worker",
+        as_gauge(by_worker(|report| report.held_body_bytes)),
+    );
+}
+
+/// The route snapshot served: its version and age.
+fn gather_snapshot(served: Option<(u64, Instant)>, scrape: &mut Scrape) {
+    let (version, age) = served.map_or((0.0, 0.0), |(version, since)| {
+        (version as f64, since.elapsed().as_secs_f64())
+    });
+    scrape.gauge(
+        "route_table_version",
+        "Version of the route snapshot served (0: none yet)",
+        vec![(Vec::new(), version)],
+    );
+    scrape.gauge(
+        "route_table_age_seconds",
+        "Seconds since the route snapshot served was first applied",
+        vec![(Vec::new(), age)],
+    );
+}
+
+/// The XDP program's counters, L4 traffic and connection table, when it runs.
+fn gather_dataplane(dataplane: &Mutex<Dataplane>, scrape: &mut Scrape) {
+    let mut dataplane = dataplane.lock().unwrap_or_else(|p| p.into_inner());
+    let stats = dataplane.stats();
+    let traffic = dataplane.l4_traffic();
+    let table = dataplane.connection_table();
+    let (entries, capacity) = (table.table.entries, table.table.capacity);
+    let flows: Vec<(Labels, f64)> = table
+        .table
+        .flows
+        .iter()
+        .map(|(state, count)| (labels([("state", state)]), *count as f64))
+        .collect();
+    let expired = table.sweeps.expired_flows;
+    let backend_names: std::collections::BTreeMap<u32, String> = dataplane
+        .l4()
+        .backend_ids()
+        .into_iter()
+        .map(|(endpoint, id)| (id, endpoint.to_string()))
+        .collect();
+    let snat_in_use: Vec<(Labels, f64)> = dataplane
+        .connection_table()
+        .table
+        .snat_tuples_in_use
+        .iter()
+        .map(|(id, count)| {
+            let backend = backend_names.get(id).cloned();
+            let backend = backend.unwrap_or_else(|| format!("id {id}"));
+            (vec![("backend", backend)], *count as f64)
+        })
+        .collect();
+    let snat_per_backend = dataplane.connection_table().snat_tuples_per_backend;
+    drop(dataplane);
+
+    if let Ok(stats) = stats {
+        gather_xdp_counters(&stats, scrape);
+    }
+    if let Ok(traffic) = traffic {
+        gather_l4_traffic(&traffic, scrape);
+    }
+    scrape.gauge(
+        "conntrack_entries",
+        "Entries in the L4 connection tables at the last sweep",
+        vec![(Vec::new(), entries as f64)],
+    );
+    scrape.gauge(
+        "conntrack_capacity",
+        "Entries each family's L4 connection table holds at most",
+        vec![(Vec::new(), f64::from(capacity))],
+    );
+    scrape.gauge(
+        "conntrack_flows",
+        "L4 flows at the last sweep, by state",
+        flows,
+    );
+    scrape.counter(
+        "conntrack_expired_flows",
+        "L4 flows the sweeps removed as expired",
+        vec![(Vec::new(), expired)],
+    );
+    scrape.gauge(
+        "snat_tuples_in_use",
+        "SNAT tuples held by L4 flows, by backend",
+        snat_in_use,
+    );
+    scrape.gauge(
+        "snat_tuples_per_backend",
+        "SNAT tuples one IPv4 backend can hold at once (addresses x ports)",
+        vec![(Vec::new(), snat_per_backend as f64)],
+    );
+}
+
+/// The program's per-CPU counters, summed, as families by what they count: packets by class,
+/// by verdict, dropped by the shield, and the L4 path's events.
+fn gather_xdp_counters(stats: &Stats, scrape: &mut Scrape) {
+    let mut received = Vec::new();
+    let mut classes = Vec::new();
+    let mut verdicts = Vec::new();
+    let mut shield = Vec::new();
+    let mut l4_events = Vec::new();
+    for (&name, totals) in &stats.0 {
+        if name == "received" {
+            received.push((Vec::new(), totals.packets));
+        } else if let Some(class) = name.strip_prefix("class_") {
+            classes.push((labels([("class", class)]), totals.packets));
+        } else if let Some(verdict) = name.strip_prefix("verdict_") {
+            verdicts.push((labels([("verdict", verdict)]), totals.packets));
+        } else if let Some(protocol) = name.strip_prefix("shield_drop_") {
+            shield.push((labels([("protocol", protocol)]), totals.packets));
+        } else if let Some(event) = name.strip_prefix("l4_") {
+            l4_events.push((labels([("event", event)]), totals.packets));
+        }
+    }
+    scrape.counter(
+        "xdp_received_packets",
+        "Packets the XDP program saw",
+        received,
+    );
+    scrape.counter(
+        "xdp_class_packets",
+        "Packets by what the XDP program found them to be",
+        classes,
+    );
+    scrape.counter(
+        "xdp_verdict_packets",
+        "Packets by the XDP program's verdict",
+        verdicts,
+    );
+    scrape.counter(
+        "xdp_shield_dropped_packets",
+        "Packets to the LB's addresses on ports nothing serves, dropped, by protocol",
+        shield,
+    );
+    scrape.counter(
+        "xdp_l4_events",
+        "The XDP L4 path's outcomes and events (new flows, forwards, drops by reason)",
+        l4_events,
+    );
+}
+
+/// Packets and bytes per L4 listener and per backend, both directions, and flows created.
+fn gather_l4_traffic(traffic: &L4Traffic, scrape: &mut Scrape) {
+    let services = traffic
+        .services
+        .iter()
+        .map(|(listener, traffic)| (listener.to_string(), traffic));
+    let (packets, bytes, flows) = traffic_samples("listener", services);
+    scrape.counter(
+        "l4_service_packets",
+        "Packets through the XDP L4 path, by listener (port/protocol) and direction",
+        packets,
+    );
+    scrape.counter(
+        "l4_service_bytes",
+        "Bytes through the XDP L4 path, by listener and direction",
+        bytes,
+    );
+    scrape.counter("l4_service_flows", "L4 flows created, by listener", flows);
+    let backends = traffic
+        .backends
+        .iter()
+        .map(|(endpoint, traffic)| (endpoint.to_string(), traffic));
+    let (packets, bytes, flows) = traffic_samples("backend", backends);
+    scrape.counter(
+        "l4_backend_packets",
+        "Packets through the XDP L4 path, by backend endpoint and direction",
+        packets,
+    );
+    scrape.counter(
+        "l4_backend_bytes",
+        "Bytes through the XDP L4 path, by backend endpoint and direction",
+        bytes,
+    );
+    scrape.counter("l4_backend_flows", "L4 flows created, by backend", flows);
+}
+
+type CounterSamples = Vec<(Labels, u64)>;
+
+/// Packets and bytes by `label` and direction, and new flows by `label`.
+fn traffic_samples<'a>(
+    label: &'static str,
+    traffic: impl Iterator<Item = (String, &'a Traffic)>,
+) -> (CounterSamples, CounterSamples, CounterSamples) {
+    let (mut packets, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, traffic) in traffic {
+        for (direction, packet_count, byte_count) in [
+            ("forward", traffic.forward_packets, traffic.forward_bytes),
+            ("reply", traffic.reply_packets, traffic.reply_bytes),
+        ] {
+            let labels = labels([(label, &name), ("direction", direction)]);
+            packets.push((labels.clone(), packet_count));
+            bytes.push((labels, byte_count));
+        }
+        flows.push((labels([(label, &name)]), traffic.new_flows));
+    }
+    (packets, bytes, flows)
+}
