@@ -117,6 +117,7 @@ fn prometheus_metrics(state: &AdminState) -> Response<Full<Bytes>> {
     let sources = metrics::Sources {
         router: &state.router,
         workers: &state.proxy_workers.report(),
+        health: &state.proxy_workers.health(),
         snapshot: *state.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
         dataplane: state.dataplane.as_deref(),
     };

@@ -19,7 +19,7 @@ use prometheus_client::{
 use crate::{
     dataplane::{Dataplane, Stats},
     l4::maps::{L4Traffic, Traffic},
-    proxy::{request_metrics::HistogramSample, Router, WorkerReport},
+    proxy::{request_metrics::HistogramSample, HealthReport, Router, WorkerReport},
 };
 
 pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -135,6 +135,7 @@ impl Collector for Scrape {
 pub struct Sources<'a> {
     pub router: &'a Router,
     pub workers: &'a [WorkerReport],
+    pub health: &'a HealthReport,
     /// The version of the route snapshot served, and when it was first applied.
     pub snapshot: Option<(u64, Instant)>,
     /// The XDP program, unless running proxy-only.
@@ -146,6 +147,7 @@ pub fn render(sources: &Sources<'_>) -> Result<String, fmt::Error> {
     let mut scrape = Scrape::default();
     gather_requests(sources.router, &mut scrape);
     gather_workers(sources.workers, &mut scrape);
+    gather_health(sources.health, &mut scrape);
     gather_snapshot(sources.snapshot, &mut scrape);
     if let Some(dataplane) = sources.dataplane {
         gather_dataplane(dataplane, &mut scrape);
@@ -280,6 +282,25 @@ fn gather_workers(workers: &[WorkerReport], scrape: &mut Scrape) {
         "proxy_held_body_bytes",
         "Bytes of request bodies held for a retry, by proxy worker",
         as_gauge(by_worker(|report| report.held_body_bytes)),
+    );
+}
+
+/// Passive health: ejections, and the endpoints ejected now.
+fn gather_health(health: &HealthReport, scrape: &mut Scrape) {
+    scrape.counter(
+        "upstream_ejections",
+        "Endpoints ejected after failing (passive health), since the start",
+        vec![(Vec::new(), health.ejections_begun)],
+    );
+    let ejected = health
+        .ejected
+        .iter()
+        .map(|addr| (labels([("upstream", &addr.to_string())]), 1.0))
+        .collect();
+    scrape.gauge(
+        "upstream_ejected",
+        "1 for each endpoint ejected now: tried last, after the healthy ones",
+        ejected,
     );
 }
 
@@ -476,4 +497,79 @@ fn traffic_samples<'a>(
         flows.push((labels([(label, &name)]), traffic.new_flows));
     }
     (packets, bytes, flows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> prometheus_parse::Scrape {
+        prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).unwrap()
+    }
+
+    fn value(scrape: &prometheus_parse::Scrape, metric: &str, label: Option<(&str, &str)>) -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|sample| {
+                sample.metric == metric
+                    && label.is_none_or(|(name, value)| sample.labels.get(name) == Some(value))
+            })
+            .unwrap_or_else(|| panic!("no {metric} {label:?}"));
+        match sample.value {
+            prometheus_parse::Value::Counter(value) | prometheus_parse::Value::Gauge(value) => {
+                value
+            }
+            ref other => panic!("{metric}: {other:?}"),
+        }
+    }
+
+    /// Workers, health and the snapshot as a Prometheus parser reads them; no XDP families
+    /// when running proxy-only.
+    #[test]
+    fn workers_health_and_the_snapshot_are_exposed_with_prometheus_names() {
+        let router = Router::new();
+        let workers = [
+            WorkerReport {
+                connections_accepted: 7,
+                connections_open: 2,
+                held_body_bytes: 0,
+            },
+            WorkerReport {
+                connections_accepted: 3,
+                connections_open: 0,
+                held_body_bytes: 512,
+            },
+        ];
+        let ejected: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        let health = HealthReport {
+            ejections_begun: 4,
+            ejected: vec![ejected],
+        };
+        let text = render(&Sources {
+            router: &router,
+            workers: &workers,
+            health: &health,
+            snapshot: Some((12, Instant::now())),
+            dataplane: None,
+        })
+        .unwrap();
+        let scrape = parse(&text);
+        let accepted = "xlb_proxy_connections_accepted_total";
+        assert_eq!(value(&scrape, accepted, Some(("worker", "1"))), 3.0);
+        let held = "xlb_proxy_held_body_bytes";
+        assert_eq!(value(&scrape, held, Some(("worker", "1"))), 512.0);
+        assert_eq!(value(&scrape, "xlb_upstream_ejections_total", None), 4.0);
+        let upstream = ("upstream", "10.0.0.9:8080");
+        assert_eq!(value(&scrape, "xlb_upstream_ejected", Some(upstream)), 1.0);
+        assert_eq!(value(&scrape, "xlb_route_table_version", None), 12.0);
+        assert!(!text.contains("xlb_xdp_"), "{text}");
+        for line in text.lines().filter(|line| line.starts_with("# TYPE")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(name.starts_with("xlb_"), "{line}");
+            if line.ends_with(" counter") {
+                assert!(name.ends_with("_total"), "{line}");
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@ use foldhash::HashMap;
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Mutex, MutexGuard, PoisonError,
     },
     time::{Duration, Instant},
@@ -43,6 +43,8 @@ pub struct PassiveHealth {
     ejections: Mutex<HashMap<SocketAddr, Ejection>>,
     /// Whether `ejections` has entries, so that requests skip the lock while all is well.
     any_records: AtomicBool,
+    /// Ejections begun since the start.
+    ejections_begun: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +59,7 @@ impl PassiveHealth {
             periods,
             ejections: Mutex::new(HashMap::default()),
             any_records: AtomicBool::new(false),
+            ejections_begun: AtomicU64::new(0),
         }
     }
 
@@ -80,6 +83,7 @@ impl PassiveHealth {
             },
         );
         self.any_records.store(true, Ordering::Release);
+        self.ejections_begun.fetch_add(1, Ordering::Relaxed);
         warn!(%addr, ?period, "upstream endpoint failed: ejected");
     }
 
@@ -94,6 +98,23 @@ impl PassiveHealth {
         }
         self.any_records
             .store(!ejections.is_empty(), Ordering::Release);
+    }
+
+    /// Ejections begun since the start.
+    pub fn ejections_begun(&self) -> u64 {
+        self.ejections_begun.load(Ordering::Relaxed)
+    }
+
+    /// The endpoints ejected at `now`, sorted.
+    pub fn ejected(&self, now: Instant) -> Vec<SocketAddr> {
+        let mut ejected: Vec<SocketAddr> = self
+            .lock()
+            .iter()
+            .filter(|(_, ejection)| now < ejection.until)
+            .map(|(addr, _)| *addr)
+            .collect();
+        ejected.sort();
+        ejected
     }
 
     #[cfg(test)]

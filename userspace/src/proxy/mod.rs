@@ -97,8 +97,8 @@ pub use router::{Routed, Router, ServiceRoute};
 pub use tls::{HttpsListener, TlsTermination};
 pub use upstream::PoolSettings;
 pub use workers::{
-    any_address, bind_reuseport, BoundWorkers, ProxyPorts, RunningWorkers, WorkerReport,
-    WorkerStats,
+    any_address, bind_reuseport, BoundWorkers, HealthReport, ProxyPorts, RunningWorkers,
+    WorkerReport, WorkerStats,
 };
 
 use access_log::AccessLog;

@@ -268,6 +268,7 @@ mod tests {
         let text = crate::metrics::render(&crate::metrics::Sources {
             router: &proxy.router,
             workers: &[],
+            health: &Default::default(),
             snapshot: None,
             dataplane: None,
         })

@@ -16,6 +16,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, OnceLock,
     },
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -25,8 +26,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    held_bodies::HeldBodies, serve_worker, AccessLogWriter, HttpsListener, Listeners,
-    ProxySettings, ProxyShared, Router, TlsTermination,
+    health::PassiveHealth, held_bodies::HeldBodies, serve_worker, AccessLogWriter, HttpsListener,
+    Listeners, ProxySettings, ProxyShared, Router, TlsTermination,
 };
 
 /// Pending connections the kernel queues per worker socket (tokio's own `bind` default).
@@ -52,10 +53,21 @@ struct WorkerSockets {
     https: Option<std::net::TcpListener>,
 }
 
-/// What each worker has done, for the admin endpoint's `/stats`.
+/// What each worker has done, for the admin endpoint's `/stats`, and the passive health they
+/// share, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     workers: Vec<Arc<WorkerCounters>>,
+    /// Set once the workers start.
+    health: OnceLock<Arc<PassiveHealth>>,
+}
+
+/// Passive health as reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthReport {
+    pub ejections_begun: u64,
+    /// The endpoints ejected now.
+    pub ejected: Vec<SocketAddr>,
 }
 
 /// One worker's counters.
@@ -80,7 +92,18 @@ impl WorkerStats {
     fn new(workers: usize) -> Self {
         Self {
             workers: (0..workers).map(|_| Arc::default()).collect(),
+            health: OnceLock::new(),
         }
+    }
+
+    pub fn health(&self) -> HealthReport {
+        self.health
+            .get()
+            .map(|health| HealthReport {
+                ejections_begun: health.ejections_begun(),
+                ejected: health.ejected(Instant::now()),
+            })
+            .unwrap_or_default()
     }
 
     pub fn report(&self) -> Vec<WorkerReport> {
@@ -182,6 +205,7 @@ impl BoundWorkers {
         shutdown: CancellationToken,
     ) -> anyhow::Result<RunningWorkers> {
         let (shared, access_log_writer) = ProxyShared::open(settings)?;
+        let _ = self.stats.health.set(Arc::clone(&shared.health));
         let shared = Arc::new(shared);
         let mut finished = Vec::new();
         for (index, sockets) in self.sockets.into_iter().enumerate() {
@@ -474,6 +498,26 @@ mod tests {
             .report()
             .iter()
             .all(|worker| worker.connections_open == 0));
+    }
+
+    /// The workers' shared passive health is reported for `/metrics`: an endpoint that
+    /// refused a connection is ejected, and the request went on to the other one.
+    #[tokio::test]
+    async fn the_endpoints_passive_health_ejected_are_reported() {
+        let backend = EchoBackend::start().await;
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let workers = RunningWorkers::start(1, &[("app", &[dead, backend.addr])]);
+        assert_eq!(workers.stats.health(), HealthReport::default());
+        let mut client = TestClient::connect(workers.addr).await;
+        for _ in 0..2 {
+            assert_eq!(client.get("app", "/").await.status, 200);
+        }
+        let health = workers.stats.health();
+        assert_eq!(health.ejected, vec![dead]);
+        assert_eq!(health.ejections_begun, 1);
     }
 
     /// The shutdown takes no new connections, but those already accepted are not dropped
