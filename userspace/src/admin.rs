@@ -1,5 +1,5 @@
 //! The admin endpoint on Interlock's `ListenAddr`: `GET /health`, `GET /routes`, `GET /stats`,
-//! and `GET /metrics` (Prometheus, see [`crate::metrics`]).
+//! `GET /metrics` (Prometheus, see [`crate::metrics`]), and at `/` a dashboard that reads them.
 
 use std::{
     collections::BTreeMap,
@@ -89,11 +89,23 @@ async fn serve_within(
     endpoint::serve(listener, limits, shutdown, "admin endpoint", answer).await;
 }
 
+/// The dashboard: one page, its script and styles inline, polling the endpoints above.
+const DASHBOARD: &str = include_str!("dashboard/index.html");
+
+/// The dashboard loads nothing but itself and what it fetches from this endpoint.
+const DASHBOARD_POLICY: &str =
+    "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'";
+
 fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match request.uri().path() {
+        "/" => Response::builder()
+            .header(http::header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .header(http::header::CONTENT_SECURITY_POLICY, DASHBOARD_POLICY)
+            .body(Full::new(Bytes::from_static(DASHBOARD.as_bytes())))
+            .expect("static headers are valid"),
         "/health" => text(StatusCode::OK, "ok\n"),
         "/routes" => {
             let mut routes = serde_json::to_value(&**state.routes.load()).unwrap_or_default();
@@ -108,7 +120,7 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
         "/metrics" => prometheus_metrics(state),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /health, /routes, /stats or /metrics\n",
+            "not found: try /, /health, /routes, /stats or /metrics\n",
         ),
     }
 }

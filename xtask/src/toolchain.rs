@@ -28,9 +28,10 @@ pub const RUNTIME_PACKAGES: &[&str] = &[
     "nghttp2-client",
 ];
 /// Debian packages only the test suite needs: `vagrant`, whose `vagrant validate` checks the
-/// Vagrantfile (no VM can boot on these machines), and `systemd`, whose `systemd-analyze
-/// verify` checks the units.
-pub const TEST_PACKAGES: &[&str] = &["systemd", "vagrant"];
+/// Vagrantfile (no VM can boot on these machines), `systemd`, whose `systemd-analyze verify`
+/// checks the units, and `chromium`, in which the dashboard test loads the admin page,
+/// headless.
+pub const TEST_PACKAGES: &[&str] = &["systemd", "vagrant", "chromium"];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
