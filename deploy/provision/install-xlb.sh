@@ -8,7 +8,7 @@ set -eu
 role=$1
 shift
 share=/vagrant
-install -m 0755 "$share/target/release/xlb" /usr/local/bin/xlb
+install -m 0755 "$share/target/release/xlb" /usr/bin/xlb
 install -d -m 0755 /etc/xlb
 install -m 0644 "$share/deploy/cluster/config.toml" /etc/xlb/config.toml
 install -m 0600 "$share/.cluster/xlb.token" /etc/xlb/token

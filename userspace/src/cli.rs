@@ -36,6 +36,9 @@ enum Command {
     },
     /// Print a completion script for SHELL to standard output.
     Completions { shell: clap_complete::Shell },
+    /// Print the xlb(1) man page (roff) to standard output: how the package makes it.
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// What a node serving traffic is told: `xlb run` and `xlb proxy` alike.
@@ -116,6 +119,10 @@ impl Cli {
                 clap_complete::generate(shell, &mut command, "xlb", &mut std::io::stdout());
                 Ok(())
             }
+            Command::Manpage => {
+                clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+                Ok(())
+            }
         }
     }
 }
@@ -148,6 +155,23 @@ mod tests {
         let script = String::from_utf8(script).unwrap();
         for subcommand in ["run", "controller", "proxy", "check-config", "completions"] {
             assert!(script.contains(subcommand), "{subcommand} missing");
+        }
+    }
+
+    #[test]
+    fn the_man_page_names_the_command_and_its_subcommands() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut page)
+            .unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(page.starts_with(".ie"), "roff: {}", &page[..40]);
+        assert!(page.contains(".TH xlb 1"), "{page}");
+        for subcommand in ["run", "controller", "proxy", "check\\-config"] {
+            assert!(
+                page.contains(subcommand),
+                "{subcommand} missing from the man page"
+            );
         }
     }
 }
