@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::{check_config, controller, daemon, logging};
+use crate::{
+    admin_client::{self, AdminUrl},
+    check_config, controller, daemon, logging,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,11 +37,38 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Ask a running xlb's admin endpoint how it is doing: the snapshot served, the proxy's
+    /// workers, XDP's counters, the L4 connection table.
+    Status(AdminArgs),
+    /// Ask a running xlb's admin endpoint what it routes: hosts and context roots to services
+    /// and endpoints, the default backend, disabled services, L4 listeners.
+    Routes(AdminArgs),
     /// Print a completion script for SHELL to standard output.
     Completions { shell: clap_complete::Shell },
     /// Print the xlb(1) man page (roff) to standard output: how the package makes it.
     #[command(hide = true)]
     Manpage,
+}
+
+/// Which xlb `xlb status` and `xlb routes` ask, and how they answer.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The admin endpoint, `http://HOST:PORT`; by default the config's ListenAddr (on
+    /// 127.0.0.1 when it names no address).
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// The config whose ListenAddr is the admin endpoint, unless --admin is given.
+    #[arg(long, short = 'c', value_name = "FILE", default_value = admin_client::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Print the endpoint's JSON as received instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl AdminArgs {
+    fn admin_url(&self) -> anyhow::Result<AdminUrl> {
+        AdminUrl::locate(self.admin.as_deref(), &self.config)
+    }
 }
 
 /// What a node serving traffic is told: `xlb run` and `xlb proxy` alike.
@@ -114,6 +144,14 @@ impl Cli {
                 print!("{}", check_config::check(&file)?);
                 Ok(())
             }
+            Command::Status(args) => {
+                print!("{}", admin_client::status(&args.admin_url()?, args.json)?);
+                Ok(())
+            }
+            Command::Routes(args) => {
+                print!("{}", admin_client::routes(&args.admin_url()?, args.json)?);
+                Ok(())
+            }
             Command::Completions { shell } => {
                 let mut command = Cli::command();
                 clap_complete::generate(shell, &mut command, "xlb", &mut std::io::stdout());
@@ -143,6 +181,24 @@ mod tests {
     }
 
     #[test]
+    fn status_and_routes_default_to_the_installed_config() {
+        let cli = Cli::try_parse_from(["xlb", "routes"]).unwrap();
+        let Command::Routes(args) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.config, PathBuf::from("/etc/xlb/config.toml"));
+        assert!(args.admin.is_none() && !args.json);
+        let cli =
+            Cli::try_parse_from(["xlb", "status", "--admin", "http://10.0.0.2:8080", "--json"])
+                .unwrap();
+        let Command::Status(args) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.admin.as_deref(), Some("http://10.0.0.2:8080"));
+        assert!(args.json);
+    }
+
+    #[test]
     fn the_cli_is_consistent_and_completions_name_every_subcommand() {
         Cli::command().debug_assert();
         let mut script = Vec::new();
@@ -153,7 +209,15 @@ mod tests {
             &mut script,
         );
         let script = String::from_utf8(script).unwrap();
-        for subcommand in ["run", "controller", "proxy", "check-config", "completions"] {
+        for subcommand in [
+            "run",
+            "controller",
+            "proxy",
+            "check-config",
+            "status",
+            "routes",
+            "completions",
+        ] {
             assert!(script.contains(subcommand), "{subcommand} missing");
         }
     }
