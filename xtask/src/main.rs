@@ -7,6 +7,7 @@ mod cluster;
 mod demo;
 mod exec;
 mod fuzz_xdp;
+mod package;
 mod test;
 mod toolchain;
 
@@ -31,6 +32,8 @@ enum Command {
     Test(test::Options),
     /// Measure xlb against nginx, HAProxy, kernel NAT and direct, side by side (as root).
     Bench(bench::Options),
+    /// Build the .deb for load-balancer nodes into target/debian (cargo-deb).
+    Package(package::Options),
     /// Fuzz the XDP program with N seeded random and mutated frames (BPF_PROG_TEST_RUN).
     FuzzXdp(fuzz_xdp::Options),
 }
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster(options) => cluster::run(&options),
         Command::Test(options) => test::run(&options),
         Command::FuzzXdp(options) => fuzz_xdp::run(&options),
+        Command::Package(options) => package::run(&options).map(|_| ()),
         Command::Bench(options) => bench::run(&options).map(|_| ()),
     }
 }

@@ -10,8 +10,8 @@ use anyhow::{bail, Context as _};
 
 use crate::{
     bench, build_ebpf,
-    exec::{describe, exec, workspace_root},
-    toolchain,
+    exec::{describe, workspace_root},
+    package, toolchain,
 };
 
 #[derive(Debug, clap::Args)]
@@ -26,12 +26,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     toolchain::ensure_packages(toolchain::RUNTIME_PACKAGES)?;
     toolchain::ensure_packages(toolchain::TEST_PACKAGES)?;
     build_ebpf::run(&build_ebpf::Options { release: true })?;
-    // The end-to-end tests run the real `xlb` binary, found next to their own directory.
-    exec(
-        Command::new(env!("CARGO"))
-            .current_dir(workspace_root())
-            .args(["build", "-p", "xlb", "--bins"]),
-    )?;
+    // The end-to-end tests run the real `xlb` binary, found next to their own directory, and
+    // the package test installs the .deb made of it: packaging builds it first.
+    package::run(&package::Options {
+        profile: "dev".to_owned(),
+    })?;
     run_tests(
         Command::new(env!("CARGO"))
             .current_dir(workspace_root())

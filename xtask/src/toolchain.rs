@@ -156,3 +156,33 @@ pub fn ensure_oha() -> anyhow::Result<PathBuf> {
     .context("building oha failed (it needs crates.io)")?;
     Ok(binary)
 }
+
+/// cargo-deb, which `cargo xtask package` builds the .deb with.
+pub const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// The `cargo-deb` binary, built from crates.io into the tools cache on first use (about 3
+/// minutes).
+pub fn ensure_cargo_deb() -> anyhow::Result<PathBuf> {
+    let root = tools_dir().join(format!("cargo-deb-{CARGO_DEB_VERSION}"));
+    let binary = root.join("bin/cargo-deb");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    eprintln!(
+        "xtask: building cargo-deb {CARGO_DEB_VERSION} into {} (once, about 3 minutes)",
+        root.display()
+    );
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+                "--locked",
+            ])
+            .arg("--root")
+            .arg(&root),
+    )
+    .context("building cargo-deb failed (it needs crates.io)")?;
+    Ok(binary)
+}
