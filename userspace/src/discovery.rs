@@ -19,7 +19,8 @@ use crate::{
     l4::service::{l4_route_table, L4RouteTable},
     routes::{route_table, Route, RouteSettings, RouteTable},
     snapshot::{publish_if_changed, SnapshotSender},
-    swarm::{Swarm, SwarmSnapshot},
+    standalone::snapshot_of_containers,
+    swarm::{EngineMode, Swarm, SwarmSnapshot},
 };
 
 /// How often Swarm is read while tasks are settling after an event: a task that Swarm reports
@@ -49,6 +50,7 @@ impl Discovery {
     /// `snapshots`.
     pub async fn run(self, snapshots: SnapshotSender, shutdown: CancellationToken) {
         let mut swarm: Option<Swarm> = None;
+        let mut mode: Option<EngineMode> = None;
         let mut events: Option<Events> = None;
         let mut events_retry = Instant::now();
         let mut schedule = ReadSchedule::new(self.interval);
@@ -104,7 +106,7 @@ impl Discovery {
                 events = Some(connected.events());
                 schedule.event(Instant::now());
             }
-            match connected.snapshot().await {
+            match read_engine(&connected, &mut mode).await {
                 Ok(swarm_snapshot) => {
                     self.publish(&swarm_snapshot, &snapshots);
                     schedule.read(Instant::now(), swarm_snapshot.settling());
@@ -121,6 +123,8 @@ impl Discovery {
     }
 
     /// Builds the tables of one Swarm snapshot and publishes them if they changed.
+    ///
+    /// (A plain engine's containers come as a snapshot of one-task services.)
     fn publish(&self, swarm: &SwarmSnapshot, snapshots: &SnapshotSender) {
         let l7 = route_table(swarm, &self.route_settings);
         let l4 = l4_route_table(swarm, &self.reserved_ports);
@@ -322,5 +326,34 @@ mod tests {
         tokio::time::advance(SETTLING_AT_MOST).await;
         schedule.read(Instant::now(), true);
         assert_eq!(schedule.next_read(), Instant::now() + POLL_INTERVAL);
+    }
+}
+
+/// Reads the engine: Swarm's services, tasks and nodes, or a plain engine's containers as
+/// services of one task each; says so when what the engine is changes (`mode`, the last).
+async fn read_engine(
+    engine: &Swarm,
+    mode: &mut Option<EngineMode>,
+) -> Result<SwarmSnapshot, crate::swarm::SwarmError> {
+    let now = engine.mode().await?;
+    if *mode != Some(now) {
+        match now {
+            EngineMode::Swarm => {
+                tracing::info!("the engine is in Swarm mode: routing its services")
+            }
+            EngineMode::Standalone => tracing::info!(
+                address = %engine.engine_addr(),
+                "the engine is not in Swarm mode: routing its containers (docker run -p), \
+                 their published ports on this address"
+            ),
+        }
+        *mode = Some(now);
+    }
+    match now {
+        EngineMode::Swarm => engine.snapshot().await,
+        EngineMode::Standalone => {
+            let containers = engine.running_containers().await?;
+            Ok(snapshot_of_containers(&containers, engine.engine_addr()))
+        }
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! - [`config`]: Interlock's `config.toml`, accepted as it is.
 //! - [`extension`]: the `[Extensions.<name>]` served, and what its keys become.
-//! - [`swarm`]: the Docker API (bollard), read into a snapshot of Swarm.
+//! - [`swarm`]: the Docker API (bollard), read into a snapshot of Swarm; [`standalone`]: a
+//!   plain engine's containers read as one-task services.
 //! - [`discovery`]: polls Swarm and publishes the route tables when they change.
 //! - [`routes`]: Swarm snapshot → route table, pure and tested without Docker.
 //! - [`snapshot`]: the versioned route tables that cross from discovery to the nodes.
@@ -59,5 +60,6 @@ pub mod privileges;
 pub mod proxy;
 pub mod routes;
 pub mod snapshot;
+pub mod standalone;
 pub mod swarm;
 pub mod tls_policy;

@@ -5,11 +5,17 @@
 //! node, so [`crate::discovery`] reads everything again after each event, while tasks are
 //! settling, and every `PollInterval` in any case.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use bollard::{
-    models::{EventMessage, Node, Service, Task, TaskState},
-    query_parameters::{EventsOptions, ListNodesOptions, ListServicesOptions, ListTasksOptions},
+    models::{ContainerSummary, EventMessage, LocalNodeState, Node, Service, Task, TaskState},
+    query_parameters::{
+        EventsOptions, ListContainersOptions, ListNodesOptions, ListServicesOptions,
+        ListTasksOptions,
+    },
     Docker, API_DEFAULT_VERSION,
 };
 use futures_util::{stream::BoxStream, StreamExt};
@@ -83,10 +89,23 @@ pub enum SwarmError {
     },
 }
 
-/// A connection to a Swarm manager's Docker API.
+/// What the engine at the Docker URL is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineMode {
+    /// In Swarm mode: its services are routed (on a worker, listing them fails).
+    Swarm,
+    /// A plain engine, not in Swarm mode: its containers are routed (see
+    /// [`crate::standalone`]).
+    Standalone,
+}
+
+/// A connection to a Swarm manager's Docker API, or a plain engine's.
 #[derive(Debug, Clone)]
 pub struct Swarm {
     docker: Docker,
+    /// Where a plain engine's published ports are reached: the host of a `tcp://` URL, this
+    /// machine's loopback for a `unix://` one.
+    engine_addr: IpAddr,
 }
 
 impl Swarm {
@@ -97,20 +116,64 @@ impl Swarm {
             url: url.to_owned(),
             source,
         };
-        let docker = if let Some(path) = url.strip_prefix("unix://") {
-            Docker::connect_with_unix(path, API_TIMEOUT_SECS, API_DEFAULT_VERSION)
+        let (docker, engine_addr) = if let Some(path) = url.strip_prefix("unix://") {
+            let docker = Docker::connect_with_unix(path, API_TIMEOUT_SECS, API_DEFAULT_VERSION);
+            (docker, IpAddr::V4(Ipv4Addr::LOCALHOST))
         } else if let Some(addr) = url.strip_prefix("tcp://") {
-            Docker::connect_with_http(
+            let docker = Docker::connect_with_http(
                 &format!("http://{addr}"),
                 API_TIMEOUT_SECS,
                 API_DEFAULT_VERSION,
-            )
+            );
+            let engine_addr = tokio::net::lookup_host(addr)
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| SwarmError::BadUrl(url.to_owned()))?
+                .ip();
+            (docker, engine_addr)
         } else {
             return Err(SwarmError::BadUrl(url.to_owned()));
-        }
-        .map_err(connect_error)?;
+        };
+        let docker = docker.map_err(connect_error)?;
         let docker = docker.negotiate_version().await.map_err(connect_error)?;
-        Ok(Self { docker })
+        Ok(Self {
+            docker,
+            engine_addr,
+        })
+    }
+
+    /// Whether the engine is in Swarm mode, asked each time: an engine may join or leave.
+    pub async fn mode(&self) -> Result<EngineMode, SwarmError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|source| SwarmError::List {
+                what: "the engine's state",
+                source,
+            })?;
+        let state = info.swarm.and_then(|swarm| swarm.local_node_state);
+        Ok(match state {
+            Some(LocalNodeState::INACTIVE) => EngineMode::Standalone,
+            _ => EngineMode::Swarm,
+        })
+    }
+
+    /// The containers running on a plain engine.
+    pub async fn running_containers(&self) -> Result<Vec<ContainerSummary>, SwarmError> {
+        self.docker
+            .list_containers(None::<ListContainersOptions>)
+            .await
+            .map_err(|source| SwarmError::List {
+                what: "containers",
+                source,
+            })
+    }
+
+    /// Where a plain engine's published ports are reached.
+    pub fn engine_addr(&self) -> IpAddr {
+        self.engine_addr
     }
 
     /// Reads the services, the tasks that should be running, and the nodes.
