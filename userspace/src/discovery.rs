@@ -271,6 +271,35 @@ impl ReadSchedule {
     }
 }
 
+/// Reads the engine: Swarm's services, tasks and nodes, or a plain engine's containers as
+/// services of one task each; says so when what the engine is changes (`mode`, the last).
+async fn read_engine(
+    engine: &Swarm,
+    mode: &mut Option<EngineMode>,
+) -> Result<SwarmSnapshot, crate::swarm::SwarmError> {
+    let now = engine.mode().await?;
+    if *mode != Some(now) {
+        match now {
+            EngineMode::Swarm => {
+                tracing::info!("the engine is in Swarm mode: routing its services")
+            }
+            EngineMode::Standalone => tracing::info!(
+                address = %engine.engine_addr(),
+                "the engine is not in Swarm mode: routing its containers (docker run -p), \
+                 their published ports on this address"
+            ),
+        }
+        *mode = Some(now);
+    }
+    match now {
+        EngineMode::Swarm => engine.snapshot().await,
+        EngineMode::Standalone => {
+            let containers = engine.running_containers().await?;
+            Ok(snapshot_of_containers(&containers, engine.engine_addr()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,34 +355,5 @@ mod tests {
         tokio::time::advance(SETTLING_AT_MOST).await;
         schedule.read(Instant::now(), true);
         assert_eq!(schedule.next_read(), Instant::now() + POLL_INTERVAL);
-    }
-}
-
-/// Reads the engine: Swarm's services, tasks and nodes, or a plain engine's containers as
-/// services of one task each; says so when what the engine is changes (`mode`, the last).
-async fn read_engine(
-    engine: &Swarm,
-    mode: &mut Option<EngineMode>,
-) -> Result<SwarmSnapshot, crate::swarm::SwarmError> {
-    let now = engine.mode().await?;
-    if *mode != Some(now) {
-        match now {
-            EngineMode::Swarm => {
-                tracing::info!("the engine is in Swarm mode: routing its services")
-            }
-            EngineMode::Standalone => tracing::info!(
-                address = %engine.engine_addr(),
-                "the engine is not in Swarm mode: routing its containers (docker run -p), \
-                 their published ports on this address"
-            ),
-        }
-        *mode = Some(now);
-    }
-    match now {
-        EngineMode::Swarm => engine.snapshot().await,
-        EngineMode::Standalone => {
-            let containers = engine.running_containers().await?;
-            Ok(snapshot_of_containers(&containers, engine.engine_addr()))
-        }
     }
 }
