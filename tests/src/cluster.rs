@@ -197,6 +197,21 @@ impl SeedCluster {
         self.spawn(&self.lbs[lb], LOAD_BALANCERS[lb], &args, &self.config)
     }
 
+    /// `xlb proxy --controllers-on-managers` on lb-0`lb`, without XDP: it finds the
+    /// controllers' addresses by asking its own (worker) engine for the managers', as a proxy
+    /// run as a Swarm service does.
+    pub fn proxy_finding_controllers(&self, lb: usize) -> Result<Process> {
+        let name = LOAD_BALANCERS[lb];
+        let config = std::fs::read_to_string(&self.config)?.replace(
+            "DockerURL = \"unix:///var/run/docker.sock\"",
+            &format!("DockerURL = \"{}\"", self.engine(name).host_url()),
+        );
+        let path = self.scratch.path().join(format!("config-{name}.toml"));
+        std::fs::write(&path, config)?;
+        let args = ["proxy", "--no-xdp", "--controllers-on-managers"];
+        self.spawn(&self.lbs[lb], name, &args, &path)
+    }
+
     /// The logs of the xlb processes named `names`.
     pub fn logs(&self, names: &[&str]) -> String {
         names

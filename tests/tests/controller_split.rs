@@ -2,8 +2,9 @@
 //! managers, lb-00 and lb-01 joined as workers and labelled `nodetype=loadbalancer` with the
 //! seed's own command, and three more workers; each node its own namespace and engine.
 //! `xlb controller` on manager-0 reads Docker and serves snapshots; `xlb proxy` on lb-00 and
-//! lb-01, whose worker engines cannot list services and which have no Docker client at all,
-//! route the seed's service from the snapshots alone. Requests without the token are refused;
+//! lb-01, whose worker engines cannot list services, route the seed's service from the
+//! snapshots alone (lb-00 given the controllers, lb-01 finding them on the managers its engine
+//! knows). Requests without the token are refused;
 //! scaling reaches both proxies; with the controller killed the proxies keep serving, and
 //! manager-1's controller takes over.
 
@@ -51,8 +52,20 @@ fn wait_for_both(cluster: &SeedCluster, count: usize) {
 fn proxies_route_from_the_controllers_alone_and_survive_the_controller() {
     let cluster = start_cluster();
     let mut controller = cluster.controller(0).unwrap();
-    let _proxies: [Process; 2] = [0, 1].map(|lb| cluster.proxy(lb, false).unwrap());
+    // lb-01's proxy finds the controllers by itself: the managers its engine knows.
+    let _proxies: [Process; 2] = [
+        cluster.proxy(0, false).unwrap(),
+        cluster.proxy_finding_controllers(1).unwrap(),
+    ];
     wait_for_both(&cluster, 1);
+    let found = cluster.logs(&[LOAD_BALANCERS[1]]);
+    let expected: Vec<String> = cluster.controller_urls();
+    assert!(
+        found.contains(&format!(
+            "controllers on the Swarm's managers controllers={expected:?}"
+        )),
+        "{found}"
+    );
     for (lb, name) in LOAD_BALANCERS.iter().enumerate() {
         let response = cluster.get(lb).unwrap();
         assert_eq!(response.header("x-proxy-id"), Some(*name), "{response:?}");

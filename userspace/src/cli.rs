@@ -126,8 +126,13 @@ pub struct ProxyArgs {
     pub node: NodeArgs,
     /// A controller's address, `http://HOST:PORT` (its ListenAddr); repeat it for several:
     /// the proxy moves to the next when one fails.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "controllers_on_managers")]
     pub controller: Vec<String>,
+    /// The controllers are on the Swarm's managers, at the config's ListenAddr port: their
+    /// addresses are read from this node's engine (DockerURL), as when the proxy runs as a
+    /// Swarm service beside the controller's.
+    #[arg(long, conflicts_with = "controller")]
+    pub controllers_on_managers: bool,
     /// A file holding the controllers' token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,

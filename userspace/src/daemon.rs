@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use tokio::{net::TcpListener, signal::unix::SignalKind};
@@ -37,6 +37,7 @@ use crate::{
     privileges,
     proxy::{self, BoundWorkers, CertificateStore, ProxyPorts, Router, TlsTermination},
     snapshot,
+    swarm::Swarm,
     tls_policy::TlsPolicy,
 };
 
@@ -72,8 +73,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
-    let controllers = args
-        .controller
+    let urls = if args.controllers_on_managers {
+        controllers_on_managers(&args.node.config)?
+    } else {
+        args.controller.clone()
+    };
+    let controllers = urls
         .iter()
         .map(|url| ControllerUrl::parse(url))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -84,6 +89,41 @@ pub fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
             token_file: args.token_file,
         },
     )
+}
+
+/// `http://MANAGER:PORT` for each manager this node's engine knows (`docker info`'s
+/// RemoteManagers), PORT being the config's ListenAddr port, where the controllers listen.
+fn controllers_on_managers(config_path: &Path) -> anyhow::Result<Vec<String>> {
+    let config = config::load(config_path)?;
+    let port = config
+        .listen_addr
+        .with_context(|| {
+            format!(
+                "--controllers-on-managers: {} has no ListenAddr, the controllers' port",
+                config_path.display()
+            )
+        })?
+        .port();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let managers = runtime.block_on(async {
+        let engine = Swarm::connect(&config.docker_url).await?;
+        engine.manager_addresses().await
+    })?;
+    if managers.is_empty() {
+        bail!(
+            "--controllers-on-managers: the engine at {} knows no Swarm manager (is this node in a Swarm?)",
+            config.docker_url
+        );
+    }
+    let urls: Vec<String> = managers
+        .iter()
+        .map(|manager| format!("http://{}", SocketAddr::new(*manager, port)))
+        .collect();
+    tracing::info!(controllers = ?urls, "controllers on the Swarm's managers");
+    Ok(urls)
 }
 
 fn run_node(args: &NodeArgs, source: SnapshotSource) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use bollard::{
@@ -158,6 +158,30 @@ impl Swarm {
             Some(LocalNodeState::INACTIVE) => EngineMode::Standalone,
             _ => EngineMode::Swarm,
         })
+    }
+
+    /// The addresses of the Swarm's managers, as this node's engine knows them.
+    pub async fn manager_addresses(&self) -> Result<Vec<IpAddr>, SwarmError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|source| SwarmError::List {
+                what: "the engine's state",
+                source,
+            })?;
+        let managers = info
+            .swarm
+            .and_then(|swarm| swarm.remote_managers)
+            .unwrap_or_default();
+        let mut addresses: Vec<IpAddr> = managers
+            .iter()
+            .filter_map(|manager| manager.addr.as_deref()?.parse::<SocketAddr>().ok())
+            .map(|addr| addr.ip())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
     }
 
     /// The containers running on a plain engine.
