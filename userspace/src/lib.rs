@@ -24,8 +24,8 @@
 //!   [`dataplane_error`]: what can go wrong with it and its maps.
 //! - [`port_bitmap`]: the program's port bitmaps (L4 service ports, the L7 proxy's ports).
 //! - [`admin`]: the small admin HTTP endpoint on `ListenAddr` (`/health`, `/routes`, `/stats`,
-//!   `/metrics`, a dashboard at `/`); [`admin_client`]: `xlb status` and `xlb routes`, asking it
-//!   and printing its answers.
+//!   `/metrics`, a dashboard at `/`); [`admin_client`]: `xlb status` and `xlb routes`, asking it,
+//!   and [`admin_report`], their answers as tables.
 //! - [`metrics`]: `/metrics` in the Prometheus text format, read at scrape time.
 //! - [`endpoint`]: what the admin endpoint and the controller's share (accept, answers).
 //! - [`daemon`]: `xlb run` and `xlb proxy`, wiring the above together.
@@ -37,6 +37,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod admin_report;
 pub mod build_info;
 pub mod check_config;
 pub mod cli;
