@@ -1,10 +1,12 @@
 //! How an `xlb proxy` gets its [`Snapshot`]s: it long-polls a controller's `/snapshot`
 //! ([`crate::controller`]) and publishes each new one to its node ([`crate::node`]). It talks to
 //! one controller at a time and moves to the next when that one fails; with every controller
-//! down it keeps the last snapshot, so the node keeps serving what it was serving.
+//! down it keeps the last snapshot, so the node keeps serving what it was serving. The
+//! controllers are given, or found on the Swarm's managers ([`controllers_on_managers`]).
 
 use std::{
     net::SocketAddr,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,8 +21,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config,
     controller::LONG_POLL,
     snapshot::{Snapshot, SnapshotSender},
+    swarm::Swarm,
 };
 
 /// How long connecting to a controller may take.
@@ -61,6 +65,41 @@ impl ControllerUrl {
             authority: authority.as_str().to_owned(),
         })
     }
+}
+
+/// `http://MANAGER:PORT` for each manager this node's engine knows (`docker info`'s
+/// RemoteManagers), PORT being the config's ListenAddr port, where the controllers listen.
+pub fn controllers_on_managers(config_path: &Path) -> anyhow::Result<Vec<String>> {
+    let config = config::load(config_path)?;
+    let port = config
+        .listen_addr
+        .with_context(|| {
+            format!(
+                "--controllers-on-managers: {} has no ListenAddr, the controllers' port",
+                config_path.display()
+            )
+        })?
+        .port();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let managers = runtime.block_on(async {
+        let engine = Swarm::connect(&config.docker_url).await?;
+        engine.manager_addresses().await
+    })?;
+    if managers.is_empty() {
+        bail!(
+            "--controllers-on-managers: the engine at {} knows no Swarm manager (is this node in a Swarm?)",
+            config.docker_url
+        );
+    }
+    let urls: Vec<String> = managers
+        .iter()
+        .map(|manager| format!("http://{}", SocketAddr::new(*manager, port)))
+        .collect();
+    tracing::info!(controllers = ?urls, "controllers on the Swarm's managers");
+    Ok(urls)
 }
 
 /// What the proxy knows of its controllers, for `/routes`.

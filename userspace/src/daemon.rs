@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use tokio::{net::TcpListener, signal::unix::SignalKind};
@@ -20,7 +20,7 @@ use crate::{
     admin::{self, AdminState},
     cli::{NodeArgs, ProxyArgs, RunArgs},
     config::{self, Config, Extension, ProxyConfig, WorkerProcesses},
-    controller_feed::{ControllerFeed, ControllerUrl},
+    controller_feed::{self, ControllerFeed, ControllerUrl},
     dataplane::{Attachment, Dataplane},
     discovery::Discovery,
     extension::{l7_ports, proxy_settings, route_settings, select_extension},
@@ -37,7 +37,6 @@ use crate::{
     privileges,
     proxy::{self, BoundWorkers, CertificateStore, ProxyPorts, Router, TlsTermination},
     snapshot,
-    swarm::Swarm,
     tls_policy::TlsPolicy,
 };
 
@@ -74,7 +73,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 pub fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let urls = if args.controllers_on_managers {
-        controllers_on_managers(&args.node.config)?
+        controller_feed::controllers_on_managers(&args.node.config)?
     } else {
         args.controller.clone()
     };
@@ -89,41 +88,6 @@ pub fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
             token_file: args.token_file,
         },
     )
-}
-
-/// `http://MANAGER:PORT` for each manager this node's engine knows (`docker info`'s
-/// RemoteManagers), PORT being the config's ListenAddr port, where the controllers listen.
-fn controllers_on_managers(config_path: &Path) -> anyhow::Result<Vec<String>> {
-    let config = config::load(config_path)?;
-    let port = config
-        .listen_addr
-        .with_context(|| {
-            format!(
-                "--controllers-on-managers: {} has no ListenAddr, the controllers' port",
-                config_path.display()
-            )
-        })?
-        .port();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let managers = runtime.block_on(async {
-        let engine = Swarm::connect(&config.docker_url).await?;
-        engine.manager_addresses().await
-    })?;
-    if managers.is_empty() {
-        bail!(
-            "--controllers-on-managers: the engine at {} knows no Swarm manager (is this node in a Swarm?)",
-            config.docker_url
-        );
-    }
-    let urls: Vec<String> = managers
-        .iter()
-        .map(|manager| format!("http://{}", SocketAddr::new(*manager, port)))
-        .collect();
-    tracing::info!(controllers = ?urls, "controllers on the Swarm's managers");
-    Ok(urls)
 }
 
 fn run_node(args: &NodeArgs, source: SnapshotSource) -> anyhow::Result<()> {
