@@ -233,6 +233,7 @@ fn seed_scenario_end_to_end() {
         ("xlb_xdp_class_packets_total", &[("class", "l7")][..]),
         ("xlb_route_table_version", &[][..]),
         ("xlb_proxy_connections_accepted_total", &[][..]),
+        ("xlb_discovery_reads_total", &[("outcome", "ok")][..]),
     ] {
         assert!(
             metric_sum(&after, metric, labels) > 0.0,

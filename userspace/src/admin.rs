@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     controller_feed::FeedStatus,
     dataplane::Dataplane,
+    discovery::DiscoveryReads,
     endpoint::{self, json, text, EndpointLimits},
     l4::service::L4RouteTable,
     metrics,
@@ -42,6 +43,8 @@ pub struct AdminState {
     pub snapshot: Mutex<Option<(u64, Instant)>>,
     /// The controllers feeding this node (`xlb proxy`); none under `xlb run`.
     pub controllers: Option<Arc<FeedStatus>>,
+    /// Discovery's reads of the engine (`xlb run`); none under `xlb proxy`.
+    pub discovery: Option<Arc<DiscoveryReads>>,
 }
 
 impl AdminState {
@@ -131,6 +134,7 @@ fn prometheus_metrics(state: &AdminState) -> Response<Full<Bytes>> {
         workers: &state.proxy_workers.report(),
         health: &state.proxy_workers.health(),
         snapshot: *state.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
+        discovery_reads: state.discovery.as_ref().map(|reads| reads.counts()),
         dataplane: state.dataplane.as_deref(),
     };
     match metrics::render(&sources) {

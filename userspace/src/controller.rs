@@ -68,6 +68,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         interval: config.poll_interval,
         route_settings: route_settings(&extension),
         reserved_ports: l7_ports(&extension),
+        reads: Default::default(),
     };
     tracing::info!(extension = %name, config = %args.config.display(), "configuration loaded");
     let runtime = tokio::runtime::Builder::new_multi_thread()

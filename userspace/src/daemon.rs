@@ -218,7 +218,7 @@ async fn serve(
 
     let (publish, snapshots) = snapshot::channel();
     let takes_user = matches!(source, SnapshotSource::Controllers { .. });
-    let (feed, controllers): (BoxFuture<'static, ()>, _) = match source {
+    let (feed, controllers, discovery): (BoxFuture<'static, ()>, _, _) = match source {
         SnapshotSource::Docker { docker_url } => {
             let route_settings = route_settings(extension);
             if let Some(cluster) = &route_settings.service_cluster {
@@ -229,8 +229,14 @@ async fn serve(
                 interval: config.poll_interval,
                 route_settings,
                 reserved_ports: l7_ports,
+                reads: Arc::default(),
             };
-            (Box::pin(discovery.run(publish, shutdown.clone())), None)
+            let reads = Arc::clone(&discovery.reads);
+            (
+                Box::pin(discovery.run(publish, shutdown.clone())),
+                None,
+                Some(reads),
+            )
         }
         SnapshotSource::Controllers {
             controllers,
@@ -241,7 +247,11 @@ async fn serve(
             tracing::info!(controllers = ?urls, "route snapshots from the controllers");
             let feed = ControllerFeed::new(controllers, token);
             let status = feed.status();
-            (Box::pin(feed.run(publish, shutdown.clone())), Some(status))
+            (
+                Box::pin(feed.run(publish, shutdown.clone())),
+                Some(status),
+                None,
+            )
         }
     };
 
@@ -267,6 +277,7 @@ async fn serve(
         proxy_workers: proxy_workers.stats(),
         snapshot: Mutex::default(),
         controllers,
+        discovery,
     });
     tasks.spawn(feed);
     let (applied, mut applied_version) = tokio::sync::watch::channel(0);

@@ -8,7 +8,13 @@
 //! [`SETTLING_POLL`] while tasks are settling (Swarm raises no event when a task starts on
 //! another node), and every `PollInterval` in any case, as a resync.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bollard::models::EventMessage;
 use futures_util::{stream::BoxStream, FutureExt, StreamExt};
@@ -43,6 +49,35 @@ pub struct Discovery {
     pub route_settings: RouteSettings,
     /// The L7 proxy's ports, which L4 listeners may not claim.
     pub reserved_ports: Vec<u16>,
+    /// What it counts of its reads, for `/metrics`.
+    pub reads: Arc<DiscoveryReads>,
+}
+
+/// Reads of the engine, by outcome.
+#[derive(Debug, Default)]
+pub struct DiscoveryReads {
+    succeeded: AtomicU64,
+    /// Reads that failed, connecting included: the last route tables stayed.
+    failed: AtomicU64,
+}
+
+impl DiscoveryReads {
+    /// Reads that succeeded and failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.succeeded.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count(&self, succeeded: bool) {
+        let counter = if succeeded {
+            &self.succeeded
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Discovery {
@@ -93,6 +128,7 @@ impl Discovery {
                     Err(error) => {
                         let error = format!("{:#}", anyhow::Error::from(error));
                         tracing::warn!(error, "discovery");
+                        self.reads.count(false);
                         schedule.failed(Instant::now());
                         continue;
                     }
@@ -108,6 +144,7 @@ impl Discovery {
             }
             match read_engine(&connected, &mut mode).await {
                 Ok(swarm_snapshot) => {
+                    self.reads.count(true);
                     self.publish(&swarm_snapshot, &snapshots);
                     schedule.read(Instant::now(), swarm_snapshot.settling());
                     swarm = Some(connected);
@@ -115,6 +152,7 @@ impl Discovery {
                 Err(error) => {
                     let error = format!("{:#}", anyhow::Error::from(error));
                     tracing::warn!(error, "discovery failed: keeping the last route tables");
+                    self.reads.count(false);
                     schedule.failed(Instant::now());
                     events = None;
                 }

@@ -138,6 +138,8 @@ pub struct Sources<'a> {
     pub health: &'a HealthReport,
     /// The version of the route snapshot served, and when it was first applied.
     pub snapshot: Option<(u64, Instant)>,
+    /// Discovery's reads that succeeded and failed, when this process reads the engine.
+    pub discovery_reads: Option<(u64, u64)>,
     /// The XDP program, unless running proxy-only.
     pub dataplane: Option<&'a Mutex<Dataplane>>,
 }
@@ -149,6 +151,18 @@ pub fn render(sources: &Sources<'_>) -> Result<String, fmt::Error> {
     gather_workers(sources.workers, &mut scrape);
     gather_health(sources.health, &mut scrape);
     gather_snapshot(sources.snapshot, &mut scrape);
+    if let Some((succeeded, failed)) = sources.discovery_reads {
+        let reads = vec![
+            (labels([("outcome", "ok")]), succeeded),
+            (labels([("outcome", "failed")]), failed),
+        ];
+        scrape.counter(
+            "discovery_reads",
+            "Reads of the engine (Swarm, or a plain engine's containers), by outcome; a failed \
+             one keeps the last route tables",
+            reads,
+        );
+    }
     if let Some(dataplane) = sources.dataplane {
         gather_dataplane(dataplane, &mut scrape);
     }
@@ -551,6 +565,7 @@ mod tests {
             workers: &workers,
             health: &health,
             snapshot: Some((12, Instant::now())),
+            discovery_reads: Some((30, 2)),
             dataplane: None,
         })
         .unwrap();
@@ -563,6 +578,8 @@ mod tests {
         let upstream = ("upstream", "10.0.0.9:8080");
         assert_eq!(value(&scrape, "xlb_upstream_ejected", Some(upstream)), 1.0);
         assert_eq!(value(&scrape, "xlb_route_table_version", None), 12.0);
+        let failed = Some(("outcome", "failed"));
+        assert_eq!(value(&scrape, "xlb_discovery_reads_total", failed), 2.0);
         assert!(!text.contains("xlb_xdp_"), "{text}");
         for line in text.lines().filter(|line| line.starts_with("# TYPE")) {
             let name = line.split(' ').nth(2).unwrap();

@@ -270,6 +270,7 @@ mod tests {
             workers: &[],
             health: &Default::default(),
             snapshot: None,
+            discovery_reads: None,
             dataplane: None,
         })
         .unwrap();
