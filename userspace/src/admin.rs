@@ -23,7 +23,7 @@ use crate::{
     endpoint::{self, json, text, EndpointLimits},
     l4::service::L4RouteTable,
     metrics,
-    proxy::{Router, WorkerStats},
+    proxy::{Router, TlsHandshakes, WorkerStats},
     routes::RouteTable,
 };
 
@@ -45,6 +45,8 @@ pub struct AdminState {
     pub controllers: Option<Arc<FeedStatus>>,
     /// Discovery's reads of the engine (`xlb run`); none under `xlb proxy`.
     pub discovery: Option<Arc<DiscoveryReads>>,
+    /// The SSL port's handshakes, when there is one.
+    pub tls_handshakes: Option<Arc<TlsHandshakes>>,
 }
 
 impl AdminState {
@@ -135,6 +137,7 @@ fn prometheus_metrics(state: &AdminState) -> Response<Full<Bytes>> {
         health: &state.proxy_workers.health(),
         snapshot: *state.snapshot.lock().unwrap_or_else(|p| p.into_inner()),
         discovery_reads: state.discovery.as_ref().map(|reads| reads.counts()),
+        tls_handshakes: state.tls_handshakes.as_ref().map(|tls| tls.counts()),
         dataplane: state.dataplane.as_deref(),
     };
     match metrics::render(&sources) {

@@ -278,6 +278,10 @@ async fn serve(
         snapshot: Mutex::default(),
         controllers,
         discovery,
+        tls_handshakes: ports
+            .https
+            .as_ref()
+            .map(|(_, termination)| termination.handshakes()),
     });
     tasks.spawn(feed);
     let (applied, mut applied_version) = tokio::sync::watch::channel(0);

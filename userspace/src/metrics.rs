@@ -140,6 +140,8 @@ pub struct Sources<'a> {
     pub snapshot: Option<(u64, Instant)>,
     /// Discovery's reads that succeeded and failed, when this process reads the engine.
     pub discovery_reads: Option<(u64, u64)>,
+    /// The SSL port's handshakes by outcome, when there is one.
+    pub tls_handshakes: Option<[(&'static str, u64); 4]>,
     /// The XDP program, unless running proxy-only.
     pub dataplane: Option<&'a Mutex<Dataplane>>,
 }
@@ -151,6 +153,18 @@ pub fn render(sources: &Sources<'_>) -> Result<String, fmt::Error> {
     gather_workers(sources.workers, &mut scrape);
     gather_health(sources.health, &mut scrape);
     gather_snapshot(sources.snapshot, &mut scrape);
+    if let Some(handshakes) = sources.tls_handshakes {
+        let samples = handshakes
+            .iter()
+            .map(|(outcome, count)| (labels([("outcome", outcome)]), *count))
+            .collect();
+        scrape.counter(
+            "tls_handshakes",
+            "Connections of the SSL port by their handshake's outcome (ok, failed, timeout, \
+             passthrough: relayed untouched)",
+            samples,
+        );
+    }
     if let Some((succeeded, failed)) = sources.discovery_reads {
         let reads = vec![
             (labels([("outcome", "ok")]), succeeded),
@@ -566,6 +580,7 @@ mod tests {
             health: &health,
             snapshot: Some((12, Instant::now())),
             discovery_reads: Some((30, 2)),
+            tls_handshakes: Some([("ok", 5), ("failed", 1), ("timeout", 0), ("passthrough", 0)]),
             dataplane: None,
         })
         .unwrap();
@@ -580,6 +595,7 @@ mod tests {
         assert_eq!(value(&scrape, "xlb_route_table_version", None), 12.0);
         let failed = Some(("outcome", "failed"));
         assert_eq!(value(&scrape, "xlb_discovery_reads_total", failed), 2.0);
+        assert_eq!(value(&scrape, "xlb_tls_handshakes_total", failed), 1.0);
         assert!(!text.contains("xlb_xdp_"), "{text}");
         for line in text.lines().filter(|line| line.starts_with("# TYPE")) {
             let name = line.split(' ').nth(2).unwrap();

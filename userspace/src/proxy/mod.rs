@@ -94,7 +94,7 @@ pub use health::EjectionPeriods;
 pub use limits::ClientLimits;
 pub use path::NormalPath;
 pub use router::{Routed, Router, ServiceRoute};
-pub use tls::{HttpsListener, TlsTermination};
+pub use tls::{HttpsListener, TlsHandshakes, TlsTermination};
 pub use upstream::PoolSettings;
 pub use workers::{
     any_address, bind_reuseport, BoundWorkers, HealthReport, ProxyPorts, RunningWorkers,

@@ -271,6 +271,7 @@ mod tests {
             health: &Default::default(),
             snapshot: None,
             discovery_reads: None,
+            tls_handshakes: None,
             dataplane: None,
         })
         .unwrap();

@@ -3,7 +3,14 @@
 //! other connection is terminated with rustls (certificate chosen by SNI, ALPN `h2` and
 //! `http/1.1`) and then served exactly like the plain port.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -28,10 +35,40 @@ pub struct HttpsListener {
     pub termination: TlsTermination,
 }
 
-/// rustls' server side: the `SSLProtocols`/`SSLCiphers` policy and the certificate store.
+/// rustls' server side: the `SSLProtocols`/`SSLCiphers` policy and the certificate store, and
+/// what became of the handshakes on the SSL port (every worker's).
 #[derive(Clone)]
 pub struct TlsTermination {
     acceptor: TlsAcceptor,
+    handshakes: Arc<TlsHandshakes>,
+}
+
+/// Connections of the SSL port by what became of their handshake, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TlsHandshakes {
+    terminated: AtomicU64,
+    /// No ClientHello could be read, or rustls refused the handshake.
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+    /// Relayed untouched to an `ssl_passthrough` service.
+    passthrough: AtomicU64,
+}
+
+impl TlsHandshakes {
+    /// Each outcome's label value and count.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        [
+            ("ok", read(&self.terminated)),
+            ("failed", read(&self.failed)),
+            ("timeout", read(&self.timed_out)),
+            ("passthrough", read(&self.passthrough)),
+        ]
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl TlsTermination {
@@ -46,7 +83,13 @@ impl TlsTermination {
         config.alpn_protocols = ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect();
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            handshakes: Arc::default(),
         })
+    }
+
+    /// What became of the handshakes so far.
+    pub fn handshakes(&self) -> Arc<TlsHandshakes> {
+        Arc::clone(&self.handshakes)
     }
 }
 
@@ -66,6 +109,7 @@ pub(super) async fn serve_connection<Slot: Send + 'static>(
     let hello = match client_hello::read(&mut stream, HANDSHAKE_TIMEOUT).await {
         Ok(hello) => hello,
         Err(error) => {
+            TlsHandshakes::count(&termination.handshakes.failed);
             debug!(%client, %error, "TLS connection dropped before its handshake");
             return;
         }
@@ -76,6 +120,7 @@ pub(super) async fn serve_connection<Slot: Send + 'static>(
         .and_then(|name| context.router.host_service(name))
         .filter(|route| route.transport().ssl_passthrough);
     if let Some(route) = passthrough_route {
+        TlsHandshakes::count(&termination.handshakes.passthrough);
         let connect_timeout = context.handler.connect_timeout();
         let relayed = passthrough::relay(stream, client, &hello.bytes, &route, connect_timeout);
         tokio::select! {
@@ -87,13 +132,21 @@ pub(super) async fn serve_connection<Slot: Send + 'static>(
     let replayed = Replayed::new(hello.bytes, stream);
     let accepted =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, termination.acceptor.accept(replayed)).await;
+    let handshakes = &termination.handshakes;
     match accepted {
         Ok(Ok(tls)) => {
+            TlsHandshakes::count(&handshakes.terminated);
             let scheme = super::Scheme::Https;
             super::serve_http(tls, client, scheme, context, slot, parking).await;
         }
-        Ok(Err(error)) => debug!(%client, %error, "TLS handshake failed"),
-        Err(_) => debug!(%client, "TLS handshake timed out"),
+        Ok(Err(error)) => {
+            TlsHandshakes::count(&handshakes.failed);
+            debug!(%client, %error, "TLS handshake failed");
+        }
+        Err(_) => {
+            TlsHandshakes::count(&handshakes.timed_out);
+            debug!(%client, "TLS handshake timed out");
+        }
     }
 }
 
@@ -441,5 +494,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(https_get(tls, "app.example.org", "/").await.status, 200);
+        // Counted for /metrics: three refused, one terminated.
+        let counts = proxy.handshakes.counts();
+        assert_eq!(&counts[..2], &[("ok", 1), ("failed", 3)], "{counts:?}");
     }
 }

@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     backend_tls::BackendTlsClients, certificates::CertificateStore, serve,
-    test_support::TestResponse, HttpsListener, Listeners, ProxySettings, Router, TlsTermination,
+    test_support::TestResponse, tls::TlsHandshakes, HttpsListener, Listeners, ProxySettings,
+    Router, TlsTermination,
 };
 use crate::{
     routes::{Route, RouteTable, Transport},
@@ -227,6 +228,8 @@ pub fn route(service: &str, endpoints: &[SocketAddr], transport: Transport) -> R
 pub struct TlsProxy {
     pub http: SocketAddr,
     pub https: SocketAddr,
+    /// What became of the SSL port's handshakes.
+    pub handshakes: Arc<TlsHandshakes>,
     shutdown: CancellationToken,
 }
 
@@ -294,11 +297,13 @@ impl TlsProxy {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addrs = (http.local_addr().unwrap(), https.local_addr().unwrap());
+        let termination = TlsTermination::new(policy, Arc::clone(&certificates)).unwrap();
+        let handshakes = termination.handshakes();
         let listeners = Listeners {
             http,
             https: Some(HttpsListener {
                 listener: https,
-                termination: TlsTermination::new(policy, Arc::clone(&certificates)).unwrap(),
+                termination,
             }),
         };
         let settings = ProxySettings {
@@ -310,6 +315,7 @@ impl TlsProxy {
         Self {
             http: addrs.0,
             https: addrs.1,
+            handshakes,
             shutdown,
         }
     }
