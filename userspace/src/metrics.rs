@@ -281,35 +281,52 @@ fn gather_requests(router: &Router, scrape: &mut Scrape) {
 
 const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
 
-/// The proxy's workers: connections and held request bodies.
+/// The proxy's workers: connections by listener, and held request bodies.
 fn gather_workers(workers: &[WorkerReport], scrape: &mut Scrape) {
-    let by_worker = |value: fn(&WorkerReport) -> u64| -> Vec<(Labels, u64)> {
-        workers
-            .iter()
-            .enumerate()
-            .map(|(index, report)| (labels([("worker", &index.to_string())]), value(report)))
-            .collect()
-    };
-    let as_gauge = |samples: Vec<(Labels, u64)>| -> Vec<(Labels, f64)> {
+    let by_listener = |plain: fn(&WorkerReport) -> u64, https: fn(&WorkerReport) -> u64| {
+        let mut samples = Vec::new();
+        for (index, report) in workers.iter().enumerate() {
+            let worker = index.to_string();
+            let (all, tls) = (plain(report), https(report));
+            for (listener, value) in [("http", all - tls), ("https", tls)] {
+                let labels = labels([("worker", &worker), ("listener", listener)]);
+                samples.push((labels, value));
+            }
+        }
         samples
-            .into_iter()
-            .map(|(labels, value)| (labels, value as f64))
-            .collect()
     };
     scrape.counter(
         "proxy_connections_accepted",
-        "Client connections accepted, by proxy worker",
-        by_worker(|report| report.connections_accepted),
+        "Client connections accepted, by proxy worker and listener (the plain port, http, or \
+         the SSL port, https)",
+        by_listener(
+            |report| report.connections_accepted,
+            |report| report.https_connections_accepted,
+        ),
+    );
+    let open = by_listener(
+        |report| report.connections_open,
+        |report| report.https_connections_open,
     );
     scrape.gauge(
         "proxy_connections_open",
-        "Client connections open, by proxy worker",
-        as_gauge(by_worker(|report| report.connections_open)),
+        "Client connections open, by proxy worker and listener",
+        open.into_iter()
+            .map(|(labels, value)| (labels, value as f64))
+            .collect(),
     );
+    let held = workers
+        .iter()
+        .enumerate()
+        .map(|(index, report)| {
+            let labels = labels([("worker", &index.to_string())]);
+            (labels, report.held_body_bytes as f64)
+        })
+        .collect();
     scrape.gauge(
         "proxy_held_body_bytes",
         "Bytes of request bodies held for a retry, by proxy worker",
-        as_gauge(by_worker(|report| report.held_body_bytes)),
+        held,
     );
 }
 
@@ -561,11 +578,15 @@ mod tests {
             WorkerReport {
                 connections_accepted: 7,
                 connections_open: 2,
+                https_connections_accepted: 0,
+                https_connections_open: 0,
                 held_body_bytes: 0,
             },
             WorkerReport {
                 connections_accepted: 3,
-                connections_open: 0,
+                connections_open: 1,
+                https_connections_accepted: 2,
+                https_connections_open: 1,
                 held_body_bytes: 512,
             },
         ];
@@ -586,7 +607,22 @@ mod tests {
         .unwrap();
         let scrape = parse(&text);
         let accepted = "xlb_proxy_connections_accepted_total";
-        assert_eq!(value(&scrape, accepted, Some(("worker", "1"))), 3.0);
+        let samples = |metric: &str, worker: &str, listener: &str| -> f64 {
+            let sample = scrape.samples.iter().find(|sample| {
+                sample.metric == metric
+                    && sample.labels.get("worker") == Some(worker)
+                    && sample.labels.get("listener") == Some(listener)
+            });
+            match sample.map(|sample| &sample.value) {
+                Some(prometheus_parse::Value::Counter(value))
+                | Some(prometheus_parse::Value::Gauge(value)) => *value,
+                other => panic!("{metric} {worker} {listener}: {other:?}"),
+            }
+        };
+        assert_eq!(samples(accepted, "1", "http"), 1.0);
+        assert_eq!(samples(accepted, "1", "https"), 2.0);
+        assert_eq!(samples("xlb_proxy_connections_open", "1", "https"), 1.0);
+        assert_eq!(samples("xlb_proxy_connections_open", "1", "http"), 0.0);
         let held = "xlb_proxy_held_body_bytes";
         assert_eq!(value(&scrape, held, Some(("worker", "1"))), 512.0);
         assert_eq!(value(&scrape, "xlb_upstream_ejections_total", None), 4.0);

@@ -331,7 +331,7 @@ async fn serve_worker(
             debug!(%client, %error, "could not disable Nagle on client connection");
         }
         let context = context.clone();
-        let slot = (permit, counters.connection_opened());
+        let slot = (permit, counters.connection_opened(termination.is_some()));
         // Two kinds of task: a plain connection's does not reserve room for TLS state.
         match termination {
             None => tasks.spawn(serve_http(

@@ -73,8 +73,9 @@ pub struct HealthReport {
 /// One worker's counters.
 #[derive(Debug, Default)]
 pub struct WorkerCounters {
-    accepted: AtomicU64,
-    closed: AtomicU64,
+    /// By listener: the plain port's, then the SSL port's.
+    accepted: [AtomicU64; 2],
+    closed: [AtomicU64; 2],
     /// The worker's budget of request bodies held for replay, once it serves.
     held_bodies: OnceLock<Arc<HeldBodies>>,
 }
@@ -84,6 +85,9 @@ pub struct WorkerCounters {
 pub struct WorkerReport {
     pub connections_accepted: u64,
     pub connections_open: u64,
+    /// Of those, the SSL port's.
+    pub https_connections_accepted: u64,
+    pub https_connections_open: u64,
     /// Bytes of request bodies held for replay now.
     pub held_body_bytes: u64,
 }
@@ -110,11 +114,16 @@ impl WorkerStats {
         self.workers
             .iter()
             .map(|counters| {
-                let accepted = counters.accepted.load(Ordering::Relaxed);
-                let closed = counters.closed.load(Ordering::Relaxed);
+                let [plain, https] = [0, 1].map(|listener| {
+                    let accepted = counters.accepted[listener].load(Ordering::Relaxed);
+                    let closed = counters.closed[listener].load(Ordering::Relaxed);
+                    (accepted, accepted.saturating_sub(closed))
+                });
                 WorkerReport {
-                    connections_accepted: accepted,
-                    connections_open: accepted.saturating_sub(closed),
+                    connections_accepted: plain.0 + https.0,
+                    connections_open: plain.1 + https.1,
+                    https_connections_accepted: https.0,
+                    https_connections_open: https.1,
                     held_body_bytes: counters
                         .held_bodies
                         .get()
@@ -131,19 +140,27 @@ impl WorkerCounters {
         let _ = self.held_bodies.set(held_bodies);
     }
 
-    /// Counts a connection accepted; the guard counts it closed when dropped.
-    pub(super) fn connection_opened(self: &Arc<Self>) -> OpenConnection {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(Arc::clone(self))
+    /// Counts a connection accepted on the plain port, or the SSL port if `https`; the guard
+    /// counts it closed when dropped.
+    pub(super) fn connection_opened(self: &Arc<Self>, https: bool) -> OpenConnection {
+        let listener = usize::from(https);
+        self.accepted[listener].fetch_add(1, Ordering::Relaxed);
+        OpenConnection {
+            counters: Arc::clone(self),
+            listener,
+        }
     }
 }
 
 /// A connection a worker is serving, counted closed when dropped.
-pub(super) struct OpenConnection(Arc<WorkerCounters>);
+pub(super) struct OpenConnection {
+    counters: Arc<WorkerCounters>,
+    listener: usize,
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.closed.fetch_add(1, Ordering::Relaxed);
+        self.counters.closed[self.listener].fetch_add(1, Ordering::Relaxed);
     }
 }
 
