@@ -371,6 +371,12 @@ fn gather_dataplane(dataplane: &Mutex<Dataplane>, scrape: &mut Scrape) {
     let mut dataplane = dataplane.lock().unwrap_or_else(|p| p.into_inner());
     let stats = dataplane.stats();
     let traffic = dataplane.l4_traffic();
+    let backend_names: std::collections::BTreeMap<u32, String> = dataplane
+        .l4()
+        .backend_ids()
+        .into_iter()
+        .map(|(endpoint, id)| (id, endpoint.to_string()))
+        .collect();
     let table = dataplane.connection_table();
     let (entries, capacity) = (table.table.entries, table.table.capacity);
     let flows: Vec<(Labels, f64)> = table
@@ -380,14 +386,7 @@ fn gather_dataplane(dataplane: &Mutex<Dataplane>, scrape: &mut Scrape) {
         .map(|(state, count)| (labels([("state", state)]), *count as f64))
         .collect();
     let expired = table.sweeps.expired_flows;
-    let backend_names: std::collections::BTreeMap<u32, String> = dataplane
-        .l4()
-        .backend_ids()
-        .into_iter()
-        .map(|(endpoint, id)| (id, endpoint.to_string()))
-        .collect();
-    let snat_in_use: Vec<(Labels, f64)> = dataplane
-        .connection_table()
+    let snat_in_use: Vec<(Labels, f64)> = table
         .table
         .snat_tuples_in_use
         .iter()
@@ -397,7 +396,7 @@ fn gather_dataplane(dataplane: &Mutex<Dataplane>, scrape: &mut Scrape) {
             (vec![("backend", backend)], *count as f64)
         })
         .collect();
-    let snat_per_backend = dataplane.connection_table().snat_tuples_per_backend;
+    let snat_per_backend = table.snat_tuples_per_backend;
     drop(dataplane);
 
     if let Ok(stats) = stats {

@@ -143,16 +143,17 @@ impl Swarm {
         })
     }
 
+    /// `docker info`: the engine's Swarm state among the rest.
+    async fn info(&self) -> Result<bollard::models::SystemInfo, SwarmError> {
+        self.docker.info().await.map_err(|source| SwarmError::List {
+            what: "the engine's state",
+            source,
+        })
+    }
+
     /// Whether the engine is in Swarm mode, asked each time: an engine may join or leave.
     pub async fn mode(&self) -> Result<EngineMode, SwarmError> {
-        let info = self
-            .docker
-            .info()
-            .await
-            .map_err(|source| SwarmError::List {
-                what: "the engine's state",
-                source,
-            })?;
+        let info = self.info().await?;
         let state = info.swarm.and_then(|swarm| swarm.local_node_state);
         Ok(match state {
             Some(LocalNodeState::INACTIVE) => EngineMode::Standalone,
@@ -162,14 +163,7 @@ impl Swarm {
 
     /// The addresses of the Swarm's managers, as this node's engine knows them.
     pub async fn manager_addresses(&self) -> Result<Vec<IpAddr>, SwarmError> {
-        let info = self
-            .docker
-            .info()
-            .await
-            .map_err(|source| SwarmError::List {
-                what: "the engine's state",
-                source,
-            })?;
+        let info = self.info().await?;
         let managers = info
             .swarm
             .and_then(|swarm| swarm.remote_managers)
